@@ -1,0 +1,23 @@
+"""The classic command of the original project, kept working as written:
+
+    python main.py --d-model 64 --num-layers 2 --num-latent 4 --min-digits 1 --max-digits 1 \
+        --batch-size 16 --max-steps 200 --save-every 10
+
+Every flag is passed to ``trainlab multiply train``.
+"""
+
+import sys
+from pathlib import Path
+
+
+def main() -> int:
+    try:
+        from trainlab.cli import main as cli_main
+    except ImportError:  # run from a checkout without `pip install -e .`
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+        from trainlab.cli import main as cli_main
+    return cli_main(["multiply", "train", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Dataclass configs, their command-line flags and YAML files.
+
+Every config is a dataclass checked in ``__post_init__``; a bad value raises
+``ConfigError`` naming the flag. Flags are generated from the fields (``d_model``
+becomes ``--d-model``) so a field, its flag and its config-file key are one name.
+Precedence: dataclass default < config file (``--config``/``--preset``) < flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the flag, e.g. ``--d-model: must be positive``."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{flag_name(field)}: {message}")
+
+
+class UsageError(Exception):
+    """Bad input that is not a single setting (missing run, unreadable file, ...)."""
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def cli_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+
+
+def _resolved_type(cls: type, f: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(cls)
+    t = hints[f.name]
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    if typing.get_origin(t) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        return args[0]
+    return t
+
+
+def _parse_optional_int(text: str) -> int | None:
+    if text.lower() in ("none", "null", ""):
+        return None
+    return int(text)
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """One flag per field of ``cls``; defaults are SUPPRESSed so only given flags show up."""
+    group = parser.add_argument_group(title)
+    for f in cli_fields(cls):
+        t = _resolved_type(cls, f)
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if t is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.default is None and t is int:
+            kwargs["type"] = _parse_optional_int
+            kwargs["metavar"] = "N|none"
+        else:
+            kwargs["type"] = t
+        group.add_argument(flag_name(f.name), dest=f.name, **kwargs)
+
+
+def build(cls: type[T], values: dict[str, Any]) -> T:
+    """Instantiate ``cls`` from the keys of ``values`` it owns (others are ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in values.items() if k in names}
+    for f in dataclasses.fields(cls):
+        if f.name in kwargs:
+            kwargs[f.name] = _coerce(cls, f, kwargs[f.name])
+    return cls(**kwargs)
+
+
+def _coerce(cls: type, f: dataclasses.Field, value: Any) -> Any:
+    t = _resolved_type(cls, f)
+    if value is None:
+        if f.default is None:
+            return None
+        raise ConfigError(f.name, "must be set")
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f.name, f"must be true or false, got {value!r}")
+    if t in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (t is int and not float(value).is_integer()):
+            raise ConfigError(f.name, f"must be {'an integer' if t is int else 'a number'}, got {value!r}")
+        return t(value)
+    if t is str:
+        return str(value)
+    return value
+
+
+def check_known_keys(values: dict[str, Any], classes: list[type], source: str) -> None:
+    known = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(f"{source}: unknown setting {unknown[0]!r}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read config file {p}: {e.strerror if isinstance(e, OSError) else e}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {p} must hold a mapping of setting: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("trainlab.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    if name not in preset_names():
+        raise UsageError(f"--preset: unknown preset {name!r} (have: {', '.join(preset_names())})")
+    with resources.as_file(resources.files("trainlab.presets") / f"{name}.yaml") as p:
+        return load_yaml(p)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def positive(field: str, value: float | int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(field, f"must be positive, got {value}")
+
+
+def non_negative(field: str, value: float | int) -> None:
+    if value < 0:
+        raise ConfigError(field, f"must not be negative, got {value}")
+
+
+def one_of(field: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(field, f"must be one of {'|'.join(choices)}, got {value!r}")

@@ -1,0 +1,168 @@
+"""Self-describing checkpoint folders, written atomically, read as untrusted input.
+
+A checkpoint is a folder ``step_0000200/`` holding tensors (``*.pt``) and readable
+files (``*.json``: model config, run config, vocabulary) side by side, plus
+``meta.json`` with the step and a sha256 of every other file. It is written into
+a hidden temporary folder, every file fsynced, then renamed into place and the
+parent fsynced: a crash leaves either the old set of checkpoints or the new one,
+never a half-written folder under a real name. ``meta.json`` is written last, so a
+folder without a valid one is not a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("trainlab")
+
+META = "meta.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, damaged, or not what was asked for."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: Path, data: bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def save_checkpoint(
+    root: Path, step: int, tensors: dict[str, Any], texts: dict[str, str], task: str, keep: int = 3
+) -> Path:
+    """Write one checkpoint folder atomically and prune all but the newest ``keep``.
+
+    ``tensors`` maps relative file names to objects for ``torch.save`` (state dicts of
+    tensors, numbers, strings, lists); ``texts`` maps relative names to file contents.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dirname(step)
+    tmp = root / f".tmp-{step_dirname(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    sums: dict[str, str] = {}
+    for name, obj in tensors.items():
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        sums[name] = _write_bytes(tmp / name, buf.getvalue())
+    for name, text in texts.items():
+        sums[name] = _write_bytes(tmp / name, text.encode("utf-8"))
+    meta = {"format": FORMAT_VERSION, "task": task, "step": step, "saved_at": time.time(), "sha256": sums}
+    _write_bytes(tmp / META, json.dumps(meta, indent=2).encode("utf-8"))
+    for sub in {p.parent for p in tmp.rglob("*") if p.is_file()}:
+        _fsync_dir(sub)
+    if final.exists():  # the same step saved twice (e.g. a save step that is also the last)
+        old = root / f".old-{final.name}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync_dir(root)
+    if keep > 0:
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders under ``root`` with a meta file, oldest first (unverified)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / META).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+class Checkpoint:
+    """A verified checkpoint folder; files are checked against meta.json when read."""
+
+    def __init__(self, path: Path, task: str | None = None) -> None:
+        self.path = Path(path)
+        try:
+            self.meta = json.loads((self.path / META).read_text(encoding="utf-8"))
+            self.step = int(self.meta["step"])
+            self.sums: dict[str, str] = dict(self.meta["sha256"])
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path} is not a checkpoint (no {META})") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{self.path}: unreadable {META} ({e.__class__.__name__})") from None
+        if task is not None and self.meta.get("task") != task:
+            raise CheckpointError(f"{self.path} belongs to task {self.meta.get('task')!r}, not {task!r}")
+
+    def _read(self, name: str) -> bytes:
+        if name not in self.sums:
+            raise CheckpointError(f"{self.path}: has no file {name}")
+        try:
+            data = (self.path / name).read_bytes()
+        except OSError as e:
+            raise CheckpointError(f"{self.path / name}: {e.strerror}") from None
+        if hashlib.sha256(data).hexdigest() != self.sums[name]:
+            raise CheckpointError(f"{self.path / name}: checksum mismatch (truncated or corrupted)")
+        return data
+
+    def verify(self) -> None:
+        for name in self.sums:
+            self._read(name)
+
+    def text(self, name: str) -> str:
+        return self._read(name).decode("utf-8")
+
+    def json(self, name: str) -> Any:
+        try:
+            return json.loads(self.text(name))
+        except ValueError:
+            raise CheckpointError(f"{self.path / name}: not valid JSON") from None
+
+    def tensors(self, name: str, map_location: str | torch.device = "cpu") -> Any:
+        data = self._read(name)
+        try:
+            # weights_only: a checkpoint is untrusted input and must not run code
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many types for bad pickles
+            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise CheckpointError(f"{self.path / name}: refused to load ({first[:160]})") from None
+
+
+def latest_checkpoint(root: Path, task: str | None = None) -> Checkpoint | None:
+    """The newest checkpoint under ``root`` whose files all verify; damaged ones are skipped."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            ckpt = Checkpoint(path, task)
+            ckpt.verify()
+            return ckpt
+        except CheckpointError as e:
+            log.warning("skipping damaged checkpoint: %s", e)
+            continue
+    return None

@@ -1,0 +1,378 @@
+"""engine.train(): the one training loop every task runs on.
+
+Each step: the task gives the batch for that step; every member (a model with its
+own optimizer, LR schedule and step count) does forward, backward and update on
+that same batch; then log, maybe evaluate, maybe save. Training stops exactly at
+``max_steps`` optimizer updates, or on Ctrl+C at the next step boundary (so no
+member is ever left half a step ahead), and then saves and reports.
+
+Batches are a pure function of (seed, step), so the data position of a run is its
+step count and a resumed run reads exactly the batches it would have read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from trainlab.config import ConfigError, non_negative, positive
+from trainlab.engine.checkpoint import Checkpoint, CheckpointError, save_checkpoint
+from trainlab.engine.device import resolve_device, synchronize
+from trainlab.engine.monitor import StepTimer, format_duration
+from trainlab.engine.tracking import Run
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the loop itself, shared by every task."""
+
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer updates to run; none: until Ctrl+C"})
+    batch_size: int = field(default=128, metadata={"help": "examples per optimizer update"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final LR of the cosine decay, as a fraction of --lr"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
+    lr_decay_steps: int | None = field(
+        default=None, metadata={"help": "end of the cosine decay; default --max-steps (constant LR if neither)"}
+    )
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on matrices"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.98, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip gradient norm to this; 0 disables"})
+    eval_every: int = field(default=500, metadata={"help": "evaluate every N steps (and at the end)"})
+    save_every: int = field(default=1000, metadata={"help": "checkpoint every N steps (and at the end)"})
+    log_every: int = field(default=10, metadata={"help": "log scalars every N steps"})
+    keep_checkpoints: int = field(default=3, metadata={"help": "newest checkpoints kept"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and dropout"})
+    device: str = field(default="auto", metadata={"help": "auto|cpu|cuda|mps"})
+    runs_dir: str = field(default="runs", metadata={"help": "root folder of all runs"})
+    run_name: str = field(default="", metadata={"help": "run id to create (default: a timestamp)"})
+    tag: str = field(default="", metadata={"help": "tag stored with the run ('test' marks test runs)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        positive("max_steps", self.max_steps, allow_none=True)
+        positive("lr_decay_steps", self.lr_decay_steps, allow_none=True)
+        for name in ("batch_size", "lr", "eval_every", "save_every", "log_every"):
+            positive(name, getattr(self, name))
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "keep_checkpoints"):
+            non_negative(name, getattr(self, name))
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass
+class Evaluation:
+    """What a task's evaluation of one member returns."""
+
+    metrics: dict[str, float]
+    lines: list[str] = field(default_factory=list)  # a few examples worth printing (mistakes)
+
+
+class Task(Protocol):
+    """What the loop needs from a task; see multiply/task.py for a full example."""
+
+    name: str  # folder under runs_dir, and the task id stored in checkpoints
+
+    def build_models(self) -> dict[str, nn.Module]: ...
+    def batch(self, step: int) -> dict[str, torch.Tensor]: ...
+    def loss(self, member: str, model: nn.Module, batch: dict[str, torch.Tensor], step: int
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+    def scalars(self, step: int) -> dict[str, float]: ...
+    def evaluate(self, member: str, model: nn.Module, step: int) -> Evaluation: ...
+    def checkpoint_texts(self) -> dict[str, str]: ...
+    def member_texts(self, member: str) -> dict[str, str]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def report(self, run: Run, summary: "Summary") -> None: ...
+
+
+@dataclass
+class Member:
+    """One model being trained: its optimizer, schedule and bookkeeping."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    step: int = 0
+    train_seconds: float = 0.0
+    examples: int = 0
+    losses: list[list[float]] = field(default_factory=list)  # [step, loss] at log steps
+    evals: list[dict[str, float]] = field(default_factory=list)  # metrics with "step"
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "examples": self.examples,
+            "losses": self.losses,
+            "evals": self.evals,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.train_seconds = float(state["train_seconds"])
+        self.examples = int(state["examples"])
+        self.losses = [list(x) for x in state["losses"]]
+        self.evals = [dict(x) for x in state["evals"]]
+
+
+@dataclass
+class Summary:
+    """What the report is made from."""
+
+    run: Run
+    members: list[Member]
+    step: int
+    wall_seconds: float
+    interrupted: bool
+    config: dict[str, Any]
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warmup to 1, then cosine down to ``min_lr_ratio`` at ``lr_decay_steps``."""
+    horizon = cfg.lr_decay_steps or cfg.max_steps
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if horizon is None:
+            return 1.0
+        t = min(1.0, (step - cfg.warmup_steps) / max(1, horizon - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return f
+
+
+def make_member(name: str, model: nn.Module, cfg: TrainConfig) -> Member:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+    )
+    return Member(name, model, opt, LambdaLR(opt, lr_lambda(cfg)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": np_state["state"]["pos"],
+                  "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _StopOnInterrupt:
+    """First Ctrl+C asks the loop to stop at the next step boundary; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_StopOnInterrupt":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave SIGINT alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl+C again to abort without saving)", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def save(run: Run, task: Task, members: list[Member], step: int, cfg: TrainConfig, config: dict[str, Any]) -> None:
+    tensors: dict[str, Any] = {"trainer.pt": {"step": step, "rng": rng_state(), "task": task.state_dict()}}
+    texts = {"config.json": json.dumps(config, indent=2)}
+    texts.update(task.checkpoint_texts())
+    for m in members:
+        tensors[f"{m.name}/model.pt"] = m.model.state_dict()
+        tensors[f"{m.name}/train_state.pt"] = m.state_dict()
+        texts.update({f"{m.name}/{k}": v for k, v in task.member_texts(m.name).items()})
+    save_checkpoint(run.checkpoints, step, tensors, texts, task=task.name, keep=cfg.keep_checkpoints)
+
+
+def restore(ckpt: Checkpoint, task: Task, members: list[Member], device: torch.device) -> int:
+    """Load every piece of state from ``ckpt``; returns the step to continue from."""
+    for m in members:
+        try:
+            m.model.load_state_dict(ckpt.tensors(f"{m.name}/model.pt", map_location=device))
+        except RuntimeError as e:
+            raise CheckpointError(f"{ckpt.path}: weights of {m.name} do not fit the model ({str(e).splitlines()[0]})")
+        m.load_state_dict(ckpt.tensors(f"{m.name}/train_state.pt", map_location=device))
+    trainer = ckpt.tensors("trainer.pt")
+    task.load_state_dict(trainer["task"])
+    set_rng_state(trainer["rng"])
+    return int(trainer["step"])
+
+
+def _scalar(x: torch.Tensor | float) -> float:
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume: Checkpoint | None = None,
+          echo=print) -> Summary:
+    """Train every member of ``task`` in lockstep; returns what the report needs."""
+    from tqdm import tqdm
+
+    device = resolve_device(cfg.device)
+    models = task.build_models()  # the task seeds each member alike, so shared parts start equal
+    members = [make_member(name, model.to(device), cfg) for name, model in models.items()]
+    seed_everything(cfg.seed + 1)  # dropout and anything else random in training
+    step = restore(resume, task, members, device) if resume is not None else 0
+    start_step = step
+    if cfg.max_steps is not None and step >= cfg.max_steps:
+        echo(f"already at step {step} of --max-steps {cfg.max_steps}: nothing to train")
+    for m in members:
+        echo(f"{m.name}: {m.num_parameters:,} parameters")
+
+    writers = {m.name: run.writer(m.name, purge_step=step if step else None) for m in members}
+    run.update(status="running", device=str(device))
+    timer = StepTimer()
+    acc: dict[str, dict[str, torch.Tensor]] = {}
+    acc_steps = 0
+    interval = {m.name: (m.train_seconds, m.examples) for m in members}
+    last_eval = last_save = step
+    t_start = time.perf_counter()
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]" if cfg.max_steps else None)
+
+    def log_scalars() -> None:
+        nonlocal acc, acc_steps
+        post = {}
+        for m in members:
+            w = writers[m.name]
+            values = {k: _scalar(v) / acc_steps for k, v in acc.get(m.name, {}).items()}
+            for k, v in values.items():
+                w.add_scalar(f"train/{k}", v, step)
+            w.add_scalar("train/lr", m.scheduler.get_last_lr()[0], step)
+            for k, v in task.scalars(step - 1).items():
+                w.add_scalar(f"train/{k}", v, step)
+            secs, ex = interval[m.name]
+            if m.train_seconds > secs:
+                w.add_scalar("perf/examples_per_sec", (m.examples - ex) / (m.train_seconds - secs), step)
+            interval[m.name] = (m.train_seconds, m.examples)
+            if "loss" in values:
+                m.losses.append([step, values["loss"]])
+                post[m.name] = f"{values['loss']:.3f}"
+        remaining = None if cfg.max_steps is None else cfg.max_steps - step
+        sps = timer.seconds_per_step()
+        post["eta"] = format_duration(timer.eta(remaining)) if remaining is not None else (
+            f"{1 / sps:.1f} it/s" if sps else "?")
+        bar.set_postfix(post, refresh=False)
+        acc, acc_steps = {}, 0
+
+    def evaluate_all() -> None:
+        parts = []
+        for m in members:
+            m.model.eval()
+            ev = task.evaluate(m.name, m.model, step)
+            m.evals.append({"step": step, **ev.metrics})
+            for k, v in ev.metrics.items():
+                writers[m.name].add_scalar(f"val/{k}", v, step)
+            if ev.lines:
+                writers[m.name].add_text("val/mistakes", "\n\n".join(ev.lines), step)
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in list(ev.metrics.items())[:3])
+            parts.append(f"{m.name}: {shown}" + "".join(f"\n    {line}" for line in ev.lines[:3]))
+        bar.write(f"[step {step}] " + "\n           ".join(parts))
+
+    with _StopOnInterrupt() as stop:
+        while (cfg.max_steps is None or step < cfg.max_steps) and not stop.requested:
+            t0 = time.perf_counter()
+            batch = {k: v.to(device, non_blocking=True) for k, v in task.batch(step).items()}
+            n_examples = int(next(iter(batch.values())).shape[0])
+            for m in members:
+                t_m = time.perf_counter()
+                m.model.train()
+                loss, stats = task.loss(m.name, m.model, batch, step)
+                m.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(m.model.parameters(), cfg.grad_clip)
+                m.optimizer.step()
+                m.scheduler.step()
+                m.step += 1
+                m.examples += n_examples
+                slot = acc.setdefault(m.name, {})
+                for k, v in {"loss": loss.detach(), **stats}.items():
+                    slot[k] = slot[k] + v if k in slot else v
+                synchronize(device)
+                m.train_seconds += time.perf_counter() - t_m
+            step += 1
+            acc_steps += 1
+            timer.add(time.perf_counter() - t0)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                log_scalars()
+            if step % cfg.eval_every == 0:
+                evaluate_all()
+                last_eval = step
+            if step % cfg.save_every == 0:
+                save(run, task, members, step, cfg, config)
+                last_save = step
+    bar.close()
+    if acc_steps:
+        log_scalars()
+    if step > start_step and last_eval != step:
+        evaluate_all()
+    if last_save != step or resume is None and step == 0:
+        save(run, task, members, step, cfg, config)
+    for w in writers.values():
+        w.close()
+    interrupted = stop.requested
+    wall = time.perf_counter() - t_start
+    run.update(status="interrupted" if interrupted else "finished", step=step)
+    if interrupted:
+        echo(f"interrupted at step {step}; checkpoint saved in {run.checkpoints}")
+    summary = Summary(run, members, step, wall, interrupted, config)
+    task.report(run, summary)
+    return summary

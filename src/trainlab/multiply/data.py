@@ -1,0 +1,243 @@
+"""Multiplication problems computed from an index, never stored as a list.
+
+The problem space is every ordered pair ``(a, b)`` whose operands have between
+``min_digits`` and ``max_digits`` digits (0 is not a 1-digit operand, so 1 to 3
+digits is 999 x 999 = 998,001 pairs). Pair ``i`` is ``a = lo + i // width``,
+``b = lo + i % width``; nothing per example is held in memory.
+
+Split. Each ordered pair is hashed (splitmix64 of ``a << 32 | b``, a fixed salt,
+independent of the training seed); the hash's fraction decides test, val or
+train. The split of a pair therefore never depends on the digit range or the
+seed: ``12*34`` is in the same split in a 1-2 digit run and a 2-3 digit run, and
+the three splits never overlap. ``7*8`` and ``8*7`` are distinct problems and may
+fall in different splits: inferring one from the other is commutativity, a
+thing worth learning, not a leak.
+
+Token format (the minGPT-adder way: fixed widths so positions mean something)::
+
+    source  (encoder):  a's digits zero-padded to max_digits, '*', b's likewise
+                        12*345 with max_digits 3  ->  0 1 2 * 3 4 5
+    decoder input:      <bos> d0 d1 ... d(L-1)  <eos> <pad> ...
+    target:             d0 d1 ... d(L-1) <eos> <pad> ...
+
+Ids: ``<pad>`` 0, ``<bos>`` 1, ``<eos>`` 2, ``*`` 3, digits 0-9 are ids 4-13; so no
+special token shares an id with a digit. PAD targets are ignored by the loss.
+
+Answer order. ``reversed`` (the default) writes the product least significant
+digit first: 12*345 = 4140 is emitted as ``0 4 1 4 <eos>``. Each digit then
+depends only on operand digits of equal or lower significance plus a carry the
+decoder has just produced, which is the order in which long multiplication is
+computed. In natural order the first digit emitted depends on every carry at
+once. Lee et al. (2023, "Teaching Arithmetic to Small Transformers") measured
+reversed outputs learning addition and multiplication with several times fewer
+samples, and our own 2-digit probe agrees (see benchmarks/multiply_answer_order.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from trainlab.config import ConfigError
+
+PAD, BOS, EOS, TIMES = 0, 1, 2, 3
+DIGIT0 = 4
+TOKENS = ["<pad>", "<bos>", "<eos>", "*"] + [str(d) for d in range(10)]
+VOCAB_SIZE = len(TOKENS)
+SPLITS = ("train", "val", "test")
+ANSWER_ORDERS = ("reversed", "natural")
+MAX_SUPPORTED_DIGITS = 9  # operands must fit the 32-bit halves of the hash key
+
+_SPLIT_SALT = np.uint64(0x5EED_CAFE_F00D_D00D)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A well-mixed 64-bit hash of each element (uint64 in, uint64 out)."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def split_ids(a: np.ndarray, b: np.ndarray, val_fraction: float, test_fraction: float) -> np.ndarray:
+    """0 train, 1 val, 2 test for each ordered pair; depends on the pair alone."""
+    key = (a.astype(np.uint64) << np.uint64(32)) | b.astype(np.uint64)
+    u = (_splitmix64(key ^ _SPLIT_SALT) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    out = np.zeros(u.shape, dtype=np.int8)
+    out[u < test_fraction + val_fraction] = 1
+    out[u < test_fraction] = 2
+    return out
+
+
+@dataclass(frozen=True)
+class MultiplyDataConfig:
+    min_digits: int = 1
+    max_digits: int = 3
+    answer_order: str = "reversed"
+    val_fraction: float = 0.01
+    test_fraction: float = 0.02
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_digits <= MAX_SUPPORTED_DIGITS:
+            raise ConfigError("min_digits", f"must be between 1 and {MAX_SUPPORTED_DIGITS}, got {self.min_digits}")
+        if not 1 <= self.max_digits <= MAX_SUPPORTED_DIGITS:
+            raise ConfigError("max_digits", f"must be between 1 and {MAX_SUPPORTED_DIGITS}, got {self.max_digits}")
+        if self.min_digits > self.max_digits:
+            raise ConfigError(
+                "min_digits", f"must not exceed --max-digits (got {self.min_digits} > {self.max_digits})"
+            )
+        if self.answer_order not in ANSWER_ORDERS:
+            raise ConfigError("answer_order", f"must be one of {'|'.join(ANSWER_ORDERS)}, got {self.answer_order!r}")
+        for name in ("val_fraction", "test_fraction"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(name, f"must be in [0, 1), got {v}")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError("val_fraction", "val_fraction + test_fraction must be below 1")
+
+
+class MultiplicationDataset:
+    """Every ``a*b`` in a digit range, addressed by index; see the module docstring."""
+
+    def __init__(self, cfg: MultiplyDataConfig, pad_width: int | None = None) -> None:
+        """``pad_width``: operand width of the token format (default ``max_digits``); a
+        model trained on 3 digits reads 1-digit problems as ``00a*00b``."""
+        self.cfg = cfg
+        self.pad_width = pad_width or cfg.max_digits
+        self.lo = 1 if cfg.min_digits == 1 else 10 ** (cfg.min_digits - 1)
+        self.hi = 10**cfg.max_digits - 1
+        self.width = self.hi - self.lo + 1
+        self.size = self.width * self.width
+        self.src_len = 2 * self.pad_width + 1
+        self.tgt_len = 2 * self.pad_width + 1  # longest product plus <eos>
+        self._counts: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return self.size
+
+    # -- index <-> pair -------------------------------------------------------------
+    def pairs(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.asarray(idx, dtype=np.int64)
+        return self.lo + idx // self.width, self.lo + idx % self.width
+
+    def split_of(self, idx: np.ndarray) -> np.ndarray:
+        a, b = self.pairs(idx)
+        return split_ids(a, b, self.cfg.val_fraction, self.cfg.test_fraction)
+
+    def contains(self, a: int, b: int) -> bool:
+        return self.lo <= a <= self.hi and self.lo <= b <= self.hi
+
+    # -- splits ---------------------------------------------------------------------
+    def iter_split(self, split: str, chunk: int = 1 << 18) -> Iterator[np.ndarray]:
+        """Every index of one split, in index order, a chunk at a time."""
+        sid = SPLITS.index(split)
+        for start in range(0, self.size, chunk):
+            idx = np.arange(start, min(start + chunk, self.size), dtype=np.int64)
+            yield idx[self.split_of(idx) == sid]
+
+    def split_counts(self) -> dict[str, int]:
+        if self._counts is None:
+            counts = np.zeros(3, dtype=np.int64)
+            for start in range(0, self.size, 1 << 18):
+                idx = np.arange(start, min(start + (1 << 18), self.size), dtype=np.int64)
+                counts += np.bincount(self.split_of(idx), minlength=3)
+            self._counts = dict(zip(SPLITS, (int(c) for c in counts)))
+        return self._counts
+
+    def sample(self, split: str, n: int, rng: np.random.Generator) -> np.ndarray:
+        """n indices drawn uniformly with replacement from one split."""
+        sid = SPLITS.index(split)
+        if self.split_counts()[split] == 0:
+            raise ValueError(f"the {split} split of this digit range is empty")
+        out: list[np.ndarray] = []
+        have = 0
+        while have < n:
+            cand = rng.integers(0, self.size, size=int((n - have) * 1.3) + 16, dtype=np.int64)
+            cand = cand[self.split_of(cand) == sid]
+            out.append(cand)
+            have += len(cand)
+        return np.concatenate(out)[:n]
+
+    def subset(self, split: str, n: int, seed: int = 0) -> np.ndarray:
+        """A fixed set of up to n distinct indices of one split (sorted), for evaluation."""
+        total = self.split_counts()[split]
+        if n >= total:
+            return np.concatenate(list(self.iter_split(split)))
+        rng = np.random.default_rng([seed, 0xE7A1])
+        chosen = np.zeros(0, dtype=np.int64)
+        while len(chosen) < n:
+            chosen = np.unique(np.concatenate([chosen, self.sample(split, n, rng)]))
+        return np.sort(rng.choice(chosen, size=n, replace=False))
+
+    # -- tensors --------------------------------------------------------------------
+    def encode(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        a, b = self.pairs(idx)
+        return encode_pairs(torch.from_numpy(a), torch.from_numpy(b), self.pad_width, self.cfg.answer_order)
+
+
+def _digits_lsd_first(x: torch.Tensor, n: int) -> torch.Tensor:
+    powers = 10 ** torch.arange(n, dtype=torch.int64)
+    return (x.unsqueeze(1) // powers) % 10  # (B, n)
+
+
+def encode_pairs(a: torch.Tensor, b: torch.Tensor, max_digits: int, answer_order: str) -> dict[str, torch.Tensor]:
+    """Vectorised tokenisation of a batch of problems (see the module docstring).
+
+    Returns ``src`` (B, 2W+1), ``tgt_in`` and ``tgt_out`` (B, 2W+1), ``a``, ``b``.
+    """
+    a = a.to(torch.int64)
+    b = b.to(torch.int64)
+    w = max_digits
+    times = torch.full((a.shape[0], 1), TIMES, dtype=torch.int64)
+    src = torch.cat([_digits_lsd_first(a, w).flip(1) + DIGIT0, times, _digits_lsd_first(b, w).flip(1) + DIGIT0], 1)
+
+    p = a * b
+    n = 2 * w
+    d = _digits_lsd_first(p, n)  # (B, n), least significant first
+    length = (p.unsqueeze(1) >= 10 ** torch.arange(n, dtype=torch.int64)).sum(1).clamp(min=1)  # (B,)
+    k = torch.arange(n + 1).unsqueeze(0)  # (1, n+1)
+    if answer_order == "reversed":
+        ans = d
+    else:
+        ans = d.gather(1, (length.unsqueeze(1) - 1 - k[:, :n]).clamp(min=0))
+    ans = torch.cat([ans, torch.zeros_like(ans[:, :1])], 1) + DIGIT0  # (B, n+1)
+    length = length.unsqueeze(1)
+    tgt_out = torch.where(k < length, ans, torch.where(k == length, EOS, PAD))
+    tgt_in = torch.cat([torch.full_like(tgt_out[:, :1], BOS), tgt_out[:, :-1]], 1)
+    return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out, "a": a, "b": b}
+
+
+def decode_answer(tokens: list[int] | torch.Tensor, answer_order: str) -> int | None:
+    """The integer a generated answer stands for, or None if it is not a number.
+
+    Reads digits up to the first <eos>; a missing <eos>, or any non-digit before it,
+    makes the answer invalid.
+    """
+    digits: list[int] = []
+    for t in (tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens):
+        if t == EOS:
+            break
+        if not DIGIT0 <= t < DIGIT0 + 10:
+            return None
+        digits.append(t - DIGIT0)
+    else:
+        return None
+    if not digits:
+        return None
+    if answer_order == "reversed":
+        digits.reverse()
+    return int("".join(map(str, digits)))
+
+
+def tokens_to_text(tokens: list[int] | torch.Tensor) -> str:
+    ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
+    return " ".join(TOKENS[t] if 0 <= t < VOCAB_SIZE else f"?{t}" for t in ids)
+
+
+def digit_count(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    x = np.asarray(x)
+    return np.floor(np.log10(np.maximum(x, 1))).astype(np.int64) + 1

@@ -1,0 +1,119 @@
+"""Using what was trained: load members from a checkpoint, answer, evaluate."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainlab.config import ConfigError, UsageError
+from trainlab.engine.checkpoint import Checkpoint, CheckpointError, latest_checkpoint
+from trainlab.engine.tracking import find_run
+from trainlab.multiply.data import MultiplicationDataset, MultiplyDataConfig
+from trainlab.multiply.models import Seq2SeqConfig, SimpleTransformer, build_model
+from trainlab.multiply.task import TASK_NAME, decode_problems
+
+PROBLEM = re.compile(r"^\s*(\d+)\s*[*xX×]\s*(\d+)\s*$")
+
+
+def resolve_checkpoint(runs_dir: str | Path, ref: str) -> Checkpoint:
+    """``ref`` is a run id, a run folder, or one checkpoint folder."""
+    p = Path(ref)
+    if (p / "meta.json").is_file():
+        ckpt = Checkpoint(p, TASK_NAME)
+        ckpt.verify()
+        return ckpt
+    run = find_run(runs_dir, TASK_NAME, ref)
+    ckpt = latest_checkpoint(run.checkpoints, TASK_NAME)
+    if ckpt is None:
+        raise CheckpointError(f"run {run.id} has no usable checkpoint in {run.checkpoints}")
+    return ckpt
+
+
+def load_members(ckpt: Checkpoint, device: torch.device) -> dict[str, SimpleTransformer]:
+    """Every member of the checkpoint, rebuilt from its own saved model config."""
+    models = {}
+    names = sorted({n.split("/")[0] for n in ckpt.sums if n.endswith("/model.pt")})
+    for name in names:
+        raw = ckpt.json(f"{name}/model_config.json")
+        known = {f.name for f in fields(Seq2SeqConfig)}
+        try:
+            cfg = Seq2SeqConfig(**{k: v for k, v in raw.items() if k in known})
+        except (ConfigError, TypeError) as e:
+            raise CheckpointError(f"{ckpt.path}: bad model config for {name} ({e})") from None
+        model = build_model(cfg)
+        try:
+            model.load_state_dict(ckpt.tensors(f"{name}/model.pt"))
+        except RuntimeError as e:
+            raise CheckpointError(f"{ckpt.path}: weights of {name} do not fit its config ({str(e).splitlines()[0]})")
+        models[name] = model.to(device).eval()
+    if not models:
+        raise CheckpointError(f"{ckpt.path}: holds no models")
+    return models
+
+
+def trained_data_config(ckpt: Checkpoint) -> MultiplyDataConfig:
+    raw = ckpt.json("config.json").get("data", {})
+    known = {f.name for f in fields(MultiplyDataConfig)}
+    try:
+        return MultiplyDataConfig(**{k: v for k, v in raw.items() if k in known})
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{ckpt.path}: bad data config ({e})") from None
+
+
+def parse_problem(text: str, max_digits: int) -> tuple[int, int]:
+    m = PROBLEM.match(text)
+    if not m:
+        raise UsageError(f"problem: expected A*B with whole numbers, e.g. 123*456, got {text!r}")
+    a, b = int(m.group(1)), int(m.group(2))
+    for x in (a, b):
+        if x < 1 or len(str(x)) > max_digits:
+            raise UsageError(f"problem: operands must be between 1 and {10 ** max_digits - 1} for this model, got {x}")
+    return a, b
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound near 0% and 100%)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def evaluation_dataset(trained: MultiplyDataConfig, min_digits: int | None, max_digits: int | None
+                       ) -> MultiplicationDataset:
+    """The trained split fractions over a (possibly narrower) digit range, padded as trained."""
+    lo = trained.min_digits if min_digits is None else min_digits
+    hi = trained.max_digits if max_digits is None else max_digits
+    if hi > trained.max_digits:
+        raise ConfigError("max_digits", f"the model was trained with at most {trained.max_digits} digits, got {hi}")
+    cfg = MultiplyDataConfig(min_digits=lo, max_digits=hi, answer_order=trained.answer_order,
+                             val_fraction=trained.val_fraction, test_fraction=trained.test_fraction)
+    return MultiplicationDataset(cfg, pad_width=trained.max_digits)
+
+
+def evaluate_members(models: dict[str, SimpleTransformer], dataset: MultiplicationDataset, split: str, n: int,
+                     seed: int) -> dict[str, dict[str, float]]:
+    idx = dataset.subset(split, n, seed=seed)
+    if len(idx) == 0:
+        raise UsageError(f"the {split} split of digits {dataset.cfg.min_digits}-{dataset.cfg.max_digits} is empty")
+    out = {}
+    for name, model in models.items():
+        r = decode_problems(model, dataset, idx)
+        k = int(r.correct.sum())
+        lo, hi = wilson_interval(k, len(idx))
+        out[name] = {"n": len(idx), "correct": k, "exact_match": k / len(idx), "ci_low": lo, "ci_high": hi,
+                     "digit_accuracy": r.digit_hits / max(1, r.digit_total)}
+    return out
+
+
+def answer(models: dict[str, SimpleTransformer], dataset: MultiplicationDataset, a: int, b: int) -> dict[str, int | None]:
+    idx = np.array([(a - dataset.lo) * dataset.width + (b - dataset.lo)], dtype=np.int64)
+    return {name: decode_problems(m, dataset, idx).predicted[0] for name, m in models.items()}

@@ -1,0 +1,67 @@
+"""SequenceAccuracyLoss: token cross-entropy that leans on the sequences still wrong."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainlab.config import ConfigError, non_negative
+from trainlab.multiply.data import PAD
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the token cross-entropy"})
+    seq_weight: float = field(
+        default=1.0, metadata={"help": "extra weight of a sequence per unit of its token error: 1 + w * (1 - acc)"}
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        non_negative("seq_weight", self.seq_weight)
+
+
+class SequenceAccuracyLoss(nn.Module):
+    """Cross-entropy over non-PAD target tokens, weighted per sequence.
+
+    For sequence s with mean token loss l_s and token accuracy acc_s (both over its
+    non-PAD targets), the weight is w_s = 1 + seq_weight * (1 - acc_s), held constant
+    (no gradient flows through the accuracy), and the loss is sum(w_s l_s) / sum(w_s):
+    a weighted mean, so its scale stays that of plain cross-entropy while sequences
+    with wrong digits count up to (1 + seq_weight) times as much as solved ones.
+
+    Returns ``(loss, stats)`` where stats holds detached tensors ``exact_match`` (the
+    fraction of sequences with every non-PAD target right) and ``token_accuracy``.
+    """
+
+    def __init__(self, cfg: LossConfig, pad_id: int = PAD) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.pad_id = pad_id
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        B, T, V = logits.shape
+        mask = target != self.pad_id  # (B, T)
+        tok_loss = F.cross_entropy(
+            logits.reshape(B * T, V).float(),
+            target.reshape(B * T),
+            ignore_index=self.pad_id,
+            label_smoothing=self.cfg.label_smoothing,
+            reduction="none",
+        ).view(B, T)  # (B, T), 0 at PAD
+        n_tok = mask.sum(1).clamp(min=1)  # (B,)
+        seq_loss = tok_loss.sum(1) / n_tok  # (B,)
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == target) & mask  # (B, T)
+            seq_acc = correct.sum(1) / n_tok  # (B,)
+            weight = 1.0 + self.cfg.seq_weight * (1.0 - seq_acc)  # (B,)
+            stats = {
+                "exact_match": (correct.sum(1) == mask.sum(1)).float().mean(),
+                "token_accuracy": correct.sum() / mask.sum().clamp(min=1),
+            }
+        loss = (weight * seq_loss).sum() / weight.sum()
+        return loss, stats

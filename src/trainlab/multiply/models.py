@@ -1,0 +1,247 @@
+"""Encoder-decoder transformers for multiplication: a plain one and a latent-bottleneck one.
+
+Both share every piece: token embedding, learned positions, pre-LayerNorm encoder and
+decoder blocks, the output head tied to the token embedding. They differ only in what
+the decoder's cross-attention reads ("memory"):
+
+    SimpleTransformer   memory = encoder output                     (B, S, D)
+    LatentTransformer   memory = num_latent learned vectors that
+                        cross-attended to the encoder output          (B, K, D)
+                        [+ (1 - bottleneck_factor) * encoder output]  (B, K+S, D) if factor < 1
+
+so any difference in what they learn comes from the bottleneck alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainlab.config import ConfigError, non_negative, one_of, positive
+from trainlab.multiply.data import BOS, EOS, PAD, VOCAB_SIZE
+
+MODEL_KINDS = ("simple", "latent")
+
+
+@dataclass
+class Seq2SeqConfig:
+    """Dimensions of one member; saved beside its weights as model_config.json."""
+
+    d_model: int = field(default=128, metadata={"help": "width of every layer"})
+    nhead: int = field(default=4, metadata={"help": "attention heads (must divide d_model)"})
+    num_layers: int = field(default=2, metadata={"help": "encoder layers, and as many decoder layers"})
+    dim_feedforward: int = field(default=0, metadata={"help": "MLP hidden size; 0 means 4 * d_model"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout probability"})
+    num_latent: int = field(default=8, metadata={"help": "latent vectors of the latent model"})
+    latent_layers: int = field(default=1, metadata={"help": "latent cross-attention blocks"})
+    bottleneck_factor: float = field(
+        default=1.0, metadata={"help": "1: decoder sees latents only; below 1 it also sees (1-f) * encoder memory"}
+    )
+    kind: str = field(default="simple", metadata={"cli": False})
+    vocab_size: int = field(default=VOCAB_SIZE, metadata={"cli": False})
+    src_len: int = field(default=7, metadata={"cli": False})
+    tgt_len: int = field(default=7, metadata={"cli": False})
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "nhead", "num_layers", "num_latent", "latent_layers", "vocab_size", "src_len", "tgt_len"):
+            positive(name, getattr(self, name))
+        non_negative("dim_feedforward", self.dim_feedforward)
+        if self.d_model % self.nhead:
+            raise ConfigError("d_model", f"must be divisible by --nhead (got {self.d_model} and {self.nhead})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.bottleneck_factor <= 1.0:
+            raise ConfigError("bottleneck_factor", f"must be in [0, 1], got {self.bottleneck_factor}")
+        one_of("kind", self.kind, MODEL_KINDS)
+
+    @property
+    def d_ff(self) -> int:
+        return self.dim_feedforward or 4 * self.d_model
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when ``kv`` is None."""
+
+    def __init__(self, cfg: Seq2SeqConfig) -> None:
+        super().__init__()
+        self.nhead = cfg.nhead
+        self.q = nn.Linear(cfg.d_model, cfg.d_model)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(
+        self, x: torch.Tensor, kv: torch.Tensor | None = None, key_mask: torch.Tensor | None = None, causal: bool = False
+    ) -> torch.Tensor:
+        B, T, D = x.shape
+        kv = x if kv is None else kv
+        S = kv.shape[1]
+        q = self.q(x).view(B, T, self.nhead, D // self.nhead).transpose(1, 2)  # (B, H, T, Dh)
+        k, v = self.kv(kv).split(D, dim=2)
+        k = k.view(B, S, self.nhead, D // self.nhead).transpose(1, 2)  # (B, H, S, Dh)
+        v = v.view(B, S, self.nhead, D // self.nhead).transpose(1, 2)  # (B, H, S, Dh)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S), True = attend
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, T, Dh)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Seq2SeqConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cfg: Seq2SeqConfig) -> None:
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
+        self.ln2, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), key_mask=key_mask))
+        return x + self.mlp(self.ln2(x))
+
+
+class CrossBlock(nn.Module):
+    """Optional causal self-attention, then cross-attention to memory, then MLP.
+
+    The decoder uses all three; a latent block (``self_attn=False``) lets its latent
+    vectors read the encoder output without attending to each other.
+    """
+
+    def __init__(self, cfg: Seq2SeqConfig, self_attn: bool) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg) if self_attn else None
+        self.ln1 = nn.LayerNorm(cfg.d_model) if self_attn else None
+        self.ln2, self.cross = nn.LayerNorm(cfg.d_model), Attention(cfg)
+        self.ln3, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.self_attn is not None:
+            x = x + self.drop(self.self_attn(self.ln1(x), causal=True))
+        x = x + self.drop(self.cross(self.ln2(x), kv=memory, key_mask=memory_mask))
+        return x + self.mlp(self.ln3(x))
+
+
+class SimpleTransformer(nn.Module):
+    """Plain encoder-decoder; the decoder cross-attends to the whole encoder output."""
+
+    def __init__(self, cfg: Seq2SeqConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.d_model
+        self.tok_emb = nn.Embedding(cfg.vocab_size, D)
+        self.src_pos = nn.Embedding(cfg.src_len, D)
+        self.tgt_pos = nn.Embedding(cfg.tgt_len, D)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.num_layers))
+        self.ln_enc = nn.LayerNorm(D)
+        self.decoder = nn.ModuleList(CrossBlock(cfg, self_attn=True) for _ in range(cfg.num_layers))
+        self.ln_f = nn.LayerNorm(D)
+        self.head = nn.Linear(D, cfg.vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight  # tied: digits read and written alike
+        self.apply(self._init)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):  # residual branches start small (GPT-2)
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.num_layers))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder output and its key mask: (B, S, D), (B, S) with True = a real token."""
+        B, S = src.shape
+        key_mask = src != PAD  # (B, S)
+        x = self.drop(self.tok_emb(src) + self.src_pos(torch.arange(S, device=src.device)))  # (B, S, D)
+        for block in self.encoder:
+            x = block(x, key_mask)
+        return self.ln_enc(x), key_mask
+
+    def memory(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the decoder cross-attends to, and its key mask."""
+        return self.encode(src)
+
+    def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None) -> torch.Tensor:
+        """Next-token logits (B, T, V) for every decoder position."""
+        B, T = tgt_in.shape
+        x = self.drop(self.tok_emb(tgt_in) + self.tgt_pos(torch.arange(T, device=tgt_in.device)))  # (B, T, D)
+        for block in self.decoder:
+            x = block(x, memory, memory_mask)
+        return self.head(self.ln_f(x))  # (B, T, V)
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        memory, memory_mask = self.memory(src)
+        return self.decode(tgt_in, memory, memory_mask)
+
+
+class LatentTransformer(SimpleTransformer):
+    """The same encoder and decoder with ``num_latent`` learned vectors between them."""
+
+    def __init__(self, cfg: Seq2SeqConfig) -> None:
+        super().__init__(cfg)
+        self.latents = nn.Parameter(torch.randn(cfg.num_latent, cfg.d_model) * 0.02)
+        self.latent_blocks = nn.ModuleList(CrossBlock(cfg, self_attn=False) for _ in range(cfg.latent_layers))
+        self.ln_latent = nn.LayerNorm(cfg.d_model)
+        for block in self.latent_blocks:
+            block.apply(self._init)
+
+    def memory(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        enc, enc_mask = self.encode(src)  # (B, S, D), (B, S)
+        z = self.latents.unsqueeze(0).expand(src.shape[0], -1, -1)  # (B, K, D)
+        for block in self.latent_blocks:
+            z = block(z, enc, enc_mask)
+        z = self.ln_latent(z)
+        if self.cfg.bottleneck_factor >= 1.0:
+            return z, None  # the bottleneck: the decoder sees the K latents only
+        leak = (1.0 - self.cfg.bottleneck_factor) * enc  # (B, S, D)
+        ones = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
+        return torch.cat([z, leak], 1), torch.cat([ones, enc_mask], 1)  # (B, K+S, D), (B, K+S)
+
+
+def build_model(cfg: Seq2SeqConfig) -> SimpleTransformer:
+    return (LatentTransformer if cfg.kind == "latent" else SimpleTransformer)(cfg)
+
+
+@torch.no_grad()
+def greedy_decode(model: SimpleTransformer, src: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
+    """Free-running greedy decoding until every row has produced <eos>.
+
+    The model is never told the answer's length: ``max_len`` is only a safety cap,
+    by default the decoder's position budget (longest possible product + <eos>).
+    Returns (B, L) generated tokens without <bos>; PAD after a row's <eos>.
+    """
+    max_len = max_len or model.cfg.tgt_len
+    memory, memory_mask = model.memory(src)
+    B = src.shape[0]
+    seq = torch.full((B, 1), BOS, dtype=torch.long, device=src.device)
+    done = torch.zeros(B, dtype=torch.bool, device=src.device)
+    for _ in range(max_len):
+        nxt = model.decode(seq, memory, memory_mask)[:, -1].argmax(-1)  # (B,)
+        nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
+        seq = torch.cat([seq, nxt[:, None]], 1)
+        done |= nxt == EOS
+        if bool(done.all()):
+            break
+    return seq[:, 1:]

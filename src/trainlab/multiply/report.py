@@ -1,0 +1,89 @@
+"""The comparison report: a table in report.md and a plot of val exact-match by step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainlab.engine.loop import Member, Summary
+from trainlab.engine.monitor import format_duration
+from trainlab.engine.tracking import Run
+
+THRESHOLDS = (0.5, 0.9, 0.99)
+
+
+def steps_to(member: Member, threshold: float) -> int | None:
+    """First evaluated step whose val exact-match reached ``threshold``."""
+    for e in member.evals:
+        if e.get("exact_match", 0.0) >= threshold:
+            return int(e["step"])
+    return None
+
+
+def member_row(m: Member) -> dict[str, str]:
+    best = max((e.get("exact_match", 0.0) for e in m.evals), default=None)
+    per_s = m.examples / m.train_seconds if m.train_seconds else 0.0
+    row = {
+        "model": m.name,
+        "parameters": f"{m.num_parameters:,}",
+        "steps": str(m.step),
+        "train time": format_duration(m.train_seconds),
+        "examples/s": f"{per_s:,.0f}",
+        "best val exact-match": "n/a" if best is None else f"{best:.2%}",
+        "exact-match per M params": "n/a" if best is None else f"{best / (m.num_parameters / 1e6):.3f}",
+    }
+    for t in THRESHOLDS:
+        s = steps_to(m, t)
+        row[f"steps to {t:.0%}"] = "not reached" if s is None else str(s)
+    return row
+
+
+def plot(members: list[Member], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m in members:
+        steps = [e["step"] for e in m.evals]
+        ax.plot(steps, [100 * e.get("exact_match", 0.0) for e in m.evals], marker="o", ms=3,
+                label=f"{m.name} ({m.num_parameters / 1e6:.2f}M params)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("val exact-match (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(run: Run, summary: Summary) -> Path:
+    rows = [member_row(m) for m in summary.members]
+    keys = list(rows[0])
+    lines = [
+        f"# Multiplication comparison: run {run.id}",
+        "",
+        f"Status: {'interrupted' if summary.interrupted else 'finished'} at step {summary.step}; "
+        f"wall time of this session {format_duration(summary.wall_seconds)}.",
+        "",
+        "| " + " | ".join(["", *[r["model"] for r in rows]]) + " |",
+        "|" + "---|" * (len(rows) + 1),
+    ]
+    for k in keys[1:]:
+        lines.append("| " + " | ".join([k, *[r[k] for r in rows]]) + " |")
+    last = {m.name: m.evals[-1] for m in summary.members if m.evals}
+    if last:
+        lines += ["", "Last evaluation (free-running greedy decoding on held-out val problems):", ""]
+        for name, e in last.items():
+            detail = ", ".join(f"{k} {v:.2%}" for k, v in e.items() if k != "step")
+            lines.append(f"- {name} at step {int(e['step'])}: {detail}")
+    png = run.dir / "val_exact_match.png"
+    if plot(summary.members, png):
+        lines += ["", f"![val exact-match by step]({png.name})"]
+    path = run.dir / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
