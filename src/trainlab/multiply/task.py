@@ -158,6 +158,7 @@ class MultiplyTask:
         self.model_cfgs = {k: member_config(model, k, data) for k in task.member_list()}
         self.criterion = SequenceAccuracyLoss(loss)
         self._val_idx: np.ndarray | None = None
+        self._train_idx: np.ndarray | None = None
         self.forced_batches = 0
         self.sampled_batches = 0
         self.last_tf_prob = 1.0
@@ -212,8 +213,18 @@ class MultiplyTask:
             self._val_idx = self.dataset.subset("val", self.task_cfg.eval_samples, seed=0)
         return self._val_idx
 
+    def train_indices(self) -> np.ndarray:
+        if self._train_idx is None:
+            self._train_idx = self.dataset.subset("train", min(self.task_cfg.eval_samples, 500), seed=0)
+        return self._train_idx
+
     def evaluate(self, member: str, model: nn.Module, step: int) -> Evaluation:
-        return summarize(decode_problems(model, self.dataset, self.val_indices(), self.task_cfg.eval_batch_size))
+        """Held-out val metrics, plus exact-match on a fixed slice of the training problems
+        (the gap between the two is memorisation; on a tiny range val may hold a handful)."""
+        bs = self.task_cfg.eval_batch_size
+        ev = summarize(decode_problems(model, self.dataset, self.val_indices(), bs))
+        ev.metrics["train_exact_match"] = float(decode_problems(model, self.dataset, self.train_indices(), bs).correct.mean())
+        return ev
 
     # -- state and files -------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

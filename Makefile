@@ -1,0 +1,20 @@
+# `make demo`: set up and run a short simple-vs-latent comparison on built-in settings.
+# `make test`: set up and run the test suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test clean-test-runs
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/trainlab multiply train --preset demo
+
+test: setup
+	$(PY) -m pytest

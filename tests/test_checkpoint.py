@@ -1,0 +1,73 @@
+import hashlib
+import io
+import json
+import os
+
+import pytest
+import torch
+
+from trainlab.engine.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, list_checkpoints, save_checkpoint
+
+
+def save(root, step, keep=3, value=1.0):
+    return save_checkpoint(root, step, {"w.pt": {"w": torch.full((3,), value)}}, {"config.json": '{"a": 1}'},
+                           task="toy", keep=keep)
+
+
+def test_round_trip_and_keep_newest(tmp_path):
+    for s in (1, 2, 3, 4):
+        save(tmp_path, s, keep=2, value=float(s))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000003", "step_0000004"]
+    ck = latest_checkpoint(tmp_path, "toy")
+    assert ck.step == 4 and torch.equal(ck.tensors("w.pt")["w"], torch.full((3,), 4.0))
+    assert ck.json("config.json") == {"a": 1}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_truncated_file_is_detected_and_the_previous_checkpoint_used(tmp_path):
+    save(tmp_path, 1, value=1.0)
+    p = save(tmp_path, 2, value=2.0)
+    data = (p / "w.pt").read_bytes()
+    (p / "w.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="checksum"):
+        Checkpoint(p, "toy").tensors("w.pt")
+    ck = latest_checkpoint(tmp_path, "toy")
+    assert ck.step == 1
+
+
+def test_a_folder_without_meta_is_not_a_checkpoint(tmp_path):
+    save(tmp_path, 1)
+    half = tmp_path / "step_0000002"
+    half.mkdir()
+    (half / "w.pt").write_bytes(b"partial")
+    assert latest_checkpoint(tmp_path, "toy").step == 1
+
+
+def test_wrong_task_is_refused(tmp_path):
+    p = save(tmp_path, 1)
+    with pytest.raises(CheckpointError, match="task"):
+        Checkpoint(p, "chat")
+
+
+class Exploit:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.makedirs, (self.target,))
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path):
+    p = save(tmp_path, 1)
+    target = str(tmp_path / "pwned")
+    buf = io.BytesIO()
+    torch.save({"w": Exploit(target)}, buf)  # a real torch archive carrying a code-running pickle
+    evil = buf.getvalue()
+    # forge the checksum too: only weights_only stands between this file and os.makedirs
+    (p / "w.pt").write_bytes(evil)
+    meta = json.loads((p / "meta.json").read_text())
+    meta["sha256"]["w.pt"] = hashlib.sha256(evil).hexdigest()
+    (p / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="refused"):
+        Checkpoint(p, "toy").tensors("w.pt")
+    assert not os.path.exists(target)

@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+import torch
+
+from trainlab.config import ConfigError
+from trainlab.multiply.data import (
+    BOS, DIGIT0, EOS, PAD, SPLITS, TIMES, TOKENS, MultiplicationDataset, MultiplyDataConfig, decode_answer,
+    encode_pairs, split_ids,
+)
+
+
+def ds(lo=1, hi=3, **kw):
+    return MultiplicationDataset(MultiplyDataConfig(min_digits=lo, max_digits=hi, **kw))
+
+
+def test_counts_of_digit_ranges():
+    assert len(ds(1, 1)) == 81
+    assert len(ds(2, 2)) == 90 * 90
+    assert len(ds(1, 3)) == 999 * 999
+    counts = ds(1, 3).split_counts()
+    assert sum(counts.values()) == 999 * 999
+    # the hash split follows the asked fractions closely on a million problems
+    assert abs(counts["val"] / 998001 - 0.01) < 0.001
+    assert abs(counts["test"] / 998001 - 0.02) < 0.001
+
+
+def test_splits_are_disjoint_and_cover_everything():
+    d = ds(1, 2)
+    seen = np.concatenate([np.concatenate(list(d.iter_split(s))) for s in SPLITS])
+    assert len(seen) == len(d) and len(np.unique(seen)) == len(d)
+
+
+def test_split_of_a_pair_does_not_depend_on_the_range_or_seed():
+    small, big = ds(2, 2), ds(1, 3)
+    idx = np.arange(len(small))
+    a, b = small.pairs(idx)
+    big_idx = (a - big.lo) * big.width + (b - big.lo)
+    assert np.array_equal(small.split_of(idx), big.split_of(big_idx))
+
+
+def test_sample_draws_only_from_the_requested_split():
+    d = ds(1, 3)
+    for split in SPLITS:
+        idx = d.sample(split, 500, np.random.default_rng(1))
+        assert len(idx) == 500
+        assert (d.split_of(idx) == SPLITS.index(split)).all()
+
+
+def test_sample_and_subset_are_deterministic():
+    d = ds(1, 3)
+    assert np.array_equal(d.sample("train", 64, np.random.default_rng([3, 7])),
+                          d.sample("train", 64, np.random.default_rng([3, 7])))
+    s1, s2 = d.subset("val", 300, seed=0), d.subset("val", 300, seed=0)
+    assert np.array_equal(s1, s2) and len(np.unique(s1)) == 300
+
+
+def test_special_tokens_never_share_an_id_with_a_digit():
+    digits = {DIGIT0 + k for k in range(10)}
+    assert not digits & {PAD, BOS, EOS, TIMES}
+    assert len({PAD, BOS, EOS, TIMES}) == 4
+    assert [TOKENS[DIGIT0 + k] for k in range(10)] == [str(k) for k in range(10)]
+
+
+@pytest.mark.parametrize("order", ["reversed", "natural"])
+def test_tokens_round_trip(order):
+    a = torch.tensor([1, 9, 12, 100, 999, 10, 345])
+    b = torch.tensor([1, 9, 345, 100, 999, 10, 12])
+    enc = encode_pairs(a, b, 3, order)
+    for i in range(len(a)):
+        assert decode_answer(enc["tgt_out"][i], order) == int(a[i] * b[i])
+        # the decoder input is the target shifted right behind <bos>
+        assert enc["tgt_in"][i, 0] == BOS
+        assert torch.equal(enc["tgt_in"][i, 1:], enc["tgt_out"][i, :-1])
+
+
+def test_source_is_zero_padded_and_answer_reversed():
+    enc = encode_pairs(torch.tensor([12]), torch.tensor([345]), 3, "reversed")
+    src = [TOKENS[t] for t in enc["src"][0]]
+    assert src == ["0", "1", "2", "*", "3", "4", "5"]
+    out = [TOKENS[t] for t in enc["tgt_out"][0]]
+    assert out == ["0", "4", "1", "4", "<eos>", "<pad>", "<pad>"]  # 4140 least significant first
+    nat = [TOKENS[t] for t in encode_pairs(torch.tensor([12]), torch.tensor([345]), 3, "natural")["tgt_out"][0]]
+    assert nat[:5] == ["4", "1", "4", "0", "<eos>"]
+
+
+def test_decode_answer_rejects_malformed_output():
+    assert decode_answer([DIGIT0 + 1, DIGIT0 + 2], "natural") is None  # no <eos>
+    assert decode_answer([EOS], "natural") is None  # no digits
+    assert decode_answer([DIGIT0 + 1, TIMES, EOS], "natural") is None
+
+
+def test_split_ids_are_pure():
+    a, b = np.array([7, 8, 123]), np.array([8, 7, 456])
+    assert np.array_equal(split_ids(a, b, 0.1, 0.1), split_ids(a, b, 0.1, 0.1))
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(min_digits=3, max_digits=2), "min_digits"),
+    (dict(min_digits=0, max_digits=2), "min_digits"),
+    (dict(min_digits=1, max_digits=12), "max_digits"),
+    (dict(answer_order="sideways"), "answer_order"),
+    (dict(val_fraction=0.6, test_fraction=0.5), "val_fraction"),
+])
+def test_bad_data_config_names_the_field(kw, field):
+    with pytest.raises(ConfigError) as e:
+        MultiplyDataConfig(**kw)
+    assert e.value.field == field
+    assert str(e.value).startswith("--" + field.replace("_", "-"))

@@ -1,0 +1,106 @@
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from trainlab.engine.checkpoint import latest_checkpoint, list_checkpoints
+from trainlab.engine.loop import TrainConfig, lr_lambda, train
+from trainlab.engine.monitor import StepTimer
+from trainlab.engine.tracking import new_run
+from conftest import tiny_train_config
+from helpers import tiny_multiply
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    f = lr_lambda(TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1))
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.55)
+    assert f(100) == pytest.approx(0.1) and f(1000) == pytest.approx(0.1)
+    const = lr_lambda(TrainConfig(max_steps=None, warmup_steps=0))
+    assert const(0) == const(10**6) == 1.0
+
+
+def test_training_stops_at_exactly_max_steps(runs_dir):
+    cfg = tiny_train_config(runs_dir, max_steps=7, save_every=3, eval_every=5)
+    task, config = tiny_multiply(cfg)
+    run = new_run(cfg.runs_dir, task.name, "", "test", config)
+    summary = train(task, cfg, run, config, echo=lambda *a: None)
+    assert summary.step == 7 and not summary.interrupted
+    assert [m.step for m in summary.members] == [7, 7]
+    assert [m.optimizer.state_dict()["state"][0]["step"].item() for m in summary.members] == [7, 7]
+    # saves at 3 and 6 and at the end; evaluations at 5 and at the end
+    assert [p.name for p in list_checkpoints(run.checkpoints)] == ["step_0000003", "step_0000006", "step_0000007"]
+    assert [e["step"] for e in summary.members[0].evals] == [5, 7]
+    info = json.loads((run.dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["tag"] == "test"
+    assert (run.dir / "simple").is_dir() and (run.dir / "latent").is_dir()
+    assert (run.dir / "report.md").is_file()
+
+
+def test_checkpoint_is_self_describing(runs_dir):
+    cfg = tiny_train_config(runs_dir, max_steps=2)
+    task, config = tiny_multiply(cfg)
+    run = new_run(cfg.runs_dir, task.name, "", "test", config)
+    train(task, cfg, run, config, echo=lambda *a: None)
+    ck = latest_checkpoint(run.checkpoints, task.name)
+    assert ck.json("simple/model_config.json")["kind"] == "simple"
+    assert ck.json("latent/model_config.json")["num_latent"] == 2
+    assert ck.json("vocab.json")["tokens"][:3] == ["<pad>", "<bos>", "<eos>"]
+    assert ck.json("config.json")["data"]["max_digits"] == 1
+    state = ck.tensors("trainer.pt")
+    assert state["step"] == 2 and "torch" in state["rng"] and "forced_batches" in state["task"]
+    member = ck.tensors("latent/train_state.pt")
+    assert member["step"] == 2 and member["optimizer"]["state"]
+
+
+def test_members_see_the_same_batches_and_teacher_forcing_coins(runs_dir):
+    cfg = tiny_train_config(runs_dir)
+    task, _ = tiny_multiply(cfg)
+    assert torch.equal(task.batch(5)["src"], task.batch(5)["src"])
+    assert not torch.equal(task.batch(5)["src"], task.batch(6)["src"])
+    from trainlab.multiply.task import TeacherForcingConfig
+    task2, _ = tiny_multiply(cfg, tf=TeacherForcingConfig("linear", tf_floor=0.0, tf_decay_steps=10))
+    coins = [task2.teacher_forced(s) for s in range(40)]
+    assert coins == [task2.teacher_forced(s) for s in range(40)]
+    assert not all(coins[15:]) and coins[0]
+
+
+def test_scheduled_sampling_batches_train(runs_dir):
+    from trainlab.multiply.task import TeacherForcingConfig
+    cfg = tiny_train_config(runs_dir, max_steps=4)
+    task, config = tiny_multiply(cfg, tf=TeacherForcingConfig("linear", tf_floor=0.0, tf_decay_steps=1))
+    run = new_run(cfg.runs_dir, task.name, "", "test", config)
+    train(task, cfg, run, config, echo=lambda *a: None)
+    assert task.sampled_batches == 3 and task.forced_batches == 1  # step 0 forced, then p = 0
+
+
+def test_ctrl_c_stops_at_a_step_boundary_and_saves(runs_dir):
+    cfg = tiny_train_config(runs_dir, max_steps=None, save_every=1000)
+    task, config = tiny_multiply(cfg)
+    original = task.loss
+
+    def loss(member, model, batch, step):
+        if step == 4 and member == "simple":
+            os.kill(os.getpid(), signal.SIGINT)  # arrives between the two members' updates
+        return original(member, model, batch, step)
+
+    task.loss = loss
+    run = new_run(cfg.runs_dir, task.name, "", "test", config)
+    summary = train(task, cfg, run, config, echo=lambda *a: None)
+    assert summary.interrupted and summary.step == 5
+    assert [m.step for m in summary.members] == [5, 5]  # neither member left half a step ahead
+    assert latest_checkpoint(run.checkpoints, task.name).step == 5
+    assert json.loads((run.dir / "run.json").read_text())["status"] == "interrupted"
+    assert (run.dir / "report.md").is_file()
+
+
+def test_step_timer_ignores_stalls():
+    t = StepTimer(window=20)
+    for i in range(20):
+        t.add(30.0 if i % 7 == 0 else 0.1)  # a few evaluation-length stalls
+    assert t.seconds_per_step() == pytest.approx(0.1)
+    assert t.eta(100) == pytest.approx(10.0)
+    assert t.eta(None) is None

@@ -1,0 +1,23 @@
+"""A short run that clearly learns 1-digit multiplication (both models)."""
+
+from trainlab.engine.loop import train
+from trainlab.engine.tracking import new_run
+from trainlab.multiply.task import decode_problems
+
+from conftest import tiny_train_config
+from helpers import tiny_multiply
+
+
+def test_both_models_learn_one_digit_multiplication(runs_dir):
+    cfg = tiny_train_config(runs_dir, max_steps=500, batch_size=64, lr=3e-3, warmup_steps=20, eval_every=500,
+                            seed=0)
+    task, config = tiny_multiply(cfg, d_model=64, num_layers=2, num_latent=4)
+    run = new_run(cfg.runs_dir, task.name, "", "test", config)
+    summary = train(task, cfg, run, config, echo=lambda *a: None)
+    train_idx = task.dataset.subset("train", 10**6)
+    for m in summary.members:
+        first = m.losses[0][1]
+        last = m.losses[-1][1]
+        assert last < 0.1 * first, (m.name, first, last)
+        acc = decode_problems(m.model, task.dataset, train_idx).correct.mean()
+        assert acc >= 0.95, (m.name, acc)  # free-running, every training problem of the times table
