@@ -104,3 +104,29 @@ def test_step_timer_ignores_stalls():
     assert t.seconds_per_step() == pytest.approx(0.1)
     assert t.eta(100) == pytest.approx(10.0)
     assert t.eta(None) is None
+
+
+def test_training_on_from_a_checkpoint_matches_an_unbroken_run(runs_dir):
+    """The engine's restore(): N steps, then N more from the checkpoint == 2N straight."""
+    from trainlab.multiply.task import TeacherForcingConfig
+
+    tf = TeacherForcingConfig("linear", tf_floor=0.3, tf_decay_steps=6)
+    straight_cfg = tiny_train_config(runs_dir, max_steps=8, save_every=4, lr_decay_steps=8)
+    task, config = tiny_multiply(straight_cfg, tf=tf, dropout=0.1)
+    run = new_run(straight_cfg.runs_dir, task.name, "straight", "test", config)
+    straight = train(task, straight_cfg, run, config, echo=lambda *a: None)
+
+    half_cfg = tiny_train_config(runs_dir, max_steps=4, save_every=4, lr_decay_steps=8)
+    task2, config2 = tiny_multiply(half_cfg, tf=tf, dropout=0.1)
+    run2 = new_run(half_cfg.runs_dir, task2.name, "halves", "test", config2)
+    train(task2, half_cfg, run2, config2, echo=lambda *a: None)
+    task3, _ = tiny_multiply(straight_cfg, tf=tf, dropout=0.1)
+    resumed = train(task3, straight_cfg, run2, config, resume=latest_checkpoint(run2.checkpoints, task3.name),
+                    echo=lambda *a: None)
+    assert resumed.step == 8
+    for a, b in zip(straight.members, resumed.members):
+        assert a.step == b.step == 8
+        for (k, v), (k2, v2) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+            assert torch.equal(v, v2), (a.name, k)
+        assert a.losses == b.losses
+    assert (task.forced_batches, task.sampled_batches) == (task3.forced_batches, task3.sampled_batches)

@@ -1,0 +1,52 @@
+"""Evidence for the default answer order: reversed vs natural on 2-digit problems.
+
+Trains the plain model twice with identical settings and seed, once per answer order,
+and prints val exact-match along the way. Run one at a time (2 cores).
+
+    python benchmarks/multiply_answer_order.py [--steps 800]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from trainlab.engine.loop import TrainConfig, train  # noqa: E402
+from trainlab.engine.tracking import new_run  # noqa: E402
+from trainlab.multiply.data import MultiplyDataConfig  # noqa: E402
+from trainlab.multiply.loss import LossConfig  # noqa: E402
+from trainlab.multiply.models import Seq2SeqConfig  # noqa: E402
+from trainlab.multiply.task import MultiplyTask, MultiplyTaskConfig, TeacherForcingConfig  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    curves = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for order in ("reversed", "natural"):
+            cfg = TrainConfig(max_steps=args.steps, batch_size=128, lr=3e-3, warmup_steps=50,
+                              eval_every=max(1, args.steps // 8), save_every=10**9, runs_dir=tmp, tag="benchmark",
+                              progress=False, seed=args.seed, device="cpu")
+            data = MultiplyDataConfig(min_digits=2, max_digits=2, answer_order=order)
+            model = Seq2SeqConfig(d_model=64, nhead=4, num_layers=2)
+            task = MultiplyTask(data, model, LossConfig(), TeacherForcingConfig(),
+                                MultiplyTaskConfig(members="simple", eval_samples=1000), cfg)
+            config = {"data": asdict(data), "model": asdict(model), "train": asdict(cfg)}
+            summary = train(task, cfg, new_run(tmp, task.name, order, "benchmark", config), config, echo=lambda *a: None)
+            curves[order] = [(int(e["step"]), e["exact_match"]) for e in summary.members[0].evals]
+    print("\nval exact-match, 2-digit x 2-digit, plain model (d_model 64, 2+2 layers), same seed and batches")
+    print(f"{'step':>6} {'reversed':>9} {'natural':>9}")
+    for (s, r), (_, n) in zip(curves["reversed"], curves["natural"]):
+        print(f"{s:>6} {r:>9.1%} {n:>9.1%}")
+
+
+if __name__ == "__main__":
+    main()
