@@ -9,7 +9,7 @@ from helpers import tiny_multiply
 
 
 def test_both_models_learn_one_digit_multiplication(runs_dir):
-    cfg = tiny_train_config(runs_dir, max_steps=500, batch_size=64, lr=3e-3, warmup_steps=20, eval_every=500,
+    cfg = tiny_train_config(runs_dir, max_steps=700, batch_size=64, lr=3e-3, warmup_steps=20, eval_every=700,
                             seed=0)
     task, config = tiny_multiply(cfg, d_model=64, num_layers=2, num_latent=4)
     run = new_run(cfg.runs_dir, task.name, "", "test", config)
