@@ -9,7 +9,7 @@ from trainlab.engine.loop import TrainConfig
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed():
     torch.manual_seed(0)
     yield
 

@@ -135,19 +135,21 @@ class MultiplicationDataset:
         return self.lo <= a <= self.hi and self.lo <= b <= self.hi
 
     # -- splits ---------------------------------------------------------------------
-    def iter_split(self, split: str, chunk: int = 1 << 18) -> Iterator[np.ndarray]:
-        """Every index of one split, in index order, a chunk at a time."""
-        sid = SPLITS.index(split)
+    def _chunks(self, chunk: int = 1 << 18) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(indices, their split ids) over the whole space, a chunk at a time (bounded memory)."""
         for start in range(0, self.size, chunk):
             idx = np.arange(start, min(start + chunk, self.size), dtype=np.int64)
-            yield idx[self.split_of(idx) == sid]
+            yield idx, self.split_of(idx)
+
+    def iter_split(self, split: str) -> Iterator[np.ndarray]:
+        """Every index of one split, in index order, a chunk at a time."""
+        sid = SPLITS.index(split)
+        for idx, ids in self._chunks():
+            yield idx[ids == sid]
 
     def split_counts(self) -> dict[str, int]:
         if self._counts is None:
-            counts = np.zeros(3, dtype=np.int64)
-            for start in range(0, self.size, 1 << 18):
-                idx = np.arange(start, min(start + (1 << 18), self.size), dtype=np.int64)
-                counts += np.bincount(self.split_of(idx), minlength=3)
+            counts = sum(np.bincount(ids, minlength=3) for _, ids in self._chunks())
             self._counts = dict(zip(SPLITS, (int(c) for c in counts)))
         return self._counts
 
