@@ -72,7 +72,8 @@ def main() -> None:
         row = " ".join(f"{m.evals[i]['exact_match']:>10.2%}" for m in summary.members)
         print(f"{int(e['step']):>7} {e['step'] * per_step:>8.1f} {row}")
     models = {m.name: m.model.eval() for m in summary.members}
-    ds = evaluation_dataset(cfgs["data"], 3, 3) if cfgs["data"].max_digits == 3 else task.dataset
+    top = cfgs["data"].max_digits  # the hardest class: max-digit x max-digit problems
+    ds = evaluation_dataset(cfgs["data"], top, top)
     print(f"\nfinal test evaluation ({known.test_n} held-out problems, free-running greedy):")
     for name, r in evaluate_members(models, ds, "test", known.test_n, seed=0).items():
         m = next(x for x in summary.members if x.name == name)
