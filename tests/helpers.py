@@ -17,3 +17,52 @@ def tiny_multiply(train: TrainConfig, min_digits=1, max_digits=1, tf=None, **mod
     task = MultiplyTask(data, model, LossConfig(), tf or TeacherForcingConfig(), MultiplyTaskConfig(eval_samples=50), train)
     config = {"data": asdict(data), "model": asdict(model), "train": asdict(train)}
     return task, config
+
+
+# -- command-line runs and what they leave ------------------------------------------------
+TINY = ["--d-model", "32", "--num-layers", "1", "--num-latent", "2", "--batch-size", "8", "--eval-samples", "20",
+        "--no-progress", "--tag", "test", "--device", "cpu"]
+
+
+def cli_train(runs, *flags) -> int:
+    from trainlab.cli import main
+
+    return main(["multiply", "train", "--runs-dir", str(runs), *TINY, *flags])
+
+
+def run_dir(runs, name):
+    return runs / "parallel_comparison" / name
+
+
+def final_state(runs, name):
+    """{file: loaded object} of every tensor file in the run's newest checkpoint."""
+    from trainlab.engine.checkpoint import latest_checkpoint
+
+    ck = latest_checkpoint(run_dir(runs, name) / "checkpoints")
+    return ck.step, {n: ck.tensors(n) for n in ck.sums if n.endswith(".pt") and n != "trainer.pt"}
+
+
+def assert_same_tensors(a, b, where=""):
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def tb_scalars(folder, tag):
+    """[(step, value)] of one tag, read back by TensorBoard's own reader (purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]

@@ -6,21 +6,22 @@ from pathlib import Path
 import pytest
 
 from trainlab.cli import main
+from conftest import register_runs_dir
+from helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--d-model", "32", "--num-layers", "1", "--num-latent", "2", "--batch-size", "8", "--eval-samples", "20",
-        "--no-progress", "--tag", "test", "--device", "cpu"]
+
 
 
 def test_classic_command_in_a_tiny_form(tmp_path):
-    runs = tmp_path / "runs"
+    runs = register_runs_dir(tmp_path / "runs")
     cmd = [sys.executable, str(ROOT / "main.py"), "--d-model", "64", "--num-layers", "2", "--num-latent", "4",
            "--min-digits", "1", "--max-digits", "1", "--batch-size", "16", "--max-steps", "20", "--save-every", "10",
            "--runs-dir", str(runs), "--no-progress", "--tag", "test"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     (run,) = (runs / "parallel_comparison").iterdir()
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000010", "step_0000020"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "step_0000010", "step_0000020"]
     assert list((run / "simple").glob("events.out.tfevents.*")) and list((run / "latent").glob("events.out.tfevents.*"))
     report = (run / "report.md").read_text()
     assert "simple" in report and "latent" in report and "parameters" in report
@@ -56,7 +57,7 @@ def one_line_error(capsys, argv):
     (["--preset", "nope"], "--preset"),
 ])
 def test_bad_flags_get_one_line_and_exit_2_and_write_nothing(tmp_path, capsys, flags, needle):
-    runs = tmp_path / "runs"
+    runs = register_runs_dir(tmp_path / "runs")
     code, err = one_line_error(capsys, ["multiply", "train", "--runs-dir", str(runs), *TINY, *flags])
     assert code == 2
     assert len(err.splitlines()) == 1 and needle in err, err
@@ -81,7 +82,7 @@ def test_bad_config_files(tmp_path, capsys):
 def test_flags_override_the_config_file(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("d_model: 48\nmax_steps: 2\nmin_digits: 1\nmax_digits: 1\n")
-    runs = tmp_path / "runs"
+    runs = register_runs_dir(tmp_path / "runs")
     assert main(["multiply", "train", "--config", str(cfg), "--runs-dir", str(runs), *TINY, "--run-name", "x"]) == 0
     ck = runs / "parallel_comparison" / "x" / "checkpoints" / "step_0000002"
     assert json.loads((ck / "simple" / "model_config.json").read_text())["d_model"] == 32  # the flag won
@@ -89,7 +90,7 @@ def test_flags_override_the_config_file(tmp_path, capsys):
 
 
 def test_existing_run_name_is_never_overwritten(tmp_path, capsys):
-    runs = tmp_path / "runs"
+    runs = register_runs_dir(tmp_path / "runs")
     args = ["multiply", "train", "--runs-dir", str(runs), *TINY, "--max-steps", "1", "--max-digits", "1",
             "--run-name", "keep"]
     assert main(args) == 0
@@ -102,7 +103,7 @@ def test_existing_run_name_is_never_overwritten(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
+    runs = register_runs_dir(tmp_path_factory.mktemp("runs"))
     assert main(["multiply", "train", "--runs-dir", str(runs), *TINY, "--max-digits", "2", "--max-steps", "3",
                  "--run-name", "r"]) == 0
     return runs

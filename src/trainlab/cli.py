@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Sequence
 
 from trainlab.config import (
@@ -18,6 +19,7 @@ from trainlab.config import (
     add_flags,
     build,
     check_known_keys,
+    flag_name,
     load_preset,
     load_yaml,
     preset_names,
@@ -53,6 +55,33 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for anything random")
 
 
+def _train_flags(p: argparse.ArgumentParser, sections: list[tuple[str, type]]) -> None:
+    p.add_argument("--config", help="YAML file of settings (flags override it)")
+    p.add_argument("--preset", help=f"a built-in settings file: {', '.join(preset_names())}")
+    p.add_argument("--resume", metavar="RUN|auto",
+                   help="continue a run exactly where it stopped (its id or folder); auto: the newest unfinished "
+                        "run of this task with the same --tag, or a new run if there is none")
+    for title, cls in sections:
+        add_flags(p, cls, title)
+
+
+def _runs_parser(sub) -> None:
+    runs = sub.add_parser("runs", help="list and clean up runs")
+    rsub = runs.add_subparsers(dest="command", required=True, parser_class=Parser)
+    ls = rsub.add_parser("list", help="every run in the runs index")
+    ls.add_argument("--task", dest="only_task", help="only this task")
+    ls.add_argument("--tag", help="only runs with this tag")
+    clean = rsub.add_parser("clean", help="remove runs tagged 'test' (never untagged runs)")
+    clean.add_argument("--tests", action="store_true", help="required: remove runs tagged 'test'")
+    clean.add_argument("--older-than", metavar="AGE", help="only runs untouched for AGE (e.g. 90m, 12h, 7d, 2w)")
+    clean.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
+    rm = rsub.add_parser("rm", help="remove runs by id: events, checkpoints and index rows")
+    rm.add_argument("ids", nargs="+", metavar="ID", help="run id, task/id, or run folder inside the runs folder")
+    rm.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
+    for p in (ls, clean, rm):
+        p.add_argument("--runs-dir", default="runs", help="root folder of all runs")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="trainlab", description="Train small transformers reliably.")
     sub = parser.add_subparsers(dest="task", required=True, parser_class=Parser)
@@ -60,10 +89,7 @@ def build_parser() -> Parser:
     mul = sub.add_parser("multiply", help="simple vs latent transformer on multiplication")
     msub = mul.add_subparsers(dest="command", required=True, parser_class=Parser)
     train = msub.add_parser("train", help="train both models side by side")
-    train.add_argument("--config", help="YAML file of settings (flags override it)")
-    train.add_argument("--preset", help=f"a built-in settings file: {', '.join(preset_names())}")
-    for title, cls in _multiply_sections():
-        add_flags(train, cls, title)
+    _train_flags(train, _multiply_sections())
 
     ask = msub.add_parser("ask", help="ask a trained run a multiplication, e.g. 123*456")
     ask.add_argument("run", help="run id, run folder or checkpoint folder")
@@ -77,6 +103,7 @@ def build_parser() -> Parser:
     ev.add_argument("--n", type=int, default=10000, help="problems to evaluate (at most the whole split)")
     ev.add_argument("--split", default="test", help="train|val|test")
     _common(ev)
+    _runs_parser(sub)
     return parser
 
 
@@ -92,33 +119,119 @@ def settings_from(args: argparse.Namespace, sections: list[tuple[str, type]]) ->
         from_file = load_yaml(args.config)
         check_known_keys(from_file, classes, args.config)
         values.update(from_file)
-    skip = {"task", "command", "config", "preset"}
+    skip = {"task", "command", "config", "preset", "resume"}
     values.update({k: v for k, v in vars(args).items() if k not in skip})
     return values
 
 
+def resume_settings(run_values: dict[str, Any], given: dict[str, Any], free: frozenset[str] | set[str],
+                    run_id: str, warn=None) -> dict[str, Any]:
+    """The settings of a resumed run: the run's own, with ``given`` (flags, file, preset)
+    applied only where ``free`` allows. Every other given value that differs is reported
+    in one line naming both values, and the run's value is kept."""
+    warn = warn or (lambda line: sys.stderr.write(line + "\n"))
+    values = dict(run_values)
+    for key, new in given.items():
+        if key not in values:
+            continue
+        old = values[key]
+        if new == old:
+            continue
+        if key in free:
+            values[key] = new
+            print(f"{flag_name(key)}: {old} -> {new} from here on")
+        else:
+            warn(f"warning: {flag_name(key)} {new} ignored: run {run_id} was made with {old}, "
+                 f"and a resumed run keeps its own")
+    return values
+
+
+def flat(config: dict[str, Any]) -> dict[str, Any]:
+    """{section: {field: value}} -> {field: value}."""
+    return {k: v for section in config.values() if isinstance(section, dict) for k, v in section.items()}
+
+
+def open_for_resume(ref: str, task: str, runs_dir: str, tag: str):
+    """(run, checkpoint or None, the run's saved config), or None for --resume auto with
+    nothing to resume. The run is locked on return."""
+    from trainlab.engine.checkpoint import resume_checkpoint
+    from trainlab.engine.tracking import find_run, scan_runs
+
+    if ref == "auto":
+        candidates = [r for r in scan_runs(runs_dir, task) if r.info().get("tag", "") == tag
+                      and r.effective_status() in ("failed", "interrupted")]
+        if not candidates:
+            print(f"--resume auto: no unfinished {task} run with tag {tag!r} in {runs_dir}; starting a new run")
+            return None
+        run = candidates[-1]
+    else:
+        run = find_run(runs_dir, task, ref)
+    run.acquire()
+    try:
+        ckpt, problems = resume_checkpoint(run.checkpoints, task)
+        for line in problems:
+            sys.stderr.write(f"warning: {line}\n")
+        if ckpt is not None:
+            config = ckpt.json("config.json")
+        else:
+            config = run.info().get("config")
+            if not isinstance(config, dict) or not config:
+                raise CheckpointError(f"run {run.id} has no usable checkpoint and no saved config; nothing to resume")
+            print(f"run {run.id} has no usable checkpoint: starting it over from step 0 with its own settings")
+    except BaseException:
+        run.release()
+        raise
+    print(f"resuming run {run.id} from step {ckpt.step if ckpt else 0}: {run.dir}")
+    return run, ckpt, config
+
+
 def multiply_train(args: argparse.Namespace) -> int:
     from trainlab.engine.device import resolve_device
-    from trainlab.engine.loop import train
+    from trainlab.engine.loop import RESUMABLE_CHANGES, check_compatible, train
     from trainlab.engine.tracking import new_run
-    from trainlab.multiply.task import MultiplyTask
+    from trainlab.multiply.task import RESUMABLE_TASK_CHANGES, MultiplyTask, TASK_NAME
 
     sections = _multiply_sections()
     values = settings_from(args, sections)
-    cfgs = {name: build(cls, values) for name, cls in sections}
-    resolve_device(cfgs["train"].device)  # fail on a missing device before creating a run
-    task = MultiplyTask(cfgs["data"], cfgs["model"], cfgs["loss"], cfgs["teacher_forcing"], cfgs["task"], cfgs["train"])
-    counts = task.dataset.split_counts()
-    if counts["train"] == 0:
-        raise ConfigError("min_digits", "this digit range leaves no training problems")
+    opened = None
+    if args.resume:
+        opened = open_for_resume(args.resume, TASK_NAME, values.get("runs_dir", "runs"), values.get("tag", ""))
+    if opened is not None:
+        run, ckpt, saved = opened
+        values = resume_settings(flat(saved), values, RESUMABLE_CHANGES | RESUMABLE_TASK_CHANGES, run.id)
+    try:
+        cfgs = {name: build(cls, values) for name, cls in sections}
+        resolve_device(cfgs["train"].device)  # fail on a missing device before creating a run
+        task = MultiplyTask(cfgs["data"], cfgs["model"], cfgs["loss"], cfgs["teacher_forcing"], cfgs["task"],
+                            cfgs["train"])
+        counts = task.dataset.split_counts()
+        if counts["train"] == 0:
+            raise ConfigError("min_digits", "this digit range leaves no training problems")
+        if opened is not None and opened[1] is not None:
+            check_compatible(opened[1], task, list(task.model_cfgs))
+    except BaseException:
+        if opened is not None:
+            opened[0].release()
+        raise
     config = {name: asdict(c) for name, c in cfgs.items()}
-    tc = cfgs["train"]
-    run = new_run(tc.runs_dir, task.name, tc.run_name, tc.tag, config)
-    print(f"run {run.id}: {run.dir}")
+    tc, d, mc = cfgs["train"], cfgs["data"], cfgs["model"]
+    if opened is None:
+        summary = (f"{d.min_digits}-{d.max_digits} digits, d_model {mc.d_model}, {mc.num_layers} layers, "
+                   f"{mc.num_latent} latents, batch {tc.batch_size}, members {cfgs['task'].members}")
+        run = new_run(tc.runs_dir, task.name, tc.run_name, tc.tag, config, summary=summary)
+        ckpt = None
+        print(f"run {run.id}: {run.dir}")
+    _note_extension(tc)
     print(f"problems: {counts['train']:,} train, {counts['val']:,} val, {counts['test']:,} test "
-          f"({cfgs['data'].min_digits}-{cfgs['data'].max_digits} digits, answers {cfgs['data'].answer_order})")
-    summary = train(task, tc, run, config)
-    return EXIT_INTERRUPTED if summary.interrupted else 0
+          f"({d.min_digits}-{d.max_digits} digits, answers {d.answer_order})")
+    result = train(task, tc, run, config, resume=ckpt, restart=opened is not None)
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+def _note_extension(tc: TrainConfig) -> None:
+    if tc.max_steps and tc.lr_decay_steps and tc.max_steps > tc.lr_decay_steps:
+        print(f"note: the LR schedule ends at step {tc.lr_decay_steps}; steps after it run at the final LR "
+              f"({tc.min_lr_ratio:g} x --lr). Pass --lr-decay-steps to stretch it.")
 
 
 def _load(args: argparse.Namespace):
@@ -167,8 +280,66 @@ def multiply_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def runs_list(args: argparse.Namespace) -> int:
+    from trainlab.engine.tracking import Run, RunsIndex, scan_runs
+
+    index = RunsIndex(args.runs_dir)
+    rows = index.rows()
+    on_disk = {r.key for r in scan_runs(args.runs_dir)}
+    if on_disk != set(rows):  # a run folder without a row, or a row without a folder
+        rows = index.rebuild()
+    shown = [r for r in rows.values() if (not args.only_task or r["task"] == args.only_task)
+             and (args.tag is None or r.get("tag", "") == args.tag)]
+    if not shown:
+        print(f"no runs in {args.runs_dir}")
+        return 0
+    table = [("id", "task", "status", "step", "created", "tag", "settings")]
+    for r in sorted(shown, key=lambda r: r.get("created", "")):
+        run = Run(r["id"], r["task"], Path(args.runs_dir) / r["dir"])
+        steps = f"{r.get('step', 0)}/{r['max_steps']}" if r.get("max_steps") else str(r.get("step", 0))
+        table.append((r["id"], r["task"], run.effective_status(r), steps, r.get("created", "")[:19], r.get("tag", ""),
+                      r.get("summary", "")))
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) + "  " + str(row[-1]))
+    return 0
+
+
+def runs_clean(args: argparse.Namespace) -> int:
+    from trainlab.engine.tracking import clean_test_runs, parse_age
+
+    if not args.tests:
+        raise UsageError("runs clean: pass --tests; it only ever removes runs tagged 'test' "
+                         "(remove any other run by id with `trainlab runs rm ID`)")
+    age = parse_age(args.older_than) if args.older_than else None
+    removed = clean_test_runs(args.runs_dir, age, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for run in removed:
+        print(f"{verb} {run.key}")
+    print(f"{verb} {len(removed)} test run{'s' if len(removed) != 1 else ''}")
+    return 0
+
+
+def runs_rm(args: argparse.Namespace) -> int:
+    from trainlab.engine.tracking import find_run, inside, remove_runs
+
+    root = Path(args.runs_dir)
+    runs = []
+    for ref in args.ids:
+        run = find_run(root, None, ref)
+        if not inside(run.dir, root):
+            raise UsageError(f"refusing {ref!r}: it resolves to {run.dir.resolve()}, outside the runs folder {root}")
+        runs.append(run)
+    if not args.dry_run:
+        remove_runs(root, runs)
+    for run in runs:
+        print(f"{'would remove' if args.dry_run else 'removed'} {run.key}")
+    return 0
+
+
 COMMANDS = {("multiply", "train"): multiply_train, ("multiply", "ask"): multiply_ask,
-            ("multiply", "evaluate"): multiply_evaluate}
+            ("multiply", "evaluate"): multiply_evaluate, ("runs", "list"): runs_list, ("runs", "clean"): runs_clean,
+            ("runs", "rm"): runs_rm}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

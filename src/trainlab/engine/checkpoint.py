@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from trainlab.engine import faults
+
 log = logging.getLogger("trainlab")
 
 META = "meta.json"
@@ -60,7 +62,8 @@ def step_dirname(step: int) -> str:
 
 
 def save_checkpoint(
-    root: Path, step: int, tensors: dict[str, Any], texts: dict[str, str], task: str, keep: int = 3
+    root: Path, step: int, tensors: dict[str, Any], texts: dict[str, str], task: str, keep: int = 3,
+    extra_meta: dict[str, Any] | None = None,
 ) -> Path:
     """Write one checkpoint folder atomically and prune all but the newest ``keep``.
 
@@ -68,18 +71,19 @@ def save_checkpoint(
     tensors, numbers, strings, lists); ``texts`` maps relative names to file contents.
     """
     root.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(root)
     final = root / step_dirname(step)
     tmp = root / f".tmp-{step_dirname(step)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     sums: dict[str, str] = {}
     for name, obj in tensors.items():
         buf = io.BytesIO()
         torch.save(obj, buf)
         sums[name] = _write_bytes(tmp / name, buf.getvalue())
+        faults.kill_if("kill_in_save", step)
     for name, text in texts.items():
         sums[name] = _write_bytes(tmp / name, text.encode("utf-8"))
-    meta = {"format": FORMAT_VERSION, "task": task, "step": step, "saved_at": time.time(), "sha256": sums}
+    meta = {"format": FORMAT_VERSION, "task": task, "step": step, "saved_at": time.time(), **(extra_meta or {}),
+            "sha256": sums}
     _write_bytes(tmp / META, json.dumps(meta, indent=2).encode("utf-8"))
     for sub in {p.parent for p in tmp.rglob("*") if p.is_file()}:
         _fsync_dir(sub)
@@ -93,8 +97,24 @@ def save_checkpoint(
     _fsync_dir(root)
     if keep > 0:
         for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_dir(old)
     return final
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename out of the checkpoint namespace first (atomic), then delete: a crash
+    mid-delete never leaves a half-deleted folder that still looks like a checkpoint."""
+    doomed = path.with_name(f".del-{path.name}-{os.getpid()}")
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Temp folders of saves a crash interrupted. Only one process writes a run's
+    checkpoints (it holds the run's lock), so any leftover here is from a dead one."""
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith((".tmp-", ".old-", ".del-")):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -120,6 +140,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: unreadable {META} ({e.__class__.__name__})") from None
         if task is not None and self.meta.get("task") != task:
             raise CheckpointError(f"{self.path} belongs to task {self.meta.get('task')!r}, not {task!r}")
+        self._loaded: dict[str, Any] = {}
 
     def _read(self, name: str) -> bytes:
         if name not in self.sums:
@@ -145,7 +166,18 @@ class Checkpoint:
         except ValueError:
             raise CheckpointError(f"{self.path / name}: not valid JSON") from None
 
+    def load_all(self) -> None:
+        """Verify every file and load every ``*.pt`` now (kept for ``tensors``), so a
+        checkpoint that would fail half-way through a restore is refused up front."""
+        self.verify()
+        for name in self.sums:
+            if name.endswith(".pt"):
+                self._loaded[name] = self.tensors(name)
+
     def tensors(self, name: str, map_location: str | torch.device = "cpu") -> Any:
+        if name in self._loaded:
+            obj = self._loaded.pop(name)  # each file is restored once; don't hold two copies
+            return _to_device(obj, map_location)
         data = self._read(name)
         try:
             # weights_only: a checkpoint is untrusted input and must not run code
@@ -166,3 +198,40 @@ def latest_checkpoint(root: Path, task: str | None = None) -> Checkpoint | None:
             log.warning("skipping damaged checkpoint: %s", e)
             continue
     return None
+
+
+def _to_device(obj: Any, device: str | torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_device(v, device) for v in obj)
+    return obj
+
+
+def resume_checkpoint(root: Path, task: str, quarantine: bool = True) -> tuple[Checkpoint | None, list[str]]:
+    """The newest checkpoint under ``root`` that verifies and loads in full, and one
+    line per newer one that did not.
+
+    A damaged checkpoint newer than the one used is renamed ``damaged-step_...``: kept
+    for inspection, never overwritten by the resumed run's saves, never pruned."""
+    problems: list[str] = []
+    for path in reversed(list_checkpoints(root)):
+        try:
+            ckpt = Checkpoint(path, task)
+            ckpt.load_all()
+            return ckpt, problems
+        except CheckpointError as e:
+            line = str(e)
+            if quarantine:
+                aside = path.with_name(f"damaged-{path.name}-{int(time.time())}")
+                try:
+                    path.rename(aside)
+                    line += f" (moved aside to {aside.name})"
+                except OSError:
+                    pass
+            problems.append(line)
+    return None, problems

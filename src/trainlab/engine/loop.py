@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -26,6 +27,7 @@ import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from trainlab.config import ConfigError, non_negative, positive
+from trainlab.engine import faults
 from trainlab.engine.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from trainlab.engine.device import resolve_device, synchronize
 from trainlab.engine.monitor import StepTimer, format_duration
@@ -50,8 +52,10 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "clip gradient norm to this; 0 disables"})
     eval_every: int = field(default=500, metadata={"help": "evaluate every N steps (and at the end)"})
     save_every: int = field(default=1000, metadata={"help": "checkpoint every N steps (and at the end)"})
+    save_every_minutes: float | None = field(
+        default=None, metadata={"help": "also checkpoint when this many minutes passed since the last save"})
     log_every: int = field(default=10, metadata={"help": "log scalars every N steps"})
-    keep_checkpoints: int = field(default=3, metadata={"help": "newest checkpoints kept"})
+    keep_checkpoints: int = field(default=3, metadata={"help": "newest checkpoints kept (the best one is kept apart)"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and dropout"})
     device: str = field(default="auto", metadata={"help": "auto|cpu|cuda|mps"})
     runs_dir: str = field(default="runs", metadata={"help": "root folder of all runs"})
@@ -62,6 +66,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         positive("max_steps", self.max_steps, allow_none=True)
         positive("lr_decay_steps", self.lr_decay_steps, allow_none=True)
+        positive("save_every_minutes", self.save_every_minutes, allow_none=True)
+        if self.lr_decay_steps is None and self.max_steps is not None:
+            # fixed when the run starts and saved with it: a resume that extends
+            # --max-steps keeps the schedule it started with instead of jumping the LR
+            self.lr_decay_steps = self.max_steps
         for name in ("batch_size", "lr", "eval_every", "save_every", "log_every"):
             positive(name, getattr(self, name))
         for name in ("warmup_steps", "weight_decay", "grad_clip", "keep_checkpoints"):
@@ -71,6 +80,13 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}")
+
+
+# Settings a resumed run may change: how long to train, how often to log, save and
+# evaluate, and where. Everything else (model, data, optimizer, seed, batch) is the
+# run's identity and comes from the checkpoint.
+RESUMABLE_CHANGES = frozenset({"max_steps", "lr_decay_steps", "eval_every", "save_every", "save_every_minutes",
+                               "log_every", "keep_checkpoints", "device", "runs_dir", "progress"})
 
 
 @dataclass
@@ -85,6 +101,7 @@ class Task(Protocol):
     """What the loop needs from a task; see multiply/task.py for a full example."""
 
     name: str  # folder under runs_dir, and the task id stored in checkpoints
+    best_metric: tuple[str, str]  # (evaluation metric, "max"|"min"): picks the best checkpoint
 
     def build_models(self) -> dict[str, nn.Module]: ...
     def batch(self, step: int) -> dict[str, torch.Tensor]: ...
@@ -230,19 +247,63 @@ class _StopOnInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def save(run: Run, task: Task, members: list[Member], step: int, cfg: TrainConfig, config: dict[str, Any]) -> None:
-    tensors: dict[str, Any] = {"trainer.pt": {"step": step, "rng": rng_state(), "task": task.state_dict()}}
+@dataclass
+class LoopState:
+    """The loop's own bookkeeping that a resume must continue, saved in trainer.pt."""
+
+    step: int = 0
+    acc: dict[str, dict[str, float]] = field(default_factory=dict)  # sums since the last log step
+    acc_steps: int = 0
+    step_times: list[float] = field(default_factory=list)  # the ETA's window
+    best_score: float | None = None
+    best_step: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        acc = {m: {k: _scalar(v) for k, v in d.items()} for m, d in self.acc.items()}
+        return {"step": self.step, "acc": acc, "acc_steps": self.acc_steps, "step_times": list(self.step_times),
+                "best_score": self.best_score, "best_step": self.best_step}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "LoopState":
+        return cls(int(state["step"]), {m: dict(d) for m, d in state.get("acc", {}).items()},
+                   int(state.get("acc_steps", 0)), [float(t) for t in state.get("step_times", [])],
+                   state.get("best_score"), state.get("best_step"))
+
+
+def save(run: Run, task: Task, members: list[Member], state: LoopState, cfg: TrainConfig, config: dict[str, Any],
+         best: dict[str, Any] | None = None) -> None:
+    """One checkpoint of everything; ``best`` set: the best-so-far copy in checkpoints/best."""
+    trainer = {"step": state.step, "rng": rng_state(), "task": task.state_dict(), "loop": state.state_dict()}
+    tensors: dict[str, Any] = {"trainer.pt": trainer}
     texts = {"config.json": json.dumps(config, indent=2)}
     texts.update(task.checkpoint_texts())
     for m in members:
         tensors[f"{m.name}/model.pt"] = m.model.state_dict()
         tensors[f"{m.name}/train_state.pt"] = m.state_dict()
         texts.update({f"{m.name}/{k}": v for k, v in task.member_texts(m.name).items()})
-    save_checkpoint(run.checkpoints, step, tensors, texts, task=task.name, keep=cfg.keep_checkpoints)
+    if best is None:
+        save_checkpoint(run.checkpoints, state.step, tensors, texts, task=task.name, keep=cfg.keep_checkpoints)
+    else:
+        save_checkpoint(run.checkpoints / "best", state.step, tensors, texts, task=task.name, keep=1,
+                        extra_meta={"best": best})
 
 
-def restore(ckpt: Checkpoint, task: Task, members: list[Member], device: torch.device) -> int:
-    """Load every piece of state from ``ckpt``; returns the step to continue from."""
+def check_compatible(ckpt: Checkpoint, task: Task, member_names: list[str]) -> None:
+    """Refuse a checkpoint of another task, vocabulary or set of members, before anything is written."""
+    if ckpt.meta.get("task") != task.name:
+        raise CheckpointError(f"{ckpt.path} belongs to task {ckpt.meta.get('task')!r}, not {task.name!r}")
+    for name, text in task.checkpoint_texts().items():
+        if name.endswith(".json") and (name not in ckpt.sums or ckpt.json(name) != json.loads(text)):
+            raise CheckpointError(f"{ckpt.path}: its {name} differs from this task's (another vocabulary or "
+                                  f"format); refusing to continue from it")
+    names = {n.split("/")[0] for n in ckpt.sums if n.endswith("/model.pt")}
+    if names != set(member_names):
+        raise CheckpointError(f"{ckpt.path}: holds members {sorted(names)}, this task trains {sorted(member_names)}")
+
+
+def restore(ckpt: Checkpoint, task: Task, members: list[Member], device: torch.device) -> LoopState:
+    """Load every piece of state from ``ckpt``; returns the loop state to continue from."""
+    check_compatible(ckpt, task, [m.name for m in members])
     for m in members:
         try:
             m.model.load_state_dict(ckpt.tensors(f"{m.name}/model.pt", map_location=device))
@@ -252,46 +313,78 @@ def restore(ckpt: Checkpoint, task: Task, members: list[Member], device: torch.d
     trainer = ckpt.tensors("trainer.pt")
     task.load_state_dict(trainer["task"])
     set_rng_state(trainer["rng"])
-    return int(trainer["step"])
+    return LoopState.from_state_dict(trainer.get("loop", {"step": trainer["step"]}))
 
 
 def _scalar(x: torch.Tensor | float) -> float:
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
 
+def _better(score: float, best: float | None, mode: str) -> bool:
+    if math.isnan(score):
+        return False
+    return best is None or (score > best if mode == "max" else score < best)
+
+
 def train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume: Checkpoint | None = None,
-          echo=print) -> Summary:
-    """Train every member of ``task`` in lockstep; returns what the report needs."""
+          echo=print, restart: bool = False) -> Summary:
+    """Train every member of ``task`` in lockstep; returns what the report needs.
+
+    ``resume``: continue from this checkpoint exactly as if the run had never stopped.
+    ``restart``: the run folder has logs of an earlier attempt (resumed without a usable
+    checkpoint); they are purged from the step training starts at.
+    The run's status in run.json and the runs index follows: running, then finished,
+    interrupted (Ctrl+C) or failed (an exception, re-raised)."""
+    run.acquire()
+    try:
+        summary = _train(task, cfg, run, config, resume, echo, restart or resume is not None)
+    except KeyboardInterrupt:
+        run.update(status="interrupted")
+        raise
+    except BaseException:
+        run.update(status="failed")
+        raise
+    finally:
+        run.release()
+    task.report(run, summary)
+    return summary
+
+
+def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume: Checkpoint | None,
+           echo, purge: bool) -> Summary:
     from tqdm import tqdm
 
     device = resolve_device(cfg.device)
     models = task.build_models()  # the task seeds each member alike, so shared parts start equal
     members = [make_member(name, model.to(device), cfg) for name, model in models.items()]
     seed_everything(cfg.seed + 1)  # dropout and anything else random in training
-    step = restore(resume, task, members, device) if resume is not None else 0
-    start_step = step
-    if cfg.max_steps is not None and step >= cfg.max_steps:
-        echo(f"already at step {step} of --max-steps {cfg.max_steps}: nothing to train")
+    state = restore(resume, task, members, device) if resume is not None else LoopState()
+    start_step = state.step
+    if cfg.max_steps is not None and state.step >= cfg.max_steps:
+        echo(f"already at step {state.step} of --max-steps {cfg.max_steps}: nothing to train")
     for m in members:
         echo(f"{m.name}: {m.num_parameters:,} parameters")
 
-    writers = {m.name: run.writer(m.name, purge_step=step if step else None) for m in members}
-    run.update(status="running", device=str(device))
+    # everything logged at a checkpoint's step was written (and flushed) before the checkpoint,
+    # so a resume keeps the events up to that step and purges the ones after it
+    writers = {m.name: run.writer(m.name, purge_step=state.step + 1 if purge else None) for m in members}
+    run.update(status="running", device=str(device), step=state.step, max_steps=cfg.max_steps,
+               members=[m.name for m in members], config=config, pid=os.getpid())
     timer = StepTimer()
-    acc: dict[str, dict[str, torch.Tensor]] = {}
-    acc_steps = 0
+    for t in state.step_times:
+        timer.add(t)
     interval = {m.name: (m.train_seconds, m.examples) for m in members}
-    last_eval = last_save = step
-    t_start = time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, dynamic_ncols=True,
+    metric, mode = task.best_metric
+    last_eval = last_save = state.step
+    t_start = t_saved = time.perf_counter()
+    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not cfg.progress, dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]" if cfg.max_steps else None)
 
     def log_scalars() -> None:
-        nonlocal acc, acc_steps
-        post = {}
+        step, post = state.step, {}
         for m in members:
             w = writers[m.name]
-            values = {k: _scalar(v) / acc_steps for k, v in acc.get(m.name, {}).items()}
+            values = {k: _scalar(v) / state.acc_steps for k, v in state.acc.get(m.name, {}).items()}
             for k, v in values.items():
                 w.add_scalar(f"train/{k}", v, step)
             w.add_scalar("train/lr", m.scheduler.get_last_lr()[0], step)
@@ -309,25 +402,44 @@ def train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume
         post["eta"] = format_duration(timer.eta(remaining)) if remaining is not None else (
             f"{1 / sps:.1f} it/s" if sps else "?")
         bar.set_postfix(post, refresh=False)
-        acc, acc_steps = {}, 0
+        state.acc, state.acc_steps = {}, 0
 
     def evaluate_all() -> None:
-        parts = []
+        nonlocal last_eval
+        rng = rng_state()  # evaluation must not move the training RNG, or a resume would differ
+        parts, scores = [], []
         for m in members:
             m.model.eval()
-            ev = task.evaluate(m.name, m.model, step)
-            m.evals.append({"step": step, **ev.metrics})
+            ev = task.evaluate(m.name, m.model, state.step)
+            m.evals.append({"step": state.step, **ev.metrics})
             for k, v in ev.metrics.items():
-                writers[m.name].add_scalar(f"val/{k}", v, step)
+                writers[m.name].add_scalar(f"val/{k}", v, state.step)
             if ev.lines:
-                writers[m.name].add_text("val/mistakes", "\n\n".join(ev.lines), step)
+                writers[m.name].add_text("val/mistakes", "\n\n".join(ev.lines), state.step)
             shown = ", ".join(f"{k} {v:.4g}" for k, v in list(ev.metrics.items())[:3])
             parts.append(f"{m.name}: {shown}" + "".join(f"\n    {line}" for line in ev.lines[:3]))
-        bar.write(f"[step {step}] " + "\n           ".join(parts))
+            scores.append(float(ev.metrics.get(metric, float("nan"))))
+        set_rng_state(rng)
+        bar.write(f"[step {state.step}] " + "\n           ".join(parts))
+        last_eval = state.step
+        score = sum(scores) / len(scores)
+        if _better(score, state.best_score, mode):
+            state.best_score, state.best_step = score, state.step
+            save(run, task, members, state, cfg, config, best={"metric": metric, "mode": mode, "value": score})
+
+    def checkpoint() -> None:
+        nonlocal last_save, t_saved
+        state.step_times = list(timer.times)
+        for w in writers.values():
+            w.flush()  # the events up to this step reach the disk before the checkpoint does
+        save(run, task, members, state, cfg, config)
+        last_save, t_saved = state.step, time.perf_counter()
+        run.update(step=state.step)
 
     with _StopOnInterrupt() as stop:
-        while (cfg.max_steps is None or step < cfg.max_steps) and not stop.requested:
+        while (cfg.max_steps is None or state.step < cfg.max_steps) and not stop.requested:
             t0 = time.perf_counter()
+            step = state.step
             batch = {k: v.to(device, non_blocking=True) for k, v in task.batch(step).items()}
             n_examples = int(next(iter(batch.values())).shape[0])
             for m in members:
@@ -342,37 +454,40 @@ def train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume
                 m.scheduler.step()
                 m.step += 1
                 m.examples += n_examples
-                slot = acc.setdefault(m.name, {})
+                slot = state.acc.setdefault(m.name, {})
                 for k, v in {"loss": loss.detach(), **stats}.items():
                     slot[k] = slot[k] + v if k in slot else v
                 synchronize(device)
                 m.train_seconds += time.perf_counter() - t_m
-            step += 1
-            acc_steps += 1
+            state.step += 1
+            state.acc_steps += 1
             timer.add(time.perf_counter() - t0)
             bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if faults.fires("interrupt", state.step):
+                stop.requested = True
+            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
                 log_scalars()
-            if step % cfg.eval_every == 0:
+            if state.step % cfg.eval_every == 0:
                 evaluate_all()
-                last_eval = step
-            if step % cfg.save_every == 0:
-                save(run, task, members, step, cfg, config)
-                last_save = step
+            if state.step % cfg.save_every == 0 or (
+                    cfg.save_every_minutes is not None and time.perf_counter() - t_saved >= 60 * cfg.save_every_minutes):
+                checkpoint()
+            faults.kill_if("kill", state.step)
     bar.close()
-    if acc_steps:
+    # an interrupted run keeps its partial log sums in the checkpoint, so a resume logs
+    # exactly what an unbroken run would have; they are flushed only at the very end
+    if state.acc_steps and not stop.requested:
         log_scalars()
-    if step > start_step and last_eval != step:
+    if state.step > start_step and last_eval != state.step:
         evaluate_all()
-    if last_save != step or resume is None and step == 0:
-        save(run, task, members, step, cfg, config)
+    if last_save != state.step or (resume is None and state.step == 0):
+        checkpoint()
     for w in writers.values():
         w.close()
     interrupted = stop.requested
     wall = time.perf_counter() - t_start
-    run.update(status="interrupted" if interrupted else "finished", step=step)
+    run.update(status="interrupted" if interrupted else "finished", step=state.step)
     if interrupted:
-        echo(f"interrupted at step {step}; checkpoint saved in {run.checkpoints}")
-    summary = Summary(run, members, step, wall, interrupted, config)
-    task.report(run, summary)
-    return summary
+        echo(f"interrupted at step {state.step}; checkpoint saved in {run.checkpoints}; "
+             f"continue with --resume {run.id}")
+    return Summary(run, members, state.step, wall, interrupted, config)

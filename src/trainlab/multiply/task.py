@@ -32,6 +32,8 @@ from trainlab.multiply.models import MODEL_KINDS, Seq2SeqConfig, SimpleTransform
 
 TASK_NAME = "parallel_comparison"
 TF_SCHEDULES = ("none", "linear", "exp", "cosine")
+# settings a resumed run may change (evaluation never touches the training trajectory)
+RESUMABLE_TASK_CHANGES = frozenset({"eval_samples", "eval_batch_size"})
 
 
 @dataclass
@@ -150,6 +152,7 @@ class MultiplyTask:
     """See the module docstring; the engine's Task protocol, implemented."""
 
     name = TASK_NAME
+    best_metric = ("exact_match", "max")  # mean over members of val exact-match
 
     def __init__(self, data: MultiplyDataConfig, model: Seq2SeqConfig, loss: LossConfig, tf: TeacherForcingConfig,
                  task: MultiplyTaskConfig, train: TrainConfig) -> None:

@@ -1,0 +1,277 @@
+"""Stop a run any way you like, continue it, and get the run that never stopped."""
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainlab.cli import main
+from trainlab.engine.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, list_checkpoints
+from trainlab.engine.loop import restore, train, make_member
+from trainlab.engine.tracking import Run, new_run
+from conftest import tiny_train_config
+from helpers import TINY, assert_same_tensors, cli_train, final_state, run_dir, tb_scalars, tiny_multiply
+
+ROOT = Path(__file__).resolve().parents[1]
+# dropout, scheduled sampling, a warmup and a log interval that interruptions fall inside of
+FLAGS = ["--max-digits", "2", "--dropout", "0.1", "--tf-schedule", "linear", "--tf-floor", "0.3",
+         "--tf-decay-steps", "8", "--warmup-steps", "3", "--log-every", "3", "--eval-every", "4", "--save-every", "5"]
+TAGS = ["train/loss", "train/seq_accuracy", "train/lr", "train/teacher_forcing_prob", "val/exact_match"]
+
+
+def same_training(runs, a, b):
+    """Weights, optimizer and scheduler state and loss history identical (wall times aside)."""
+    step_a, state_a = final_state(runs, a)
+    step_b, state_b = final_state(runs, b)
+    assert step_a == step_b
+    for name in state_a:
+        x, y = state_a[name], state_b[name]
+        if name.endswith("train_state.pt"):
+            x = {k: v for k, v in x.items() if k in ("optimizer", "scheduler", "step", "examples", "losses")}
+            y = {k: v for k, v in y.items() if k in ("optimizer", "scheduler", "step", "examples", "losses")}
+        assert_same_tensors(x, y, name)
+
+
+def same_curves(runs, a, b, tags=TAGS):
+    """Every point of ``a``'s curves is in ``b``'s, steps strictly increasing. Training curves
+    must match exactly; ``b`` may add a val point where it was stopped (Ctrl+C evaluates)."""
+    for member in ("simple", "latent"):
+        for tag in tags:
+            ca, cb = tb_scalars(run_dir(runs, a) / member, tag), tb_scalars(run_dir(runs, b) / member, tag)
+            steps = [s for s, _ in cb]
+            assert steps == sorted(set(steps)), f"{member} {tag}: steps not strictly increasing: {steps}"
+            if tag.startswith("val/"):
+                assert set(ca) <= set(cb) and len(cb) - len(ca) <= 1, (member, tag, ca, cb)
+            else:
+                assert ca == cb, (member, tag)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    from conftest import register_runs_dir
+
+    runs = register_runs_dir(tmp_path_factory.mktemp("runs"))
+    assert cli_train(runs, *FLAGS, "--max-steps", "14", "--run-name", "straight") == 0
+    return runs
+
+
+def copy_straight(straight, runs):
+    shutil.copytree(run_dir(straight, "straight"), run_dir(runs, "straight"))
+
+
+def test_interrupt_then_resume_is_bit_identical_to_an_unbroken_run(straight, runs_dir, monkeypatch, capsys):
+    copy_straight(straight, runs_dir)
+    monkeypatch.setenv("TRAINLAB_FAULTS", "interrupt=7")  # between log steps 6 and 9, between saves 5 and 10
+    assert cli_train(runs_dir, *FLAGS, "--max-steps", "14", "--run-name", "halves") == 130
+    assert latest_checkpoint(run_dir(runs_dir, "halves") / "checkpoints").step == 7
+    monkeypatch.delenv("TRAINLAB_FAULTS")
+    assert cli_train(runs_dir, "--resume", "halves") == 0  # no --max-steps: the run's own 14
+    assert "resuming run halves from step 7" in capsys.readouterr().out
+    same_training(runs_dir, "straight", "halves")
+    same_curves(runs_dir, "straight", "halves")
+    assert json.loads((run_dir(runs_dir, "halves") / "run.json").read_text())["status"] == "finished"
+
+
+def test_killed_anywhere_even_mid_save_resumes_to_the_same_weights_and_curves(straight, runs_dir):
+    """Real SIGKILLs in subprocesses: after step 9 (last checkpoint 5, curves logged to 9),
+    then in the middle of writing checkpoint 10; each time the run is continued."""
+    copy_straight(straight, runs_dir)
+    cmd = [sys.executable, "-m", "trainlab", "multiply", "train", "--runs-dir", str(runs_dir), *TINY, *FLAGS,
+           "--max-steps", "14"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    first = subprocess.run([*cmd, "--run-name", "k"], env={**env, "TRAINLAB_FAULTS": "kill=9"}, capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == -9, first.stderr
+    ckpts = run_dir(runs_dir, "k") / "checkpoints"
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_0000005"]
+    assert Run("k", "parallel_comparison", run_dir(runs_dir, "k")).effective_status() == "failed"
+    second = subprocess.run([*cmd, "--resume", "k"], env={**env, "TRAINLAB_FAULTS": "kill_in_save=10"},
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == -9, second.stderr
+    assert [p.name for p in ckpts.iterdir() if p.name.startswith(".tmp-")]  # the save really was cut short
+    assert latest_checkpoint(ckpts).step == 5
+    assert cli_train(runs_dir, "--resume", "k") == 0
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]  # leftovers cleaned
+    same_training(runs_dir, "straight", "k")
+    same_curves(runs_dir, "straight", "k")
+
+
+def test_resume_without_any_checkpoint_starts_the_run_over(straight, runs_dir, capsys):
+    copy_straight(straight, runs_dir)
+    assert cli_train(runs_dir, *FLAGS, "--max-steps", "14", "--run-name", "lost") == 0
+    shutil.rmtree(run_dir(runs_dir, "lost") / "checkpoints")
+    assert cli_train(runs_dir, "--resume", "lost") == 0
+    assert "starting it over from step 0" in capsys.readouterr().out
+    same_training(runs_dir, "straight", "lost")
+    same_curves(runs_dir, "straight", "lost")  # the first attempt's events are purged, not doubled
+
+
+def test_a_conflicting_dimension_is_named_and_the_checkpoint_wins(runs_dir, capsys):
+    assert cli_train(runs_dir, "--max-digits", "1", "--max-steps", "2", "--run-name", "dims") == 0
+    capsys.readouterr()
+    assert cli_train(runs_dir, "--resume", "dims", "--d-model", "64", "--max-steps", "3") == 0
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "--d-model" in x]
+    assert "64" in line and "32" in line and "ignored" in line
+    ck = latest_checkpoint(run_dir(runs_dir, "dims") / "checkpoints")
+    assert ck.step == 3 and ck.json("simple/model_config.json")["d_model"] == 32
+
+
+def test_max_steps_holds_across_resumes_and_can_be_extended(runs_dir, monkeypatch, capsys):
+    monkeypatch.setenv("TRAINLAB_FAULTS", "interrupt=13")
+    assert cli_train(runs_dir, "--max-digits", "1", "--max-steps", "20", "--run-name", "ms", "--log-every", "1",
+                     "--warmup-steps", "2") == 130
+    monkeypatch.delenv("TRAINLAB_FAULTS")
+    assert cli_train(runs_dir, "--resume", "ms") == 0
+    ckpts = run_dir(runs_dir, "ms") / "checkpoints"
+    assert latest_checkpoint(ckpts).step == 20
+    assert latest_checkpoint(ckpts).tensors("simple/train_state.pt")["step"] == 20
+    assert cli_train(runs_dir, "--resume", "ms", "--max-steps", "26") == 0
+    ck = latest_checkpoint(ckpts)
+    assert ck.step == 26 and ck.tensors("latent/train_state.pt")["optimizer"]["state"][0]["step"].item() == 26
+    # the schedule was fixed when the run started: extra steps run at the final LR, no jump
+    lrs = dict(tb_scalars(run_dir(runs_dir, "ms") / "simple", "train/lr"))
+    assert all(lrs[s] == pytest.approx(lrs[20]) for s in range(21, 27))
+    assert lrs[20] == pytest.approx(1e-3 * 0.1)
+    capsys.readouterr()
+    assert cli_train(runs_dir, "--resume", "ms", "--max-steps", "10") == 0
+    assert "already at step 26" in capsys.readouterr().out
+    assert latest_checkpoint(ckpts).step == 26
+
+
+def test_resume_auto_picks_the_newest_unfinished_run_with_the_same_tag(runs_dir, monkeypatch, capsys):
+    monkeypatch.setenv("TRAINLAB_FAULTS", "interrupt=2")
+    assert cli_train(runs_dir, "--max-digits", "1", "--max-steps", "4", "--run-name", "older") == 130
+    assert cli_train(runs_dir, "--max-digits", "1", "--max-steps", "4", "--run-name", "newer") == 130
+    monkeypatch.delenv("TRAINLAB_FAULTS")
+    assert cli_train(runs_dir, "--max-digits", "1", "--max-steps", "4", "--run-name", "done") == 0
+    capsys.readouterr()
+    assert cli_train(runs_dir, "--resume", "auto") == 0
+    assert "resuming run newer from step 2" in capsys.readouterr().out
+    assert cli_train(runs_dir, "--resume", "auto") == 0
+    assert "resuming run older from step 2" in capsys.readouterr().out
+    assert cli_train(runs_dir, "--resume", "auto", "--max-steps", "1") == 0  # nothing left: a new run
+    assert "starting a new run" in capsys.readouterr().out
+    assert len(list((runs_dir / "parallel_comparison").iterdir())) == 4
+
+
+def one_line(capsys, argv):
+    code = main(argv)
+    return code, capsys.readouterr().err.strip()
+
+
+def test_resume_errors_are_one_line_and_write_nothing(runs_dir, capsys):
+    code, err = one_line(capsys, ["multiply", "train", "--runs-dir", str(runs_dir), "--resume", "ghost"])
+    assert code == 2 and len(err.splitlines()) == 1 and "no run 'ghost'" in err
+    assert not runs_dir.exists()
+    assert cli_train(runs_dir, "--max-digits", "1", "--max-steps", "2", "--run-name", "busy") == 0
+    holder = Run("busy", "parallel_comparison", run_dir(runs_dir, "busy"))
+    holder.acquire()  # as if another process were training it
+    before = sorted(p.name for p in (run_dir(runs_dir, "busy") / "checkpoints").iterdir())
+    try:
+        code, err = one_line(capsys, ["multiply", "train", "--runs-dir", str(runs_dir), "--resume", "busy"])
+    finally:
+        holder.release()
+    assert code == 2 and "in use" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in (run_dir(runs_dir, "busy") / "checkpoints").iterdir()) == before
+
+
+class Exploit:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.makedirs, (self.target,))
+
+
+def forge(ck: Path, name: str, data: bytes) -> None:
+    """Replace a file and its checksum, as an attacker (or a buggy tool) would."""
+    (ck / name).write_bytes(data)
+    meta = json.loads((ck / "meta.json").read_text())
+    meta["sha256"][name] = hashlib.sha256(data).hexdigest()
+    (ck / "meta.json").write_text(json.dumps(meta))
+
+
+def corrupt(ck: Path, kind: str, tmp_path: Path) -> None:
+    f = ck / "simple" / "model.pt"
+    data = f.read_bytes()
+    if kind == "truncated":
+        f.write_bytes(data[: len(data) // 3])
+    elif kind == "bit-flipped":
+        f.write_bytes(data[:500] + bytes([data[500] ^ 0x10]) + data[501:])
+    elif kind == "wrong task":
+        meta = json.loads((ck / "meta.json").read_text())
+        meta["task"] = "chat"
+        (ck / "meta.json").write_text(json.dumps(meta))
+    elif kind == "malicious pickle":
+        buf = io.BytesIO()
+        torch.save({"w": Exploit(str(tmp_path / "pwned"))}, buf)
+        forge(ck, "simple/model.pt", buf.getvalue())
+
+
+@pytest.mark.parametrize("kind", ["truncated", "bit-flipped", "wrong task", "malicious pickle"])
+def test_a_damaged_newest_checkpoint_is_reported_kept_and_the_previous_one_used(runs_dir, tmp_path, capsys, kind):
+    common = ["--max-digits", "1", "--save-every", "2", "--lr-decay-steps", "6", "--keep-checkpoints", "5"]
+    assert cli_train(runs_dir, *common, "--max-steps", "8", "--run-name", "ref") == 0
+    assert cli_train(runs_dir, *common, "--max-steps", "6", "--run-name", "c") == 0
+    ckpts = run_dir(runs_dir, "c") / "checkpoints"
+    corrupt(ckpts / "step_0000006", kind, tmp_path)
+    damaged = {p.relative_to(ckpts / "step_0000006"): p.read_bytes() for p in (ckpts / "step_0000006").rglob("*")
+               if p.is_file()}
+    capsys.readouterr()
+    assert cli_train(runs_dir, "--resume", "c", "--max-steps", "8") == 0
+    out, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if "step_0000006" in line]
+    assert len(warnings) == 1, err
+    assert "resuming run c from step 4" in out
+    (aside,) = [p for p in ckpts.iterdir() if p.name.startswith("damaged-step_0000006")]
+    assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == damaged
+    assert not (tmp_path / "pwned").exists()
+    same_training(runs_dir, "ref", "c")
+
+
+def test_a_checkpoint_with_another_vocabulary_is_refused(runs_dir):
+    cfg = tiny_train_config(runs_dir, max_steps=2)
+    task, config = tiny_multiply(cfg)
+    run = new_run(cfg.runs_dir, task.name, "v", "test", config)
+    train(task, cfg, run, config, echo=lambda *a: None)
+    ck_path = latest_checkpoint(run.checkpoints).path
+    vocab = json.loads((ck_path / "vocab.json").read_text())
+    vocab["tokens"][4], vocab["tokens"][5] = vocab["tokens"][5], vocab["tokens"][4]
+    forge(ck_path, "vocab.json", json.dumps(vocab).encode())
+    members = [make_member(n, m, cfg) for n, m in task.build_models().items()]
+    with pytest.raises(CheckpointError, match="vocab.json differs"):
+        restore(Checkpoint(ck_path, task.name), task, members, torch.device("cpu"))
+
+
+def test_save_every_minutes_saves_on_wall_clock_time(runs_dir):
+    cfg = tiny_train_config(runs_dir, max_steps=4, save_every=1000, save_every_minutes=1e-9, keep_checkpoints=10)
+    task, config = tiny_multiply(cfg)
+    run = new_run(cfg.runs_dir, task.name, "", "test", config)
+    train(task, cfg, run, config, echo=lambda *a: None)
+    assert [latest_checkpoint(p.parent).step for p in list_checkpoints(run.checkpoints)[-1:]] == [4]
+    assert [p.name for p in list_checkpoints(run.checkpoints)] == [f"step_000000{i}" for i in (1, 2, 3, 4)]
+
+
+def test_the_best_checkpoint_is_kept_apart_from_the_newest_k(runs_dir):
+    cfg = tiny_train_config(runs_dir, max_steps=10, eval_every=2, save_every=1, keep_checkpoints=1, lr=3e-3)
+    task, config = tiny_multiply(cfg)
+    run = new_run(cfg.runs_dir, task.name, "", "test", config)
+    summary = train(task, cfg, run, config, echo=lambda *a: None)
+    assert [p.name for p in list_checkpoints(run.checkpoints)] == ["step_0000010"]
+    scores = {}
+    for a, b in zip(summary.members[0].evals, summary.members[1].evals):
+        scores.setdefault(a["step"], (a["exact_match"] + b["exact_match"]) / 2)
+    best_step = max(scores, key=lambda s: (scores[s], -s))  # the first step reaching the top score
+    (best,) = list_checkpoints(run.checkpoints / "best")
+    ck = Checkpoint(best, task.name)
+    ck.verify()
+    assert ck.step == best_step and ck.meta["best"]["value"] == pytest.approx(scores[best_step])
+    assert ck.meta["best"]["metric"] == "exact_match" and ck.tensors("simple/model.pt")
