@@ -275,3 +275,14 @@ def test_the_best_checkpoint_is_kept_apart_from_the_newest_k(runs_dir):
     ck.verify()
     assert ck.step == best_step and ck.meta["best"]["value"] == pytest.approx(scores[best_step])
     assert ck.meta["best"]["metric"] == "exact_match" and ck.tensors("simple/model.pt")
+
+
+def test_a_bad_flag_on_resume_changes_nothing_on_disk(runs_dir, capsys):
+    assert cli_train(runs_dir, "--max-digits", "1", "--max-steps", "4", "--save-every", "2", "--run-name", "b") == 0
+    ckpts = run_dir(runs_dir, "b") / "checkpoints"
+    (ckpts / "step_0000004" / "trainer.pt").write_bytes(b"torn")
+    before = sorted(str(p.relative_to(runs_dir)) for p in runs_dir.rglob("*"))
+    code, err = one_line(capsys, ["multiply", "train", "--runs-dir", str(runs_dir), "--resume", "b",
+                                  "--max-steps", "-3"])
+    assert code == 2 and "--max-steps" in err and len(err.splitlines()) == 1
+    assert sorted(str(p.relative_to(runs_dir)) for p in runs_dir.rglob("*")) == before

@@ -141,7 +141,8 @@ def resume_settings(run_values: dict[str, Any], given: dict[str, Any], free: fro
             values[key] = new
             print(f"{flag_name(key)}: {old} -> {new} from here on")
         else:
-            warn(f"warning: {flag_name(key)} {new} ignored: run {run_id} was made with {old}, "
+            shown = repr(old) if isinstance(old, str) else old
+            warn(f"warning: {flag_name(key)} {new} ignored: run {run_id} was made with {shown}, "
                  f"and a resumed run keeps its own")
     return values
 
@@ -152,8 +153,9 @@ def flat(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def open_for_resume(ref: str, task: str, runs_dir: str, tag: str):
-    """(run, checkpoint or None, the run's saved config), or None for --resume auto with
-    nothing to resume. The run is locked on return."""
+    """(run, checkpoint or None, the run's saved config, damaged newer checkpoints), or None
+    for --resume auto with nothing to resume. The run is locked on return; nothing is
+    changed on disk yet."""
     from trainlab.engine.checkpoint import resume_checkpoint
     from trainlab.engine.tracking import find_run, scan_runs
 
@@ -168,9 +170,7 @@ def open_for_resume(ref: str, task: str, runs_dir: str, tag: str):
         run = find_run(runs_dir, task, ref)
     run.acquire()
     try:
-        ckpt, problems = resume_checkpoint(run.checkpoints, task)
-        for line in problems:
-            sys.stderr.write(f"warning: {line}\n")
+        ckpt, damaged = resume_checkpoint(run.checkpoints, task)
         if ckpt is not None:
             config = ckpt.json("config.json")
         else:
@@ -181,8 +181,16 @@ def open_for_resume(ref: str, task: str, runs_dir: str, tag: str):
     except BaseException:
         run.release()
         raise
+    return run, ckpt, config, damaged
+
+
+def begin_resume(run, ckpt, damaged) -> None:
+    """Once every setting is checked: report and move aside damaged checkpoints, say where we start."""
+    from trainlab.engine.checkpoint import move_aside
+
+    for path, reason in damaged:
+        sys.stderr.write(f"warning: {reason} (moved aside to {move_aside(path).name})\n")
     print(f"resuming run {run.id} from step {ckpt.step if ckpt else 0}: {run.dir}")
-    return run, ckpt, config
 
 
 def multiply_train(args: argparse.Namespace) -> int:
@@ -197,7 +205,7 @@ def multiply_train(args: argparse.Namespace) -> int:
     if args.resume:
         opened = open_for_resume(args.resume, TASK_NAME, values.get("runs_dir", "runs"), values.get("tag", ""))
     if opened is not None:
-        run, ckpt, saved = opened
+        run, ckpt, saved, damaged = opened
         values = resume_settings(flat(saved), values, RESUMABLE_CHANGES | RESUMABLE_TASK_CHANGES, run.id)
     try:
         cfgs = {name: build(cls, values) for name, cls in sections}
@@ -221,6 +229,8 @@ def multiply_train(args: argparse.Namespace) -> int:
         run = new_run(tc.runs_dir, task.name, tc.run_name, tc.tag, config, summary=summary)
         ckpt = None
         print(f"run {run.id}: {run.dir}")
+    else:
+        begin_resume(run, ckpt, damaged)
     _note_extension(tc)
     print(f"problems: {counts['train']:,} train, {counts['val']:,} val, {counts['test']:,} test "
           f"({d.min_digits}-{d.max_digits} digits, answers {d.answer_order})")

@@ -212,26 +212,23 @@ def _to_device(obj: Any, device: str | torch.device) -> Any:
     return obj
 
 
-def resume_checkpoint(root: Path, task: str, quarantine: bool = True) -> tuple[Checkpoint | None, list[str]]:
-    """The newest checkpoint under ``root`` that verifies and loads in full, and one
-    line per newer one that did not.
-
-    A damaged checkpoint newer than the one used is renamed ``damaged-step_...``: kept
-    for inspection, never overwritten by the resumed run's saves, never pruned."""
-    problems: list[str] = []
+def resume_checkpoint(root: Path, task: str) -> tuple[Checkpoint | None, list[tuple[Path, str]]]:
+    """The newest checkpoint under ``root`` that verifies and loads in full, and
+    (folder, reason) for each newer one that did not."""
+    damaged: list[tuple[Path, str]] = []
     for path in reversed(list_checkpoints(root)):
         try:
             ckpt = Checkpoint(path, task)
             ckpt.load_all()
-            return ckpt, problems
+            return ckpt, damaged
         except CheckpointError as e:
-            line = str(e)
-            if quarantine:
-                aside = path.with_name(f"damaged-{path.name}-{int(time.time())}")
-                try:
-                    path.rename(aside)
-                    line += f" (moved aside to {aside.name})"
-                except OSError:
-                    pass
-            problems.append(line)
-    return None, problems
+            damaged.append((path, str(e)))
+    return None, damaged
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint ``damaged-step_...``: kept for inspection, never
+    overwritten by a resumed run's saves, never pruned, never picked again."""
+    aside = path.with_name(f"damaged-{path.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.rename(aside)
+    return aside
