@@ -17,8 +17,6 @@ checkpoint and end where the undamaged run ended.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import os
 import random
@@ -36,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from trainlab.engine.checkpoint import latest_checkpoint  # noqa: E402
+from trainlab.engine.faults import DAMAGE_KINDS, damage_checkpoint  # noqa: E402
 
 TASK = "parallel_comparison"
 FLAGS = ["--max-digits", "2", "--d-model", "64", "--num-layers", "2", "--num-latent", "4", "--batch-size", "32",
@@ -164,34 +163,6 @@ def kill_trials(work: Path, trials: int, steps: int, rng: random.Random) -> bool
     return ok == same_n == curve_n == trials
 
 
-class Exploit:
-    def __init__(self, target: str) -> None:
-        self.target = target
-
-    def __reduce__(self):
-        return (os.makedirs, (self.target,))
-
-
-def damage(ck: Path, kind: str, target: Path) -> None:
-    f = ck / "simple" / "model.pt"
-    data = f.read_bytes()
-    if kind == "truncated":
-        f.write_bytes(data[: len(data) // 2])
-    elif kind == "bit-flipped":
-        f.write_bytes(data[:800] + bytes([data[800] ^ 0x01]) + data[801:])
-    elif kind == "wrong task":
-        meta = json.loads((ck / "meta.json").read_text())
-        meta["task"] = "chat"
-        (ck / "meta.json").write_text(json.dumps(meta))
-    elif kind == "malicious pickle":
-        buf = io.BytesIO()
-        torch.save({"w": Exploit(str(target))}, buf)
-        f.write_bytes(buf.getvalue())
-        meta = json.loads((ck / "meta.json").read_text())
-        meta["sha256"]["simple/model.pt"] = hashlib.sha256(buf.getvalue()).hexdigest()
-        (ck / "meta.json").write_text(json.dumps(meta))
-
-
 def corruption_trials(work: Path) -> bool:
     runs = work / "damage"
     subprocess.run(command(runs, "--max-steps", "20", "--save-every", "5", "--keep-checkpoints", "5",
@@ -200,7 +171,7 @@ def corruption_trials(work: Path) -> bool:
     print(f"\n{'damage':>17} {'exit':>4} {'warning lines':>13} {'resumed from':>12} {'kept aside':>10} "
           f"{'code ran':>8} {'same end':>8}")
     all_ok = True
-    for kind in ("truncated", "bit-flipped", "wrong task", "malicious pickle"):
+    for kind in DAMAGE_KINDS:
         name = kind.replace(" ", "-")
         shutil.copytree(runs / TASK / "base", runs / TASK / name)
         info = json.loads((runs / TASK / name / "run.json").read_text())
@@ -208,7 +179,7 @@ def corruption_trials(work: Path) -> bool:
         (runs / TASK / name / "run.json").write_text(json.dumps(info))
         ckpts = runs / TASK / name / "checkpoints"
         target = work / f"pwned-{name}"
-        damage(ckpts / "step_0000020", kind, target)
+        damage_checkpoint(ckpts / "step_0000020", kind, target)
         before = {p.relative_to(ckpts / "step_0000020"): p.read_bytes()
                   for p in (ckpts / "step_0000020").rglob("*") if p.is_file()}
         out = subprocess.run(command(runs, "--resume", name), env=env(), capture_output=True, text=True)

@@ -71,3 +71,30 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="refused"):
         Checkpoint(p, "toy").tensors("w.pt")
     assert not os.path.exists(target)
+
+
+def test_resume_checkpoint_skips_what_does_not_load_and_names_it(tmp_path):
+    from trainlab.engine.checkpoint import move_aside, resume_checkpoint
+
+    save(tmp_path, 1, value=1.0)
+    save(tmp_path, 2, value=2.0)
+    p3 = save(tmp_path, 3, value=3.0)
+    (p3 / "w.pt").write_bytes(b"torn")
+    ck, damaged = resume_checkpoint(tmp_path, "toy")
+    assert ck.step == 2 and torch.equal(ck.tensors("w.pt")["w"], torch.full((3,), 2.0))
+    assert [(p.name, "checksum" in why) for p, why in damaged] == [("step_0000003", True)]
+    aside = move_aside(p3)
+    assert aside.name.startswith("damaged-step_0000003") and (aside / "w.pt").read_bytes() == b"torn"
+    save(tmp_path, 3, value=3.0, keep=1)  # a resumed run saving step 3 again, keeping one
+    assert (aside / "w.pt").read_bytes() == b"torn"  # neither overwritten nor pruned
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000003"]
+
+
+def test_a_save_cleans_up_what_a_killed_save_left(tmp_path):
+    save(tmp_path, 1)
+    (tmp_path / ".tmp-step_0000002-999").mkdir()
+    (tmp_path / ".tmp-step_0000002-999" / "w.pt").write_bytes(b"half")
+    (tmp_path / ".del-step_0000000-999").mkdir()
+    assert latest_checkpoint(tmp_path, "toy").step == 1  # leftovers are never mistaken for checkpoints
+    save(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000001", "step_0000002"]

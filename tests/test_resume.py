@@ -1,7 +1,6 @@
 """Stop a run any way you like, continue it, and get the run that never stopped."""
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from trainlab.cli import main
+from trainlab.engine.faults import DAMAGE_KINDS, damage_checkpoint
 from trainlab.engine.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, list_checkpoints
 from trainlab.engine.loop import restore, train, make_member
 from trainlab.engine.tracking import Run, new_run
@@ -183,14 +183,6 @@ def test_resume_errors_are_one_line_and_write_nothing(runs_dir, capsys):
     assert sorted(p.name for p in (run_dir(runs_dir, "busy") / "checkpoints").iterdir()) == before
 
 
-class Exploit:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (os.makedirs, (self.target,))
-
-
 def forge(ck: Path, name: str, data: bytes) -> None:
     """Replace a file and its checksum, as an attacker (or a buggy tool) would."""
     (ck / name).write_bytes(data)
@@ -199,30 +191,13 @@ def forge(ck: Path, name: str, data: bytes) -> None:
     (ck / "meta.json").write_text(json.dumps(meta))
 
 
-def corrupt(ck: Path, kind: str, tmp_path: Path) -> None:
-    f = ck / "simple" / "model.pt"
-    data = f.read_bytes()
-    if kind == "truncated":
-        f.write_bytes(data[: len(data) // 3])
-    elif kind == "bit-flipped":
-        f.write_bytes(data[:500] + bytes([data[500] ^ 0x10]) + data[501:])
-    elif kind == "wrong task":
-        meta = json.loads((ck / "meta.json").read_text())
-        meta["task"] = "chat"
-        (ck / "meta.json").write_text(json.dumps(meta))
-    elif kind == "malicious pickle":
-        buf = io.BytesIO()
-        torch.save({"w": Exploit(str(tmp_path / "pwned"))}, buf)
-        forge(ck, "simple/model.pt", buf.getvalue())
-
-
-@pytest.mark.parametrize("kind", ["truncated", "bit-flipped", "wrong task", "malicious pickle"])
+@pytest.mark.parametrize("kind", DAMAGE_KINDS)
 def test_a_damaged_newest_checkpoint_is_reported_kept_and_the_previous_one_used(runs_dir, tmp_path, capsys, kind):
     common = ["--max-digits", "1", "--save-every", "2", "--lr-decay-steps", "6", "--keep-checkpoints", "5"]
     assert cli_train(runs_dir, *common, "--max-steps", "8", "--run-name", "ref") == 0
     assert cli_train(runs_dir, *common, "--max-steps", "6", "--run-name", "c") == 0
     ckpts = run_dir(runs_dir, "c") / "checkpoints"
-    corrupt(ckpts / "step_0000006", kind, tmp_path)
+    damage_checkpoint(ckpts / "step_0000006", kind, tmp_path / "pwned")
     damaged = {p.relative_to(ckpts / "step_0000006"): p.read_bytes() for p in (ckpts / "step_0000006").rglob("*")
                if p.is_file()}
     capsys.readouterr()

@@ -11,7 +11,7 @@ import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from trainlab.config import (
     ConfigError,
@@ -193,49 +193,70 @@ def begin_resume(run, ckpt, damaged) -> None:
     print(f"resuming run {run.id} from step {ckpt.step if ckpt else 0}: {run.dir}")
 
 
-def multiply_train(args: argparse.Namespace) -> int:
+def start_or_resume(args: argparse.Namespace, sections: list[tuple[str, type]], task_name: str,
+                    free: frozenset[str], make_task: Callable[[dict[str, Any]], Any],
+                    describe: Callable[[dict[str, Any], Any], tuple[str, list[str]]]) -> int:
+    """Every task's ``train`` command: a new run, or ``--resume`` of an existing one.
+
+    ``make_task(cfgs)`` builds the task from the section configs (and may reject them);
+    ``describe(cfgs, task)`` gives the one-line settings summary for the runs index and
+    lines to print before training. All checks happen before anything is written."""
     from trainlab.engine.device import resolve_device
     from trainlab.engine.loop import RESUMABLE_CHANGES, check_compatible, train
     from trainlab.engine.tracking import new_run
-    from trainlab.multiply.task import RESUMABLE_TASK_CHANGES, MultiplyTask, TASK_NAME
 
-    sections = _multiply_sections()
     values = settings_from(args, sections)
     opened = None
     if args.resume:
-        opened = open_for_resume(args.resume, TASK_NAME, values.get("runs_dir", "runs"), values.get("tag", ""))
+        opened = open_for_resume(args.resume, task_name, values.get("runs_dir", "runs"), values.get("tag", ""))
     if opened is not None:
         run, ckpt, saved, damaged = opened
-        values = resume_settings(flat(saved), values, RESUMABLE_CHANGES | RESUMABLE_TASK_CHANGES, run.id)
+        values = resume_settings(flat(saved), values, RESUMABLE_CHANGES | free, run.id)
     try:
         cfgs = {name: build(cls, values) for name, cls in sections}
         resolve_device(cfgs["train"].device)  # fail on a missing device before creating a run
-        task = MultiplyTask(cfgs["data"], cfgs["model"], cfgs["loss"], cfgs["teacher_forcing"], cfgs["task"],
-                            cfgs["train"])
-        counts = task.dataset.split_counts()
-        if counts["train"] == 0:
-            raise ConfigError("min_digits", "this digit range leaves no training problems")
+        task = make_task(cfgs)
         if opened is not None and opened[1] is not None:
-            check_compatible(opened[1], task, list(task.model_cfgs))
+            check_compatible(opened[1], task, task.member_names)
     except BaseException:
         if opened is not None:
             opened[0].release()
         raise
     config = {name: asdict(c) for name, c in cfgs.items()}
-    tc, d, mc = cfgs["train"], cfgs["data"], cfgs["model"]
+    tc = cfgs["train"]
+    summary, lines = describe(cfgs, task)
     if opened is None:
-        summary = (f"{d.min_digits}-{d.max_digits} digits, d_model {mc.d_model}, {mc.num_layers} layers, "
-                   f"{mc.num_latent} latents, batch {tc.batch_size}, members {cfgs['task'].members}")
         run = new_run(tc.runs_dir, task.name, tc.run_name, tc.tag, config, summary=summary)
         ckpt = None
         print(f"run {run.id}: {run.dir}")
     else:
         begin_resume(run, ckpt, damaged)
     _note_extension(tc)
-    print(f"problems: {counts['train']:,} train, {counts['val']:,} val, {counts['test']:,} test "
-          f"({d.min_digits}-{d.max_digits} digits, answers {d.answer_order})")
+    for line in lines:
+        print(line)
     result = train(task, tc, run, config, resume=ckpt, restart=opened is not None)
     return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+def multiply_train(args: argparse.Namespace) -> int:
+    from trainlab.multiply.task import RESUMABLE_TASK_CHANGES, TASK_NAME, MultiplyTask
+
+    def make_task(cfgs: dict[str, Any]) -> MultiplyTask:
+        task = MultiplyTask(cfgs["data"], cfgs["model"], cfgs["loss"], cfgs["teacher_forcing"], cfgs["task"],
+                            cfgs["train"])
+        if task.dataset.split_counts()["train"] == 0:
+            raise ConfigError("min_digits", "this digit range leaves no training problems")
+        return task
+
+    def describe(cfgs: dict[str, Any], task: MultiplyTask) -> tuple[str, list[str]]:
+        d, mc, tc = cfgs["data"], cfgs["model"], cfgs["train"]
+        counts = task.dataset.split_counts()
+        summary = (f"{d.min_digits}-{d.max_digits} digits, d_model {mc.d_model}, {mc.num_layers} layers, "
+                   f"{mc.num_latent} latents, batch {tc.batch_size}, members {cfgs['task'].members}")
+        return summary, [f"problems: {counts['train']:,} train, {counts['val']:,} val, {counts['test']:,} test "
+                         f"({d.min_digits}-{d.max_digits} digits, answers {d.answer_order})"]
+
+    return start_or_resume(args, _multiply_sections(), TASK_NAME, RESUMABLE_TASK_CHANGES, make_task, describe)
 
 
 def _note_extension(tc: TrainConfig) -> None:

@@ -11,13 +11,15 @@ reached; S counts optimizer updates done, as checkpoint names do:
   step S (after its first file).
 
 Real signals do the killing, so what is tested is what a crash does. Nothing else in
-the package reads this variable.
+the package reads this variable. ``damage_checkpoint`` below damages a saved checkpoint
+the ways the crash tests and benchmark need.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 ENV = "TRAINLAB_FAULTS"
 
@@ -38,3 +40,50 @@ def fires(name: str, step: int) -> bool:
 def kill_if(name: str, step: int) -> None:
     if fires(name, step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- damaged checkpoints ---------------------------------------------------------------------
+DAMAGE_KINDS = ("truncated", "bit-flipped", "wrong task", "malicious pickle")
+
+
+class _RunsCode:
+    """Unpickling this calls ``os.makedirs(target)``: a harmless stand-in for an attack."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (os.makedirs, (self.target,))
+
+
+def damage_checkpoint(folder: Path, kind: str, target: Path, file: str = "simple/model.pt") -> None:
+    """Damage one checkpoint folder the way disks, tools and attackers do.
+
+    ``malicious pickle`` writes a real torch archive whose unpickling would create the
+    folder ``target``, and forges its checksum, so only ``weights_only`` stands between
+    it and running; a test then asserts that ``target`` was never created."""
+    import hashlib
+    import io
+    import json
+
+    import torch
+
+    f = folder / file
+    data = f.read_bytes()
+    if kind == "truncated":
+        f.write_bytes(data[: len(data) // 3])
+    elif kind == "bit-flipped":
+        f.write_bytes(data[:500] + bytes([data[500] ^ 0x10]) + data[501:])
+    elif kind == "wrong task":
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["task"] = "some-other-task"
+        (folder / "meta.json").write_text(json.dumps(meta))
+    elif kind == "malicious pickle":
+        buf = io.BytesIO()
+        torch.save({"w": _RunsCode(str(target))}, buf)
+        f.write_bytes(buf.getvalue())
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["sha256"][file] = hashlib.sha256(buf.getvalue()).hexdigest()
+        (folder / "meta.json").write_text(json.dumps(meta))
+    else:
+        raise ValueError(f"unknown damage {kind!r}; one of {DAMAGE_KINDS}")

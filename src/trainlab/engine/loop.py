@@ -102,6 +102,7 @@ class Task(Protocol):
 
     name: str  # folder under runs_dir, and the task id stored in checkpoints
     best_metric: tuple[str, str]  # (evaluation metric, "max"|"min"): picks the best checkpoint
+    member_names: list[str]  # the keys build_models() will return
 
     def build_models(self) -> dict[str, nn.Module]: ...
     def batch(self, step: int) -> dict[str, torch.Tensor]: ...

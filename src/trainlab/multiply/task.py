@@ -159,6 +159,7 @@ class MultiplyTask:
         self.data_cfg, self.loss_cfg, self.tf, self.task_cfg, self.train_cfg = data, loss, tf, task, train
         self.dataset = MultiplicationDataset(data)
         self.model_cfgs = {k: member_config(model, k, data) for k in task.member_list()}
+        self.member_names = list(self.model_cfgs)
         self.criterion = SequenceAccuracyLoss(loss)
         self._val_idx: np.ndarray | None = None
         self._train_idx: np.ndarray | None = None
