@@ -151,3 +151,12 @@ def test_corrupt_checkpoint_is_reported_not_loaded(trained_run, capsys, tmp_path
     (ck / "simple" / "model.pt").write_bytes(b"garbage")
     code, err = one_line_error(capsys, ["multiply", "ask", str(ck), "1*2"])
     assert code == 2 and "checksum" in err
+
+
+def test_ask_and_evaluate_can_use_the_best_checkpoint(trained_run, capsys):
+    best = trained_run / "parallel_comparison" / "r" / "checkpoints" / "best"
+    (kept,) = [p for p in best.iterdir() if p.name.startswith("step_")]
+    assert main(["multiply", "ask", "r", "7*8", "--best", "--runs-dir", str(trained_run)]) == 0
+    assert f"checkpoint step {int(kept.name[5:])}" in capsys.readouterr().out
+    code, err = one_line_error(capsys, ["multiply", "ask", str(kept), "7*8", "--best"])
+    assert code == 2 and "--best" in err

@@ -50,6 +50,8 @@ def _multiply_sections() -> list[tuple[str, type]]:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--best", action="store_true", help="use the run's best checkpoint (by val exact-match), "
+                                                      "not its newest")
     p.add_argument("--runs-dir", default="runs", help="root folder of all runs")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
     p.add_argument("--seed", type=int, default=0, help="seed for anything random")
@@ -270,7 +272,7 @@ def _load(args: argparse.Namespace):
     from trainlab.multiply.inference import load_members, resolve_checkpoint, trained_data_config
 
     device = resolve_device(args.device)
-    ckpt = resolve_checkpoint(args.runs_dir, args.run)
+    ckpt = resolve_checkpoint(args.runs_dir, args.run, best=args.best)
     return ckpt, load_members(ckpt, device), trained_data_config(ckpt)
 
 

@@ -20,17 +20,21 @@ from trainlab.multiply.task import TASK_NAME, decode_problems
 PROBLEM = re.compile(r"^\s*(\d+)\s*[*xX×]\s*(\d+)\s*$")
 
 
-def resolve_checkpoint(runs_dir: str | Path, ref: str) -> Checkpoint:
-    """``ref`` is a run id, a run folder, or one checkpoint folder."""
+def resolve_checkpoint(runs_dir: str | Path, ref: str, best: bool = False) -> Checkpoint:
+    """``ref`` is a run id, a run folder, or one checkpoint folder; ``best``: the run's
+    best-by-validation checkpoint instead of its newest."""
     p = Path(ref)
     if (p / "meta.json").is_file():
+        if best:
+            raise UsageError("--best: takes a run, not one checkpoint folder")
         ckpt = Checkpoint(p, TASK_NAME)
         ckpt.verify()
         return ckpt
     run = find_run(runs_dir, TASK_NAME, ref)
-    ckpt = latest_checkpoint(run.checkpoints, TASK_NAME)
+    folder = run.checkpoints / "best" if best else run.checkpoints
+    ckpt = latest_checkpoint(folder, TASK_NAME)
     if ckpt is None:
-        raise CheckpointError(f"run {run.id} has no usable checkpoint in {run.checkpoints}")
+        raise CheckpointError(f"run {run.id} has no usable checkpoint in {folder}")
     return ckpt
 
 
