@@ -12,6 +12,12 @@ from pathlib import Path
 
 def main() -> int:
     try:
+        import torch  # noqa: F401
+    except ImportError:
+        sys.stderr.write("trainlab: error: PyTorch is not installed for this Python; run `make setup` and use "
+                         ".venv/bin/python main.py ...\n")
+        return 2
+    try:
         from trainlab.cli import main as cli_main
     except ImportError:  # run from a checkout without `pip install -e .`
         sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
