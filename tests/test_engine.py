@@ -130,3 +130,24 @@ def test_training_on_from_a_checkpoint_matches_an_unbroken_run(runs_dir):
             assert torch.equal(v, v2), (a.name, k)
         assert a.losses == b.losses
     assert (task.forced_batches, task.sampled_batches) == (task3.forced_batches, task3.sampled_batches)
+
+
+def test_a_failing_run_is_marked_failed_keeps_its_curves_and_frees_its_lock(runs_dir):
+    from helpers import tb_scalars
+
+    cfg = tiny_train_config(runs_dir, max_steps=10, log_every=1)
+    task, config = tiny_multiply(cfg)
+    original = task.loss
+
+    def loss(member, model, batch, step):
+        if step == 3:
+            raise RuntimeError("boom")
+        return original(member, model, batch, step)
+
+    task.loss = loss
+    run = new_run(cfg.runs_dir, task.name, "", "test", config)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(task, cfg, run, config, echo=lambda *a: None)
+    assert json.loads((run.dir / "run.json").read_text())["status"] == "failed"
+    assert [s for s, _ in tb_scalars(run.dir / "simple", "train/loss")] == [1, 2, 3]
+    assert not run.in_use()

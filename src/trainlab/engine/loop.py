@@ -12,6 +12,7 @@ step count and a resumed run reads exactly the batches it would have read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -338,7 +339,8 @@ def train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume
     interrupted (Ctrl+C) or failed (an exception, re-raised)."""
     run.acquire()
     try:
-        summary = _train(task, cfg, run, config, resume, echo, restart or resume is not None)
+        with contextlib.ExitStack() as cleanup:  # writers are closed (flushed) however training ends
+            summary = _train(task, cfg, run, config, resume, echo, restart or resume is not None, cleanup)
     except KeyboardInterrupt:
         run.update(status="interrupted")
         raise
@@ -352,7 +354,7 @@ def train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume
 
 
 def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume: Checkpoint | None,
-           echo, purge: bool) -> Summary:
+           echo, purge: bool, cleanup: contextlib.ExitStack) -> Summary:
     from tqdm import tqdm
 
     device = resolve_device(cfg.device)
@@ -369,6 +371,8 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
     # everything logged at a checkpoint's step was written (and flushed) before the checkpoint,
     # so a resume keeps the events up to that step and purges the ones after it
     writers = {m.name: run.writer(m.name, purge_step=state.step + 1 if purge else None) for m in members}
+    for w in writers.values():
+        cleanup.callback(w.close)
     run.update(status="running", device=str(device), step=state.step, max_steps=cfg.max_steps,
                members=[m.name for m in members], config=config, pid=os.getpid())
     timer = StepTimer()
