@@ -32,8 +32,11 @@ less, since its bidirectional encoder can work on the whole product before the
 first digit is written, and our own probe (benchmarks/multiply_answer_order.py,
 2-digit x 2-digit, plain model, 1,500 steps) favoured natural: exact-match on the
 training slice 15.0% vs 8.4% (seed 0) and 6.6% vs 6.6% (seed 1); held-out digit
-accuracy 70.1% vs 54.3% and 59.1% vs 51.3%. Small evidence, two seeds; hence a
-default, not a rule.
+accuracy 70.1% vs 54.3% and 59.1% vs 51.3%. At 3-digit x 3-digit it held up
+(benchmarks/multiply_accuracy.py, preset multiply-3digit, plain model): natural
+reached 5.3% val exact-match after 15 minutes of its own training and 15.3% test
+exact-match (95% CI 14.6-16.0%, 10,000 problems) after 25, where reversed had 1.6%
+after about 15 minutes. One seed each; hence a default, not a rule.
 """
 
 from __future__ import annotations
