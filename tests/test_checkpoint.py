@@ -1,8 +1,3 @@
-import hashlib
-import io
-import json
-import os
-
 import pytest
 import torch
 
@@ -49,28 +44,17 @@ def test_wrong_task_is_refused(tmp_path):
         Checkpoint(p, "chat")
 
 
-class Exploit:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (os.makedirs, (self.target,))
-
-
 def test_a_pickle_that_runs_code_is_refused(tmp_path):
+    from trainlab.engine.faults import damage_checkpoint
+
     p = save(tmp_path, 1)
-    target = str(tmp_path / "pwned")
-    buf = io.BytesIO()
-    torch.save({"w": Exploit(target)}, buf)  # a real torch archive carrying a code-running pickle
-    evil = buf.getvalue()
-    # forge the checksum too: only weights_only stands between this file and os.makedirs
-    (p / "w.pt").write_bytes(evil)
-    meta = json.loads((p / "meta.json").read_text())
-    meta["sha256"]["w.pt"] = hashlib.sha256(evil).hexdigest()
-    (p / "meta.json").write_text(json.dumps(meta))
+    target = tmp_path / "pwned"
+    # a real torch archive carrying a code-running pickle, its checksum forged too:
+    # only weights_only stands between this file and os.makedirs
+    damage_checkpoint(p, "malicious pickle", target, file="w.pt")
     with pytest.raises(CheckpointError, match="refused"):
         Checkpoint(p, "toy").tensors("w.pt")
-    assert not os.path.exists(target)
+    assert not target.exists()
 
 
 def test_resume_checkpoint_skips_what_does_not_load_and_names_it(tmp_path):

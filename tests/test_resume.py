@@ -1,6 +1,5 @@
 """Stop a run any way you like, continue it, and get the run that never stopped."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from trainlab.cli import main
-from trainlab.engine.faults import DAMAGE_KINDS, damage_checkpoint
+from trainlab.engine.faults import DAMAGE_KINDS, damage_checkpoint, forge
 from trainlab.engine.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, list_checkpoints
 from trainlab.engine.loop import restore, train, make_member
 from trainlab.engine.tracking import Run, new_run
@@ -183,14 +182,6 @@ def test_resume_errors_are_one_line_and_write_nothing(runs_dir, capsys):
         holder.release()
     assert code == 2 and "in use" in err and len(err.splitlines()) == 1
     assert sorted(p.name for p in (run_dir(runs_dir, "busy") / "checkpoints").iterdir()) == before
-
-
-def forge(ck: Path, name: str, data: bytes) -> None:
-    """Replace a file and its checksum, as an attacker (or a buggy tool) would."""
-    (ck / name).write_bytes(data)
-    meta = json.loads((ck / "meta.json").read_text())
-    meta["sha256"][name] = hashlib.sha256(data).hexdigest()
-    (ck / "meta.json").write_text(json.dumps(meta))
 
 
 @pytest.mark.parametrize("kind", DAMAGE_KINDS)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -154,10 +154,19 @@ def flat(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for section in config.values() if isinstance(section, dict) for k, v in section.items()}
 
 
-def open_for_resume(ref: str, task: str, runs_dir: str, tag: str):
-    """(run, checkpoint or None, the run's saved config, damaged newer checkpoints), or None
-    for --resume auto with nothing to resume. The run is locked on return; nothing is
-    changed on disk yet."""
+@dataclass
+class Resumption:
+    """A run about to be resumed (and locked): what it continues from and what it skips."""
+
+    run: Any  # engine.tracking.Run
+    ckpt: Any  # engine.checkpoint.Checkpoint, or None: start the run over from step 0
+    config: dict[str, Any]  # the run's own saved settings, by section
+    damaged: list[tuple[Path, str]]  # newer checkpoints that failed to load, and why
+
+
+def open_for_resume(ref: str, task: str, runs_dir: str, tag: str) -> Resumption | None:
+    """The run to resume, or None for --resume auto with nothing to resume. The run is
+    locked on return; nothing is changed on disk yet."""
     from trainlab.engine.checkpoint import resume_checkpoint
     from trainlab.engine.tracking import find_run, scan_runs
 
@@ -183,16 +192,16 @@ def open_for_resume(ref: str, task: str, runs_dir: str, tag: str):
     except BaseException:
         run.release()
         raise
-    return run, ckpt, config, damaged
+    return Resumption(run, ckpt, config, damaged)
 
 
-def begin_resume(run, ckpt, damaged) -> None:
+def begin_resume(r: Resumption) -> None:
     """Once every setting is checked: report and move aside damaged checkpoints, say where we start."""
     from trainlab.engine.checkpoint import move_aside
 
-    for path, reason in damaged:
+    for path, reason in r.damaged:
         sys.stderr.write(f"warning: {reason} (moved aside to {move_aside(path).name})\n")
-    print(f"resuming run {run.id} from step {ckpt.step if ckpt else 0}: {run.dir}")
+    print(f"resuming run {r.run.id} from step {r.ckpt.step if r.ckpt else 0}: {r.run.dir}")
 
 
 def start_or_resume(args: argparse.Namespace, sections: list[tuple[str, type]], task_name: str,
@@ -208,35 +217,34 @@ def start_or_resume(args: argparse.Namespace, sections: list[tuple[str, type]], 
     from trainlab.engine.tracking import new_run
 
     values = settings_from(args, sections)
-    opened = None
+    resuming = None
     if args.resume:
-        opened = open_for_resume(args.resume, task_name, values.get("runs_dir", "runs"), values.get("tag", ""))
-    if opened is not None:
-        run, ckpt, saved, damaged = opened
-        values = resume_settings(flat(saved), values, RESUMABLE_CHANGES | free, run.id)
+        resuming = open_for_resume(args.resume, task_name, values.get("runs_dir", "runs"), values.get("tag", ""))
+    if resuming is not None:
+        values = resume_settings(flat(resuming.config), values, RESUMABLE_CHANGES | free, resuming.run.id)
     try:
         cfgs = {name: build(cls, values) for name, cls in sections}
         resolve_device(cfgs["train"].device)  # fail on a missing device before creating a run
         task = make_task(cfgs)
-        if opened is not None and opened[1] is not None:
-            check_compatible(opened[1], task, task.member_names)
+        if resuming is not None and resuming.ckpt is not None:
+            check_compatible(resuming.ckpt, task, task.member_names)
     except BaseException:
-        if opened is not None:
-            opened[0].release()
+        if resuming is not None:
+            resuming.run.release()
         raise
     config = {name: asdict(c) for name, c in cfgs.items()}
     tc = cfgs["train"]
     summary, lines = describe(cfgs, task)
-    if opened is None:
-        run = new_run(tc.runs_dir, task.name, tc.run_name, tc.tag, config, summary=summary)
-        ckpt = None
+    if resuming is None:
+        run, ckpt = new_run(tc.runs_dir, task.name, tc.run_name, tc.tag, config, summary=summary), None
         print(f"run {run.id}: {run.dir}")
     else:
-        begin_resume(run, ckpt, damaged)
+        run, ckpt = resuming.run, resuming.ckpt
+        begin_resume(resuming)
     _note_extension(tc)
     for line in lines:
         print(line)
-    result = train(task, tc, run, config, resume=ckpt, restart=opened is not None)
+    result = train(task, tc, run, config, resume=ckpt, restart=resuming is not None)
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
@@ -354,17 +362,10 @@ def runs_clean(args: argparse.Namespace) -> int:
 
 
 def runs_rm(args: argparse.Namespace) -> int:
-    from trainlab.engine.tracking import find_run, inside, remove_runs
+    from trainlab.engine.tracking import find_run, remove_runs
 
-    root = Path(args.runs_dir)
-    runs = []
-    for ref in args.ids:
-        run = find_run(root, None, ref)
-        if not inside(run.dir, root):
-            raise UsageError(f"refusing {ref!r}: it resolves to {run.dir.resolve()}, outside the runs folder {root}")
-        runs.append(run)
-    if not args.dry_run:
-        remove_runs(root, runs)
+    runs = [find_run(args.runs_dir, None, ref) for ref in args.ids]
+    remove_runs(args.runs_dir, runs, dry_run=args.dry_run)
     for run in runs:
         print(f"{'would remove' if args.dry_run else 'removed'} {run.key}")
     return 0

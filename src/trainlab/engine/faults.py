@@ -32,14 +32,30 @@ def _parse(text: str) -> dict[str, set[int]]:
     return faults
 
 
-def fires(name: str, step: int) -> bool:
-    text = os.environ.get(ENV)
-    return bool(text) and step in _parse(text).get(name, set())
+def plan() -> dict[str, set[int]]:
+    """The faults asked for, {} normally; the loop reads this once per run, not per step."""
+    return _parse(os.environ.get(ENV, ""))
+
+
+def kill_now() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def kill_if(name: str, step: int) -> None:
-    if fires(name, step):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if step in plan().get(name, ()):
+        kill_now()
+
+
+def forge(folder: Path, name: str, data: bytes) -> None:
+    """Replace one file of a checkpoint and its checksum, as an attacker (or a buggy tool)
+    would, so that only the loader's own checks stand in the way."""
+    import hashlib
+    import json
+
+    (folder / name).write_bytes(data)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["sha256"][name] = hashlib.sha256(data).hexdigest()
+    (folder / "meta.json").write_text(json.dumps(meta))
 
 
 # -- damaged checkpoints ---------------------------------------------------------------------
@@ -62,7 +78,6 @@ def damage_checkpoint(folder: Path, kind: str, target: Path, file: str = "simple
     ``malicious pickle`` writes a real torch archive whose unpickling would create the
     folder ``target``, and forges its checksum, so only ``weights_only`` stands between
     it and running; a test then asserts that ``target`` was never created."""
-    import hashlib
     import io
     import json
 
@@ -81,9 +96,6 @@ def damage_checkpoint(folder: Path, kind: str, target: Path, file: str = "simple
     elif kind == "malicious pickle":
         buf = io.BytesIO()
         torch.save({"w": _RunsCode(str(target))}, buf)
-        f.write_bytes(buf.getvalue())
-        meta = json.loads((folder / "meta.json").read_text())
-        meta["sha256"][file] = hashlib.sha256(buf.getvalue()).hexdigest()
-        (folder / "meta.json").write_text(json.dumps(meta))
+        forge(folder, file, buf.getvalue())
     else:
         raise ValueError(f"unknown damage {kind!r}; one of {DAMAGE_KINDS}")

@@ -354,8 +354,9 @@ def _age_seconds(run: Run, info: dict[str, Any]) -> float:
     return time.time() - t
 
 
-def remove_runs(runs_dir: str | Path, runs: list[Run]) -> None:
-    """Delete the runs' folders (events, checkpoints, reports) and their index rows.
+def remove_runs(runs_dir: str | Path, runs: list[Run], dry_run: bool = False) -> None:
+    """Delete the runs' folders (events, checkpoints, reports) and their index rows, after
+    checking every one of them (``dry_run``: only check).
 
     Each folder is first renamed to a hidden name beside it, so a crash mid-delete leaves
     no half-run that looks whole; the rows go after the folders."""
@@ -365,6 +366,8 @@ def remove_runs(runs_dir: str | Path, runs: list[Run]) -> None:
             raise UsageError(f"refusing to remove {run.dir}: it is not inside the runs folder {root}")
         if run.in_use():
             raise UsageError(f"run {run.key} is in use by a running process; stop it first")
+    if dry_run:
+        return
     for run in runs:
         trash = run.dir.with_name(f".trash-{run.id}-{os.getpid()}")
         run.dir.rename(trash)
