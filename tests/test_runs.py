@@ -5,7 +5,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 
 from trainlab.cli import main
 from trainlab.engine.tracking import RunsIndex, Run, find_run, new_run, write_json_atomic
-from helpers import cli_train, run_dir
+from helpers import cli_train
 
 ROOT = Path(__file__).resolve().parents[1]
 

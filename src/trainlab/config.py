@@ -3,7 +3,8 @@
 Every config is a dataclass checked in ``__post_init__``; a bad value raises
 ``ConfigError`` naming the flag. Flags are generated from the fields (``d_model``
 becomes ``--d-model``) so a field, its flag and its config-file key are one name.
-Precedence: dataclass default < config file (``--config``/``--preset``) < flag.
+Precedence: dataclass default < preset (``--preset``, or the task's default one) <
+config file (``--config``) < flag.
 """
 
 from __future__ import annotations
@@ -124,14 +125,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("trainlab.presets").iterdir() if p.name.endswith(".yaml"))
+def preset_names(task: str) -> list[str]:
+    folder = resources.files("trainlab.presets") / task
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml")) if folder.is_dir() else []
 
 
-def load_preset(name: str) -> dict[str, Any]:
-    if name not in preset_names():
-        raise UsageError(f"--preset: unknown preset {name!r} (have: {', '.join(preset_names())})")
-    with resources.as_file(resources.files("trainlab.presets") / f"{name}.yaml") as p:
+def load_preset(task: str, name: str) -> dict[str, Any]:
+    if name not in preset_names(task):
+        raise UsageError(f"--preset: unknown preset {name!r} (have: {', '.join(preset_names(task))})")
+    with resources.as_file(resources.files("trainlab.presets") / task / f"{name}.yaml") as p:
         return load_yaml(p)
 
 

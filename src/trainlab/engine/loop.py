@@ -56,6 +56,8 @@ class TrainConfig:
     save_every_minutes: float | None = field(
         default=None, metadata={"help": "also checkpoint when this many minutes passed since the last save"})
     log_every: int = field(default=10, metadata={"help": "log scalars every N steps"})
+    sample_every: int = field(default=0, metadata={"help": "show a sample of each member every N steps "
+                                                           "(and at the end); 0: never"})
     keep_checkpoints: int = field(default=3, metadata={"help": "newest checkpoints kept (the best one is kept apart)"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and dropout"})
     device: str = field(default="auto", metadata={"help": "auto|cpu|cuda|mps"})
@@ -74,7 +76,7 @@ class TrainConfig:
             self.lr_decay_steps = self.max_steps
         for name in ("batch_size", "lr", "eval_every", "save_every", "log_every"):
             positive(name, getattr(self, name))
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "keep_checkpoints"):
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "keep_checkpoints", "sample_every"):
             non_negative(name, getattr(self, name))
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
@@ -87,15 +89,16 @@ class TrainConfig:
 # evaluate, and where. Everything else (model, data, optimizer, seed, batch) is the
 # run's identity and comes from the checkpoint.
 RESUMABLE_CHANGES = frozenset({"max_steps", "lr_decay_steps", "eval_every", "save_every", "save_every_minutes",
-                               "log_every", "keep_checkpoints", "device", "runs_dir", "progress"})
+                               "log_every", "sample_every", "keep_checkpoints", "device", "runs_dir", "progress"})
 
 
 @dataclass
 class Evaluation:
-    """What a task's evaluation of one member returns."""
+    """What a task's evaluation (or sample) of one member returns."""
 
     metrics: dict[str, float]
     lines: list[str] = field(default_factory=list)  # a few examples worth printing (mistakes)
+    text: str = ""  # markdown for TensorBoard's text tab (samples)
 
 
 class Task(Protocol):
@@ -111,6 +114,7 @@ class Task(Protocol):
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
     def scalars(self, step: int) -> dict[str, float]: ...
     def evaluate(self, member: str, model: nn.Module, step: int) -> Evaluation: ...
+    def sample(self, member: str, model: nn.Module, step: int) -> Evaluation: ...
     def checkpoint_texts(self) -> dict[str, str]: ...
     def member_texts(self, member: str) -> dict[str, str]: ...
     def state_dict(self) -> dict[str, Any]: ...
@@ -295,8 +299,8 @@ def check_compatible(ckpt: Checkpoint, task: Task, member_names: list[str]) -> N
         raise CheckpointError(f"{ckpt.path} belongs to task {ckpt.meta.get('task')!r}, not {task.name!r}")
     for name, text in task.checkpoint_texts().items():
         if name.endswith(".json") and (name not in ckpt.sums or ckpt.json(name) != json.loads(text)):
-            raise CheckpointError(f"{ckpt.path}: its {name} differs from this task's (another vocabulary or "
-                                  f"format); refusing to continue from it")
+            raise CheckpointError(f"{ckpt.path}: its {name} differs from this run's now (another vocabulary, "
+                                  f"format or corpus); refusing to continue from it")
     names = {n.split("/")[0] for n in ckpt.sums if n.endswith("/model.pt")}
     if names != set(member_names):
         raise CheckpointError(f"{ckpt.path}: holds members {sorted(names)}, this task trains {sorted(member_names)}")
@@ -380,7 +384,7 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
     interval = {m.name: (m.train_seconds, m.examples) for m in members}
     metric, mode = task.best_metric
     planned = faults.plan()  # {} unless a test asked for faults
-    last_eval = last_save = state.step
+    last_eval = last_save = last_sample = state.step
     t_start = t_saved = time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not cfg.progress, dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]" if cfg.max_steps else None)
@@ -409,7 +413,7 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
         bar.set_postfix(post, refresh=False)
         state.acc, state.acc_steps = {}, 0
 
-    def evaluate_all() -> None:
+    def evaluate_all(track_best: bool = True) -> None:
         nonlocal last_eval
         rng = rng_state()  # evaluation must not move the training RNG, or a resume would differ
         parts, scores = [], []
@@ -428,9 +432,23 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
         bar.write(f"[step {state.step}] " + "\n           ".join(parts))
         last_eval = state.step
         score = sum(scores) / len(scores)
-        if _better(score, state.best_score, mode):
+        if track_best and _better(score, state.best_score, mode):
             state.best_score = score
             save(run, task, members, state, cfg, config, best={"metric": metric, "mode": mode, "value": score})
+
+    def sample_all() -> None:
+        nonlocal last_sample
+        rng = rng_state()  # like evaluation, sampling must not move the training RNG
+        for m in members:
+            m.model.eval()
+            s = task.sample(m.name, m.model, state.step)
+            for k, v in s.metrics.items():
+                writers[m.name].add_scalar(f"samples/{k}", v, state.step)
+            if s.text:
+                writers[m.name].add_text("samples/text", s.text, state.step)
+            bar.write(f"[step {state.step}] {m.name} sample" + "".join(f"\n    {line}" for line in s.lines))
+        set_rng_state(rng)
+        last_sample = state.step
 
     def checkpoint() -> None:
         nonlocal last_save, t_saved
@@ -474,23 +492,33 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
                 log_scalars()
             if state.step % cfg.eval_every == 0:
                 evaluate_all()
+            if cfg.sample_every and state.step % cfg.sample_every == 0:
+                sample_all()
             if state.step % cfg.save_every == 0 or (
                     cfg.save_every_minutes is not None and time.perf_counter() - t_saved >= 60 * cfg.save_every_minutes):
                 checkpoint()
             if state.step in planned.get("kill", ()):
                 faults.kill_now()
     bar.close()
+    interrupted = stop.requested
+    trained = state.step > start_step
+    if not interrupted:
+        if state.acc_steps:
+            log_scalars()
+        if trained and last_eval != state.step:
+            evaluate_all()
+        if cfg.sample_every and trained and last_sample != state.step:
+            sample_all()
     # an interrupted run keeps its partial log sums in the checkpoint, so a resume logs
-    # exactly what an unbroken run would have; they are flushed only at the very end
-    if state.acc_steps and not stop.requested:
-        log_scalars()
-    if state.step > start_step and last_eval != state.step:
-        evaluate_all()
+    # exactly what an unbroken run would have
     if last_save != state.step or (resume is None and state.step == 0):
         checkpoint()
+    if interrupted and trained and last_eval != state.step:
+        # for the user's eyes only: the checkpoint is written, so a resume continues as if
+        # this evaluation never happened (and it cannot become the best checkpoint)
+        evaluate_all(track_best=False)
     for w in writers.values():
         w.close()
-    interrupted = stop.requested
     wall = time.perf_counter() - t_start
     run.update(status="interrupted" if interrupted else "finished", step=state.step)
     if interrupted:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from trainlab.config import UsageError
+from trainlab.engine.checkpoint import Checkpoint, CheckpointError, latest_checkpoint
 
 try:
     import fcntl
@@ -336,6 +337,24 @@ def find_run(runs_dir: str | Path, task: str | None, ref: str) -> Run:
 
 
 # -- cleanup -----------------------------------------------------------------------------
+
+def resolve_checkpoint(runs_dir: str | Path, task: str, ref: str, best: bool = False) -> Checkpoint:
+    """``ref`` is a run id, a run folder, or one checkpoint folder; ``best``: the run's
+    best-by-validation checkpoint instead of its newest. Checksums are verified."""
+    p = Path(ref)
+    if (p / "meta.json").is_file():
+        if best:
+            raise UsageError("--best: takes a run, not one checkpoint folder")
+        ckpt = Checkpoint(p, task)
+        ckpt.verify()
+        return ckpt
+    run = find_run(runs_dir, task, ref)
+    folder = run.checkpoints / "best" if best else run.checkpoints
+    ckpt = latest_checkpoint(folder, task)
+    if ckpt is None:
+        raise CheckpointError(f"run {run.id} has no usable checkpoint in {folder}")
+    return ckpt
+
 
 def parse_age(text: str) -> float:
     """'90s', '30m', '12h', '7d', '2w' -> seconds."""

@@ -5,37 +5,17 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import fields
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from trainlab.config import ConfigError, UsageError
-from trainlab.engine.checkpoint import Checkpoint, CheckpointError, latest_checkpoint
-from trainlab.engine.tracking import find_run
+from trainlab.engine.checkpoint import Checkpoint, CheckpointError
 from trainlab.multiply.data import MultiplicationDataset, MultiplyDataConfig
 from trainlab.multiply.models import Seq2SeqConfig, SimpleTransformer, build_model
-from trainlab.multiply.task import TASK_NAME, decode_problems
+from trainlab.multiply.task import decode_problems
 
 PROBLEM = re.compile(r"^\s*(\d+)\s*[*xX×]\s*(\d+)\s*$")
-
-
-def resolve_checkpoint(runs_dir: str | Path, ref: str, best: bool = False) -> Checkpoint:
-    """``ref`` is a run id, a run folder, or one checkpoint folder; ``best``: the run's
-    best-by-validation checkpoint instead of its newest."""
-    p = Path(ref)
-    if (p / "meta.json").is_file():
-        if best:
-            raise UsageError("--best: takes a run, not one checkpoint folder")
-        ckpt = Checkpoint(p, TASK_NAME)
-        ckpt.verify()
-        return ckpt
-    run = find_run(runs_dir, TASK_NAME, ref)
-    folder = run.checkpoints / "best" if best else run.checkpoints
-    ckpt = latest_checkpoint(folder, TASK_NAME)
-    if ckpt is None:
-        raise CheckpointError(f"run {run.id} has no usable checkpoint in {folder}")
-    return ckpt
 
 
 def load_members(ckpt: Checkpoint, device: torch.device) -> dict[str, SimpleTransformer]:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from trainlab.engine.loop import Member, Summary
 from trainlab.engine.monitor import format_duration
+from trainlab.engine.plots import plot_lines
 from trainlab.engine.tracking import Run
 
 THRESHOLDS = (0.5, 0.9, 0.99)
@@ -38,27 +39,9 @@ def member_row(m: Member) -> dict[str, str]:
 
 
 def plot(members: list[Member], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for m in members:
-        steps = [e["step"] for e in m.evals]
-        ax.plot(steps, [100 * e.get("exact_match", 0.0) for e in m.evals], marker="o", ms=3,
-                label=f"{m.name} ({m.num_parameters / 1e6:.2f}M params)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("val exact-match (%)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return plot_lines(path, [(f"{m.name} ({m.num_parameters / 1e6:.2f}M params)", [e["step"] for e in m.evals],
+                              [100 * e.get("exact_match", 0.0) for e in m.evals]) for m in members],
+                      "val exact-match (%)", ylim=(-2, 102))
 
 
 def write_report(run: Run, summary: Summary) -> Path:

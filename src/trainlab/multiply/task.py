@@ -230,6 +230,15 @@ class MultiplyTask:
         ev.metrics["train_exact_match"] = float(decode_problems(model, self.dataset, self.train_indices(), bs).correct.mean())
         return ev
 
+    def sample(self, member: str, model: nn.Module, step: int) -> Evaluation:
+        """A few val problems, answered free-running: a glance at what the model does now."""
+        rng = np.random.default_rng([self.train_cfg.seed, step, 0x5A])
+        idx = rng.choice(self.val_indices(), size=min(4, len(self.val_indices())), replace=False)
+        r = decode_problems(model, self.dataset, idx)
+        lines = [f"{a}*{b} = {a * b}, model said {'(no number)' if p is None else p}"
+                 f"{'' if ok else '  (wrong)'}" for a, b, p, ok in zip(r.a, r.b, r.predicted, r.correct)]
+        return Evaluation({}, lines, "\n\n".join(lines))
+
     # -- state and files -------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"forced_batches": self.forced_batches, "sampled_batches": self.sampled_batches,

@@ -1,0 +1,31 @@
+"""Line plots for run reports (matplotlib, headless); a missing matplotlib skips the plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+
+def plot_lines(path: Path, curves: Sequence[tuple[str, Sequence[float], Sequence[float]]], ylabel: str,
+               ylim: tuple[float, float] | None = None, marker: str = "o") -> bool:
+    """One figure with a line per (label, steps, values); False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, xs, ys in curves:
+        ax.plot(xs, ys, marker=marker, ms=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
