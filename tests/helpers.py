@@ -66,3 +66,35 @@ def tb_scalars(folder, tag):
     acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+# -- chat ------------------------------------------------------------------------------------
+def made_up_text(lines: int = 300, seed: int = 0) -> str:
+    """A small invented play in block style: a few speakers, a few fixed lines each."""
+    import random
+
+    rng = random.Random(seed)
+    speech = {"ANNA": ["The boat is late again.", "We sail at noon."],
+              "BORIS": ["Bring the red lamp.", "Nobody saw the fox."],
+              "CLARA": ["I will count the apples.", "Is the door shut?"]}
+    out = []
+    for _ in range(lines):
+        name = rng.choice(sorted(speech))
+        out.append(f"{name}:\n{rng.choice(speech[name])}\n\n")
+    return "".join(out)
+
+
+CHAT_TINY = ["--preset", "chatgot-tiny", "--no-progress", "--tag", "test", "--device", "cpu"]
+
+
+def chat_train(runs, text_path, *flags) -> int:
+    from trainlab.cli import main
+
+    return main(["chat", "train", "--text", str(text_path), "--runs-dir", str(runs), *CHAT_TINY, *flags])
+
+
+def chat_resume(runs, ref, *flags) -> int:
+    """Resume with no preset: a preset given on resume would count as flags against the run's own."""
+    from trainlab.cli import main
+
+    return main(["chat", "train", "--resume", ref, "--runs-dir", str(runs), "--no-progress", "--tag", "test", *flags])

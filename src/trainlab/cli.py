@@ -1,4 +1,5 @@
-"""Command line: ``trainlab multiply train|ask|evaluate``.
+"""Command line: ``trainlab multiply train|ask|evaluate``, ``trainlab chat train|generate|repl``,
+``trainlab runs list|clean|rm``.
 
 The only module that knows every task. Bad input of any kind ends in one line,
 ``trainlab: error: ...``, and exit status 2, before anything is written.
@@ -49,6 +50,18 @@ def _multiply_sections() -> list[tuple[str, type]]:
             ("teacher_forcing", TeacherForcingConfig), ("task", MultiplyTaskConfig), ("train", TrainConfig)]
 
 
+def _chat_sections() -> list[tuple[str, type]]:
+    from trainlab.chat.data import ChatDataConfig
+    from trainlab.chat.model import GPTConfig
+    from trainlab.chat.task import ChatTaskConfig
+
+    return [("data", ChatDataConfig), ("model", GPTConfig), ("task", ChatTaskConfig), ("train", TrainConfig)]
+
+
+# what `train` starts from when no --preset is given (and a run is not resumed)
+DEFAULT_PRESETS = {"chat": "chatgot-14m"}
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--best", action="store_true", help="use the run's best checkpoint (by val exact-match), "
                                                       "not its newest")
@@ -57,14 +70,38 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for anything random")
 
 
-def _train_flags(p: argparse.ArgumentParser, sections: list[tuple[str, type]]) -> None:
+def _train_flags(p: argparse.ArgumentParser, task: str, sections: list[tuple[str, type]]) -> None:
     p.add_argument("--config", help="YAML file of settings (flags override it)")
-    p.add_argument("--preset", help=f"a built-in settings file: {', '.join(preset_names())}")
+    default = f" (default {DEFAULT_PRESETS[task]})" if task in DEFAULT_PRESETS else ""
+    p.add_argument("--preset", help=f"a built-in settings file: {', '.join(preset_names(task))}{default}")
     p.add_argument("--resume", metavar="RUN|auto",
                    help="continue a run exactly where it stopped (its id or folder); auto: the newest unfinished "
                         "run of this task with the same --tag, or a new run if there is none")
     for title, cls in sections:
         add_flags(p, cls, title)
+
+
+def _chat_parser(sub) -> None:
+    from trainlab.chat.sampling import SamplingConfig
+
+    chat = sub.add_parser("chat", help="ChatGoT: a character-level GPT on any text")
+    csub = chat.add_subparsers(dest="command", required=True, parser_class=Parser)
+    train = csub.add_parser("train", help="train on a UTF-8 text file (--text FILE)")
+    _train_flags(train, "chat", _chat_sections())
+    gen = csub.add_parser("generate", help="print the prompt and a completion")
+    gen.add_argument("--prompt", default="", help="text to continue (default: start from a new line)")
+    repl = csub.add_parser("repl", help="chat with a trained model in the style of its corpus")
+    repl.add_argument("--user-name", help="your speaker name (default: the corpus's second most frequent)")
+    repl.add_argument("--bot-name", help="the model's speaker name (default: the corpus's most frequent)")
+    repl.add_argument("--style", choices=("inline", "block"),
+                      help="turns as 'NAME: line' or 'NAME:' then the speech (default: the corpus's)")
+    for p in (gen, repl):
+        p.add_argument("--checkpoint", required=True, metavar="RUN_OR_PATH",
+                       help="run id, run folder or checkpoint folder")
+        p.add_argument("--best", action="store_true", help="use the run's best checkpoint (lowest val loss)")
+        p.add_argument("--runs-dir", default="runs", help="root folder of all runs")
+        p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
+        add_flags(p, SamplingConfig, "sampling (in this order: repetition penalty, temperature, top-k, top-p)")
 
 
 def _runs_parser(sub) -> None:
@@ -91,7 +128,7 @@ def build_parser() -> Parser:
     mul = sub.add_parser("multiply", help="simple vs latent transformer on multiplication")
     msub = mul.add_subparsers(dest="command", required=True, parser_class=Parser)
     train = msub.add_parser("train", help="train both models side by side")
-    _train_flags(train, _multiply_sections())
+    _train_flags(train, "multiply", _multiply_sections())
 
     ask = msub.add_parser("ask", help="ask a trained run a multiplication, e.g. 123*456")
     ask.add_argument("run", help="run id, run folder or checkpoint folder")
@@ -105,17 +142,21 @@ def build_parser() -> Parser:
     ev.add_argument("--n", type=int, default=10000, help="problems to evaluate (at most the whole split)")
     ev.add_argument("--split", default="test", help="train|val|test")
     _common(ev)
+    _chat_parser(sub)
     _runs_parser(sub)
     return parser
 
 
-def settings_from(args: argparse.Namespace, sections: list[tuple[str, type]]) -> dict[str, Any]:
-    """Defaults < preset < config file < flags, as one flat dict of field values."""
+def settings_from(args: argparse.Namespace, sections: list[tuple[str, type]], default_preset: str | None = None
+                  ) -> dict[str, Any]:
+    """Defaults < preset (``--preset``, else ``default_preset``) < config file < flags, as one
+    flat dict of field values."""
     classes = [cls for _, cls in sections]
     values: dict[str, Any] = {}
-    if getattr(args, "preset", None):
-        preset = load_preset(args.preset)
-        check_known_keys(preset, classes, f"preset {args.preset}")
+    preset_name = getattr(args, "preset", None) or default_preset
+    if preset_name:
+        preset = load_preset(args.task, preset_name)
+        check_known_keys(preset, classes, f"preset {preset_name}")
         values.update(preset)
     if getattr(args, "config", None):
         from_file = load_yaml(args.config)
@@ -209,17 +250,22 @@ def start_or_resume(args: argparse.Namespace, sections: list[tuple[str, type]], 
                     describe: Callable[[dict[str, Any], Any], tuple[str, list[str]]]) -> int:
     """Every task's ``train`` command: a new run, or ``--resume`` of an existing one.
 
-    ``make_task(cfgs)`` builds the task from the section configs (and may reject them);
+    ``make_task(cfgs)`` builds the task from the section configs (and may reject them, or
+    complete them with what only the data knows, such as a vocabulary size);
     ``describe(cfgs, task)`` gives the one-line settings summary for the runs index and
     lines to print before training. All checks happen before anything is written."""
     from trainlab.engine.device import resolve_device
     from trainlab.engine.loop import RESUMABLE_CHANGES, check_compatible, train
     from trainlab.engine.tracking import new_run
 
-    values = settings_from(args, sections)
+    default_preset = DEFAULT_PRESETS.get(args.task)
+    # a resumed run has its own settings: the default preset must not read as flags against them
+    values = settings_from(args, sections, None if args.resume else default_preset)
     resuming = None
     if args.resume:
         resuming = open_for_resume(args.resume, task_name, values.get("runs_dir", "runs"), values.get("tag", ""))
+        if resuming is None:  # --resume auto found nothing: a new run, on the usual defaults
+            values = settings_from(args, sections, default_preset)
     if resuming is not None:
         values = resume_settings(flat(resuming.config), values, RESUMABLE_CHANGES | free, resuming.run.id)
     try:
@@ -269,6 +315,67 @@ def multiply_train(args: argparse.Namespace) -> int:
     return start_or_resume(args, _multiply_sections(), TASK_NAME, RESUMABLE_TASK_CHANGES, make_task, describe)
 
 
+def chat_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from trainlab.chat.data import TextCorpus
+    from trainlab.chat.task import RESUMABLE_TASK_CHANGES, TASK_NAME, ChatTask
+
+    def make_task(cfgs: dict[str, Any]) -> ChatTask:
+        d, tc = cfgs["data"], cfgs["train"]
+        corpus = TextCorpus.load(d.text, d.val_fraction, cache_dir=Path(tc.runs_dir) / ".cache")
+        cfgs["model"] = replace(cfgs["model"], vocab_size=corpus.vocab.size)
+        return ChatTask(corpus, cfgs["model"], cfgs["task"], tc)
+
+    def describe(cfgs: dict[str, Any], task: ChatTask) -> tuple[str, list[str]]:
+        mc, tc, c = cfgs["model"], cfgs["train"], task.corpus
+        summary = (f"{Path(c.source).name}, d_model {mc.d_model}, {mc.num_layers} layers, {mc.nhead} heads, "
+                   f"context {mc.context_len}, batch {tc.batch_size}")
+        style = task.speakers["style"]
+        return summary, [f"corpus {c.source}: {len(c.tokens):,} characters ({len(c.train):,} train, "
+                         f"{len(c.val):,} val), {c.vocab.size} distinct; dialogue style {style}"]
+
+    return start_or_resume(args, _chat_sections(), TASK_NAME, RESUMABLE_TASK_CHANGES, make_task, describe)
+
+
+def _load_chat(args: argparse.Namespace):
+    from trainlab.chat.repl import load_chat_model
+    from trainlab.chat.sampling import SamplingConfig, make_generator
+    from trainlab.chat.task import TASK_NAME
+    from trainlab.engine.device import resolve_device
+    from trainlab.engine.tracking import resolve_checkpoint
+
+    sampling = build(SamplingConfig, vars(args))
+    device = resolve_device(args.device)
+    cm = load_chat_model(resolve_checkpoint(args.runs_dir, TASK_NAME, args.checkpoint, best=args.best), device)
+    return cm, sampling, make_generator(sampling.seed)
+
+
+def _warn(line: str) -> None:
+    sys.stderr.write(line + "\n")
+
+
+def chat_generate(args: argparse.Namespace) -> int:
+    from trainlab.chat.repl import complete, encode_warn
+
+    cm, sampling, generator = _load_chat(args)
+    ids = encode_warn(cm.vocab, args.prompt, _warn)
+    sys.stdout.write(cm.vocab.decode(ids))  # the prompt as the model reads it
+    for piece in complete(cm, ids, sampling, generator):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def chat_repl(args: argparse.Namespace) -> int:
+    from trainlab.chat.repl import default_dialogue, repl
+
+    cm, sampling, generator = _load_chat(args)
+    dialogue = default_dialogue(cm.dialogue, args.style, args.user_name, args.bot_name)
+    return repl(cm, dialogue, sampling, generator, warn=_warn)
+
+
 def _note_extension(tc: TrainConfig) -> None:
     if tc.max_steps and tc.lr_decay_steps and tc.max_steps > tc.lr_decay_steps:
         print(f"note: the LR schedule ends at step {tc.lr_decay_steps}; steps after it run at the final LR "
@@ -277,10 +384,12 @@ def _note_extension(tc: TrainConfig) -> None:
 
 def _load(args: argparse.Namespace):
     from trainlab.engine.device import resolve_device
-    from trainlab.multiply.inference import load_members, resolve_checkpoint, trained_data_config
+    from trainlab.engine.tracking import resolve_checkpoint
+    from trainlab.multiply.inference import load_members, trained_data_config
+    from trainlab.multiply.task import TASK_NAME
 
     device = resolve_device(args.device)
-    ckpt = resolve_checkpoint(args.runs_dir, args.run, best=args.best)
+    ckpt = resolve_checkpoint(args.runs_dir, TASK_NAME, args.run, best=args.best)
     return ckpt, load_members(ckpt, device), trained_data_config(ckpt)
 
 
@@ -372,7 +481,8 @@ def runs_rm(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {("multiply", "train"): multiply_train, ("multiply", "ask"): multiply_ask,
-            ("multiply", "evaluate"): multiply_evaluate, ("runs", "list"): runs_list, ("runs", "clean"): runs_clean,
+            ("multiply", "evaluate"): multiply_evaluate, ("chat", "train"): chat_train,
+            ("chat", "generate"): chat_generate, ("chat", "repl"): chat_repl, ("runs", "list"): runs_list, ("runs", "clean"): runs_clean,
             ("runs", "rm"): runs_rm}
 
 

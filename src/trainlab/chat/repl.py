@@ -1,0 +1,148 @@
+"""Using a trained ChatGoT: load it from a checkpoint, complete a prompt, chat.
+
+The chat follows the dialogue style of the corpus it was trained on (found at training
+time and saved in ``corpus.json``):
+
+    inline:  ``NAME: line`` per turn (TV transcripts); a reply ends at the newline
+    block:   ``NAME:`` on a line, the speech below, a blank line after (plays,
+             tinyshakespeare); a reply ends at the blank line
+
+The user's lines and the model's replies accumulate as the context, of which the model
+sees the last ``context_len`` characters. Characters the vocabulary lacks are dropped
+with a one-line warning.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Iterator, TextIO
+
+import torch
+
+from trainlab.chat.data import CharVocab
+from trainlab.chat.model import GPT, GPTConfig
+from trainlab.chat.sampling import SamplingConfig, generate
+from trainlab.chat.task import MEMBER
+from trainlab.config import ConfigError
+from trainlab.engine.checkpoint import Checkpoint, CheckpointError
+
+STYLES = ("inline", "block")
+
+
+@dataclass
+class ChatModel:
+    model: GPT
+    vocab: CharVocab
+    dialogue: dict  # {"style": ..., "speakers": [...]}, from corpus.json
+
+
+def load_chat_model(ckpt: Checkpoint, device: torch.device) -> ChatModel:
+    """The model rebuilt from the checkpoint's own config and vocabulary."""
+    try:
+        vocab = CharVocab.from_json(ckpt.text("vocab.json"))
+        raw = ckpt.json(f"{MEMBER}/model_config.json")
+        known = {f.name for f in fields(GPTConfig)}
+        cfg = GPTConfig(**{k: v for k, v in raw.items() if k in known})
+    except (ValueError, TypeError, KeyError, ConfigError) as e:
+        raise CheckpointError(f"{ckpt.path}: not a readable chat checkpoint ({e})") from None
+    if cfg.vocab_size != vocab.size:
+        raise CheckpointError(f"{ckpt.path}: model vocabulary {cfg.vocab_size} != vocab.json's {vocab.size}")
+    model = GPT(cfg)
+    try:
+        model.load_state_dict(ckpt.tensors(f"{MEMBER}/model.pt"))
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt.path}: weights do not fit the model config ({str(e).splitlines()[0]})") from None
+    dialogue = ckpt.json("corpus.json").get("dialogue", {}) if "corpus.json" in ckpt.sums else {}
+    return ChatModel(model.to(device).eval(), vocab, dialogue if isinstance(dialogue, dict) else {})
+
+
+def encode_warn(vocab: CharVocab, text: str, warn: Callable[[str], None]) -> list[int]:
+    ids, lacking = vocab.encode_known(text)
+    if lacking:
+        warn(f"warning: dropped {len(lacking)} character{'s' if len(lacking) > 1 else ''} the model never saw: "
+             f"{lacking!r}")
+    return ids.tolist()
+
+
+def complete(cm: ChatModel, ids: list[int], cfg: SamplingConfig, generator: torch.Generator) -> Iterator[str]:
+    """Stream a completion of ``ids``; an empty prompt starts from a new line."""
+    start = cm.vocab.encode_known("\n")[0]
+    return generate(cm.model, ids, cfg, lambda i: cm.vocab.chars[i], generator,
+                    fallback_start=int(start[0]) if len(start) else 0)
+
+
+@dataclass
+class Dialogue:
+    """How turns are written, in the corpus's own style."""
+
+    style: str
+    user: str
+    bot: str
+
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ConfigError("style", f"must be one of {'|'.join(STYLES)}, got {self.style!r}")
+        for name, value in (("user_name", self.user), ("bot_name", self.bot)):
+            if not value.strip() or "\n" in value or ":" in value:
+                raise ConfigError(name, f"must be a non-empty name without ':' or newlines, got {value!r}")
+
+    def cue(self, speaker: str) -> str:
+        """What opens a turn; the speech follows, then ``end``."""
+        return f"{speaker}: " if self.style == "inline" else f"{speaker}:\n"
+
+    @property
+    def end(self) -> str:
+        return "\n" if self.style == "inline" else "\n\n"
+
+    @property
+    def stop_at(self) -> str:
+        return "line" if self.style == "inline" else "paragraph"
+
+
+def default_dialogue(saved: dict, style: str | None, user: str | None, bot: str | None) -> Dialogue:
+    """Flags win; else the corpus's style and its two most frequent speakers (bot first)."""
+    speakers = [s for s in saved.get("speakers", []) if isinstance(s, str)]
+    style = style or (saved.get("style") if saved.get("style") in STYLES else "inline")
+    bot = bot or (speakers[0] if speakers else "Bot")
+    user = user or next((s for s in speakers if s != bot), "You")
+    return Dialogue(style, user, bot)
+
+
+def repl(cm: ChatModel, dialogue: Dialogue, cfg: SamplingConfig, generator: torch.Generator,
+         inp: TextIO | None = None, out: TextIO | None = None, warn: Callable[[str], None] | None = None) -> int:
+    """Chat until end of input or ``/quit``; ``/reset`` forgets the conversation."""
+    inp, out = inp or sys.stdin, out or sys.stdout
+    warn = warn or (lambda line: print(line, file=sys.stderr))
+    if cfg.stop_at == "none":
+        cfg = replace(cfg, stop_at=dialogue.stop_at)
+    ctx = cm.model.cfg.context_len
+    out.write(f"chatting as {dialogue.user} with {dialogue.bot} ({dialogue.style} turns); "
+              f"/reset forgets, /quit or end of input leaves\n")
+    user_cue, bot_cue, end = (encode_warn(cm.vocab, t, warn) for t in
+                              (dialogue.cue(dialogue.user), dialogue.cue(dialogue.bot), dialogue.end))
+    history: list[int] = []
+    while True:
+        out.write(f"{dialogue.user}: ")
+        out.flush()
+        line = inp.readline()
+        if not line or line.strip() == "/quit":
+            out.write("\n" if not line else "")
+            return 0
+        line = line.rstrip("\r\n")
+        if line.strip() == "/reset":
+            history = []
+            out.write("(conversation forgotten)\n")
+            continue
+        if not line.strip():
+            continue
+        history += user_cue + encode_warn(cm.vocab, line, warn) + end
+        prompt = (history + bot_cue)[-ctx:]
+        out.write(f"{dialogue.bot}: ")
+        reply = ""
+        for piece in generate(cm.model, prompt, cfg, lambda i: cm.vocab.chars[i], generator):
+            reply += piece
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        history = (history + bot_cue + cm.vocab.encode(reply.strip()).tolist() + end)[-ctx:]

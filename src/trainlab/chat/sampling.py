@@ -1,0 +1,170 @@
+"""Sampling: one pure function from logits to the next character, and a streaming generator.
+
+``next_token`` applies, in this order:
+
+1. repetition penalty (CTRL, Keskar et al. 2019): every distinct token among the last
+   ``repetition_window`` ones has its logit divided by ``repetition_penalty`` when
+   positive and multiplied by it when negative, so a penalty always makes a token
+   less likely (dividing a negative logit, the original's bug, made it more likely);
+2. temperature: logits / T; T = 0 means greedy (the top token after the penalty);
+3. top-k: only the k highest logits survive (0: off);
+4. top-p (nucleus): only the smallest set of tokens whose probabilities add up to at
+   least p survives (1: off); the top token always survives;
+
+then draws from the softmax with the caller's ``torch.Generator`` (seedable), on CPU
+so that a seed gives the same text on any device.
+
+Stopping (``stop_at``), checked after every character once ``min_new_tokens`` are out:
+``line`` ends at a newline, ``paragraph`` at a blank line, ``sentence`` at ``.``, ``!``
+or ``?`` (optionally followed by a closing quote or bracket) followed by whitespace;
+the boundary whitespace is not part of the text. ``none``, or no boundary before
+``max_new_tokens``, ends at the length limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from trainlab.config import ConfigError, non_negative, one_of, positive
+
+STOP_AT = ("none", "line", "sentence", "paragraph")
+SENTENCE_END = ".!?"
+CLOSERS = "\"')]"
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = field(default=0.8, metadata={"help": "softmax temperature; 0: greedy"})
+    top_k: int = field(default=0, metadata={"help": "sample among the k most likely characters; 0: off"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass in (0, 1]; 1: off"})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "CTRL penalty >= 1 on recent characters; 1: off"})
+    repetition_window: int = field(default=64, metadata={"help": "recent characters the penalty looks at"})
+    max_new_tokens: int = field(default=400, metadata={"help": "most characters to generate"})
+    min_new_tokens: int = field(default=1, metadata={"help": "characters before --stop-at may end the text"})
+    stop_at: str = field(default="none", metadata={"help": "end at the first none|line|sentence|paragraph boundary"})
+    seed: int | None = field(default=None, metadata={"help": "seed of the sampler (default: a fresh one)"})
+
+    def __post_init__(self) -> None:
+        non_negative("temperature", self.temperature)
+        non_negative("top_k", self.top_k)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty < 1.0:
+            raise ConfigError("repetition_penalty", f"must be at least 1 (1: off), got {self.repetition_penalty}")
+        non_negative("repetition_window", self.repetition_window)
+        positive("max_new_tokens", self.max_new_tokens)
+        non_negative("min_new_tokens", self.min_new_tokens)
+        one_of("stop_at", self.stop_at, STOP_AT)
+
+
+# -- the four steps, each on a (V,) tensor of logits ----------------------------------------
+def apply_repetition_penalty(logits: torch.Tensor, recent: torch.Tensor, penalty: float) -> torch.Tensor:
+    if penalty == 1.0 or recent.numel() == 0:
+        return logits
+    out = logits.clone()
+    ids = recent.unique()
+    seen = out[ids]
+    out[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return out
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.numel():
+        return logits
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above each one
+    drop_sorted = before >= p  # never the first: its mass-before is 0
+    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_token(logits: torch.Tensor, recent: torch.Tensor, cfg: SamplingConfig,
+               generator: torch.Generator | None = None) -> int:
+    """The next token id from one position's logits (V,), in the documented order."""
+    logits = apply_repetition_penalty(logits.detach().float().cpu(), recent.cpu(), cfg.repetition_penalty)
+    if cfg.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = apply_top_p(apply_top_k(logits / cfg.temperature, cfg.top_k), cfg.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def stop_length(text: str, stop_at: str, min_chars: int) -> int | None:
+    """If ``text`` (generated so far) just reached a ``stop_at`` boundary: the length to keep."""
+    if stop_at == "none" or not text:
+        return None
+    if stop_at == "line" and text[-1] == "\n":
+        keep = len(text) - 1
+    elif stop_at == "paragraph" and text.endswith("\n\n"):
+        keep = len(text) - 2
+    elif stop_at == "sentence" and text[-1].isspace() and len(text) >= 2:
+        body = text[:-1].rstrip(CLOSERS) if text[-2] in CLOSERS else text[:-1]
+        if not body or body[-1] not in SENTENCE_END:
+            return None
+        keep = len(text) - 1
+    else:
+        return None
+    return keep if keep >= min_chars else None
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+@torch.no_grad()
+def generate(model, prompt: list[int], cfg: SamplingConfig, decode: Callable[[int], str],
+             generator: torch.Generator, fallback_start: int = 0) -> Iterator[str]:
+    """Stream the completion of ``prompt`` (token ids) piece by piece.
+
+    Trailing whitespace is held back until a later character shows it is not a
+    boundary, so nothing streamed is ever taken back. The model sees at most its
+    context: when the cache fills it is rebuilt from the last three quarters of it
+    (learned positions cannot slide), costing one window's forward pass every
+    ``context_len / 4`` characters."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ctx = model.cfg.context_len
+    keep = max(1, ctx - ctx // 4)
+    tokens = list(prompt) or [fallback_start]
+    try:
+        window = tokens[-ctx:]
+        logits, cache = model(torch.tensor([window], device=device))
+        text, sent = "", 0
+        for _ in range(cfg.max_new_tokens):
+            tok = next_token(logits[0, -1], torch.tensor(tokens[-cfg.repetition_window:] if cfg.repetition_window
+                                                         else [], dtype=torch.long), cfg, generator)
+            tokens.append(tok)
+            text += decode(tok)
+            end = stop_length(text, cfg.stop_at, cfg.min_new_tokens)
+            if end is not None:
+                text = text[:end]
+                break
+            ready = len(text.rstrip())
+            if ready > sent:
+                yield text[sent:ready]
+                sent = ready
+            if cache[0][0].shape[2] >= ctx:
+                logits, cache = model(torch.tensor([tokens[-keep:]], device=device))
+            else:
+                logits, cache = model(torch.tensor([[tok]], device=device), cache)
+        if len(text) > sent:
+            yield text[sent:]
+    finally:
+        model.train(was_training)

@@ -1,0 +1,194 @@
+"""ChatGoT as a task of the shared engine: one member, a character GPT.
+
+Batches are random windows of the train span (see ``chat/data.py``); evaluation is the
+mean cross-entropy over a fixed set of val windows (the same ones at every
+evaluation, so the curve moves only when the model does), plus the same measure on a
+fixed set of train windows, whose gap to val shows overfitting. Samples during
+training start from a line of val text and are scored for diversity.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainlab.chat.data import TextCorpus
+from trainlab.chat.metrics import diversity
+from trainlab.chat.model import GPT, GPTConfig
+from trainlab.chat.sampling import SamplingConfig, generate
+from trainlab.config import ConfigError, positive
+from trainlab.engine.loop import Evaluation, Summary, TrainConfig
+from trainlab.engine.tracking import Run
+
+TASK_NAME = "chat"
+MEMBER = "gpt"
+# settings a resumed run may change: none of them touches the training trajectory
+# (the corpus may move; its content is checked against the checkpoint's corpus.json)
+RESUMABLE_TASK_CHANGES = frozenset({"text", "eval_batches", "sample_tokens", "sample_temperature", "prompt_chars"})
+EVAL_SEED = 0xE7A1
+
+
+def auto_temperature(val_loss: float | None) -> float:
+    """``--sample-temperature auto``: 0.6 + 0.1 * val loss, clipped to [0.7, 1.0].
+
+    An untrained model (val loss ln(vocab), about 4.2 for 65 characters) samples at
+    1.0, where its samples are honest noise; by val loss 1.5 (readable words) it
+    samples at 0.75, cool enough to show what the model prefers without freezing it."""
+    if val_loss is None or not math.isfinite(val_loss):
+        return 1.0
+    return min(1.0, max(0.7, 0.6 + 0.1 * val_loss))
+
+
+@dataclass
+class ChatTaskConfig:
+    eval_batches: int = field(default=20, metadata={"help": "batches of windows per evaluation, the same ones "
+                                                            "every time (val, and as many from train)"})
+    sample_tokens: int = field(default=200, metadata={"help": "characters per sample during training"})
+    sample_temperature: str = field(default="auto", metadata={"help": "temperature of training samples: a number, "
+                                                                      "or auto (cooler as val loss falls)"})
+    prompt_chars: int = field(default=48, metadata={"help": "characters of val text that prompt each sample"})
+
+    def __post_init__(self) -> None:
+        for name in ("eval_batches", "sample_tokens", "prompt_chars"):
+            positive(name, getattr(self, name))
+        if self.sample_temperature != "auto":
+            try:
+                t = float(self.sample_temperature)
+            except ValueError:
+                t = -1.0
+            if not t >= 0:
+                raise ConfigError("sample_temperature", f"must be auto or a number >= 0, got {self.sample_temperature!r}")
+
+
+SPEAKER = r"([A-Z][A-Za-z .'-]{0,29})"
+INLINE = re.compile(rf"^{SPEAKER}:[ \t]+\S", re.M)  # NAME: line
+BLOCK = re.compile(rf"^{SPEAKER}:[ \t]*$", re.M)  # NAME:  (speech on the lines below)
+
+
+def detect_speakers(text: str, most: int = 8) -> dict[str, Any]:
+    """The corpus's dialogue style (inline ``NAME: line``, block ``NAME:`` + lines, or none)
+    and its most frequent speakers, from the first megabyte; the repl follows them."""
+    head = text[:2**20]
+    found = {"inline": INLINE.findall(head), "block": BLOCK.findall(head)}
+    style = max(found, key=lambda k: len(found[k]))
+    if len(found[style]) < 3:
+        return {"style": "none", "speakers": []}
+    return {"style": style, "speakers": [n for n, _ in Counter(n.strip() for n in found[style]).most_common(most)]}
+
+
+class ChatTask:
+    """See the module docstring; the engine's Task protocol, implemented."""
+
+    name = TASK_NAME
+    best_metric = ("val_loss", "min")
+    member_names = [MEMBER]
+
+    def __init__(self, corpus: TextCorpus, model: GPTConfig, task: ChatTaskConfig, train: TrainConfig) -> None:
+        corpus.check_windows(model.context_len)
+        if model.vocab_size != corpus.vocab.size:
+            raise ValueError("the model's vocab_size must be the corpus's")
+        self.corpus, self.model_cfg, self.task_cfg, self.train_cfg = corpus, model, task, train
+        self.speakers = detect_speakers(corpus.vocab.decode(corpus.tokens[:2**20]))
+        self.last_val_loss: float | None = None
+        newline = corpus.vocab.encode_known("\n")[0]
+        self._line_starts = np.flatnonzero(np.asarray(corpus.val[:-1]) == newline[0]) + 1 if len(newline) else None
+        self._fixed: dict[str, np.ndarray] = {}
+
+    # -- models and batches ----------------------------------------------------------
+    def build_models(self) -> dict[str, nn.Module]:
+        torch.manual_seed(self.train_cfg.seed)
+        return {MEMBER: GPT(self.model_cfg)}
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.train_cfg.seed, step])
+        ctx = self.model_cfg.context_len
+        return self.corpus.windows("train", self.corpus.random_starts("train", self.train_cfg.batch_size, ctx, rng), ctx)
+
+    def loss(self, member: str, model: nn.Module, batch: dict[str, torch.Tensor], step: int
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits, _ = model(batch["x"])  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), batch["y"].flatten()), {}
+
+    def scalars(self, step: int) -> dict[str, float]:
+        return {}
+
+    # -- evaluation and samples ----------------------------------------------------------
+    def fixed_starts(self, split: str) -> np.ndarray:
+        """The windows every evaluation uses: drawn once from a fixed seed, not the run's."""
+        if split not in self._fixed:
+            rng = np.random.default_rng([EVAL_SEED, split == "val"])
+            n = self.task_cfg.eval_batches * self.train_cfg.batch_size
+            self._fixed[split] = self.corpus.random_starts(split, n, self.model_cfg.context_len, rng)
+        return self._fixed[split]
+
+    @torch.no_grad()
+    def mean_loss(self, model: nn.Module, split: str) -> float:
+        device = next(model.parameters()).device
+        starts, bs, ctx = self.fixed_starts(split), self.train_cfg.batch_size, self.model_cfg.context_len
+        total = 0.0
+        for i in range(0, len(starts), bs):
+            b = self.corpus.windows(split, starts[i:i + bs], ctx)
+            logits, _ = model(b["x"].to(device))
+            total += float(F.cross_entropy(logits.flatten(0, 1), b["y"].to(device).flatten(), reduction="sum"))
+        return total / (len(starts) * ctx)
+
+    def evaluate(self, member: str, model: nn.Module, step: int) -> Evaluation:
+        val = self.mean_loss(model, "val")
+        self.last_val_loss = val
+        return Evaluation({"val_loss": val, "val_perplexity": math.exp(min(val, 50.0)),
+                           "train_loss": self.mean_loss(model, "train")})
+
+    def sample_prompt(self, rng: np.random.Generator) -> list[int]:
+        """``prompt_chars`` of val text starting at a line start (anywhere, if it has no lines)."""
+        n = min(self.task_cfg.prompt_chars, len(self.corpus.val) - 1)
+        starts = self._line_starts[self._line_starts <= len(self.corpus.val) - n] if self._line_starts is not None \
+            else np.zeros(0, dtype=np.int64)
+        at = int(rng.choice(starts)) if len(starts) else int(rng.integers(0, len(self.corpus.val) - n + 1))
+        return [int(t) for t in self.corpus.val[at:at + n]]
+
+    def sample_temperature(self) -> float:
+        t = self.task_cfg.sample_temperature
+        return auto_temperature(self.last_val_loss) if t == "auto" else float(t)
+
+    def sample(self, member: str, model: nn.Module, step: int) -> Evaluation:
+        rng = np.random.default_rng([self.train_cfg.seed, step, 0x5A])
+        prompt = self.sample_prompt(rng)
+        temperature = self.sample_temperature()
+        cfg = SamplingConfig(temperature=temperature, max_new_tokens=self.task_cfg.sample_tokens)
+        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        vocab = self.corpus.vocab
+        completion = "".join(generate(model, prompt, cfg, lambda i: vocab.chars[i], g))
+        head = vocab.decode(prompt)
+        metrics = {"temperature": temperature, **diversity(completion)}
+        text = (f"temperature {temperature:.2f}; prompt from val text:\n\n```\n{head}\n```\n\nsample:\n\n"
+                f"```\n{completion}\n```")
+        lines = [f"(temperature {temperature:.2f}) {head!r} ->", *completion.splitlines()]
+        return Evaluation(metrics, lines, text)
+
+    # -- state and files -------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_val_loss": self.last_val_loss}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_val_loss = state.get("last_val_loss")
+
+    def checkpoint_texts(self) -> dict[str, str]:
+        corpus = {**self.corpus.info(), "dialogue": self.speakers}
+        return {"vocab.json": self.corpus.vocab.to_json(), "corpus.json": json.dumps(corpus, indent=2)}
+
+    def member_texts(self, member: str) -> dict[str, str]:
+        return {"model_config.json": json.dumps(asdict(self.model_cfg), indent=2)}
+
+    def report(self, run: Run, summary: Summary) -> None:
+        from trainlab.chat.report import write_report
+
+        print(f"report: {write_report(run, summary)}")
