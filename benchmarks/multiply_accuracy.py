@@ -15,32 +15,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import seconds_per_step  # noqa: E402
 
 from trainlab.cli import _multiply_sections, build_parser, settings_from  # noqa: E402
 from trainlab.config import build  # noqa: E402
-from trainlab.engine.loop import make_member, train  # noqa: E402
+from trainlab.engine.loop import train  # noqa: E402
 from trainlab.engine.tracking import new_run  # noqa: E402
 from trainlab.multiply.inference import evaluate_members, evaluation_dataset  # noqa: E402
 from trainlab.multiply.task import MultiplyTask  # noqa: E402
-
-
-def seconds_per_step(task: MultiplyTask, cfg, n: int = 12) -> float:
-    members = [make_member(k, m, cfg) for k, m in task.build_models().items()]
-    for i in range(n + 3):
-        if i == 3:
-            t0 = time.perf_counter()
-        batch = task.batch(i)
-        for m in members:
-            loss, _ = task.loss(m.name, m.model, batch, i)
-            m.optimizer.zero_grad()
-            loss.backward()
-            m.optimizer.step()
-    return (time.perf_counter() - t0) / n
 
 
 def main() -> None:

@@ -55,6 +55,11 @@ def test_a_tiny_model_learns_a_made_up_play(learned, capsys):
     assert main(["chat", "generate", "--checkpoint", "learn", "--runs-dir", str(runs_dir), "--prompt", "BORIS:\nBring",
                  "--temperature", "0", "--max-new-tokens", "20", "--stop-at", "line", "--device", "cpu"]) == 0
     assert capsys.readouterr().out == "BORIS:\nBring the red lamp.\n"
+    # the best checkpoint, and a checkpoint folder given by path, work the same way
+    for ref in (["learn", "--best"], [str(ck.path)]):
+        assert main(["chat", "generate", "--checkpoint", *ref, "--runs-dir", str(runs_dir), "--prompt", "ANNA:\nWe",
+                     "--temperature", "0", "--max-new-tokens", "20", "--stop-at", "sentence", "--device", "cpu"]) == 0
+        assert capsys.readouterr().out == "ANNA:\nWe sail at noon.\n"
 
 
 def test_resume_after_an_interrupt_equals_an_unbroken_run(runs_dir, corpus, monkeypatch):

@@ -328,12 +328,17 @@ def chat_train(args: argparse.Namespace) -> int:
         return ChatTask(corpus, cfgs["model"], cfgs["task"], tc)
 
     def describe(cfgs: dict[str, Any], task: ChatTask) -> tuple[str, list[str]]:
+        from trainlab.engine.device import resolve_device
+
         mc, tc, c = cfgs["model"], cfgs["train"], task.corpus
         summary = (f"{Path(c.source).name}, d_model {mc.d_model}, {mc.num_layers} layers, {mc.nhead} heads, "
                    f"context {mc.context_len}, batch {tc.batch_size}")
-        style = task.speakers["style"]
-        return summary, [f"corpus {c.source}: {len(c.tokens):,} characters ({len(c.train):,} train, "
-                         f"{len(c.val):,} val), {c.vocab.size} distinct; dialogue style {style}"]
+        lines = [f"corpus {c.source}: {len(c.tokens):,} characters ({len(c.train):,} train, {len(c.val):,} val), "
+                 f"{c.vocab.size} distinct; dialogue style {task.speakers['style']}"]
+        if resolve_device(tc.device).type == "cpu" and 12 * mc.d_model ** 2 * mc.num_layers > 5e6:
+            lines.append(f"note: a {mc.d_model}-wide, {mc.num_layers}-layer model trains slowly on a CPU "
+                         f"(seconds a step); --preset nanogpt-cpu is a CPU-sized one")
+        return summary, lines
 
     return start_or_resume(args, _chat_sections(), TASK_NAME, RESUMABLE_TASK_CHANGES, make_task, describe)
 

@@ -1,0 +1,123 @@
+"""ChatGoT on tinyshakespeare: val loss by step, throughput, wall time, samples.
+
+Targets (issue 4):
+
+    # nanoGPT's published CPU figure: val loss 1.88 at 2000 iterations, same configuration
+    python benchmarks/chat_convergence.py --preset nanogpt-cpu
+    # the 14M model for 20 minutes of training here; samples should read as play-format English
+    python benchmarks/chat_convergence.py --preset chatgot-14m --minutes 20 --batch-size 16 --eval-batches 4
+
+Any `trainlab chat train` flag passes through. With ``--minutes`` the script times a few
+steps first and sets --max-steps (and so the end of the cosine decay) to fit the budget
+of training steps (evaluation and sampling excluded). The corpus is read from
+``../shared/data/tinyshakespeare.txt`` unless --text says otherwise; runs go to a
+temporary folder unless --runs-dir says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from common import seconds_per_step  # noqa: E402
+
+from trainlab.chat.data import TextCorpus  # noqa: E402
+from trainlab.chat.sampling import SamplingConfig, generate  # noqa: E402
+from trainlab.chat.task import ChatTask  # noqa: E402
+from trainlab.cli import _chat_sections, build_parser, settings_from  # noqa: E402
+from trainlab.config import build  # noqa: E402
+from trainlab.engine.loop import train  # noqa: E402
+from trainlab.engine.tracking import new_run  # noqa: E402
+
+NANOGPT_VAL_LOSS = 1.88  # nanoGPT README, shakespeare_char on CPU, 2000 iterations
+
+
+@torch.no_grad()
+def span_loss(model, corpus: TextCorpus, split: str, ctx: int, most: int | None = None) -> float:
+    """Mean loss over every non-overlapping window of a span (the first ``most`` of them):
+    the precise figure that a few sampled batches (nanoGPT's estimate, --eval-batches)
+    approximate."""
+    data = corpus.val if split == "val" else corpus.train
+    starts = np.arange(0, len(data) - ctx, ctx)[:most]
+    model.eval()
+    total = 0.0
+    for i in range(0, len(starts), 256):
+        b = corpus.windows(split, starts[i:i + 256], ctx)
+        logits, _ = model(b["x"])
+        total += float(F.cross_entropy(logits.flatten(0, 1), b["y"].flatten(), reduction="sum"))
+    return total / (len(starts) * ctx)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", type=float, help="budget of training time; sets --max-steps")
+    ap.add_argument("--samples", type=int, default=3, help="samples printed at the end")
+    ap.add_argument("--sample-chars", type=int, default=300)
+    ap.add_argument("--evals", type=int, default=10, help="evaluations over a --minutes run")
+    known, rest = ap.parse_known_args()
+    if "--text" not in rest:
+        rest = ["--text", str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"), *rest]
+    if "--runs-dir" not in rest:
+        rest = ["--runs-dir", tempfile.mkdtemp(prefix="chat-bench-"), *rest]
+    args = build_parser().parse_args(["chat", "train", "--no-progress", "--tag", "benchmark", *rest])
+    sections = _chat_sections()
+    cfgs = {name: build(cls, settings_from(args, sections, "chatgot-14m")) for name, cls in sections}
+    corpus = TextCorpus.load(cfgs["data"].text, cfgs["data"].val_fraction)
+    cfgs["model"] = replace(cfgs["model"], vocab_size=corpus.vocab.size)
+    if known.minutes:
+        sps = seconds_per_step(ChatTask(corpus, cfgs["model"], cfgs["task"], cfgs["train"]), cfgs["train"])
+        steps = max(10, int(known.minutes * 60 / sps))
+        every = max(1, steps // known.evals)
+        cfgs["train"] = replace(cfgs["train"], max_steps=steps, lr_decay_steps=steps, eval_every=every,
+                                sample_every=every, save_every=steps)
+        print(f"{sps:.2f} s/step -> {steps} steps in {known.minutes} min")
+    task = ChatTask(corpus, cfgs["model"], cfgs["task"], cfgs["train"])
+    config = {name: asdict(c) for name, c in cfgs.items()}
+    tc, mc = cfgs["train"], cfgs["model"]
+    run = new_run(tc.runs_dir, task.name, tc.run_name, tc.tag, config)
+    print(f"run {run.dir}; torch threads {torch.get_num_threads()}")
+    t0 = time.perf_counter()
+    summary = train(task, tc, run, config)
+    wall = time.perf_counter() - t0
+    m = summary.members[0]
+
+    tokens = m.examples * mc.context_len
+    print(f"\n{m.num_parameters:,} parameters; d_model {mc.d_model}, {mc.num_layers} layers, {mc.nhead} heads, "
+          f"context {mc.context_len}, batch {tc.batch_size}; val loss over {cfgs['task'].eval_batches} fixed "
+          f"batches of val windows")
+    print(f"{'step':>6} {'train min':>9} {'val loss':>9} {'train loss':>10}")
+    per_step = m.train_seconds / max(1, m.step) / 60
+    for e in m.evals:
+        print(f"{int(e['step']):>6} {e['step'] * per_step:>9.1f} {e['val_loss']:>9.4f} {e['train_loss']:>10.4f}")
+    final = m.evals[-1]["val_loss"]
+    n_val = (len(corpus.val) - 1) // mc.context_len
+    print(f"\nfinal val loss {final:.4f} (perplexity {math.exp(final):.2f}) at step {m.step}; over the whole "
+          f"val span {span_loss(m.model, corpus, 'val', mc.context_len):.4f}; over as many windows from the "
+          f"start of train {span_loss(m.model, corpus, 'train', mc.context_len, n_val):.4f}")
+    print(f"throughput {tokens / m.train_seconds:,.0f} tokens/s over {m.train_seconds / 60:.1f} min of training "
+          f"steps; wall time {wall / 60:.1f} min including evaluation, sampling and checkpoints")
+    if tc.max_steps == 2000 and mc.context_len == 64 and mc.d_model == 128:
+        verdict = "met" if final <= NANOGPT_VAL_LOSS else "NOT met"
+        print(f"target: val loss <= {NANOGPT_VAL_LOSS} at 2000 iterations (nanoGPT's figure): {verdict}")
+    cfg = SamplingConfig(temperature=0.8, max_new_tokens=known.sample_chars)
+    vocab = corpus.vocab
+    for i in range(known.samples):
+        g = torch.Generator().manual_seed(i)
+        text = "".join(generate(m.model, vocab.encode("\n").tolist(), cfg, lambda t: vocab.chars[t], g))
+        print(f"\n--- sample {i + 1} (temperature 0.8, seed {i}) ---\n{text}")
+
+
+if __name__ == "__main__":
+    main()
