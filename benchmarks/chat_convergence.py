@@ -5,7 +5,8 @@ Targets (issue 4):
     # nanoGPT's published CPU figure: val loss 1.88 at 2000 iterations, same configuration
     python benchmarks/chat_convergence.py --preset nanogpt-cpu
     # the 14M model for 20 minutes of training here; samples should read as play-format English
-    python benchmarks/chat_convergence.py --preset chatgot-14m --minutes 20 --batch-size 16 --eval-batches 4
+    python benchmarks/chat_convergence.py --preset chatgot-14m --minutes 20 --batch-size 8 --lr 0.0015 \
+        --dropout 0 --warmup-steps 50 --eval-batches 8
 
 Any `trainlab chat train` flag passes through. With ``--minutes`` the script times a few
 steps first and sets --max-steps (and so the end of the cosine decay) to fit the budget
