@@ -36,7 +36,7 @@ from common import seconds_per_step  # noqa: E402
 
 from trainlab.chat.data import TextCorpus  # noqa: E402
 from trainlab.chat.sampling import SamplingConfig, generate  # noqa: E402
-from trainlab.chat.task import ChatTask  # noqa: E402
+from trainlab.chat.task import make_chat_task  # noqa: E402
 from trainlab.cli import _chat_sections, build_parser, settings_from  # noqa: E402
 from trainlab.config import build  # noqa: E402
 from trainlab.engine.loop import train  # noqa: E402
@@ -75,16 +75,16 @@ def main() -> None:
     args = build_parser().parse_args(["chat", "train", "--no-progress", "--tag", "benchmark", *rest])
     sections = _chat_sections()
     cfgs = {name: build(cls, settings_from(args, sections, "chatgot-14m")) for name, cls in sections}
-    corpus = TextCorpus.load(cfgs["data"].text, cfgs["data"].val_fraction)
-    cfgs["model"] = replace(cfgs["model"], vocab_size=corpus.vocab.size)
+    task = make_chat_task(cfgs)
     if known.minutes:
-        sps = seconds_per_step(ChatTask(corpus, cfgs["model"], cfgs["task"], cfgs["train"]), cfgs["train"])
+        sps = seconds_per_step(task, cfgs["train"])
         steps = max(10, int(known.minutes * 60 / sps))
         every = max(1, steps // known.evals)
         cfgs["train"] = replace(cfgs["train"], max_steps=steps, lr_decay_steps=steps, eval_every=every,
                                 sample_every=every, save_every=steps)
         print(f"{sps:.2f} s/step -> {steps} steps in {known.minutes} min")
-    task = ChatTask(corpus, cfgs["model"], cfgs["task"], cfgs["train"])
+        task = make_chat_task(cfgs)  # with the train settings it will run under
+    corpus = task.corpus
     config = {name: asdict(c) for name, c in cfgs.items()}
     tc, mc = cfgs["train"], cfgs["model"]
     run = new_run(tc.runs_dir, task.name, tc.run_name, tc.tag, config)

@@ -40,6 +40,10 @@ class Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+def _warn(line: str) -> None:
+    sys.stderr.write(line + "\n")
+
+
 def _multiply_sections() -> list[tuple[str, type]]:
     from trainlab.multiply.data import MultiplyDataConfig
     from trainlab.multiply.loss import LossConfig
@@ -172,7 +176,7 @@ def resume_settings(run_values: dict[str, Any], given: dict[str, Any], free: fro
     """The settings of a resumed run: the run's own, with ``given`` (flags, file, preset)
     applied only where ``free`` allows. Every other given value that differs is reported
     in one line naming both values, and the run's value is kept."""
-    warn = warn or (lambda line: sys.stderr.write(line + "\n"))
+    warn = warn or _warn
     values = dict(run_values)
     for key, new in given.items():
         if key not in values:
@@ -316,16 +320,7 @@ def multiply_train(args: argparse.Namespace) -> int:
 
 
 def chat_train(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from trainlab.chat.data import TextCorpus
-    from trainlab.chat.task import RESUMABLE_TASK_CHANGES, TASK_NAME, ChatTask
-
-    def make_task(cfgs: dict[str, Any]) -> ChatTask:
-        d, tc = cfgs["data"], cfgs["train"]
-        corpus = TextCorpus.load(d.text, d.val_fraction, cache_dir=Path(tc.runs_dir) / ".cache")
-        cfgs["model"] = replace(cfgs["model"], vocab_size=corpus.vocab.size)
-        return ChatTask(corpus, cfgs["model"], cfgs["task"], tc)
+    from trainlab.chat.task import RESUMABLE_TASK_CHANGES, TASK_NAME, ChatTask, make_chat_task
 
     def describe(cfgs: dict[str, Any], task: ChatTask) -> tuple[str, list[str]]:
         from trainlab.engine.device import resolve_device
@@ -340,7 +335,7 @@ def chat_train(args: argparse.Namespace) -> int:
                          f"(seconds a step); --preset nanogpt-cpu is a CPU-sized one")
         return summary, lines
 
-    return start_or_resume(args, _chat_sections(), TASK_NAME, RESUMABLE_TASK_CHANGES, make_task, describe)
+    return start_or_resume(args, _chat_sections(), TASK_NAME, RESUMABLE_TASK_CHANGES, make_chat_task, describe)
 
 
 def _load_chat(args: argparse.Namespace):
@@ -354,10 +349,6 @@ def _load_chat(args: argparse.Namespace):
     device = resolve_device(args.device)
     cm = load_chat_model(resolve_checkpoint(args.runs_dir, TASK_NAME, args.checkpoint, best=args.best), device)
     return cm, sampling, make_generator(sampling.seed)
-
-
-def _warn(line: str) -> None:
-    sys.stderr.write(line + "\n")
 
 
 def chat_generate(args: argparse.Namespace) -> int:

@@ -153,6 +153,21 @@ def non_negative(field: str, value: float | int) -> None:
         raise ConfigError(field, f"must not be negative, got {value}")
 
 
+def in_range(field: str, value: float, low: float, high: float, low_open: bool = False,
+             high_open: bool = False) -> None:
+    """``value`` within the interval, e.g. ``in_range("dropout", p, 0, 1, high_open=True)`` is [0, 1)."""
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(field, f"must be in {interval}, got {value}")
+
+
+def check_heads(d_model: int, nhead: int) -> None:
+    if d_model % nhead:
+        raise ConfigError("d_model", f"must be divisible by --nhead (got {d_model} and {nhead})")
+
+
 def one_of(field: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(field, f"must be one of {'|'.join(choices)}, got {value!r}")

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainlab.config import ConfigError, UsageError
+from trainlab.config import ConfigError, UsageError, in_range
 
 MMAP_BYTES = 64 * 2**20
 CHUNK_BYTES = 8 * 2**20
@@ -48,8 +48,7 @@ class ChatDataConfig:
     def __post_init__(self) -> None:
         if not self.text:
             raise ConfigError("text", "required: the UTF-8 text file to train on")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError("val_fraction", f"must be between 0 and 1, got {self.val_fraction}")
+        in_range("val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
 
 
 def _codepoints(text: str) -> np.ndarray:

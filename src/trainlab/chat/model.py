@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainlab.config import ConfigError, non_negative, positive
+from trainlab.config import check_heads, in_range, non_negative, positive
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per block: keys and values, (B, H, T, hd) each
 
@@ -37,10 +37,8 @@ class GPTConfig:
         for name in ("d_model", "nhead", "num_layers", "context_len", "vocab_size"):
             positive(name, getattr(self, name))
         non_negative("dim_feedforward", self.dim_feedforward)
-        if self.d_model % self.nhead:
-            raise ConfigError("d_model", f"must be divisible by --nhead (got {self.d_model} and {self.nhead})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+        check_heads(self.d_model, self.nhead)
+        in_range("dropout", self.dropout, 0, 1, high_open=True)
 
     @property
     def d_ff(self) -> int:

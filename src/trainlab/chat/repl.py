@@ -15,7 +15,7 @@ with a one-line warning.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, TextIO
 
 import torch
@@ -41,18 +41,13 @@ def load_chat_model(ckpt: Checkpoint, device: torch.device) -> ChatModel:
     """The model rebuilt from the checkpoint's own config and vocabulary."""
     try:
         vocab = CharVocab.from_json(ckpt.text("vocab.json"))
-        raw = ckpt.json(f"{MEMBER}/model_config.json")
-        known = {f.name for f in fields(GPTConfig)}
-        cfg = GPTConfig(**{k: v for k, v in raw.items() if k in known})
-    except (ValueError, TypeError, KeyError, ConfigError) as e:
-        raise CheckpointError(f"{ckpt.path}: not a readable chat checkpoint ({e})") from None
+    except ValueError as e:  # bad JSON, or not a character vocabulary
+        raise CheckpointError(f"{ckpt.path}: unreadable vocab.json ({e})") from None
+    cfg = ckpt.config(f"{MEMBER}/model_config.json", GPTConfig)
     if cfg.vocab_size != vocab.size:
         raise CheckpointError(f"{ckpt.path}: model vocabulary {cfg.vocab_size} != vocab.json's {vocab.size}")
     model = GPT(cfg)
-    try:
-        model.load_state_dict(ckpt.tensors(f"{MEMBER}/model.pt"))
-    except RuntimeError as e:
-        raise CheckpointError(f"{ckpt.path}: weights do not fit the model config ({str(e).splitlines()[0]})") from None
+    ckpt.load_weights(model, f"{MEMBER}/model.pt")
     dialogue = ckpt.json("corpus.json").get("dialogue", {}) if "corpus.json" in ckpt.sums else {}
     return ChatModel(model.to(device).eval(), vocab, dialogue if isinstance(dialogue, dict) else {})
 

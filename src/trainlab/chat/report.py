@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from trainlab.engine.loop import Summary
@@ -21,7 +20,7 @@ def write_report(run: Run, summary: Summary) -> Path:
         best = min(m.evals, key=lambda e: e["val_loss"])
         last = m.evals[-1]
         lines += ["| step | val loss | val perplexity | train loss |", "|---|---|---|---|"]
-        lines += [f"| {int(e['step'])} | {e['val_loss']:.4f} | {math.exp(min(e['val_loss'], 50)):.2f} | "
+        lines += [f"| {int(e['step'])} | {e['val_loss']:.4f} | {e['val_perplexity']:.2f} | "
                   f"{e.get('train_loss', float('nan')):.4f} |" for e in m.evals]
         lines += ["", f"Best val loss {best['val_loss']:.4f} at step {int(best['step'])}; last {last['val_loss']:.4f}."]
     png = run.dir / "loss.png"

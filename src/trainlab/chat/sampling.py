@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from trainlab.config import ConfigError, non_negative, one_of, positive
+from trainlab.config import ConfigError, in_range, non_negative, one_of, positive
 
 STOP_AT = ("none", "line", "sentence", "paragraph")
 SENTENCE_END = ".!?"
@@ -50,8 +50,7 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         non_negative("temperature", self.temperature)
         non_negative("top_k", self.top_k)
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
+        in_range("top_p", self.top_p, 0, 1, low_open=True)
         if self.repetition_penalty < 1.0:
             raise ConfigError("repetition_penalty", f"must be at least 1 (1: off), got {self.repetition_penalty}")
         non_negative("repetition_window", self.repetition_window)
@@ -108,8 +107,8 @@ def stop_length(text: str, stop_at: str, min_chars: int) -> int | None:
         keep = len(text) - 1
     elif stop_at == "paragraph" and text.endswith("\n\n"):
         keep = len(text) - 2
-    elif stop_at == "sentence" and text[-1].isspace() and len(text) >= 2:
-        body = text[:-1].rstrip(CLOSERS) if text[-2] in CLOSERS else text[:-1]
+    elif stop_at == "sentence" and text[-1].isspace():
+        body = text[:-1].rstrip(CLOSERS)
         if not body or body[-1] not in SENTENCE_END:
             return None
         keep = len(text) - 1

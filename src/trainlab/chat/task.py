@@ -13,7 +13,8 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,6 +84,16 @@ def detect_speakers(text: str, most: int = 8) -> dict[str, Any]:
     if len(found[style]) < 3:
         return {"style": "none", "speakers": []}
     return {"style": style, "speakers": [n for n, _ in Counter(n.strip() for n in found[style]).most_common(most)]}
+
+
+def make_chat_task(cfgs: dict[str, Any]) -> "ChatTask":
+    """The task from its section configs (data, model, task, train), reading the corpus.
+    ``cfgs["model"]`` is completed with the corpus's vocabulary size. Corpora past the
+    memory-map threshold are cached under ``<runs_dir>/.cache``."""
+    d, tc = cfgs["data"], cfgs["train"]
+    corpus = TextCorpus.load(d.text, d.val_fraction, cache_dir=Path(tc.runs_dir) / ".cache")
+    cfgs["model"] = replace(cfgs["model"], vocab_size=corpus.vocab.size)
+    return ChatTask(corpus, cfgs["model"], cfgs["task"], tc)
 
 
 class ChatTask:

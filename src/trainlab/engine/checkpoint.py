@@ -11,6 +11,7 @@ folder without a valid one is not a checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -19,13 +20,14 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from trainlab.engine import faults
 
 log = logging.getLogger("trainlab")
+T = TypeVar("T")
 
 META = "meta.json"
 FORMAT_VERSION = 1
@@ -165,6 +167,27 @@ class Checkpoint:
             return json.loads(self.text(name))
         except ValueError:
             raise CheckpointError(f"{self.path / name}: not valid JSON") from None
+
+    def config(self, name: str, cls: type[T], section: str | None = None) -> T:
+        """The dataclass ``cls`` from a saved JSON file (``section``: one key of it), checked by
+        the class's own ``__post_init__``; unknown keys (from newer versions) are ignored."""
+        raw = self.json(name)
+        if section is not None:
+            raw = raw.get(section, {}) if isinstance(raw, dict) else None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{self.path / name}: not a mapping of settings")
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in known})
+        except (ValueError, TypeError) as e:  # ConfigError is a ValueError
+            raise CheckpointError(f"{self.path / name}: bad {section or 'settings'} ({e})") from None
+
+    def load_weights(self, model: torch.nn.Module, name: str, map_location: str | torch.device = "cpu") -> None:
+        try:
+            model.load_state_dict(self.tensors(name, map_location=map_location))
+        except RuntimeError as e:
+            raise CheckpointError(f"{self.path}: {name} does not fit the model "
+                                  f"({str(e).splitlines()[0]})") from None
 
     def load_all(self) -> None:
         """Verify every file and load every ``*.pt`` now (kept for ``tensors``), so a

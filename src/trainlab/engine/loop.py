@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from trainlab.config import ConfigError, non_negative, positive
+from trainlab.config import in_range, non_negative, positive
 from trainlab.engine import faults
 from trainlab.engine.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from trainlab.engine.device import resolve_device, synchronize
@@ -78,11 +78,9 @@ class TrainConfig:
             positive(name, getattr(self, name))
         for name in ("warmup_steps", "weight_decay", "grad_clip", "keep_checkpoints", "sample_every"):
             non_negative(name, getattr(self, name))
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        in_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
         for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}")
+            in_range(name, getattr(self, name), 0, 1, high_open=True)
 
 
 # Settings a resumed run may change: how long to train, how often to log, save and
@@ -310,10 +308,7 @@ def restore(ckpt: Checkpoint, task: Task, members: list[Member], device: torch.d
     """Load every piece of state from ``ckpt``; returns the loop state to continue from."""
     check_compatible(ckpt, task, [m.name for m in members])
     for m in members:
-        try:
-            m.model.load_state_dict(ckpt.tensors(f"{m.name}/model.pt", map_location=device))
-        except RuntimeError as e:
-            raise CheckpointError(f"{ckpt.path}: weights of {m.name} do not fit the model ({str(e).splitlines()[0]})")
+        ckpt.load_weights(m.model, f"{m.name}/model.pt", map_location=device)
         m.load_state_dict(ckpt.tensors(f"{m.name}/train_state.pt", map_location=device))
     trainer = ckpt.tensors("trainer.pt")
     task.load_state_dict(trainer["task"])

@@ -47,7 +47,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from trainlab.config import ConfigError
+from trainlab.config import ConfigError, in_range
 
 PAD, BOS, EOS, TIMES = 0, 1, 2, 3
 DIGIT0 = 4
@@ -99,9 +99,7 @@ class MultiplyDataConfig:
         if self.answer_order not in ANSWER_ORDERS:
             raise ConfigError("answer_order", f"must be one of {'|'.join(ANSWER_ORDERS)}, got {self.answer_order!r}")
         for name in ("val_fraction", "test_fraction"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
-                raise ConfigError(name, f"must be in [0, 1), got {v}")
+            in_range(name, getattr(self, name), 0, 1, high_open=True)
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ConfigError("val_fraction", "val_fraction + test_fraction must be below 1")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import fields
 
 import numpy as np
 import torch
@@ -23,17 +22,8 @@ def load_members(ckpt: Checkpoint, device: torch.device) -> dict[str, SimpleTran
     models = {}
     names = sorted({n.split("/")[0] for n in ckpt.sums if n.endswith("/model.pt")})
     for name in names:
-        raw = ckpt.json(f"{name}/model_config.json")
-        known = {f.name for f in fields(Seq2SeqConfig)}
-        try:
-            cfg = Seq2SeqConfig(**{k: v for k, v in raw.items() if k in known})
-        except (ConfigError, TypeError) as e:
-            raise CheckpointError(f"{ckpt.path}: bad model config for {name} ({e})") from None
-        model = build_model(cfg)
-        try:
-            model.load_state_dict(ckpt.tensors(f"{name}/model.pt"))
-        except RuntimeError as e:
-            raise CheckpointError(f"{ckpt.path}: weights of {name} do not fit its config ({str(e).splitlines()[0]})")
+        model = build_model(ckpt.config(f"{name}/model_config.json", Seq2SeqConfig))
+        ckpt.load_weights(model, f"{name}/model.pt")
         models[name] = model.to(device).eval()
     if not models:
         raise CheckpointError(f"{ckpt.path}: holds no models")
@@ -41,12 +31,7 @@ def load_members(ckpt: Checkpoint, device: torch.device) -> dict[str, SimpleTran
 
 
 def trained_data_config(ckpt: Checkpoint) -> MultiplyDataConfig:
-    raw = ckpt.json("config.json").get("data", {})
-    known = {f.name for f in fields(MultiplyDataConfig)}
-    try:
-        return MultiplyDataConfig(**{k: v for k, v in raw.items() if k in known})
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{ckpt.path}: bad data config ({e})") from None
+    return ckpt.config("config.json", MultiplyDataConfig, section="data")
 
 
 def parse_problem(text: str, max_digits: int) -> tuple[int, int]:

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainlab.config import ConfigError, non_negative
+from trainlab.config import in_range, non_negative
 from trainlab.multiply.data import PAD
 
 
@@ -20,8 +20,7 @@ class LossConfig:
     )
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        in_range("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
         non_negative("seq_weight", self.seq_weight)
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainlab.config import ConfigError, non_negative, one_of, positive
+from trainlab.config import check_heads, in_range, non_negative, one_of, positive
 from trainlab.multiply.data import BOS, EOS, PAD, VOCAB_SIZE
 
 MODEL_KINDS = ("simple", "latent")
@@ -50,12 +50,9 @@ class Seq2SeqConfig:
         for name in ("d_model", "nhead", "num_layers", "num_latent", "latent_layers", "vocab_size", "src_len", "tgt_len"):
             positive(name, getattr(self, name))
         non_negative("dim_feedforward", self.dim_feedforward)
-        if self.d_model % self.nhead:
-            raise ConfigError("d_model", f"must be divisible by --nhead (got {self.d_model} and {self.nhead})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
-        if not 0.0 <= self.bottleneck_factor <= 1.0:
-            raise ConfigError("bottleneck_factor", f"must be in [0, 1], got {self.bottleneck_factor}")
+        check_heads(self.d_model, self.nhead)
+        in_range("dropout", self.dropout, 0, 1, high_open=True)
+        in_range("bottleneck_factor", self.bottleneck_factor, 0, 1)
         one_of("kind", self.kind, MODEL_KINDS)
 
     @property

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from trainlab.config import ConfigError, non_negative, one_of, positive
+from trainlab.config import ConfigError, in_range, non_negative, one_of, positive
 from trainlab.engine.loop import Evaluation, Summary, TrainConfig
 from trainlab.engine.tracking import Run
 from trainlab.multiply.data import (
@@ -54,8 +54,7 @@ class TeacherForcingConfig:
         one_of("tf_schedule", self.tf_schedule, TF_SCHEDULES)
         non_negative("tf_start_step", self.tf_start_step)
         positive("tf_decay_steps", self.tf_decay_steps)
-        if not 0.0 <= self.tf_floor <= 1.0:
-            raise ConfigError("tf_floor", f"must be in [0, 1], got {self.tf_floor}")
+        in_range("tf_floor", self.tf_floor, 0, 1)
 
     def prob(self, step: int) -> float:
         if self.tf_schedule == "none" or step < self.tf_start_step:
