@@ -15,7 +15,7 @@ def seconds_per_step(task, cfg, n: int = 12, warmup: int = 3) -> float:
             t0 = time.perf_counter()
         batch = task.batch(i)
         for m in members:
-            loss, _ = task.loss(m.name, m.model, batch, i)
+            loss = task.loss(m.name, m.model, batch, i).loss
             m.optimizer.zero_grad()
             loss.backward()
             m.optimizer.step()

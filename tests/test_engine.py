@@ -7,7 +7,7 @@ import torch
 
 from trainlab.engine.checkpoint import latest_checkpoint, list_checkpoints
 from trainlab.engine.loop import TrainConfig, lr_lambda, train
-from trainlab.engine.monitor import StepTimer
+from trainlab.engine.monitor import Eta
 from trainlab.engine.tracking import new_run
 from conftest import tiny_train_config
 from helpers import tiny_multiply
@@ -98,9 +98,9 @@ def test_ctrl_c_stops_at_a_step_boundary_and_saves(runs_dir):
 
 
 def test_step_timer_ignores_stalls():
-    t = StepTimer(window=20)
+    t = Eta(window=20)
     for i in range(20):
-        t.add(30.0 if i % 7 == 0 else 0.1)  # a few evaluation-length stalls
+        t.add_step(30.0 if i % 7 == 0 else 0.1)  # a few evaluation-length stalls
     assert t.seconds_per_step() == pytest.approx(0.1)
     assert t.eta(100) == pytest.approx(10.0)
     assert t.eta(None) is None

@@ -132,7 +132,7 @@ def test_max_steps_holds_across_resumes_and_can_be_extended(runs_dir, monkeypatc
     ckpts = run_dir(runs_dir, "ms") / "checkpoints"
     assert latest_checkpoint(ckpts).step == 20
     # the ETA's window of step times came through the interruption (13 before, 7 after)
-    assert len(latest_checkpoint(ckpts).tensors("trainer.pt")["loop"]["step_times"]) == 20
+    assert len(latest_checkpoint(ckpts).tensors("trainer.pt")["loop"]["eta"]["times"]) == 20
     assert latest_checkpoint(ckpts).tensors("simple/train_state.pt")["step"] == 20
     assert cli_train(runs_dir, "--resume", "ms", "--max-steps", "26") == 0
     ck = latest_checkpoint(ckpts)

@@ -26,8 +26,9 @@ from trainlab.config import (
     preset_names,
 )
 from trainlab.engine.checkpoint import CheckpointError
-from trainlab.engine.loop import TrainConfig
+from trainlab.engine.loop import TrainConfig, TrainingError
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -491,6 +492,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, UsageError, CheckpointError) as e:
         sys.stderr.write(f"trainlab: error: {e}\n")
         return EXIT_USAGE
+    except TrainingError as e:  # the run is marked failed; its checkpoints are as they were
+        sys.stderr.write(f"trainlab: error: {e}\n")
+        return EXIT_FAILED
     except KeyboardInterrupt:
         sys.stderr.write("trainlab: aborted\n")
         return EXIT_INTERRUPTED

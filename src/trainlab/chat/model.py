@@ -3,6 +3,10 @@
 
 Generation keeps a key/value cache per block, so each new character costs one
 position's worth of compute instead of a whole window's.
+
+``grad_checkpointing`` runs each block through ``torch.utils.checkpoint`` (non-reentrant)
+when training: only the blocks' inputs are kept for the backward pass, which recomputes
+the rest. The weights and their names are the same either way.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from trainlab.config import check_heads, in_range, non_negative, positive
 
@@ -31,6 +36,9 @@ class GPTConfig:
     dropout: float = field(default=0.1, metadata={"help": "dropout probability"})
     tie_weights: bool = field(default=True, metadata={"help": "share the token embedding with the output head"})
     bias: bool = field(default=False, metadata={"help": "biases in linear layers and LayerNorms"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute each block's activations in the "
+                                                                     "backward pass instead of keeping them: less "
+                                                                     "memory for about a third more compute"})
     vocab_size: int = field(default=65, metadata={"cli": False})
 
     def __post_init__(self) -> None:
@@ -129,7 +137,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         """Logits for every position of ``idx`` (B, T); with ``cache``, ``idx`` continues
-        the cached positions. Returns (logits (B, T, V), the cache including ``idx``)."""
+        the cached positions. Returns (logits (B, T, V), the cache including ``idx``; empty
+        when gradient checkpointing is at work)."""
         B, T = idx.shape
         start = 0 if not cache else cache[0][0].shape[2]
         if start + T > self.cfg.context_len:
@@ -137,7 +146,17 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.drop(self.tok(idx) + self.pos(pos))  # (B, T, D)
         new_cache: KVCache = []
-        for i, block in enumerate(self.blocks):
-            x, kv = block(x, cache[i] if cache else None)
-            new_cache.append(kv)
+        if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled() and not cache:
+            # no cache is built here: keeping every block's keys and values would hold on to
+            # much of the memory checkpointing saves, and training never reads them
+            for block in self.blocks:
+                x = checkpoint(_block_output, block, x, use_reentrant=False)
+        else:
+            for i, block in enumerate(self.blocks):
+                x, kv = block(x, cache[i] if cache else None)
+                new_cache.append(kv)
         return self.head(self.ln_f(x)), new_cache  # (B, T, V)
+
+
+def _block_output(block: Block, x: torch.Tensor) -> torch.Tensor:
+    return block(x)[0]

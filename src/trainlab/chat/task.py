@@ -27,14 +27,15 @@ from trainlab.chat.metrics import diversity
 from trainlab.chat.model import GPT, GPTConfig
 from trainlab.chat.sampling import SamplingConfig, generate
 from trainlab.config import ConfigError, positive
-from trainlab.engine.loop import Evaluation, Summary, TrainConfig
+from trainlab.engine.loop import Evaluation, StepLoss, Summary, TrainConfig
 from trainlab.engine.tracking import Run
 
 TASK_NAME = "chat"
 MEMBER = "gpt"
 # settings a resumed run may change: none of them touches the training trajectory
 # (the corpus may move; its content is checked against the checkpoint's corpus.json)
-RESUMABLE_TASK_CHANGES = frozenset({"text", "eval_batches", "sample_tokens", "sample_temperature", "prompt_chars"})
+RESUMABLE_TASK_CHANGES = frozenset({"text", "eval_batches", "sample_tokens", "sample_temperature", "prompt_chars",
+                                    "grad_checkpointing"})
 EVAL_SEED = 0xE7A1
 
 
@@ -124,10 +125,9 @@ class ChatTask:
         ctx = self.model_cfg.context_len
         return self.corpus.windows("train", self.corpus.random_starts("train", self.train_cfg.batch_size, ctx, rng), ctx)
 
-    def loss(self, member: str, model: nn.Module, batch: dict[str, torch.Tensor], step: int
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, member: str, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> StepLoss:
         logits, _ = model(batch["x"])  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1), batch["y"].flatten()), {}
+        return StepLoss(F.cross_entropy(logits.flatten(0, 1), batch["y"].flatten()))
 
     def scalars(self, step: int) -> dict[str, float]:
         return {}

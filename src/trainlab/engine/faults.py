@@ -8,9 +8,15 @@ reached; S counts optimizer updates done, as checkpoint names do:
 - ``kill=S``: SIGKILL this process once S updates are done (after that step's logging,
   evaluation and checkpoint, if it has them);
 - ``kill_in_save=S``: SIGKILL this process in the middle of writing the checkpoint of
-  step S (after its first file).
+  step S (after its first file);
+- ``oom=S``: the first attempt of the S-th step (of every member) fails with the
+  out-of-memory error CUDA raises;
+- ``oom_above=N``: every micro-batch of more than N examples fails that way: a memory cap;
+- ``nonfinite=S``: the loss of the S-th step (of every member) becomes NaN;
+- ``nonfinite_grad=S``: after the S-th step's backward pass, a gradient holds inf.
 
-Real signals do the killing, so what is tested is what a crash does. Nothing else in
+Real signals do the killing, so what is tested is what a crash does; the out-of-memory
+and non-finite faults go through the same code paths as real ones. Nothing else in
 the package reads this variable. ``damage_checkpoint`` below damages a saved checkpoint
 the ways the crash tests and benchmark need.
 """
@@ -44,6 +50,31 @@ def kill_now() -> None:
 def kill_if(name: str, step: int) -> None:
     if step in plan().get(name, ()):
         kill_now()
+
+
+def raise_if_out_of_memory(planned: dict[str, set[int]], step: int, examples: int, first_try: bool) -> None:
+    """``oom`` and ``oom_above``: called before each micro-batch's forward pass."""
+    if not planned:
+        return
+    cap = min(planned.get("oom_above", ()), default=None)
+    if (first_try and step + 1 in planned.get("oom", ())) or (cap is not None and examples > cap):
+        import torch
+
+        raise torch.OutOfMemoryError(f"{ENV}: out of memory injected at step {step + 1} ({examples} examples)")
+
+
+def poison_loss(planned: dict[str, set[int]], step: int, loss):
+    """``nonfinite``: the loss times NaN, so the backward pass fills the gradients with NaN too."""
+    if planned and step + 1 in planned.get("nonfinite", ()):
+        return loss * float("nan")
+    return loss
+
+
+def poison_grads(planned: dict[str, set[int]], step: int, model) -> None:
+    """``nonfinite_grad``: one gradient entry set to inf, the loss left finite."""
+    if planned and step + 1 in planned.get("nonfinite_grad", ()):
+        grad = next(p.grad for p in model.parameters() if p.grad is not None)
+        grad.view(-1)[0] = float("inf")
 
 
 def forge(folder: Path, name: str, data: bytes) -> None:

@@ -8,11 +8,18 @@ member is ever left half a step ahead), and then saves and reports.
 
 Batches are a pure function of (seed, step), so the data position of a run is its
 step count and a resumed run reads exactly the batches it would have read.
+
+A member's step is guarded: its forward pass runs under the precision's autocast, an
+out-of-memory is retried in more micro-batches (``engine/memory.py``), and a loss or
+gradient that is not finite, or a loss spike with ``--on-spike skip|rollback``, leaves
+the weights, optimizer and schedule untouched (the batch is still consumed, and the
+step still counts toward ``max_steps``). Such steps are counted and logged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -20,19 +27,23 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from trainlab.config import in_range, non_negative, positive
+from trainlab.config import ConfigError, in_range, non_negative, one_of, positive
 from trainlab.engine import faults
 from trainlab.engine.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from trainlab.engine.device import resolve_device, synchronize
-from trainlab.engine.monitor import StepTimer, format_duration
+from trainlab.engine.memory import MicroBatches, free_memory, is_out_of_memory, memory_figures, split_batch
+from trainlab.engine.monitor import Eta, LossTrend, Plateau, due, format_duration
+from trainlab.engine.precision import PRECISIONS, Precision, resolve_precision
 from trainlab.engine.tracking import Run
+
+SPIKE_ACTIONS = ("log", "skip", "rollback")
 
 
 @dataclass
@@ -51,6 +62,21 @@ class TrainConfig:
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.98, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip gradient norm to this; 0 disables"})
+    precision: str = field(default="auto", metadata={"help": "auto|fp32|bf16|fp16 (auto: bf16 on GPUs that have it, "
+                                                             "fp16 with loss scaling on older ones, fp32 on CPUs)"})
+    max_nonfinite: int = field(default=20, metadata={"help": "non-finite steps in a row (each skipped) before "
+                                                             "falling back to fp32; in fp32, before stopping"})
+    recover_after: int = field(default=200, metadata={"help": "steps without out-of-memory before trying "
+                                                              "larger micro-batches again"})
+    loss_window: int = field(default=100, metadata={"help": "steps in the loss moving average and spike window"})
+    spike_sigma: float = field(default=6.0, metadata={"help": "a loss this many standard deviations above the "
+                                                              "window mean is a spike"})
+    on_spike: str = field(default="log", metadata={"help": "log|skip|rollback: on a spike, only count it, skip the "
+                                                           "update, or also restore the last good state"})
+    plateau_patience: int = field(default=5, metadata={"help": "evaluations without val loss improving before the "
+                                                               "LR is cut; 0: never cut"})
+    plateau_factor: float = field(default=0.5, metadata={"help": "LR multiplier of a plateau cut"})
+    plateau_min_lr: float = field(default=1e-5, metadata={"help": "plateau cuts never take the LR below this"})
     eval_every: int = field(default=500, metadata={"help": "evaluate every N steps (and at the end)"})
     save_every: int = field(default=1000, metadata={"help": "checkpoint every N steps (and at the end)"})
     save_every_minutes: float | None = field(
@@ -74,11 +100,18 @@ class TrainConfig:
             # fixed when the run starts and saved with it: a resume that extends
             # --max-steps keeps the schedule it started with instead of jumping the LR
             self.lr_decay_steps = self.max_steps
-        for name in ("batch_size", "lr", "eval_every", "save_every", "log_every"):
+        for name in ("batch_size", "lr", "eval_every", "save_every", "log_every", "max_nonfinite", "recover_after",
+                     "spike_sigma"):
             positive(name, getattr(self, name))
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "keep_checkpoints", "sample_every"):
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "keep_checkpoints", "sample_every",
+                     "plateau_patience", "plateau_min_lr"):
             non_negative(name, getattr(self, name))
         in_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        if self.loss_window < 2:
+            raise ConfigError("loss_window", f"must be at least 2, got {self.loss_window}")
+        in_range("plateau_factor", self.plateau_factor, 0, 1, low_open=True, high_open=True)
+        one_of("precision", self.precision, PRECISIONS)
+        one_of("on_spike", self.on_spike, SPIKE_ACTIONS)
         for name in ("beta1", "beta2"):
             in_range(name, getattr(self, name), 0, 1, high_open=True)
 
@@ -86,8 +119,12 @@ class TrainConfig:
 # Settings a resumed run may change: how long to train, how often to log, save and
 # evaluate, and where. Everything else (model, data, optimizer, seed, batch) is the
 # run's identity and comes from the checkpoint.
+# The robustness settings may change too: a run resumed on another device, or after an
+# out-of-memory, must be able to pick another precision or spike policy.
 RESUMABLE_CHANGES = frozenset({"max_steps", "lr_decay_steps", "eval_every", "save_every", "save_every_minutes",
-                               "log_every", "sample_every", "keep_checkpoints", "device", "runs_dir", "progress"})
+                               "log_every", "sample_every", "keep_checkpoints", "device", "runs_dir", "progress",
+                               "precision", "max_nonfinite", "recover_after", "loss_window", "spike_sigma",
+                               "on_spike", "plateau_patience", "plateau_factor", "plateau_min_lr"})
 
 
 @dataclass
@@ -99,8 +136,23 @@ class Evaluation:
     text: str = ""  # markdown for TensorBoard's text tab (samples)
 
 
+class StepLoss(NamedTuple):
+    """What a task's ``loss`` returns for one batch (or micro-batch).
+
+    ``loss`` is a weighted mean over the batch, and ``weight`` its denominator (the sum
+    of the weights; None: the number of examples). Micro-batches are combined as
+    sum(loss * weight) / sum(weight), so a split batch gives the update the whole batch
+    would have. ``stats`` are detached tensors, logged as means over the log interval."""
+
+    loss: torch.Tensor
+    stats: dict[str, torch.Tensor] = {}
+    weight: torch.Tensor | float | None = None
+
+
 class Task(Protocol):
-    """What the loop needs from a task; see multiply/task.py for a full example."""
+    """What the loop needs from a task; see multiply/task.py for a full example.
+
+    Evaluation metrics named ``val_loss`` drive the plateau LR cuts."""
 
     name: str  # folder under runs_dir, and the task id stored in checkpoints
     best_metric: tuple[str, str]  # (evaluation metric, "max"|"min"): picks the best checkpoint
@@ -108,8 +160,7 @@ class Task(Protocol):
 
     def build_models(self) -> dict[str, nn.Module]: ...
     def batch(self, step: int) -> dict[str, torch.Tensor]: ...
-    def loss(self, member: str, model: nn.Module, batch: dict[str, torch.Tensor], step: int
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+    def loss(self, member: str, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> StepLoss: ...
     def scalars(self, step: int) -> dict[str, float]: ...
     def evaluate(self, member: str, model: nn.Module, step: int) -> Evaluation: ...
     def sample(self, member: str, model: nn.Module, step: int) -> Evaluation: ...
@@ -120,23 +171,76 @@ class Task(Protocol):
     def report(self, run: Run, summary: "Summary") -> None: ...
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (out of memory one example at a time, a diverged loss)."""
+
+
+@dataclass
+class Health:
+    """A member's count of the steps that did not go as planned."""
+
+    skipped_nonfinite: int = 0
+    skipped_spikes: int = 0
+    rollbacks: int = 0
+    nonfinite_run: int = 0  # non-finite steps in a row, up to now
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for k, v in state.items():
+            setattr(self, k, int(v))
+
+
 @dataclass
 class Member:
-    """One model being trained: its optimizer, schedule and bookkeeping."""
+    """One model being trained: its optimizer, schedule, precision and bookkeeping."""
 
     name: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: LambdaLR
+    precision: Precision
+    micro: MicroBatches
+    trend: LossTrend
+    plateau: Plateau
+    health: Health = field(default_factory=Health)
     step: int = 0
     train_seconds: float = 0.0
     examples: int = 0
     losses: list[list[float]] = field(default_factory=list)  # [step, loss] at log steps
     evals: list[dict[str, float]] = field(default_factory=list)  # metrics with "step"
+    snapshot: dict[str, Any] | None = None  # the last good state, kept in memory for --on-spike rollback
 
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def set_lr(self) -> None:
+        """The schedule's LR for the current step, now (after a plateau cut or a rollback)."""
+        s = self.scheduler
+        for group, base in zip(self.optimizer.param_groups, s.base_lrs):
+            group["lr"] = base * s.lr_lambdas[0](s.last_epoch)
+
+    def take_snapshot(self) -> None:
+        self.snapshot = {"model": copy.deepcopy(self.model.state_dict()),
+                         "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                         "scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict(),
+                         "step": self.step}
+
+    def rollback(self) -> None:
+        snap = self.snapshot
+        self.model.load_state_dict(snap["model"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        self.scheduler.load_state_dict(snap["scheduler"])
+        if snap["scaler"]:
+            self.precision.scaler.load_state_dict(snap["scaler"])
+        self.step = snap["step"]
+        self.set_lr()  # a plateau cut made since the snapshot still holds
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -147,6 +251,11 @@ class Member:
             "examples": self.examples,
             "losses": self.losses,
             "evals": self.evals,
+            "precision": self.precision.state_dict(),
+            "micro_batches": self.micro.state_dict(),
+            "trend": self.trend.state_dict(),
+            "plateau": self.plateau.state_dict(),
+            "health": self.health.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -157,6 +266,12 @@ class Member:
         self.examples = int(state["examples"])
         self.losses = [list(x) for x in state["losses"]]
         self.evals = [dict(x) for x in state["evals"]]
+        # checkpoints written before these existed resume with them fresh
+        for name in ("precision", "trend", "plateau", "health"):
+            if name in state:
+                getattr(self, name).load_state_dict(state[name])
+        if "micro_batches" in state:
+            self.micro.load_state_dict(state["micro_batches"])
 
 
 @dataclass
@@ -186,7 +301,10 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-def make_member(name: str, model: nn.Module, cfg: TrainConfig) -> Member:
+def make_member(name: str, model: nn.Module, cfg: TrainConfig, device: torch.device | None = None) -> Member:
+    """``model`` (already on ``device``) with AdamW, the warmup/cosine schedule scaled by
+    plateau cuts, and its precision, micro-batching and loss-trend state."""
+    device = device or torch.device("cpu")
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -194,7 +312,11 @@ def make_member(name: str, model: nn.Module, cfg: TrainConfig) -> Member:
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
     )
-    return Member(name, model, opt, LambdaLR(opt, lr_lambda(cfg)))
+    plateau = Plateau(cfg.plateau_patience, cfg.plateau_factor, cfg.plateau_min_lr)
+    schedule = lr_lambda(cfg)
+    return Member(name, model, opt, LambdaLR(opt, lambda step: schedule(step) * plateau.scale),
+                  Precision(resolve_precision(cfg.precision, device), device), MicroBatches(cfg.recover_after),
+                  LossTrend(cfg.loss_window, cfg.spike_sigma), plateau)
 
 
 def seed_everything(seed: int) -> None:
@@ -256,21 +378,24 @@ class LoopState:
     """The loop's own bookkeeping that a resume must continue, saved in trainer.pt."""
 
     step: int = 0
-    acc: dict[str, dict[str, float]] = field(default_factory=dict)  # sums since the last log step
+    # per member, sums since the last log step of the finite losses and stats, and their count "n"
+    acc: dict[str, dict[str, float]] = field(default_factory=dict)
     acc_steps: int = 0
-    step_times: list[float] = field(default_factory=list)  # the ETA's window
+    eta: dict[str, Any] = field(default_factory=dict)  # Eta.state_dict() at the last save
     best_score: float | None = None
 
     def state_dict(self) -> dict[str, Any]:
         acc = {m: {k: _scalar(v) for k, v in d.items()} for m, d in self.acc.items()}
-        return {"step": self.step, "acc": acc, "acc_steps": self.acc_steps, "step_times": list(self.step_times),
+        return {"step": self.step, "acc": acc, "acc_steps": self.acc_steps, "eta": self.eta,
                 "best_score": self.best_score}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "LoopState":
-        return cls(int(state["step"]), {m: dict(d) for m, d in state.get("acc", {}).items()},
-                   int(state.get("acc_steps", 0)), [float(t) for t in state.get("step_times", [])],
-                   state.get("best_score"))
+        acc = {m: dict(d) for m, d in state.get("acc", {}).items()}
+        for d in acc.values():  # checkpoints written before "n" existed: every step counted
+            d.setdefault("n", int(state.get("acc_steps", 0)))
+        eta = state.get("eta") or {"times": state.get("step_times", [])}
+        return cls(int(state["step"]), acc, int(state.get("acc_steps", 0)), eta, state.get("best_score"))
 
 
 def save(run: Run, task: Task, members: list[Member], state: LoopState, cfg: TrainConfig, config: dict[str, Any],
@@ -326,6 +451,133 @@ def _better(score: float, best: float | None, mode: str) -> bool:
     return best is None or (score > best if mode == "max" else score < best)
 
 
+# -- one member's step ---------------------------------------------------------------------
+class StepResult(NamedTuple):
+    loss: float  # the whole batch's loss (nan or inf when it was not finite)
+    grad_norm: float  # before clipping
+    stats: dict[str, torch.Tensor]
+    action: str  # "update", or why not: "nonfinite", "skip" (a spike), "rollback" (a spike)
+    spike: str | None  # why the loss counts as a spike, if it does
+
+
+def forward_backward(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, n_examples: int,
+                     planned: dict[str, set[int]], first_try: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Gradients of the whole batch, in ``m.micro.count`` micro-batches; returns the batch's
+    loss (detached) and stats. With several micro-batches each one's loss is weighted by its
+    share of the batch's weight, so the gradient is the whole batch's."""
+    m.optimizer.zero_grad(set_to_none=True)
+    scaler = m.precision.scaler
+    chunks = split_batch(batch, m.micro.count)
+    total: torch.Tensor | float = 0.0
+    stats: dict[str, torch.Tensor] = {}
+    weight_sum: torch.Tensor | float = 0.0
+    reference: torch.Tensor | float = 1.0
+    for i, chunk in enumerate(chunks):
+        n = int(next(iter(chunk.values())).shape[0])
+        faults.raise_if_out_of_memory(planned, step, n, first_try)
+        with m.precision.autocast():
+            out = task.loss(m.name, m.model, chunk, step)
+        loss = faults.poison_loss(planned, step, out.loss)
+        if len(chunks) == 1:
+            scaler.scale(loss).backward()
+            faults.poison_grads(planned, step, m.model)
+            return loss.detach(), out.stats
+        w = n if out.weight is None else out.weight
+        if i == 0:  # a stand-in for the batch's total weight, known only at the end
+            reference = w * len(chunks)
+        scaler.scale(loss * (w / reference)).backward()
+        total = total + loss.detach() * w
+        weight_sum = weight_sum + w
+        for k, v in out.stats.items():
+            stats[k] = stats.get(k, 0.0) + v * (n / n_examples)
+    correction = reference / weight_sum  # 1 when every micro-batch weighs the same
+    if not (isinstance(correction, float) and correction == 1.0):
+        for p in m.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(correction)
+    faults.poison_grads(planned, step, m.model)
+    return total / weight_sum, stats
+
+
+def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, cfg: TrainConfig,
+                planned: dict[str, set[int]], device: torch.device, echo) -> StepResult:
+    """Forward, backward and (unless it must not happen) the update of one member."""
+    n_examples = int(next(iter(batch.values())).shape[0])
+    rng = torch.get_rng_state()  # a retry after an out-of-memory draws the same dropout masks
+    first_try = True
+    while True:
+        failed = False
+        try:
+            loss, stats = forward_backward(m, task, batch, step, n_examples, planned, first_try)
+        except Exception as e:  # noqa: BLE001 (only out-of-memory is handled; the rest re-raised)
+            if not is_out_of_memory(e):
+                raise
+            failed = True
+        if not failed:
+            break
+        # out of the except block, so the failed attempt's tensors can be freed
+        m.optimizer.zero_grad(set_to_none=True)
+        free_memory(device)
+        try:
+            m.micro.on_oom(n_examples, step)
+        except RuntimeError as e:
+            raise TrainingError(f"{m.name}: {e}") from None
+        echo(f"[step {step + 1}] {m.name}: out of memory; the batch of {n_examples} now runs as "
+             f"{m.micro.count} micro-batches")
+        torch.set_rng_state(rng)
+        first_try = False
+    m.micro.on_success()
+
+    scaler = m.precision.scaler
+    scaler.unscale_(m.optimizer)
+    grads = [p.grad for p in m.model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    loss_v, norm_v = torch.stack([loss.float(), norm.float()]).tolist()  # the step's one wait for the device
+    finite = math.isfinite(loss_v) and math.isfinite(norm_v)
+    spike = m.trend.observe(loss_v)
+    if not finite:
+        action = "nonfinite"
+    elif spike and cfg.on_spike != "log":
+        action = cfg.on_spike
+    else:
+        action = "update"
+    if action == "update":
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(m.model.parameters(), cfg.grad_clip, norm)
+        scaler.step(m.optimizer)
+        m.scheduler.step()
+        m.step += 1
+        m.health.nonfinite_run = 0
+    elif action == "nonfinite":
+        m.health.skipped_nonfinite += 1
+        m.health.nonfinite_run += 1
+    else:
+        m.health.skipped_spikes += 1
+        if action == "rollback" and m.snapshot is not None:
+            m.rollback()
+            m.health.rollbacks += 1
+    scaler.update()  # lowers an fp16 loss scale after an overflow, raises it after a calm stretch
+    if m.health.nonfinite_run >= cfg.max_nonfinite:
+        if m.precision.mode == "fp32":
+            raise TrainingError(f"{m.name}: the loss or its gradients were not finite for {m.health.nonfinite_run} "
+                                f"steps in a row in fp32 (up to step {step + 1}); training has diverged: lower --lr, "
+                                f"or resume from an earlier checkpoint")
+        echo(f"[step {step + 1}] {m.name}: {m.health.nonfinite_run} non-finite steps in a row under "
+             f"{m.precision.mode}; falling back to fp32 for the rest of the run")
+        m.precision.fall_back(step + 1)
+        m.health.nonfinite_run = 0
+    return StepResult(loss_v, norm_v, stats, action, spike)
+
+
+def _accumulate(state: LoopState, m: Member, r: StepResult) -> None:
+    slot = state.acc.setdefault(m.name, {"n": 0})
+    if not math.isfinite(r.loss):
+        return  # counted in the health figures; a nan would poison the interval's mean
+    slot["n"] += 1
+    for k, v in {"loss": r.loss, "grad_norm": r.grad_norm, **r.stats}.items():
+        slot[k] = slot[k] + v if k in slot else v
+
+
 def train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume: Checkpoint | None = None,
           echo=print, restart: bool = False) -> Summary:
     """Train every member of ``task`` in lockstep; returns what the report needs.
@@ -357,14 +609,18 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
 
     device = resolve_device(cfg.device)
     models = task.build_models()  # the task seeds each member alike, so shared parts start equal
-    members = [make_member(name, model.to(device), cfg) for name, model in models.items()]
+    members = [make_member(name, model.to(device), cfg, device) for name, model in models.items()]
     seed_everything(cfg.seed + 1)  # dropout and anything else random in training
     state = restore(resume, task, members, device) if resume is not None else LoopState()
     start_step = state.step
     if cfg.max_steps is not None and state.step >= cfg.max_steps:
         echo(f"already at step {state.step} of --max-steps {cfg.max_steps}: nothing to train")
     for m in members:
-        echo(f"{m.name}: {m.num_parameters:,} parameters")
+        fell = f" (fell back from {cfg.precision} at step {m.precision.fell_back_at})" \
+            if m.precision.fell_back_at is not None else ""
+        echo(f"{m.name}: {m.num_parameters:,} parameters, precision {m.precision.mode}{fell}")
+        if cfg.on_spike == "rollback":
+            m.take_snapshot()
 
     # everything logged at a checkpoint's step was written (and flushed) before the checkpoint,
     # so a resume keeps the events up to that step and purges the ones after it
@@ -373,9 +629,8 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
         cleanup.callback(w.close)
     run.update(status="running", device=str(device), step=state.step, max_steps=cfg.max_steps,
                members=[m.name for m in members], config=config, pid=os.getpid())
-    timer = StepTimer()
-    for t in state.step_times:
-        timer.add(t)
+    eta = Eta()
+    eta.load_state_dict(state.eta)
     interval = {m.name: (m.train_seconds, m.examples) for m in members}
     metric, mode = task.best_metric
     planned = faults.plan()  # {} unless a test asked for faults
@@ -386,14 +641,28 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
 
     def log_scalars() -> None:
         step, post = state.step, {}
+        memory = memory_figures(device)
         for m in members:
             w = writers[m.name]
-            values = {k: _scalar(v) / state.acc_steps for k, v in state.acc.get(m.name, {}).items()}
+            slot = state.acc.get(m.name, {})
+            n = slot.get("n", 0)
+            values = {k: _scalar(v) / n for k, v in slot.items() if k != "n"} if n else {}
             for k, v in values.items():
                 w.add_scalar(f"train/{k}", v, step)
-            w.add_scalar("train/lr", m.scheduler.get_last_lr()[0], step)
+            w.add_scalar("train/lr", m.lr, step)
+            if m.trend.values:
+                w.add_scalar("train/loss_avg", m.trend.mean, step)
+                w.add_scalar("train/loss_ema", m.trend.ema, step)
             for k, v in task.scalars(step - 1).items():
                 w.add_scalar(f"train/{k}", v, step)
+            health = {"loss_spikes": m.trend.spikes, "skipped_nonfinite": m.health.skipped_nonfinite,
+                      "skipped_spikes": m.health.skipped_spikes, "rollbacks": m.health.rollbacks,
+                      "micro_batches": m.micro.count, "oom_retries": m.micro.ooms, "lr_scale": m.plateau.scale,
+                      "fp32_fallback": float(m.precision.fell_back_at is not None)}
+            for k, v in health.items():
+                w.add_scalar(f"health/{k}", v, step)
+            for k, v in memory.items():
+                w.add_scalar(f"memory/{k}", v, step)
             secs, ex = interval[m.name]
             if m.train_seconds > secs:
                 w.add_scalar("perf/examples_per_sec", (m.examples - ex) / (m.train_seconds - secs), step)
@@ -401,20 +670,27 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
             if "loss" in values:
                 m.losses.append([step, values["loss"]])
                 post[m.name] = f"{values['loss']:.3f}"
-        remaining = None if cfg.max_steps is None else cfg.max_steps - step
-        sps = timer.seconds_per_step()
-        post["eta"] = format_duration(timer.eta(remaining)) if remaining is not None else (
-            f"{1 / sps:.1f} it/s" if sps else "?")
+            if cfg.on_spike == "rollback":
+                m.take_snapshot()  # every update since the last one passed the spike check
+        if cfg.max_steps is None:
+            post["rate"] = eta.rate()
+        else:
+            pauses = {"eval": due(step, cfg.max_steps, cfg.eval_every), "save": due(step, cfg.max_steps, cfg.save_every),
+                      "sample": due(step, cfg.max_steps, cfg.sample_every)}
+            post["eta"] = format_duration(eta.eta(cfg.max_steps - step, pauses))
         bar.set_postfix(post, refresh=False)
         state.acc, state.acc_steps = {}, 0
 
     def evaluate_all(track_best: bool = True) -> None:
+        """``track_best`` False: for the user's eyes only, changing no state (no best
+        checkpoint, no plateau count)."""
         nonlocal last_eval
         rng = rng_state()  # evaluation must not move the training RNG, or a resume would differ
         parts, scores = [], []
         for m in members:
             m.model.eval()
-            ev = task.evaluate(m.name, m.model, state.step)
+            with m.precision.autocast():
+                ev = task.evaluate(m.name, m.model, state.step)
             m.evals.append({"step": state.step, **ev.metrics})
             for k, v in ev.metrics.items():
                 writers[m.name].add_scalar(f"val/{k}", v, state.step)
@@ -423,6 +699,11 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
             shown = ", ".join(f"{k} {v:.4g}" for k, v in list(ev.metrics.items())[:3])
             parts.append(f"{m.name}: {shown}" + "".join(f"\n    {line}" for line in ev.lines[:3]))
             scores.append(float(ev.metrics.get(metric, float("nan"))))
+            old_lr = m.lr
+            if track_best and "val_loss" in ev.metrics and m.plateau.observe(ev.metrics["val_loss"], old_lr):
+                m.set_lr()
+                parts.append(f"{m.name}: val loss flat for {m.plateau.patience} evaluations: LR {old_lr:.3g} -> "
+                             f"{m.lr:.3g} (cut {m.plateau.cuts})")
         set_rng_state(rng)
         bar.write(f"[step {state.step}] " + "\n           ".join(parts))
         last_eval = state.step
@@ -436,7 +717,8 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
         rng = rng_state()  # like evaluation, sampling must not move the training RNG
         for m in members:
             m.model.eval()
-            s = task.sample(m.name, m.model, state.step)
+            with m.precision.autocast():
+                s = task.sample(m.name, m.model, state.step)
             for k, v in s.metrics.items():
                 writers[m.name].add_scalar(f"samples/{k}", v, state.step)
             if s.text:
@@ -447,12 +729,17 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
 
     def checkpoint() -> None:
         nonlocal last_save, t_saved
-        state.step_times = list(timer.times)
+        state.eta = eta.state_dict()
         for w in writers.values():
             w.flush()  # the events up to this step reach the disk before the checkpoint does
         save(run, task, members, state, cfg, config)
         last_save, t_saved = state.step, time.perf_counter()
         run.update(step=state.step)
+
+    def timed(kind: str, action, *args) -> None:
+        t = time.perf_counter()
+        action(*args)
+        eta.add_pause(kind, time.perf_counter() - t)
 
     with _StopOnInterrupt() as stop:
         while (cfg.max_steps is None or state.step < cfg.max_steps) and not stop.requested:
@@ -463,35 +750,32 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
             for m in members:
                 t_m = time.perf_counter()
                 m.model.train()
-                loss, stats = task.loss(m.name, m.model, batch, step)
-                m.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(m.model.parameters(), cfg.grad_clip)
-                m.optimizer.step()
-                m.scheduler.step()
-                m.step += 1
+                r = member_step(m, task, batch, step, cfg, planned, device, bar.write)
+                if r.spike:
+                    bar.write(f"[step {step + 1}] {m.name}: spike, {r.spike}"
+                              + {"update": "", "nonfinite": "; update skipped", "skip": "; update skipped",
+                                 "rollback": "; rolled back to the last good state"}[r.action])
+                elif r.action == "nonfinite":
+                    bar.write(f"[step {step + 1}] {m.name}: gradient norm {r.grad_norm}; update skipped")
                 m.examples += n_examples
-                slot = state.acc.setdefault(m.name, {})
-                for k, v in {"loss": loss.detach(), **stats}.items():
-                    slot[k] = slot[k] + v if k in slot else v
+                _accumulate(state, m, r)
                 synchronize(device)
                 m.train_seconds += time.perf_counter() - t_m
             state.step += 1
             state.acc_steps += 1
-            timer.add(time.perf_counter() - t0)
+            eta.add_step(time.perf_counter() - t0)
             bar.update(1)
             if state.step in planned.get("interrupt", ()):
                 stop.requested = True
             if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
                 log_scalars()
             if state.step % cfg.eval_every == 0:
-                evaluate_all()
+                timed("eval", evaluate_all)
             if cfg.sample_every and state.step % cfg.sample_every == 0:
-                sample_all()
+                timed("sample", sample_all)
             if state.step % cfg.save_every == 0 or (
                     cfg.save_every_minutes is not None and time.perf_counter() - t_saved >= 60 * cfg.save_every_minutes):
-                checkpoint()
+                timed("save", checkpoint)
             if state.step in planned.get("kill", ()):
                 faults.kill_now()
     bar.close()

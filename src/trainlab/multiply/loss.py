@@ -34,7 +34,8 @@ class SequenceAccuracyLoss(nn.Module):
     with wrong digits count up to (1 + seq_weight) times as much as solved ones.
 
     Returns ``(loss, stats)`` where stats holds detached tensors ``exact_match`` (the
-    fraction of sequences with every non-PAD target right) and ``token_accuracy``.
+    fraction of sequences with every non-PAD target right), ``token_accuracy`` and
+    ``weight`` (sum(w_s), what combines micro-batches' losses into the whole batch's).
     """
 
     def __init__(self, cfg: LossConfig, pad_id: int = PAD) -> None:
@@ -61,6 +62,7 @@ class SequenceAccuracyLoss(nn.Module):
             stats = {
                 "exact_match": (correct.sum(1) == mask.sum(1)).float().mean(),
                 "token_accuracy": correct.sum() / mask.sum().clamp(min=1),
+                "weight": weight.sum(),
             }
         loss = (weight * seq_loss).sum() / weight.sum()
         return loss, stats

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from trainlab.config import ConfigError, in_range, non_negative, one_of, positive
-from trainlab.engine.loop import Evaluation, Summary, TrainConfig
+from trainlab.engine.loop import Evaluation, StepLoss, Summary, TrainConfig
 from trainlab.engine.tracking import Run
 from trainlab.multiply.data import (
     BOS,
@@ -33,7 +33,7 @@ from trainlab.multiply.models import MODEL_KINDS, Seq2SeqConfig, SimpleTransform
 TASK_NAME = "parallel_comparison"
 TF_SCHEDULES = ("none", "linear", "exp", "cosine")
 # settings a resumed run may change (evaluation never touches the training trajectory)
-RESUMABLE_TASK_CHANGES = frozenset({"eval_samples", "eval_batch_size"})
+RESUMABLE_TASK_CHANGES = frozenset({"eval_samples", "eval_batch_size", "grad_checkpointing"})
 
 
 @dataclass
@@ -187,8 +187,7 @@ class MultiplyTask:
         # one coin per step, from (seed, step): the same for every member, and on resume
         return bool(np.random.default_rng([self.train_cfg.seed, step, 0x7F]).random() < p)
 
-    def loss(self, member: str, model: nn.Module, batch: dict[str, torch.Tensor], step: int
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, member: str, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> StepLoss:
         forced = self.teacher_forced(step)
         self.last_tf_prob = self.tf.prob(step)
         if member == next(iter(self.model_cfgs)):
@@ -205,7 +204,8 @@ class MultiplyTask:
             tgt_in = torch.cat([tgt_in[:, :1], guess[:, :-1]], 1)
         logits = model.decode(tgt_in, memory, memory_mask)  # (B, T, V)
         loss, stats = self.criterion(logits, batch["tgt_out"])
-        return loss, {"seq_accuracy": stats["exact_match"], "token_accuracy": stats["token_accuracy"]}
+        return StepLoss(loss, {"seq_accuracy": stats["exact_match"], "token_accuracy": stats["token_accuracy"]},
+                        stats["weight"])
 
     def scalars(self, step: int) -> dict[str, float]:
         return {"teacher_forcing_prob": self.tf.prob(step)}
@@ -226,8 +226,24 @@ class MultiplyTask:
         (the gap between the two is memorisation; on a tiny range val may hold a handful)."""
         bs = self.task_cfg.eval_batch_size
         ev = summarize(decode_problems(model, self.dataset, self.val_indices(), bs))
+        ev.metrics["val_loss"] = self.teacher_forced_loss(model, self.val_indices())
         ev.metrics["train_exact_match"] = float(decode_problems(model, self.dataset, self.train_indices(), bs).correct.mean())
         return ev
+
+    @torch.no_grad()
+    def teacher_forced_loss(self, model: nn.Module, idx: np.ndarray) -> float:
+        """The training loss on the problems ``idx``, teacher-forced: what the plateau LR cut
+        watches (exact-match can sit at 0 for a long while before it moves)."""
+        device = next(model.parameters()).device
+        bs = self.task_cfg.eval_batch_size
+        total = weight = 0.0
+        for start in range(0, len(idx), bs):
+            enc = self.dataset.encode(idx[start:start + bs])
+            logits = model(enc["src"].to(device), enc["tgt_in"].to(device))  # (B, T, V)
+            loss, stats = self.criterion(logits, enc["tgt_out"].to(device))
+            total += float(loss) * float(stats["weight"])
+            weight += float(stats["weight"])
+        return total / weight
 
     def sample(self, member: str, model: nn.Module, step: int) -> Evaluation:
         """A few val problems, answered free-running: a glance at what the model does now."""

@@ -1,0 +1,108 @@
+"""Memory: out-of-memory recovery by micro-batching, and the figures logged about it.
+
+The optimization batch is what the user asked for and never changes. When a step runs
+out of memory it is retried with the batch cut into twice as many micro-batches, whose
+gradients are accumulated, so every sample is used once and the update is the one the
+whole batch would have given. After ``recover_after`` steps without trouble the loop
+tries half as many micro-batches again; a try that fails at once doubles the wait
+before the next. One example at a time that still does not fit ends the run with a
+clear message (``OutOfMemory``).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import resource
+from typing import Any
+
+import torch
+
+_CPU_OOM = ("can't allocate memory", "not enough memory", "cannot allocate memory")
+
+
+class OutOfMemory(RuntimeError):
+    """Even micro-batches of one example do not fit."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's failure
+    (a RuntimeError from DefaultCPUAllocator)."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and any(s in str(e).lower() for s in _CPU_OOM)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    """``parts`` micro-batches along dim 0, as even as the size allows (views, no copies)."""
+    if parts == 1:
+        return [batch]
+    pieces = {k: torch.tensor_split(v, parts) for k, v in batch.items()}
+    return [{k: p[i] for k, p in pieces.items()} for i in range(parts)]
+
+
+class MicroBatches:
+    """How many micro-batches each optimization batch is cut into, and when to try fewer."""
+
+    def __init__(self, recover_after: int) -> None:
+        self.recover_after = recover_after
+        self.count = 1
+        self.calm = 0  # steps without an out-of-memory since the count last changed
+        self.wait = recover_after  # calm steps needed before trying fewer micro-batches
+        self.trying = False  # the count was just lowered: not yet known to fit
+        self.ooms = 0
+
+    def on_oom(self, batch_size: int, step: int) -> None:
+        """Twice as many micro-batches, or OutOfMemory when they are one example each."""
+        self.ooms += 1
+        if self.count >= batch_size:
+            raise OutOfMemory(
+                f"out of memory at step {step + 1} even one example at a time (batch {batch_size} in "
+                f"{self.count} micro-batches); try --grad-checkpointing, a smaller model or context, "
+                f"or another device")
+        if self.trying:  # the try at fewer micro-batches failed: wait longer before the next
+            self.wait *= 2
+        self.count = min(2 * self.count, batch_size)
+        self.calm, self.trying = 0, False
+
+    def on_success(self) -> None:
+        if self.trying:  # fewer micro-batches fit after all
+            self.trying, self.wait = False, self.recover_after
+        self.calm += 1
+        if self.count > 1 and self.calm >= self.wait:
+            self.count, self.calm, self.trying = max(1, self.count // 2), 0, True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "calm": self.calm, "wait": self.wait, "trying": self.trying, "ooms": self.ooms}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count, self.calm = int(state["count"]), int(state["calm"])
+        self.wait, self.trying, self.ooms = int(state["wait"]), bool(state["trying"]), int(state["ooms"])
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux), else its peak so far."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if os.uname().sysname == "Darwin" else peak * 1024
+
+
+def memory_figures(device: torch.device) -> dict[str, float]:
+    """MiB figures for TensorBoard: process RSS; on CUDA also allocated now and the peak
+    since the last call (the peak counter is reset, so each log interval shows its own)."""
+    mib = 2.0 ** 20
+    figures = {"rss_mib": rss_bytes() / mib}
+    if device.type == "cuda":
+        figures["gpu_allocated_mib"] = torch.cuda.memory_allocated(device) / mib
+        figures["gpu_peak_mib"] = torch.cuda.max_memory_allocated(device) / mib
+        torch.cuda.reset_peak_memory_stats(device)
+    return figures
