@@ -142,9 +142,10 @@ class ChatTask:
         return self._fixed[split]
 
     @torch.no_grad()
-    def mean_loss(self, model: nn.Module, split: str) -> float:
+    def mean_loss(self, model: nn.Module, split: str, batch_limit: int | None = None) -> float:
         device = next(model.parameters()).device
-        starts, bs, ctx = self.fixed_starts(split), self.train_cfg.batch_size, self.model_cfg.context_len
+        starts, ctx = self.fixed_starts(split), self.model_cfg.context_len
+        bs = min(self.train_cfg.batch_size, batch_limit or self.train_cfg.batch_size)
         total = 0.0
         for i in range(0, len(starts), bs):
             b = self.corpus.windows(split, starts[i:i + bs], ctx)
@@ -152,11 +153,11 @@ class ChatTask:
             total += float(F.cross_entropy(logits.flatten(0, 1), b["y"].to(device).flatten(), reduction="sum"))
         return total / (len(starts) * ctx)
 
-    def evaluate(self, member: str, model: nn.Module, step: int) -> Evaluation:
-        val = self.mean_loss(model, "val")
+    def evaluate(self, member: str, model: nn.Module, step: int, batch_limit: int | None = None) -> Evaluation:
+        val = self.mean_loss(model, "val", batch_limit)
         self.last_val_loss = val
         return Evaluation({"val_loss": val, "val_perplexity": math.exp(min(val, 50.0)),
-                           "train_loss": self.mean_loss(model, "train")})
+                           "train_loss": self.mean_loss(model, "train", batch_limit)})
 
     def sample_prompt(self, rng: np.random.Generator) -> list[int]:
         """``prompt_chars`` of val text starting at a line start (anywhere, if it has no lines)."""

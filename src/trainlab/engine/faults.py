@@ -13,6 +13,7 @@ reached; S counts optimizer updates done, as checkpoint names do:
   out-of-memory error CUDA raises;
 - ``oom_above=N``: every micro-batch of more than N examples fails that way: a memory cap;
 - ``nonfinite=S``: the loss of the S-th step (of every member) becomes NaN;
+- ``spike=S``: the loss of the S-th step (of every member) is multiplied by 1000;
 - ``nonfinite_grad=S``: after the S-th step's backward pass, a gradient holds inf.
 
 Real signals do the killing, so what is tested is what a crash does; the out-of-memory
@@ -64,9 +65,11 @@ def raise_if_out_of_memory(planned: dict[str, set[int]], step: int, examples: in
 
 
 def poison_loss(planned: dict[str, set[int]], step: int, loss):
-    """``nonfinite``: the loss times NaN, so the backward pass fills the gradients with NaN too."""
+    """``nonfinite``: the loss times NaN (its gradients turn NaN too); ``spike``: times 1000."""
     if planned and step + 1 in planned.get("nonfinite", ()):
         return loss * float("nan")
+    if planned and step + 1 in planned.get("spike", ()):
+        return loss * 1000.0
     return loss
 
 

@@ -152,7 +152,10 @@ class StepLoss(NamedTuple):
 class Task(Protocol):
     """What the loop needs from a task; see multiply/task.py for a full example.
 
-    Evaluation metrics named ``val_loss`` drive the plateau LR cuts."""
+    Evaluation metrics named ``val_loss`` drive the plateau LR cuts. ``evaluate`` runs
+    batches of at most ``batch_limit`` examples when it is given (set after an
+    evaluation ran out of memory), its own sizes otherwise; the metrics must not
+    depend on it."""
 
     name: str  # folder under runs_dir, and the task id stored in checkpoints
     best_metric: tuple[str, str]  # (evaluation metric, "max"|"min"): picks the best checkpoint
@@ -162,7 +165,7 @@ class Task(Protocol):
     def batch(self, step: int) -> dict[str, torch.Tensor]: ...
     def loss(self, member: str, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> StepLoss: ...
     def scalars(self, step: int) -> dict[str, float]: ...
-    def evaluate(self, member: str, model: nn.Module, step: int) -> Evaluation: ...
+    def evaluate(self, member: str, model: nn.Module, step: int, batch_limit: int | None = None) -> Evaluation: ...
     def sample(self, member: str, model: nn.Module, step: int) -> Evaluation: ...
     def checkpoint_texts(self) -> dict[str, str]: ...
     def member_texts(self, member: str) -> dict[str, str]: ...
@@ -457,7 +460,6 @@ class StepResult(NamedTuple):
     grad_norm: float  # before clipping
     stats: dict[str, torch.Tensor]
     action: str  # "update", or why not: "nonfinite", "skip" (a spike), "rollback" (a spike)
-    spike: str | None  # why the loss counts as a spike, if it does
 
 
 def forward_backward(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, n_examples: int,
@@ -501,7 +503,8 @@ def forward_backward(m: Member, task: Task, batch: dict[str, torch.Tensor], step
 
 def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, cfg: TrainConfig,
                 planned: dict[str, set[int]], device: torch.device, echo) -> StepResult:
-    """Forward, backward and (unless it must not happen) the update of one member."""
+    """Forward, backward and (unless it must not happen) the update of one member; what
+    went wrong, if anything, is said through ``echo``."""
     n_examples = int(next(iter(batch.values())).shape[0])
     rng = torch.get_rng_state()  # a retry after an out-of-memory draws the same dropout masks
     first_try = True
@@ -556,6 +559,10 @@ def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int
         if action == "rollback" and m.snapshot is not None:
             m.rollback()
             m.health.rollbacks += 1
+    if spike or action != "update":
+        echo(f"[step {step + 1}] {m.name}: " + (f"spike, {spike}" if spike else f"gradient norm {norm_v}")
+             + {"update": "", "nonfinite": "; update skipped", "skip": "; update skipped",
+                "rollback": "; rolled back to the last good state"}[action])
     scaler.update()  # lowers an fp16 loss scale after an overflow, raises it after a calm stretch
     if m.health.nonfinite_run >= cfg.max_nonfinite:
         if m.precision.mode == "fp32":
@@ -566,7 +573,28 @@ def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int
              f"{m.precision.mode}; falling back to fp32 for the rest of the run")
         m.precision.fall_back(step + 1)
         m.health.nonfinite_run = 0
-    return StepResult(loss_v, norm_v, stats, action, spike)
+    return StepResult(loss_v, norm_v, stats, action)
+
+
+def evaluate_member(task: Task, m: Member, step: int, batch_size: int, device: torch.device, echo) -> Evaluation:
+    """``task.evaluate`` under the member's autocast; out of memory, it is run again in
+    smaller batches: first the training micro-batch, then halves of it."""
+    while True:
+        failed = False
+        try:
+            with m.precision.autocast():
+                return task.evaluate(m.name, m.model, step, m.micro.eval_limit)
+        except Exception as e:  # noqa: BLE001 (only out-of-memory is handled; the rest re-raised)
+            if not is_out_of_memory(e):
+                raise
+            failed = True
+        if failed:
+            free_memory(device)
+            try:
+                m.micro.on_eval_oom(batch_size, step)
+            except RuntimeError as e:
+                raise TrainingError(f"{m.name}: {e}") from None
+            echo(f"[step {step}] {m.name}: out of memory in evaluation; evaluating {m.micro.eval_limit} at a time")
 
 
 def _accumulate(state: LoopState, m: Member, r: StepResult) -> None:
@@ -689,8 +717,7 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
         parts, scores = [], []
         for m in members:
             m.model.eval()
-            with m.precision.autocast():
-                ev = task.evaluate(m.name, m.model, state.step)
+            ev = evaluate_member(task, m, state.step, cfg.batch_size, device, bar.write)
             m.evals.append({"step": state.step, **ev.metrics})
             for k, v in ev.metrics.items():
                 writers[m.name].add_scalar(f"val/{k}", v, state.step)
@@ -751,12 +778,6 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
                 t_m = time.perf_counter()
                 m.model.train()
                 r = member_step(m, task, batch, step, cfg, planned, device, bar.write)
-                if r.spike:
-                    bar.write(f"[step {step + 1}] {m.name}: spike, {r.spike}"
-                              + {"update": "", "nonfinite": "; update skipped", "skip": "; update skipped",
-                                 "rollback": "; rolled back to the last good state"}[r.action])
-                elif r.action == "nonfinite":
-                    bar.write(f"[step {step + 1}] {m.name}: gradient norm {r.grad_norm}; update skipped")
                 m.examples += n_examples
                 _accumulate(state, m, r)
                 synchronize(device)

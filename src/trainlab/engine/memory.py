@@ -6,7 +6,8 @@ gradients are accumulated, so every sample is used once and the update is the on
 whole batch would have given. After ``recover_after`` steps without trouble the loop
 tries half as many micro-batches again; a try that fails at once doubles the wait
 before the next. One example at a time that still does not fit ends the run with a
-clear message (``OutOfMemory``).
+clear message (``OutOfMemory``). An evaluation that runs out of memory is run again a
+training micro-batch at a time, then in halves of that.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class MicroBatches:
         self.wait = recover_after  # calm steps needed before trying fewer micro-batches
         self.trying = False  # the count was just lowered: not yet known to fit
         self.ooms = 0
+        self.eval_limit: int | None = None  # examples per evaluation batch, once evaluation ran out of memory
 
     def on_oom(self, batch_size: int, step: int) -> None:
         """Twice as many micro-batches, or OutOfMemory when they are one example each."""
@@ -71,6 +73,15 @@ class MicroBatches:
         self.count = min(2 * self.count, batch_size)
         self.calm, self.trying = 0, False
 
+    def on_eval_oom(self, batch_size: int, step: int) -> None:
+        """Evaluation ran out of memory: evaluate a training micro-batch at a time (which fit
+        with gradients), then half as many as the last try."""
+        self.ooms += 1
+        if self.eval_limit == 1:
+            raise OutOfMemory(f"out of memory evaluating at step {step} even one example at a time")
+        fits = -(-batch_size // self.count)
+        self.eval_limit = max(1, fits if self.eval_limit is None or self.eval_limit > fits else self.eval_limit // 2)
+
     def on_success(self) -> None:
         if self.trying:  # fewer micro-batches fit after all
             self.trying, self.wait = False, self.recover_after
@@ -79,11 +90,13 @@ class MicroBatches:
             self.count, self.calm, self.trying = max(1, self.count // 2), 0, True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "calm": self.calm, "wait": self.wait, "trying": self.trying, "ooms": self.ooms}
+        return {"count": self.count, "calm": self.calm, "wait": self.wait, "trying": self.trying, "ooms": self.ooms,
+                "eval_limit": self.eval_limit}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.count, self.calm = int(state["count"]), int(state["calm"])
         self.wait, self.trying, self.ooms = int(state["wait"]), bool(state["trying"]), int(state["ooms"])
+        self.eval_limit = None if state.get("eval_limit") is None else int(state["eval_limit"])
 
 
 def rss_bytes() -> int:

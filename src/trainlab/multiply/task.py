@@ -221,24 +221,23 @@ class MultiplyTask:
             self._train_idx = self.dataset.subset("train", min(self.task_cfg.eval_samples, 500), seed=0)
         return self._train_idx
 
-    def evaluate(self, member: str, model: nn.Module, step: int) -> Evaluation:
+    def evaluate(self, member: str, model: nn.Module, step: int, batch_limit: int | None = None) -> Evaluation:
         """Held-out val metrics, plus exact-match on a fixed slice of the training problems
         (the gap between the two is memorisation; on a tiny range val may hold a handful)."""
-        bs = self.task_cfg.eval_batch_size
+        bs = min(self.task_cfg.eval_batch_size, batch_limit or self.task_cfg.eval_batch_size)
         ev = summarize(decode_problems(model, self.dataset, self.val_indices(), bs))
-        ev.metrics["val_loss"] = self.teacher_forced_loss(model, self.val_indices())
+        ev.metrics["val_loss"] = self.teacher_forced_loss(model, self.val_indices(), bs)
         ev.metrics["train_exact_match"] = float(decode_problems(model, self.dataset, self.train_indices(), bs).correct.mean())
         return ev
 
     @torch.no_grad()
-    def teacher_forced_loss(self, model: nn.Module, idx: np.ndarray) -> float:
+    def teacher_forced_loss(self, model: nn.Module, idx: np.ndarray, batch_size: int) -> float:
         """The training loss on the problems ``idx``, teacher-forced: what the plateau LR cut
         watches (exact-match can sit at 0 for a long while before it moves)."""
         device = next(model.parameters()).device
-        bs = self.task_cfg.eval_batch_size
         total = weight = 0.0
-        for start in range(0, len(idx), bs):
-            enc = self.dataset.encode(idx[start:start + bs])
+        for start in range(0, len(idx), batch_size):
+            enc = self.dataset.encode(idx[start:start + batch_size])
             logits = model(enc["src"].to(device), enc["tgt_in"].to(device))  # (B, T, V)
             loss, stats = self.criterion(logits, enc["tgt_out"].to(device))
             total += float(loss) * float(stats["weight"])
