@@ -59,3 +59,39 @@ def test_bad_dimensions_name_the_flag():
         GPTConfig(**{**TINY, "d_model": 30})
     with pytest.raises(ConfigError, match="--dropout"):
         GPTConfig(**{**TINY, "dropout": 1.0})
+
+
+def saved_for_backward(fn):
+    """(fn(), bytes of the tensors autograd keeps for the backward pass outside checkpoints)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total
+
+
+def test_gradient_checkpointing_same_loss_and_gradients_less_kept():
+    cfgs = [GPTConfig(**{**TINY, "dropout": 0.1, "grad_checkpointing": gc}) for gc in (False, True)]
+    plain, ckpt = GPT(cfgs[0]).train(), GPT(cfgs[1]).train()
+    ckpt.load_state_dict(plain.state_dict())  # the same weights under the same names
+    assert list(plain.state_dict()) == list(ckpt.state_dict())
+    x = torch.randint(0, 11, (4, 16))
+    results = []
+    for model in (plain, ckpt):
+        torch.manual_seed(1)  # the same dropout masks: checkpointing replays the RNG
+        (logits, cache), kept = saved_for_backward(lambda: model(x))
+        loss = logits.logsumexp(-1).mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}, kept, cache))
+    (l0, g0, kept0, _), (l1, g1, kept1, cache1) = results
+    assert torch.equal(l0, l1)
+    for name in g0:
+        torch.testing.assert_close(g0[name], g1[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert kept1 < 0.25 * kept0 and cache1 == []
+    with torch.no_grad():  # generation is untouched: the cache is built as always
+        assert len(ckpt.eval()(x[:, :3])[1]) == 2

@@ -119,3 +119,23 @@ def test_greedy_decoding_is_capped_when_eos_never_comes():
     model = ScriptedModel([[DIGIT0 + 1] * 20], tgt_len=5)
     out = greedy_decode(model, torch.zeros(1, 3, dtype=torch.long))
     assert out.shape == (1, 5) and model.calls == 5
+
+
+@pytest.mark.parametrize("kind", ["simple", "latent"])
+def test_gradient_checkpointing_same_loss_and_gradients(kind):
+    from test_chat_model import saved_for_backward
+
+    plain = build_model(cfg(kind, dropout=0.1)).train()
+    ckpt = build_model(cfg(kind, dropout=0.1, grad_checkpointing=True)).train()
+    ckpt.load_state_dict(plain.state_dict())
+    src, tgt = batch()
+    grads, kept = [], []
+    for model in (plain, ckpt):
+        torch.manual_seed(1)
+        out, k = saved_for_backward(lambda: model(src, tgt))
+        out.logsumexp(-1).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        kept.append(k)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-6, atol=1e-7, msg=name)
+    assert kept[1] < 0.5 * kept[0]

@@ -78,6 +78,25 @@ def test_interrupt_then_resume_is_bit_identical_to_an_unbroken_run(straight, run
     assert json.loads((run_dir(runs_dir, "halves") / "run.json").read_text())["status"] == "finished"
 
 
+def test_gradient_checkpointing_changes_nothing_but_memory_and_may_change_on_resume(straight, runs_dir,
+                                                                                     monkeypatch, capsys):
+    """Half the run recomputes activations (dropout 0.1 included), the other half keeps
+    them: weights, optimizer and curves are those of the straight run, bit for bit, and
+    the checkpoints load either way."""
+    copy_straight(straight, runs_dir)
+    monkeypatch.setenv("TRAINLAB_FAULTS", "interrupt=7")
+    assert cli_train(runs_dir, *FLAGS, "--max-steps", "14", "--run-name", "gc", "--grad-checkpointing") == 130
+    monkeypatch.delenv("TRAINLAB_FAULTS")
+    ckpts = run_dir(runs_dir, "gc") / "checkpoints"
+    assert latest_checkpoint(ckpts).json("simple/model_config.json")["grad_checkpointing"] is True
+    capsys.readouterr()
+    assert cli_train(runs_dir, "--resume", "gc", "--no-grad-checkpointing") == 0
+    assert "--grad-checkpointing: True -> False from here on" in capsys.readouterr().out
+    assert latest_checkpoint(ckpts).json("latent/model_config.json")["grad_checkpointing"] is False
+    same_training(runs_dir, "straight", "gc")
+    same_curves(runs_dir, "straight", "gc")
+
+
 def test_killed_anywhere_even_mid_save_resumes_to_the_same_weights_and_curves(straight, runs_dir):
     """Real SIGKILLs in subprocesses: after step 9 (last checkpoint 5, curves logged to 9),
     then in the middle of writing checkpoint 10; each time the run is continued."""

@@ -238,7 +238,8 @@ class Member:
     def rollback(self) -> None:
         snap = self.snapshot
         self.model.load_state_dict(snap["model"])
-        self.optimizer.load_state_dict(snap["optimizer"])
+        # a copy: the optimizer adopts the tensors it is given, and would then update the snapshot
+        self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
         self.scheduler.load_state_dict(snap["scheduler"])
         if snap["scaler"]:
             self.precision.scaler.load_state_dict(snap["scaler"])
@@ -411,6 +412,8 @@ def save(run: Run, task: Task, members: list[Member], state: LoopState, cfg: Tra
     for m in members:
         tensors[f"{m.name}/model.pt"] = m.model.state_dict()
         tensors[f"{m.name}/train_state.pt"] = m.state_dict()
+        if m.snapshot is not None:  # --on-spike rollback: a resume must roll back to the same state
+            tensors[f"{m.name}/snapshot.pt"] = m.snapshot
         texts.update({f"{m.name}/{k}": v for k, v in task.member_texts(m.name).items()})
     if best is None:
         save_checkpoint(run.checkpoints, state.step, tensors, texts, task=task.name, keep=cfg.keep_checkpoints)
@@ -438,6 +441,8 @@ def restore(ckpt: Checkpoint, task: Task, members: list[Member], device: torch.d
     for m in members:
         ckpt.load_weights(m.model, f"{m.name}/model.pt", map_location=device)
         m.load_state_dict(ckpt.tensors(f"{m.name}/train_state.pt", map_location=device))
+        if f"{m.name}/snapshot.pt" in ckpt.sums:
+            m.snapshot = ckpt.tensors(f"{m.name}/snapshot.pt", map_location=device)
     trainer = ckpt.tensors("trainer.pt")
     task.load_state_dict(trainer["task"])
     set_rng_state(trainer["rng"])
@@ -647,7 +652,9 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
         fell = f" (fell back from {cfg.precision} at step {m.precision.fell_back_at})" \
             if m.precision.fell_back_at is not None else ""
         echo(f"{m.name}: {m.num_parameters:,} parameters, precision {m.precision.mode}{fell}")
-        if cfg.on_spike == "rollback":
+        if cfg.on_spike != "rollback":
+            m.snapshot = None
+        elif m.snapshot is None:
             m.take_snapshot()
 
     # everything logged at a checkpoint's step was written (and flushed) before the checkpoint,
