@@ -76,7 +76,7 @@ def poison_loss(planned: dict[str, set[int]], step: int, loss):
 def poison_grads(planned: dict[str, set[int]], step: int, model) -> None:
     """``nonfinite_grad``: one gradient entry set to inf, the loss left finite."""
     if planned and step + 1 in planned.get("nonfinite_grad", ()):
-        grad = next(p.grad for p in model.parameters() if p.grad is not None)
+        grad = next(p.grad for p in model.parameters() if p.grad is not None)  # a test hook: cost is no matter
         grad.view(-1)[0] = float("inf")
 
 

@@ -214,6 +214,10 @@ class Member:
     losses: list[list[float]] = field(default_factory=list)  # [step, loss] at log steps
     evals: list[dict[str, float]] = field(default_factory=list)  # metrics with "step"
     snapshot: dict[str, Any] | None = None  # the last good state, kept in memory for --on-spike rollback
+    params: list[nn.Parameter] = field(default_factory=list)  # walking the modules for them costs ~1 ms a step
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     @property
     def num_parameters(self) -> int:
@@ -499,7 +503,7 @@ def forward_backward(m: Member, task: Task, batch: dict[str, torch.Tensor], step
             stats[k] = stats.get(k, 0.0) + v * (n / n_examples)
     correction = reference / weight_sum  # 1 when every micro-batch weighs the same
     if not (isinstance(correction, float) and correction == 1.0):
-        for p in m.model.parameters():
+        for p in m.params:
             if p.grad is not None:
                 p.grad.mul_(correction)
     faults.poison_grads(planned, step, m.model)
@@ -538,7 +542,7 @@ def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int
 
     scaler = m.precision.scaler
     scaler.unscale_(m.optimizer)
-    grads = [p.grad for p in m.model.parameters() if p.grad is not None]
+    grads = [p.grad for p in m.params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
     loss_v, norm_v = torch.stack([loss.float(), norm.float()]).tolist()  # the step's one wait for the device
     finite = math.isfinite(loss_v) and math.isfinite(norm_v)
@@ -551,7 +555,7 @@ def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int
         action = "update"
     if action == "update":
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(m.model.parameters(), cfg.grad_clip, norm)
+            torch.nn.utils.clip_grads_with_norm_(m.params, cfg.grad_clip, norm)
         scaler.step(m.optimizer)
         m.scheduler.step()
         m.step += 1
@@ -652,6 +656,7 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
         fell = f" (fell back from {cfg.precision} at step {m.precision.fell_back_at})" \
             if m.precision.fell_back_at is not None else ""
         echo(f"{m.name}: {m.num_parameters:,} parameters, precision {m.precision.mode}{fell}")
+        m.model.train()  # evaluation and sampling put it back in train mode when they are done
         if cfg.on_spike != "rollback":
             m.snapshot = None
         elif m.snapshot is None:
@@ -725,6 +730,7 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
         for m in members:
             m.model.eval()
             ev = evaluate_member(task, m, state.step, cfg.batch_size, device, bar.write)
+            m.model.train()  # here, not every step: walking the modules costs ~1 ms
             m.evals.append({"step": state.step, **ev.metrics})
             for k, v in ev.metrics.items():
                 writers[m.name].add_scalar(f"val/{k}", v, state.step)
@@ -753,6 +759,7 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
             m.model.eval()
             with m.precision.autocast():
                 s = task.sample(m.name, m.model, state.step)
+            m.model.train()
             for k, v in s.metrics.items():
                 writers[m.name].add_scalar(f"samples/{k}", v, state.step)
             if s.text:
@@ -783,7 +790,6 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
             n_examples = int(next(iter(batch.values())).shape[0])
             for m in members:
                 t_m = time.perf_counter()
-                m.model.train()
                 r = member_step(m, task, batch, step, cfg, planned, device, bar.write)
                 m.examples += n_examples
                 _accumulate(state, m, r)
