@@ -81,9 +81,10 @@ def test_on_spike_skip_leaves_the_state_as_it_was(runs_dir, monkeypatch):
     same_member_state(skipped, six)
 
 
-def test_on_spike_rollback_restores_the_last_good_state(runs_dir, monkeypatch, capsys):
-    """The snapshot is taken at log steps (every 4): a spike at step 7 returns to step 4."""
-    rolled, _ = run_simple(runs_dir, "rb", monkeypatch, "spike=7", max_steps=7, on_spike="rollback")
+@pytest.mark.parametrize("fault", ["spike", "nonfinite"])
+def test_on_spike_rollback_restores_the_last_good_state(runs_dir, monkeypatch, capsys, fault):
+    """The snapshot is taken at log steps (every 4): a spike (or a NaN) at step 7 returns to step 4."""
+    rolled, _ = run_simple(runs_dir, "rb", monkeypatch, f"{fault}=7", max_steps=7, on_spike="rollback")
     four, _ = run_simple(runs_dir, "four", monkeypatch, max_steps=4)
     assert rolled.health.rollbacks == 1 and rolled.step == 4
     assert "rolled back to the last good state" in capsys.readouterr().out

@@ -261,6 +261,7 @@ def start_or_resume(args: argparse.Namespace, sections: list[tuple[str, type]], 
     lines to print before training. All checks happen before anything is written."""
     from trainlab.engine.device import resolve_device
     from trainlab.engine.loop import RESUMABLE_CHANGES, check_compatible, train
+    from trainlab.engine.precision import resolve_precision
     from trainlab.engine.tracking import new_run
 
     default_preset = DEFAULT_PRESETS.get(args.task)
@@ -275,7 +276,8 @@ def start_or_resume(args: argparse.Namespace, sections: list[tuple[str, type]], 
         values = resume_settings(flat(resuming.config), values, RESUMABLE_CHANGES | free, resuming.run.id)
     try:
         cfgs = {name: build(cls, values) for name, cls in sections}
-        resolve_device(cfgs["train"].device)  # fail on a missing device before creating a run
+        # fail on a missing device, or a precision it lacks, before creating a run
+        resolve_precision(cfgs["train"].precision, resolve_device(cfgs["train"].device))
         task = make_task(cfgs)
         if resuming is not None and resuming.ckpt is not None:
             check_compatible(resuming.ckpt, task, task.member_names)

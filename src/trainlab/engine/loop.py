@@ -468,7 +468,6 @@ class StepResult(NamedTuple):
     loss: float  # the whole batch's loss (nan or inf when it was not finite)
     grad_norm: float  # before clipping
     stats: dict[str, torch.Tensor]
-    action: str  # "update", or why not: "nonfinite", "skip" (a spike), "rollback" (a spike)
 
 
 def forward_backward(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, n_examples: int,
@@ -550,7 +549,7 @@ def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int
     if not finite:
         action = "nonfinite"
     elif spike and cfg.on_spike != "log":
-        action = cfg.on_spike
+        action = "spike"
     else:
         action = "update"
     if action == "update":
@@ -565,13 +564,16 @@ def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int
         m.health.nonfinite_run += 1
     else:
         m.health.skipped_spikes += 1
-        if action == "rollback" and m.snapshot is not None:
-            m.rollback()
-            m.health.rollbacks += 1
+    # a non-finite loss is a spike too, and rolls back; a finite loss with overflowing
+    # gradients (routine for fp16's loss scaler) is only skipped
+    rolled = action != "update" and spike is not None and cfg.on_spike == "rollback" and m.snapshot is not None
+    if rolled:
+        m.rollback()
+        m.health.rollbacks += 1
     if spike or action != "update":
-        echo(f"[step {step + 1}] {m.name}: " + (f"spike, {spike}" if spike else f"gradient norm {norm_v}")
-             + {"update": "", "nonfinite": "; update skipped", "skip": "; update skipped",
-                "rollback": "; rolled back to the last good state"}[action])
+        what = f"spike, {spike}" if spike else f"gradient norm {norm_v}"
+        done = "" if action == "update" else "; rolled back to the last good state" if rolled else "; update skipped"
+        echo(f"[step {step + 1}] {m.name}: {what}{done}")
     scaler.update()  # lowers an fp16 loss scale after an overflow, raises it after a calm stretch
     if m.health.nonfinite_run >= cfg.max_nonfinite:
         if m.precision.mode == "fp32":
@@ -582,7 +584,7 @@ def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int
              f"{m.precision.mode}; falling back to fp32 for the rest of the run")
         m.precision.fall_back(step + 1)
         m.health.nonfinite_run = 0
-    return StepResult(loss_v, norm_v, stats, action)
+    return StepResult(loss_v, norm_v, stats)
 
 
 def evaluate_member(task: Task, m: Member, step: int, batch_size: int, device: torch.device, echo) -> Evaluation:
