@@ -258,15 +258,68 @@ def start_or_resume(args: argparse.Namespace, sections: list[tuple[str, type]], 
     ``make_task(cfgs)`` builds the task from the section configs (and may reject them, or
     complete them with what only the data knows, such as a vocabulary size);
     ``describe(cfgs, task)`` gives the one-line settings summary for the runs index and
-    lines to print before training. All checks happen before anything is written."""
-    from trainlab.engine.device import resolve_device
-    from trainlab.engine.loop import RESUMABLE_CHANGES, check_compatible, train
-    from trainlab.engine.precision import resolve_precision
-    from trainlab.engine.tracking import new_run
+    lines to print before training. All checks happen before anything is written.
+
+    Under torchrun, rank 0 does all of this and tells the other ranks which run (and
+    checkpoint) to train with which settings; they only read."""
+    from trainlab.engine import distributed
 
     default_preset = DEFAULT_PRESETS.get(args.task)
     # a resumed run has its own settings: the default preset must not read as flags against them
     values = settings_from(args, sections, None if args.resume else default_preset)
+    d = distributed.setup(str(values.get("device", "auto")))
+    try:
+        if not d.main:
+            return _follow_rank_zero(d, sections, make_task)
+        try:
+            task, tc, run, config, ckpt, restart = _prepare_run(args, sections, task_name, free, make_task, describe,
+                                                                values, default_preset, d)
+        except BaseException:
+            distributed.broadcast(None, d)  # the other ranks leave quietly; this one says why
+            raise
+        distributed.broadcast({"run": [run.id, run.task, str(run.dir)], "checkpoint": ckpt and str(ckpt.path),
+                               "config": config, "restart": restart}, d)
+        return _train_run(task, tc, run, config, ckpt, restart)
+    finally:
+        distributed.teardown()
+
+
+def _train_run(task: Any, tc: TrainConfig, run: Any, config: dict[str, Any], ckpt: Any, restart: bool) -> int:
+    from trainlab.engine import distributed
+    from trainlab.engine.loop import train
+
+    result = train(task, tc, run, config, resume=ckpt, restart=restart)
+    distributed.barrier(distributed.current())
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+def _follow_rank_zero(d: Any, sections: list[tuple[str, type]], make_task: Callable[[dict[str, Any]], Any]) -> int:
+    """A rank past 0: train the run rank 0 prepared, with the settings it resolved."""
+    from trainlab.engine import distributed
+    from trainlab.engine.checkpoint import Checkpoint
+    from trainlab.engine.tracking import Run
+
+    plan = distributed.broadcast(None, d)
+    if plan is None:  # rank 0 refused the settings and says why
+        return EXIT_USAGE
+    values = flat(plan["config"])
+    cfgs = {name: build(cls, values) for name, cls in sections}
+    task = make_task(cfgs)
+    run_id, task_name, run_dir = plan["run"]
+    ckpt = Checkpoint(Path(plan["checkpoint"]), task_name) if plan["checkpoint"] else None
+    return _train_run(task, cfgs["train"], Run(run_id, task_name, Path(run_dir)), plan["config"], ckpt,
+                      plan["restart"])
+
+
+def _prepare_run(args: argparse.Namespace, sections: list[tuple[str, type]], task_name: str, free: frozenset[str],
+                 make_task: Callable[[dict[str, Any]], Any], describe: Callable[[dict[str, Any], Any], tuple[str, list[str]]],
+                 values: dict[str, Any], default_preset: str | None, d: Any):
+    """The checks, then the run: a new one, or the one resumed (locked)."""
+    from trainlab.engine.device import resolve_device
+    from trainlab.engine.loop import RESUMABLE_CHANGES, check_compatible
+    from trainlab.engine.precision import resolve_precision
+    from trainlab.engine.tracking import new_run
+
     resuming = None
     if args.resume:
         resuming = open_for_resume(args.resume, task_name, values.get("runs_dir", "runs"), values.get("tag", ""))
@@ -278,6 +331,9 @@ def start_or_resume(args: argparse.Namespace, sections: list[tuple[str, type]], 
         cfgs = {name: build(cls, values) for name, cls in sections}
         # fail on a missing device, or a precision it lacks, before creating a run
         resolve_precision(cfgs["train"].precision, resolve_device(cfgs["train"].device))
+        if cfgs["train"].batch_size < d.world:
+            raise ConfigError("batch_size", f"must be at least the number of processes ({d.world}), "
+                                            f"got {cfgs['train'].batch_size}")
         task = make_task(cfgs)
         if resuming is not None and resuming.ckpt is not None:
             check_compatible(resuming.ckpt, task, task.member_names)
@@ -297,8 +353,9 @@ def start_or_resume(args: argparse.Namespace, sections: list[tuple[str, type]], 
     _note_extension(tc)
     for line in lines:
         print(line)
-    result = train(task, tc, run, config, resume=ckpt, restart=resuming is not None)
-    return EXIT_INTERRUPTED if result.interrupted else 0
+    if d.active:
+        print(f"training on {d.world} processes (torchrun): each takes a slice of every batch of {tc.batch_size}")
+    return task, tc, run, config, ckpt, resuming is not None
 
 
 def multiply_train(args: argparse.Namespace) -> int:

@@ -14,7 +14,9 @@ reached; S counts optimizer updates done, as checkpoint names do:
 - ``oom_above=N``: every micro-batch of more than N examples fails that way: a memory cap;
 - ``nonfinite=S``: the loss of the S-th step (of every member) becomes NaN;
 - ``spike=S``: the loss of the S-th step (of every member) is multiplied by 1000;
-- ``nonfinite_grad=S``: after the S-th step's backward pass, a gradient holds inf.
+- ``nonfinite_grad=S``: after the S-th step's backward pass, a gradient holds inf;
+- ``rank=R``: under torchrun, only the process of rank R has these faults (the others
+  must then agree with it: one rank's out-of-memory is every rank's).
 
 Real signals do the killing, so what is tested is what a crash does; the out-of-memory
 and non-finite faults go through the same code paths as real ones. Nothing else in
@@ -41,7 +43,11 @@ def _parse(text: str) -> dict[str, set[int]]:
 
 def plan() -> dict[str, set[int]]:
     """The faults asked for, {} normally; the loop reads this once per run, not per step."""
-    return _parse(os.environ.get(ENV, ""))
+    planned = _parse(os.environ.get(ENV, ""))
+    ranks = planned.pop("rank", None)
+    if ranks is not None and int(os.environ.get("RANK", "0")) not in ranks:
+        return {}
+    return planned
 
 
 def kill_now() -> None:

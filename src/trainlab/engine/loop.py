@@ -38,6 +38,7 @@ from trainlab.config import ConfigError, in_range, non_negative, one_of, positiv
 from trainlab.engine import faults
 from trainlab.engine.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from trainlab.engine.device import resolve_device, synchronize
+from trainlab.engine.distributed import Dist, all_sum, broadcast, current, device_for, gather, shard, wrap
 from trainlab.engine.memory import MicroBatches, free_memory, is_out_of_memory, memory_figures, split_batch
 from trainlab.engine.monitor import Eta, LossTrend, Plateau, due, format_duration
 from trainlab.engine.precision import PRECISIONS, Precision, resolve_precision
@@ -215,9 +216,12 @@ class Member:
     evals: list[dict[str, float]] = field(default_factory=list)  # metrics with "step"
     snapshot: dict[str, Any] | None = None  # the last good state, kept in memory for --on-spike rollback
     params: list[nn.Parameter] = field(default_factory=list)  # walking the modules for them costs ~1 ms a step
+    ddp: nn.Module | None = None  # what the training forward goes through: DDP's wrapper, or the model
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.ddp is None:
+            self.ddp = self.model
 
     @property
     def num_parameters(self) -> int:
@@ -407,9 +411,15 @@ class LoopState:
 
 
 def save(run: Run, task: Task, members: list[Member], state: LoopState, cfg: TrainConfig, config: dict[str, Any],
-         best: dict[str, Any] | None = None) -> None:
-    """One checkpoint of everything; ``best`` set: the best-so-far copy in checkpoints/best."""
-    trainer = {"step": state.step, "rng": rng_state(), "task": task.state_dict(), "loop": state.state_dict()}
+         best: dict[str, Any] | None = None, d: Dist = Dist()) -> None:
+    """One checkpoint of everything; ``best`` set: the best-so-far copy in checkpoints/best.
+    Under torchrun every rank calls it (each one's RNG state is kept); rank 0 writes."""
+    rngs = gather(rng_state(), d)
+    if not d.main:
+        return
+    trainer = {"step": state.step, "rng": rngs[0], "task": task.state_dict(), "loop": state.state_dict()}
+    if d.active:
+        trainer["rng_ranks"] = rngs
     tensors: dict[str, Any] = {"trainer.pt": trainer}
     texts = {"config.json": json.dumps(config, indent=2)}
     texts.update(task.checkpoint_texts())
@@ -439,8 +449,11 @@ def check_compatible(ckpt: Checkpoint, task: Task, member_names: list[str]) -> N
         raise CheckpointError(f"{ckpt.path}: holds members {sorted(names)}, this task trains {sorted(member_names)}")
 
 
-def restore(ckpt: Checkpoint, task: Task, members: list[Member], device: torch.device) -> LoopState:
-    """Load every piece of state from ``ckpt``; returns the loop state to continue from."""
+def restore(ckpt: Checkpoint, task: Task, members: list[Member], device: torch.device, d: Dist = Dist()
+            ) -> LoopState:
+    """Load every piece of state from ``ckpt``; returns the loop state to continue from.
+    Each rank takes back its own RNG state when the number of processes is the one saved;
+    otherwise ranks past 0 keep the fresh seeding of their rank (only dropout differs)."""
     check_compatible(ckpt, task, [m.name for m in members])
     for m in members:
         ckpt.load_weights(m.model, f"{m.name}/model.pt", map_location=device)
@@ -449,7 +462,11 @@ def restore(ckpt: Checkpoint, task: Task, members: list[Member], device: torch.d
             m.snapshot = ckpt.tensors(f"{m.name}/snapshot.pt", map_location=device)
     trainer = ckpt.tensors("trainer.pt")
     task.load_state_dict(trainer["task"])
-    set_rng_state(trainer["rng"])
+    ranks = trainer.get("rng_ranks") or [trainer["rng"]]
+    if len(ranks) == d.world:
+        set_rng_state(ranks[d.rank])
+    elif d.main:
+        set_rng_state(trainer["rng"])
     return LoopState.from_state_dict(trainer.get("loop", {"step": trainer["step"]}))
 
 
@@ -470,56 +487,124 @@ class StepResult(NamedTuple):
     stats: dict[str, torch.Tensor]
 
 
-def forward_backward(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, n_examples: int,
-                     planned: dict[str, set[int]], first_try: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Gradients of the whole batch, in ``m.micro.count`` micro-batches; returns the batch's
-    loss (detached) and stats. With several micro-batches each one's loss is weighted by its
-    share of the batch's weight, so the gradient is the whole batch's."""
+def _rows(batch: dict[str, torch.Tensor]) -> int:
+    return int(next(iter(batch.values())).shape[0])
+
+
+class _AgreedOutOfMemory(MemoryError):
+    """Another rank ran out of memory in this step: every rank retries, as one."""
+
+
+def _close_ddp_round(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int) -> None:
+    """After an out-of-memory agreed on, leave every rank's DDP idle and alike: a rank whose
+    last forward pass succeeded is waiting for a backward pass that all-reduces, the rank
+    that failed is not. Every rank runs one such round on a single example with a zero
+    loss, and the gradients are thrown away."""
+    m.optimizer.zero_grad(set_to_none=True)
+    one = {k: v[:1] for k, v in batch.items()}
+    with m.precision.autocast():
+        out = task.loss(m.name, m.ddp, one, step)
+    (out.loss * 0.0).backward()
+    m.optimizer.zero_grad(set_to_none=True)
+
+
+def forward_backward(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, n_global: int,
+                     planned: dict[str, set[int]], first_try: bool, d: Dist, device: torch.device
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Gradients of the whole global batch (``n_global`` examples) from this rank's slice
+    ``batch``, in ``m.micro.count`` micro-batches; returns the global batch's loss (detached)
+    and this rank's share of the stats.
+
+    Micro-batch i is back-propagated as loss_i * w_i / ref, where w_i is its loss weight and
+    ref = n_global / world is known to every rank in advance; DDP averages over ranks, so the
+    gradient is sum(w_i g_i) * world / (n_global * world) and one multiplication by
+    n_global / sum(w_i) (summed over ranks) makes it the whole batch's weighted mean. With
+    unweighted losses that factor is exactly 1 and is skipped."""
     m.optimizer.zero_grad(set_to_none=True)
     scaler = m.precision.scaler
     chunks = split_batch(batch, m.micro.count)
-    total: torch.Tensor | float = 0.0
-    stats: dict[str, torch.Tensor] = {}
-    weight_sum: torch.Tensor | float = 0.0
-    reference: torch.Tensor | float = 1.0
-    for i, chunk in enumerate(chunks):
-        n = int(next(iter(chunk.values())).shape[0])
-        faults.raise_if_out_of_memory(planned, step, n, first_try)
+    if len(chunks) == 1 and not d.active:  # the common case: one plain backward
+        faults.raise_if_out_of_memory(planned, step, _rows(batch), first_try)
         with m.precision.autocast():
-            out = task.loss(m.name, m.model, chunk, step)
+            out = task.loss(m.name, m.ddp, batch, step)
         loss = faults.poison_loss(planned, step, out.loss)
-        if len(chunks) == 1:
-            scaler.scale(loss).backward()
-            faults.poison_grads(planned, step, m.model)
-            return loss.detach(), out.stats
-        w = n if out.weight is None else out.weight
-        if i == 0:  # a stand-in for the batch's total weight, known only at the end
-            reference = w * len(chunks)
-        scaler.scale(loss * (w / reference)).backward()
+        scaler.scale(loss).backward()
+        faults.poison_grads(planned, step, m.model)
+        return loss.detach(), out.stats
+    reference = n_global / d.world
+    total: torch.Tensor | float = 0.0
+    weight_sum: torch.Tensor | float = 0.0
+    stats: dict[str, torch.Tensor] = {}
+    last: torch.Tensor | None = None  # the last micro-batch's scaled loss: its backward syncs the ranks
+    oom: BaseException | None = None
+    weighted = False
+    for i, chunk in enumerate(chunks):
+        n = _rows(chunk)
+        final = i == len(chunks) - 1
+        try:
+            faults.raise_if_out_of_memory(planned, step, n, first_try)
+            # DDP decides in forward whether the backward all-reduces: only the last one does
+            with (m.ddp.no_sync() if d.active and not final else contextlib.nullcontext()):
+                with m.precision.autocast():
+                    out = task.loss(m.name, m.ddp, chunk, step)
+                loss = faults.poison_loss(planned, step, out.loss)
+                w = n if out.weight is None else out.weight.detach()
+                weighted = weighted or out.weight is not None
+                scaled = scaler.scale(loss * (w / reference))
+                if final:
+                    last = scaled
+                else:
+                    scaled.backward()
+        except Exception as e:  # noqa: BLE001 (only out-of-memory is handled; the rest re-raised)
+            if not is_out_of_memory(e):
+                raise
+            oom = e
+            break
         total = total + loss.detach() * w
         weight_sum = weight_sum + w
         for k, v in out.stats.items():
-            stats[k] = stats.get(k, 0.0) + v * (n / n_examples)
-    correction = reference / weight_sum  # 1 when every micro-batch weighs the same
-    if not (isinstance(correction, float) and correction == 1.0):
+            stats[k] = stats.get(k, 0.0) + v * (n / n_global)
+    if d.active:  # every rank learns whether one ran out of memory, and the batch's loss and weight
+        agreed = all_sum(torch.cat([torch.as_tensor(x, device=device).double().reshape(1)
+                                    for x in (float(oom is not None), weight_sum, total)]), device)
+        if oom is None and agreed[0] > 0:
+            oom = _AgreedOutOfMemory("another rank ran out of memory")
+        total, weight_sum = agreed[2], agreed[1]
+        if oom is not None:
+            last = loss = out = None  # noqa: F841 (frees the graph before the round below)
+            _close_ddp_round(m, task, batch, step)
+    if oom is not None:
+        raise oom
+    try:
+        last.backward()
+    except Exception as e:  # noqa: BLE001
+        if d.active and is_out_of_memory(e):
+            # the other ranks are inside the gradient all-reduce by now; there is no agreeing any more
+            raise TrainingError(f"{m.name}: out of memory on rank {d.rank} in the backward pass that all-reduces "
+                                f"the gradients (step {step + 1}); resume with a smaller --micro-batch") from None
+        raise
+    if weighted:
+        correction = n_global / weight_sum
         for p in m.params:
             if p.grad is not None:
-                p.grad.mul_(correction)
+                p.grad.mul_(correction.to(p.grad.dtype) if torch.is_tensor(correction) else correction)
     faults.poison_grads(planned, step, m.model)
-    return total / weight_sum, stats
+    return (total / weight_sum).float() if torch.is_tensor(total) else total / weight_sum, stats
 
 
 def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, cfg: TrainConfig,
-                planned: dict[str, set[int]], device: torch.device, echo) -> StepResult:
-    """Forward, backward and (unless it must not happen) the update of one member; what
-    went wrong, if anything, is said through ``echo``."""
-    n_examples = int(next(iter(batch.values())).shape[0])
+                planned: dict[str, set[int]], device: torch.device, echo, n_global: int, d: Dist = Dist()
+                ) -> StepResult:
+    """Forward, backward and (unless it must not happen) the update of one member on this
+    rank's slice ``batch`` of a global batch of ``n_global``; what went wrong, if anything,
+    is said through ``echo``."""
+    n_local = _rows(batch)
     rng = torch.get_rng_state()  # a retry after an out-of-memory draws the same dropout masks
     first_try = True
     while True:
         failed = False
         try:
-            loss, stats = forward_backward(m, task, batch, step, n_examples, planned, first_try)
+            loss, stats = forward_backward(m, task, batch, step, n_global, planned, first_try, d, device)
         except Exception as e:  # noqa: BLE001 (only out-of-memory is handled; the rest re-raised)
             if not is_out_of_memory(e):
                 raise
@@ -530,11 +615,11 @@ def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int
         m.optimizer.zero_grad(set_to_none=True)
         free_memory(device)
         try:
-            m.micro.on_oom(n_examples, step)
+            m.micro.on_oom(n_local, step)
         except RuntimeError as e:
             raise TrainingError(f"{m.name}: {e}") from None
-        echo(f"[step {step + 1}] {m.name}: out of memory; the batch of {n_examples} now runs as "
-             f"{m.micro.count} micro-batches")
+        where = f" on one of the {d.world} processes; each one's slice" if d.active else "; the batch"
+        echo(f"[step {step + 1}] {m.name}: out of memory{where} of {n_local} now runs as {m.micro.count} micro-batches")
         torch.set_rng_state(rng)
         first_try = False
     m.micro.on_success()
@@ -625,11 +710,16 @@ def train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume
     ``restart``: the run folder has logs of an earlier attempt (resumed without a usable
     checkpoint); they are purged from the step training starts at.
     The run's status in run.json and the runs index follows: running, then finished,
-    interrupted (Ctrl+C) or failed (an exception, re-raised)."""
+    interrupted (Ctrl+C) or failed (an exception, re-raised).
+    Under torchrun (``engine/distributed.py``) every rank calls this; only rank 0 speaks,
+    locks the run and writes anything."""
+    d = current()
+    if not d.main:
+        return _train(task, cfg, run, config, resume, lambda *a, **k: None, False, contextlib.ExitStack(), d)
     run.acquire()
     try:
         with contextlib.ExitStack() as cleanup:  # writers are closed (flushed) however training ends
-            summary = _train(task, cfg, run, config, resume, echo, restart or resume is not None, cleanup)
+            summary = _train(task, cfg, run, config, resume, echo, restart or resume is not None, cleanup, d)
     except KeyboardInterrupt:
         run.update(status="interrupted")
         raise
@@ -642,15 +732,24 @@ def train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume
     return summary
 
 
+class _NullWriter:
+    """What ranks other than 0 log to."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
 def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume: Checkpoint | None,
-           echo, purge: bool, cleanup: contextlib.ExitStack) -> Summary:
+           echo, purge: bool, cleanup: contextlib.ExitStack, d: Dist = Dist()) -> Summary:
     from tqdm import tqdm
 
-    device = resolve_device(cfg.device)
+    device = device_for(resolve_device(cfg.device), d)
     models = task.build_models()  # the task seeds each member alike, so shared parts start equal
     members = [make_member(name, model.to(device), cfg, device) for name, model in models.items()]
-    seed_everything(cfg.seed + 1)  # dropout and anything else random in training
-    state = restore(resume, task, members, device) if resume is not None else LoopState()
+    seed_everything(cfg.seed + 1 + 7919 * d.rank)  # dropout and anything else random in training
+    state = restore(resume, task, members, device, d) if resume is not None else LoopState()
+    for m in members:  # after the restore: DDP starts every rank from rank 0's weights
+        m.ddp = wrap(m.model, device, d)
     start_step = state.step
     if cfg.max_steps is not None and state.step >= cfg.max_steps:
         echo(f"already at step {state.step} of --max-steps {cfg.max_steps}: nothing to train")
@@ -666,11 +765,13 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
 
     # everything logged at a checkpoint's step was written (and flushed) before the checkpoint,
     # so a resume keeps the events up to that step and purges the ones after it
-    writers = {m.name: run.writer(m.name, purge_step=state.step + 1 if purge else None) for m in members}
+    writers = {m.name: run.writer(m.name, purge_step=state.step + 1 if purge else None) if d.main else _NullWriter()
+               for m in members}
     for w in writers.values():
         cleanup.callback(w.close)
-    run.update(status="running", device=str(device), step=state.step, max_steps=cfg.max_steps,
-               members=[m.name for m in members], config=config, pid=os.getpid())
+    if d.main:
+        run.update(status="running", device=str(device), step=state.step, max_steps=cfg.max_steps,
+                   members=[m.name for m in members], config=config, pid=os.getpid())
     eta = Eta()
     eta.load_state_dict(state.eta)
     interval = {m.name: (m.train_seconds, m.examples) for m in members}
@@ -678,8 +779,9 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
     planned = faults.plan()  # {} unless a test asked for faults
     last_eval = last_save = last_sample = state.step
     t_start = t_saved = time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not cfg.progress, dynamic_ncols=True,
+    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (cfg.progress and d.main), dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]" if cfg.max_steps else None)
+    say = bar.write if d.main else echo  # echo is silent on the other ranks
 
     def log_scalars() -> None:
         step, post = state.step, {}
@@ -688,6 +790,10 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
             w = writers[m.name]
             slot = state.acc.get(m.name, {})
             n = slot.get("n", 0)
+            if d.active:  # the loss is already the global batch's; each rank holds its share of the stats
+                shares = sorted(k for k in slot if k not in ("n", "loss", "grad_norm"))
+                summed = all_sum([_scalar(slot[k]) for k in shares], device).tolist()
+                slot = {**slot, **dict(zip(shares, summed))}
             values = {k: _scalar(v) / n for k, v in slot.items() if k != "n"} if n else {}
             for k, v in values.items():
                 w.add_scalar(f"train/{k}", v, step)
@@ -730,9 +836,14 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
         rng = rng_state()  # evaluation must not move the training RNG, or a resume would differ
         parts, scores = [], []
         for m in members:
-            m.model.eval()
-            ev = evaluate_member(task, m, state.step, cfg.batch_size, device, bar.write)
-            m.model.train()  # here, not every step: walking the modules costs ~1 ms
+            if d.main:
+                m.model.eval()
+                ev = evaluate_member(task, m, state.step, cfg.batch_size, device, say)
+                m.model.train()  # here, not every step: walking the modules costs ~1 ms
+            # every rank needs the metrics: they drive the plateau cuts and the best checkpoint
+            metrics = broadcast(ev.metrics if d.main else None, d)
+            if not d.main:
+                ev = Evaluation(metrics)
             m.evals.append({"step": state.step, **ev.metrics})
             for k, v in ev.metrics.items():
                 writers[m.name].add_scalar(f"val/{k}", v, state.step)
@@ -747,15 +858,18 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
                 parts.append(f"{m.name}: val loss flat for {m.plateau.patience} evaluations: LR {old_lr:.3g} -> "
                              f"{m.lr:.3g} (cut {m.plateau.cuts})")
         set_rng_state(rng)
-        bar.write(f"[step {state.step}] " + "\n           ".join(parts))
+        say(f"[step {state.step}] " + "\n           ".join(parts))
         last_eval = state.step
         score = sum(scores) / len(scores)
         if track_best and _better(score, state.best_score, mode):
             state.best_score = score
-            save(run, task, members, state, cfg, config, best={"metric": metric, "mode": mode, "value": score})
+            save(run, task, members, state, cfg, config, best={"metric": metric, "mode": mode, "value": score}, d=d)
 
     def sample_all() -> None:
         nonlocal last_sample
+        last_sample = state.step
+        if not d.main:
+            return
         rng = rng_state()  # like evaluation, sampling must not move the training RNG
         for m in members:
             m.model.eval()
@@ -766,18 +880,18 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
                 writers[m.name].add_scalar(f"samples/{k}", v, state.step)
             if s.text:
                 writers[m.name].add_text("samples/text", s.text, state.step)
-            bar.write(f"[step {state.step}] {m.name} sample" + "".join(f"\n    {line}" for line in s.lines))
+            say(f"[step {state.step}] {m.name} sample" + "".join(f"\n    {line}" for line in s.lines))
         set_rng_state(rng)
-        last_sample = state.step
 
     def checkpoint() -> None:
         nonlocal last_save, t_saved
         state.eta = eta.state_dict()
         for w in writers.values():
             w.flush()  # the events up to this step reach the disk before the checkpoint does
-        save(run, task, members, state, cfg, config)
+        save(run, task, members, state, cfg, config, d=d)
         last_save, t_saved = state.step, time.perf_counter()
-        run.update(step=state.step)
+        if d.main:
+            run.update(step=state.step)
 
     def timed(kind: str, action, *args) -> None:
         t = time.perf_counter()
@@ -788,11 +902,12 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
         while (cfg.max_steps is None or state.step < cfg.max_steps) and not stop.requested:
             t0 = time.perf_counter()
             step = state.step
-            batch = {k: v.to(device, non_blocking=True) for k, v in task.batch(step).items()}
-            n_examples = int(next(iter(batch.values())).shape[0])
+            full = task.batch(step)  # the global batch; under torchrun each rank trains on its slice
+            n_examples = _rows(full)
+            batch = {k: v.to(device, non_blocking=True) for k, v in shard(full, d).items()}
             for m in members:
                 t_m = time.perf_counter()
-                r = member_step(m, task, batch, step, cfg, planned, device, bar.write)
+                r = member_step(m, task, batch, step, cfg, planned, device, say, n_examples, d)
                 m.examples += n_examples
                 _accumulate(state, m, r)
                 synchronize(device)
@@ -803,14 +918,17 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
             bar.update(1)
             if state.step in planned.get("interrupt", ()):
                 stop.requested = True
+            save_now = cfg.save_every_minutes is not None and time.perf_counter() - t_saved >= 60 * cfg.save_every_minutes
+            if d.active:  # a stop on any rank stops every rank after this step; rank 0's clock says when to save
+                agreed = all_sum([float(stop.requested), float(save_now and d.main)], device).tolist()
+                stop.requested, save_now = agreed[0] > 0, agreed[1] > 0
             if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
                 log_scalars()
             if state.step % cfg.eval_every == 0:
                 timed("eval", evaluate_all)
             if cfg.sample_every and state.step % cfg.sample_every == 0:
                 timed("sample", sample_all)
-            if state.step % cfg.save_every == 0 or (
-                    cfg.save_every_minutes is not None and time.perf_counter() - t_saved >= 60 * cfg.save_every_minutes):
+            if state.step % cfg.save_every == 0 or save_now:
                 timed("save", checkpoint)
             if state.step in planned.get("kill", ()):
                 faults.kill_now()
@@ -835,7 +953,8 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
     for w in writers.values():
         w.close()
     wall = time.perf_counter() - t_start
-    run.update(status="interrupted" if interrupted else "finished", step=state.step)
+    if d.main:
+        run.update(status="interrupted" if interrupted else "finished", step=state.step)
     if interrupted:
         echo(f"interrupted at step {state.step}; checkpoint saved in {run.checkpoints}; "
              f"continue with --resume {run.id}")

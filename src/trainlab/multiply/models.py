@@ -201,8 +201,16 @@ class SimpleTransformer(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, own_guesses: bool = False) -> torch.Tensor:
+        """Next-token logits (B, T, V). ``own_guesses``: scheduled sampling, parallel form:
+        one teacher-forced pass without gradient gives the model's greedy guess at every
+        position, and the decoder then reads those guesses (shifted right behind <bos>)
+        instead of the true digits. All in ``forward``, so DistributedDataParallel sees it."""
         memory, memory_mask = self.memory(src)
+        if own_guesses:
+            with torch.no_grad():
+                guess = self.decode(tgt_in, memory.detach(), memory_mask).argmax(-1)  # (B, T)
+            tgt_in = torch.cat([tgt_in[:, :1], guess[:, :-1]], 1)
         return self.decode(tgt_in, memory, memory_mask)
 
 

@@ -193,16 +193,7 @@ class MultiplyTask:
         if member == next(iter(self.model_cfgs)):
             self.forced_batches += forced
             self.sampled_batches += not forced
-        memory, memory_mask = model.memory(batch["src"])
-        tgt_in = batch["tgt_in"]
-        if not forced:
-            # scheduled sampling, parallel form: one teacher-forced pass without gradient
-            # gives the model's greedy guess at every position; the decoder then reads
-            # those guesses (shifted right behind <bos>) instead of the true digits
-            with torch.no_grad():
-                guess = model.decode(tgt_in, memory.detach(), memory_mask).argmax(-1)  # (B, T)
-            tgt_in = torch.cat([tgt_in[:, :1], guess[:, :-1]], 1)
-        logits = model.decode(tgt_in, memory, memory_mask)  # (B, T, V)
+        logits = model(batch["src"], batch["tgt_in"], own_guesses=not forced)  # (B, T, V)
         loss, stats = self.criterion(logits, batch["tgt_out"])
         return StepLoss(loss, {"seq_accuracy": stats["exact_match"], "token_accuracy": stats["token_accuracy"]},
                         stats["weight"])

@@ -1,0 +1,81 @@
+"""DDP under torchrun, on CPU with 2 processes (gloo): the same global batch gives the same
+training as one process, decisions are agreed across ranks, and resume works."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from helpers import CHAT_TINY, TINY, chat_train, cli_train, made_up_text
+from trainlab.engine import faults
+from trainlab.engine.checkpoint import latest_checkpoint
+from trainlab.engine.distributed import Dist, shard
+
+MULTIPLY = ["--max-digits", "2", "--batch-size", "16", "--max-steps", "8", "--log-every", "1", "--eval-every", "4",
+            "--save-every", "4", "--dropout", "0", "--seq-weight", "1.0"]
+CHAT = ["--max-steps", "8", "--log-every", "1", "--eval-every", "4", "--save-every", "4", "--dropout", "0"]
+
+
+def torchrun(*args: str, fault: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", faults.ENV: fault}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "trainlab", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_same_training(a, b, members):
+    """Same loss at every step and the same final weights, to float tolerance."""
+    assert a.step == b.step
+    for m in members:
+        la, lb = (c.tensors(f"{m}/train_state.pt")["losses"] for c in (a, b))
+        assert [s for s, _ in la] == [s for s, _ in lb]
+        torch.testing.assert_close(torch.tensor([v for _, v in la]), torch.tensor([v for _, v in lb]),
+                                   rtol=1e-5, atol=1e-6)
+        wa, wb = (c.tensors(f"{m}/model.pt") for c in (a, b))
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_shard_gives_each_rank_a_disjoint_slice():
+    batch = {"x": torch.arange(10)}
+    parts = [shard(batch, Dist(rank=r, world=3))["x"].tolist() for r in range(3)]
+    assert sum(parts, []) == list(range(10)) and [len(p) for p in parts] == [4, 3, 3]
+    assert shard(batch, Dist())["x"] is batch["x"]
+
+
+def test_multiply_on_two_processes_matches_one_and_agrees_on_faults(runs_dir, monkeypatch):
+    # one process: an out-of-memory at step 3 and a NaN loss at step 5
+    monkeypatch.setenv(faults.ENV, "oom=3,nonfinite=5")
+    assert cli_train(runs_dir, "--run-name", "one", *MULTIPLY) == 0
+    # two processes: the same faults on rank 1 only; rank 0 must follow it
+    p = torchrun("multiply", "train", "--runs-dir", str(runs_dir), *TINY, "--run-name", "two", *MULTIPLY,
+                 fault="oom=3,nonfinite=5,rank=1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "training on 2 processes" in p.stdout
+    one, two = (latest_checkpoint(runs_dir / "parallel_comparison" / n / "checkpoints") for n in ("one", "two"))
+    assert_same_training(one, two, ["simple", "latent"])
+    for m in ("simple", "latent"):
+        state = two.tensors(f"{m}/train_state.pt")  # rank 0's own record, of faults it never had
+        assert state["micro_batches"]["count"] == 2 and state["micro_batches"]["ooms"] == 1
+        assert state["health"]["skipped_nonfinite"] == 1 and state["step"] == 7
+    trainer = two.tensors("trainer.pt")
+    assert len(trainer["rng_ranks"]) == 2
+
+
+def test_chat_on_two_processes_matches_one_across_a_resume(runs_dir, tmp_path):
+    corpus = tmp_path / "play.txt"
+    corpus.write_text(made_up_text(), encoding="utf-8")
+    assert chat_train(runs_dir, corpus, "--run-name", "one", *CHAT) == 0
+    # rank 1 alone is interrupted at step 5: every rank stops there, rank 0 saves
+    p = torchrun("chat", "train", "--text", str(corpus), "--runs-dir", str(runs_dir), *CHAT_TINY,
+                 "--run-name", "two", *CHAT, fault="interrupt=5,rank=1")
+    assert p.returncode != 0 and "interrupted at step 5" in p.stdout, p.stderr[-3000:]  # torchrun: 1 for 130
+    assert latest_checkpoint(runs_dir / "chat" / "two" / "checkpoints").step == 5
+    p = torchrun("chat", "train", "--resume", "two", "--runs-dir", str(runs_dir), "--no-progress", "--tag", "test")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming run two from step 5" in p.stdout
+    one, two = (latest_checkpoint(runs_dir / "chat" / n / "checkpoints") for n in ("one", "two"))
+    assert_same_training(one, two, ["gpt"])
