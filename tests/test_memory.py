@@ -16,7 +16,7 @@ from helpers import chat_train, cli_train, made_up_text, run_dir, tb_scalars, ti
 from trainlab.engine import faults
 from trainlab.engine.checkpoint import latest_checkpoint
 from trainlab.engine.loop import train
-from trainlab.engine.memory import MicroBatches, OutOfMemory, is_out_of_memory, split_batch
+from trainlab.engine.memory import MicroBatches, OutOfMemory, fastest, is_out_of_memory, micro_batch_counts, split_batch
 from trainlab.engine.tracking import new_run
 
 
@@ -53,6 +53,48 @@ def test_micro_batches_double_on_oom_and_try_fewer_after_a_calm_stretch():
     again = MicroBatches(3)
     again.load_state_dict(state)
     assert again.state_dict() == state
+
+
+def test_a_floor_keeps_the_micro_batches_asked_for_through_recovery():
+    mb = MicroBatches(recover_after=2, floor=4)
+    assert mb.count == 4
+    mb.on_oom(16, 0)
+    assert mb.count == 8
+    for _ in range(10):
+        mb.on_success()
+    assert mb.count == 4  # back to the floor, never below
+    mb.set_floor(1)
+    for _ in range(4):
+        mb.on_success()
+    assert mb.count < 4
+
+
+def test_auto_candidates_and_the_choice():
+    assert micro_batch_counts(64) == [1, 2, 4, 8, 16] and micro_batch_counts(6) == [1]
+    assert fastest({1: 9.0, 2: 8.1, 4: 7.4, 8: 7.7}) == 4
+    assert fastest({1: 1.0, 2: 0.99}) == 1  # within the noise margin: the whole batch stays
+    assert fastest({1: float("inf"), 2: 3.0}) == 2  # the whole batch did not fit
+
+
+def test_micro_batch_auto_and_n_train_the_same_and_auto_is_not_timed_again_on_resume(runs_dir, tmp_path, capsys):
+    corpus = tmp_path / "play.txt"
+    corpus.write_text(made_up_text(), encoding="utf-8")
+    flags = ["--max-steps", "4", "--dropout", "0", "--eval-every", "4", "--batch-size", "16"]
+    assert chat_train(runs_dir, corpus, "--run-name", "whole", *flags) == 0
+    assert chat_train(runs_dir, corpus, "--run-name", "four", "--micro-batch", "4", *flags) == 0
+    assert chat_train(runs_dir, corpus, "--run-name", "tuned", "--micro-batch", "auto", *flags,
+                      "--max-steps", "2") == 0
+    assert "--micro-batch auto:" in capsys.readouterr().out
+    from helpers import chat_resume
+
+    assert chat_resume(runs_dir, "tuned", "--max-steps", "4") == 0
+    assert "--micro-batch auto:" not in capsys.readouterr().out
+    whole, four, auto = (latest_checkpoint(runs_dir / "chat" / n / "checkpoints") for n in ("whole", "four", "tuned"))
+    assert four.tensors("gpt/train_state.pt")["micro_batches"]["count"] == 4
+    assert auto.tensors("gpt/train_state.pt")["micro_batches"]["tuned"]
+    for other in (four, auto):
+        for k, v in whole.tensors("gpt/model.pt").items():
+            torch.testing.assert_close(v, other.tensors("gpt/model.pt")[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_what_counts_as_out_of_memory():

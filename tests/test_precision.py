@@ -140,6 +140,8 @@ def test_fp16_scales_the_loss_and_backs_off_after_an_overflow(runs_dir, monkeypa
     (["--loss-window", "1"], "--loss-window"),
     (["--plateau-factor", "1"], "--plateau-factor"),
     (["--max-nonfinite", "0"], "--max-nonfinite"),
+    (["--micro-batch", "0"], "--micro-batch"),
+    (["--micro-batch", "half"], "--micro-batch"),
 ])
 def test_bad_robustness_flags_are_one_line(runs_dir, capsys, flags, message):
     assert cli_train(runs_dir, *flags) == 2

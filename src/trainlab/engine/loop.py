@@ -39,7 +39,8 @@ from trainlab.engine import faults
 from trainlab.engine.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from trainlab.engine.device import resolve_device, synchronize
 from trainlab.engine.distributed import Dist, all_sum, broadcast, current, device_for, gather, shard, wrap
-from trainlab.engine.memory import MicroBatches, free_memory, is_out_of_memory, memory_figures, split_batch
+from trainlab.engine.memory import (MicroBatches, fastest, free_memory, is_out_of_memory, memory_figures,
+                                   micro_batch_counts, split_batch)
 from trainlab.engine.monitor import Eta, LossTrend, Plateau, due, format_duration
 from trainlab.engine.precision import PRECISIONS, Precision, resolve_precision
 from trainlab.engine.tracking import Run
@@ -78,6 +79,9 @@ class TrainConfig:
                                                                "LR is cut; 0: never cut"})
     plateau_factor: float = field(default=0.5, metadata={"help": "LR multiplier of a plateau cut"})
     plateau_min_lr: float = field(default=1e-5, metadata={"help": "plateau cuts never take the LR below this"})
+    micro_batch: str = field(default="off", metadata={"help": "examples per forward pass on each process: off (the "
+                                                              "whole batch), N, or auto (the fastest, timed at the "
+                                                              "start); the update is the whole batch's either way"})
     eval_every: int = field(default=500, metadata={"help": "evaluate every N steps (and at the end)"})
     save_every: int = field(default=1000, metadata={"help": "checkpoint every N steps (and at the end)"})
     save_every_minutes: float | None = field(
@@ -113,6 +117,9 @@ class TrainConfig:
         in_range("plateau_factor", self.plateau_factor, 0, 1, low_open=True, high_open=True)
         one_of("precision", self.precision, PRECISIONS)
         one_of("on_spike", self.on_spike, SPIKE_ACTIONS)
+        self.micro_batch = str(self.micro_batch)
+        if self.micro_batch not in ("off", "auto") and not (self.micro_batch.isdigit() and int(self.micro_batch) > 0):
+            raise ConfigError("micro_batch", f"must be off, auto or a positive integer, got {self.micro_batch!r}")
         for name in ("beta1", "beta2"):
             in_range(name, getattr(self, name), 0, 1, high_open=True)
 
@@ -125,7 +132,7 @@ class TrainConfig:
 RESUMABLE_CHANGES = frozenset({"max_steps", "lr_decay_steps", "eval_every", "save_every", "save_every_minutes",
                                "log_every", "sample_every", "keep_checkpoints", "device", "runs_dir", "progress",
                                "precision", "max_nonfinite", "recover_after", "loss_window", "spike_sigma",
-                               "on_spike", "plateau_patience", "plateau_factor", "plateau_min_lr"})
+                               "on_spike", "plateau_patience", "plateau_factor", "plateau_min_lr", "micro_batch"})
 
 
 @dataclass
@@ -693,6 +700,49 @@ def evaluate_member(task: Task, m: Member, step: int, batch_size: int, device: t
             echo(f"[step {step}] {m.name}: out of memory in evaluation; evaluating {m.micro.eval_limit} at a time")
 
 
+def choose_micro_batches(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, n_global: int,
+                         cfg: TrainConfig, device: torch.device, d: Dist, echo) -> None:
+    """Apply ``--micro-batch`` to ``m``. ``auto`` (once per run: the choice is checkpointed)
+    times a forward and backward pass of this batch at 1, 2, 4, ... micro-batches and keeps
+    the fastest: on a CPU a smaller working set can beat one large matrix product. Weights,
+    RNG and task state are left as they were."""
+    n_local = _rows(batch)
+    if cfg.micro_batch == "off":
+        m.micro.set_floor(1)
+    elif cfg.micro_batch != "auto":
+        m.micro.set_floor(min(n_local, -(-n_local // int(cfg.micro_batch))))
+    if cfg.micro_batch != "auto" or m.micro.tuned:
+        return
+    rng, task_state, before = torch.get_rng_state(), task.state_dict(), m.micro.count
+    timings: dict[int, float] = {}
+    for count in micro_batch_counts(n_local):
+        m.micro.count = count
+        tries = []
+        for _ in range(2):
+            synchronize(device)
+            t = time.perf_counter()
+            try:
+                forward_backward(m, task, batch, step, n_global, {}, True, d, device)
+            except Exception as e:  # noqa: BLE001 (a count that does not fit is no candidate)
+                if not is_out_of_memory(e):
+                    raise
+                tries.append(math.inf)
+                break
+            synchronize(device)
+            tries.append(time.perf_counter() - t)
+        timings[count] = min(tries)
+        m.optimizer.zero_grad(set_to_none=True)
+    free_memory(device)
+    best = broadcast(fastest(timings), d)  # rank 0's clock decides for all
+    torch.set_rng_state(rng)
+    task.load_state_dict(task_state)
+    m.micro.count = max(before, best)
+    m.micro.set_floor(best)
+    m.micro.tuned = True
+    shown = ", ".join(f"{-(-n_local // c)}: {t:.3g} s" for c, t in timings.items())
+    echo(f"{m.name}: --micro-batch auto: {-(-n_local // best)} examples at a time is the fastest ({shown})")
+
+
 def _accumulate(state: LoopState, m: Member, r: StepResult) -> None:
     slot = state.acc.setdefault(m.name, {"n": 0})
     if not math.isfinite(r.loss):
@@ -762,6 +812,11 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
             m.snapshot = None
         elif m.snapshot is None:
             m.take_snapshot()
+    if cfg.max_steps is None or state.step < cfg.max_steps:
+        full = task.batch(state.step)
+        first = {k: v.to(device) for k, v in shard(full, d).items()}
+        for m in members:
+            choose_micro_batches(m, task, first, state.step, _rows(full), cfg, device, d, echo)
 
     # everything logged at a checkpoint's step was written (and flushed) before the checkpoint,
     # so a resume keeps the events up to that step and purges the ones after it

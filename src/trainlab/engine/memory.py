@@ -51,9 +51,11 @@ def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, to
 class MicroBatches:
     """How many micro-batches each optimization batch is cut into, and when to try fewer."""
 
-    def __init__(self, recover_after: int) -> None:
+    def __init__(self, recover_after: int, floor: int = 1) -> None:
         self.recover_after = recover_after
-        self.count = 1
+        self.floor = floor  # never fewer micro-batches than this: --micro-batch asked for more (speed)
+        self.tuned = False  # --micro-batch auto has timed the candidates
+        self.count = floor
         self.calm = 0  # steps without an out-of-memory since the count last changed
         self.wait = recover_after  # calm steps needed before trying fewer micro-batches
         self.trying = False  # the count was just lowered: not yet known to fit
@@ -86,17 +88,43 @@ class MicroBatches:
         if self.trying:  # fewer micro-batches fit after all
             self.trying, self.wait = False, self.recover_after
         self.calm += 1
-        if self.count > 1 and self.calm >= self.wait:
-            self.count, self.calm, self.trying = max(1, self.count // 2), 0, True
+        if self.count > self.floor and self.calm >= self.wait:
+            self.count, self.calm, self.trying = max(self.floor, self.count // 2), 0, True
+
+    def set_floor(self, floor: int) -> None:
+        """At least ``floor`` micro-batches from now on (more after an out-of-memory)."""
+        self.floor = floor
+        self.count = max(self.count, floor)
 
     def state_dict(self) -> dict[str, Any]:
         return {"count": self.count, "calm": self.calm, "wait": self.wait, "trying": self.trying, "ooms": self.ooms,
-                "eval_limit": self.eval_limit}
+                "eval_limit": self.eval_limit, "floor": self.floor, "tuned": self.tuned}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.count, self.calm = int(state["count"]), int(state["calm"])
         self.wait, self.trying, self.ooms = int(state["wait"]), bool(state["trying"]), int(state["ooms"])
         self.eval_limit = None if state.get("eval_limit") is None else int(state["eval_limit"])
+        self.floor, self.tuned = int(state.get("floor", 1)), bool(state.get("tuned", False))
+
+
+def micro_batch_counts(examples: int, smallest: int = 4) -> list[int]:
+    """The micro-batch counts ``--micro-batch auto`` times: 1, 2, 4, ... while a micro-batch
+    keeps at least ``smallest`` examples (tiny ones waste the matrix units)."""
+    counts, c = [1], 2
+    while examples / c >= smallest:
+        counts.append(c)
+        c *= 2
+    return counts
+
+
+def fastest(timings: dict[int, float], margin: float = 0.03) -> int:
+    """The count with the lowest time; a larger count must win by ``margin`` (timing noise
+    should not cut batches for nothing)."""
+    best = min(timings)
+    for count in sorted(timings):
+        if timings[count] < timings[best] * (1 - margin):
+            best = count
+    return best
 
 
 def rss_bytes() -> int:
