@@ -1,0 +1,133 @@
+"""Chat training speed, side by side in one run: trainlab against nanoGPT's own train.py.
+
+    python benchmarks/chat_throughput.py --shape shakespeare-char --nanogpt /path/to/nanoGPT
+    python benchmarks/chat_throughput.py --shape nanogpt-cpu --nanogpt /path/to/nanoGPT --steps 60
+
+Shapes:
+- ``nanogpt-cpu``: nanoGPT's README CPU configuration (4 layers, 4 heads, 128 wide,
+  context 64, batch 12), trainlab's ``--preset nanogpt-cpu``;
+- ``shakespeare-char``: nanoGPT's ``train_shakespeare_char.py`` model (6 layers, 6 heads,
+  384 wide, context 256, batch 64; 10.65M parameters without position embeddings).
+
+Contenders, run one after another (never two torch jobs at once on a small machine):
+nanoGPT's ``train.py`` when ``--nanogpt`` points at a copy of its repository (the copy
+is used read-only: the script and model are copied into a temporary folder with the
+corpus encoded as its ``prepare.py`` would), then ``trainlab chat train`` with
+``--micro-batch off`` and with ``--micro-batch auto``. All in fp32, dropout 0, no
+compile, the same corpus (``../shared/data/tinyshakespeare.txt`` by default).
+
+Each prints the median time per iteration over the steps after the first two, the
+tokens per second that gives, and the training loss at its last step (the data order
+differs, so losses agree only roughly). nanoGPT's code is never part of this project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "nanogpt-cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, learning_rate=1e-3),
+    "shakespeare-char": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, learning_rate=1e-3),
+}
+
+
+def encode_like_nanogpt(text: str, folder: Path) -> None:
+    """train.bin, val.bin and meta.pkl as nanoGPT's shakespeare_char/prepare.py makes them:
+    sorted characters, the first 90% for training, uint16 ids."""
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+    n = int(0.9 * len(ids))
+    folder.mkdir(parents=True, exist_ok=True)
+    ids[:n].tofile(folder / "train.bin")
+    ids[n:].tofile(folder / "val.bin")
+    with open(folder / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
+
+
+def run_nanogpt(repo: Path, text: str, shape: dict, steps: int, work: Path) -> tuple[list[float], float]:
+    """Seconds per iteration and the last loss, from train.py's own log lines."""
+    copy = work / "nanogpt"
+    copy.mkdir()
+    for name in ("train.py", "model.py", "configurator.py"):
+        shutil.copy(repo / name, copy / name)
+    encode_like_nanogpt(text, copy / "data" / "shakespeare_char")
+    flags = {**shape, "max_iters": steps, "lr_decay_iters": steps, "warmup_iters": 0, "dropout": 0.0,
+             "device": "cpu", "compile": False, "dtype": "float32", "eval_interval": 10**9, "eval_iters": 1,
+             "log_interval": 1, "gradient_accumulation_steps": 1, "min_lr": 1e-4, "dataset": "shakespeare_char", "always_save_checkpoint": False, "beta2": 0.99,
+             "out_dir": str(work / "nanogpt-out")}
+    cmd = [sys.executable, "train.py", *(f"--{k}={v}" for k, v in flags.items())]
+    out = subprocess.run(cmd, cwd=copy, capture_output=True, text=True, check=True).stdout
+    lines = re.findall(r"iter (\d+): loss ([\d.]+), time ([\d.]+)ms", out)
+    return [float(t) / 1000 for _, _, t in lines], float(lines[-1][1])
+
+
+def run_trainlab(text_path: Path, shape_name: str, shape: dict, steps: int, micro: str, work: Path
+                 ) -> tuple[list[float], float]:
+    """Seconds per iteration (from the run's TensorBoard examples/s) and the last loss."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = work / f"runs-{micro}"
+    if shape_name == "nanogpt-cpu":
+        model = ["--preset", "nanogpt-cpu"]
+    else:
+        model = ["--d-model", str(shape["n_embd"]), "--num-layers", str(shape["n_layer"]), "--nhead",
+                 str(shape["n_head"]), "--context-len", str(shape["block_size"]), "--batch-size",
+                 str(shape["batch_size"]), "--lr", str(shape["learning_rate"]), "--beta2", "0.99"]
+    cmd = [sys.executable, "-m", "trainlab", "chat", "train", "--text", str(text_path), "--runs-dir", str(runs),
+           *model, "--max-steps", str(steps), "--dropout", "0", "--log-every", "1", "--eval-every", str(10**9),
+           "--save-every", str(10**9), "--sample-every", "0", "--eval-batches", "1", "--warmup-steps", "0",
+           "--precision", "fp32", "--micro-batch", micro, "--no-progress", "--run-name", "bench"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if "--micro-batch auto" in line:
+            print("   ", line)
+    acc = EventAccumulator(str(runs / "chat" / "bench" / "gpt"), size_guidance={"scalars": 0})
+    acc.Reload()
+    per_sec = [e.value for e in acc.Scalars("perf/examples_per_sec")]
+    loss = acc.Scalars("train/loss")[-1].value
+    return [shape["batch_size"] / v for v in per_sec], loss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="shakespeare-char")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--nanogpt", type=Path, help="a copy of karpathy/nanoGPT (read only)")
+    ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
+    ap.add_argument("--micro", default="off,auto", help="trainlab --micro-batch settings to run, comma-separated")
+    args = ap.parse_args()
+    shape = SHAPES[args.shape]
+    text = args.text.read_text(encoding="utf-8")
+    tokens = shape["batch_size"] * shape["block_size"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if args.nanogpt:
+            rows.append(("nanoGPT train.py", *run_nanogpt(args.nanogpt, text, shape, args.steps, work)))
+        for micro in args.micro.split(","):
+            rows.append((f"trainlab --micro-batch {micro}", *run_trainlab(args.text, args.shape, shape, args.steps,
+                                                                          micro, work)))
+    print(f"\n{args.shape}: batch {shape['batch_size']} x context {shape['block_size']}, {args.steps} steps, "
+          f"median of the steps after the first two")
+    base = None
+    for name, times, loss in rows:
+        sec = statistics.median(times[2:] or times)
+        base = base or tokens / sec
+        print(f"  {name:28s} {sec * 1000:9.1f} ms/iter {tokens / sec:9.0f} tokens/s  {tokens / sec / base:5.2f}x  "
+              f"last loss {loss:.3f}")
+
+
+if __name__ == "__main__":
+    main()
