@@ -716,22 +716,27 @@ def choose_micro_batches(m: Member, task: Task, batch: dict[str, torch.Tensor], 
     if cfg.micro_batch != "auto" or m.micro.tuned:
         return
     rng, task_state, before = torch.get_rng_state(), task.state_dict(), m.micro.count
+    def timed_pass() -> float:
+        synchronize(device)
+        t = time.perf_counter()
+        forward_backward(m, task, batch, step, n_global, {}, True, d, device)
+        synchronize(device)
+        return time.perf_counter() - t
+
     timings: dict[int, float] = {}
-    for i, count in enumerate(micro_batch_counts(n_local)):
+    reps = None
+    for count in micro_batch_counts(n_local):
         m.micro.count = count
-        tries = []
-        for _ in range(2 if i == 0 else 1):  # the very first pass also warms the allocator up
-            synchronize(device)
-            t = time.perf_counter()
-            try:
-                forward_backward(m, task, batch, step, n_global, {}, True, d, device)
-            except Exception as e:  # noqa: BLE001 (a count that does not fit is no candidate)
-                if not is_out_of_memory(e):
-                    raise
-                tries.append(math.inf)
-                break
-            synchronize(device)
-            tries.append(time.perf_counter() - t)
+        tries: list[float] = []
+        try:
+            if reps is None:  # a first pass warms up; quick steps are noisy, so they are timed thrice
+                reps = broadcast(3 if timed_pass() < 0.5 else 1, d)  # every rank must agree on how often
+            for _ in range(reps):
+                tries.append(timed_pass())
+        except Exception as e:  # noqa: BLE001 (a count that does not fit is no candidate)
+            if not is_out_of_memory(e):
+                raise
+            tries.append(math.inf)
         timings[count] = min(tries)
         m.optimizer.zero_grad(set_to_none=True)
     free_memory(device)
