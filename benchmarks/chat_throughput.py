@@ -34,6 +34,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from common import tb_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -76,8 +77,6 @@ def run_nanogpt(repo: Path, text: str, shape: dict, steps: int, work: Path) -> t
 def run_trainlab(text_path: Path, shape_name: str, shape: dict, steps: int, micro: str, work: Path
                  ) -> tuple[list[float], float]:
     """Seconds per iteration (from the run's TensorBoard examples/s) and the last loss."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     runs = work / f"runs-{micro}"
     if shape_name == "nanogpt-cpu":
         model = ["--preset", "nanogpt-cpu"]
@@ -93,10 +92,9 @@ def run_trainlab(text_path: Path, shape_name: str, shape: dict, steps: int, micr
     for line in out.splitlines():
         if "--micro-batch auto" in line:
             print("   ", line)
-    acc = EventAccumulator(str(runs / "chat" / "bench" / "gpt"), size_guidance={"scalars": 0})
-    acc.Reload()
-    per_sec = [e.value for e in acc.Scalars("perf/examples_per_sec")]
-    loss = acc.Scalars("train/loss")[-1].value
+    folder = runs / "chat" / "bench" / "gpt"
+    per_sec = [v for _, v in tb_scalars(folder, "perf/examples_per_sec")]
+    loss = tb_scalars(folder, "train/loss")[-1][1]
     return [shape["batch_size"] / v for v in per_sec], loss
 
 

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from trainlab.engine.loop import make_member
+
+
+def tb_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    """[(step, value)] of one tag of a run member's TensorBoard folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
 def seconds_per_step(task, cfg, n: int = 12, warmup: int = 3) -> float:

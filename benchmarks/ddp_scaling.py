@@ -20,13 +20,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import tb_scalars
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def train(runs: Path, text: Path, nproc: int, threads: int, args: argparse.Namespace) -> tuple[list[float], list[float]]:
     """Per-step examples/s and training losses, read back from the run's TensorBoard events."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                 "-m", "trainlab"] if nproc > 1 else [sys.executable, "-m", "trainlab"]
     cmd = [*launcher, "chat", "train", "--text", str(text), "--runs-dir", str(runs), "--preset", args.preset,
@@ -35,9 +35,8 @@ def train(runs: Path, text: Path, nproc: int, threads: int, args: argparse.Names
            "--precision", "fp32", "--device", "cpu", "--no-progress", "--run-name", "bench"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    acc = EventAccumulator(str(runs / "chat" / "bench" / "gpt"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return ([e.value for e in acc.Scalars("perf/examples_per_sec")], [e.value for e in acc.Scalars("train/loss")])
+    folder = runs / "chat" / "bench" / "gpt"
+    return ([v for _, v in tb_scalars(folder, "perf/examples_per_sec")], [v for _, v in tb_scalars(folder, "train/loss")])
 
 
 def main() -> None:

@@ -18,10 +18,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import tb_scalars
+
 
 def run(runs: Path, preset: str, steps: int, micro: str) -> dict[str, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     cmd = [sys.executable, "-m", "trainlab", "multiply", "train", "--preset", preset, "--runs-dir", str(runs),
            "--max-steps", str(steps), "--log-every", "5", "--eval-every", str(10**9), "--save-every", str(10**9),
            "--eval-samples", "10", "--micro-batch", micro, "--no-progress", "--run-name", "bench"]
@@ -31,9 +31,7 @@ def run(runs: Path, preset: str, steps: int, micro: str) -> dict[str, float]:
             print("   ", line)
     speeds = {}
     for member in ("simple", "latent"):
-        acc = EventAccumulator(str(runs / "parallel_comparison" / "bench" / member), size_guidance={"scalars": 0})
-        acc.Reload()
-        values = [e.value for e in acc.Scalars("perf/examples_per_sec")]
+        values = [v for _, v in tb_scalars(runs / "parallel_comparison" / "bench" / member, "perf/examples_per_sec")]
         speeds[member] = statistics.median(values[2:] or values)
     return speeds
 

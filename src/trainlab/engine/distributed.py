@@ -115,13 +115,6 @@ def all_sum(values: list[float] | torch.Tensor, device: torch.device) -> torch.T
     return t
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when it is true on one of them."""
-    if not dist.is_initialized():
-        return flag
-    return bool(all_sum([float(flag)], device)[0] > 0)
-
-
 def broadcast(obj: Any, d: Dist) -> Any:
     """Rank 0's ``obj`` on every rank (a small picklable object)."""
     if not d.active:

@@ -532,14 +532,7 @@ def forward_backward(m: Member, task: Task, batch: dict[str, torch.Tensor], step
     m.optimizer.zero_grad(set_to_none=True)
     scaler = m.precision.scaler
     chunks = split_batch(batch, m.micro.count)
-    if len(chunks) == 1 and not d.active:  # the common case: one plain backward
-        faults.raise_if_out_of_memory(planned, step, _rows(batch), first_try)
-        with m.precision.autocast():
-            out = task.loss(m.name, m.ddp, batch, step)
-        loss = faults.poison_loss(planned, step, out.loss)
-        scaler.scale(loss).backward()
-        faults.poison_grads(planned, step, m.model)
-        return loss.detach(), out.stats
+    plain = len(chunks) == 1 and not d.active  # the common case: one backward, nothing to weigh or agree on
     reference = n_global / d.world
     total: torch.Tensor | float = 0.0
     weight_sum: torch.Tensor | float = 0.0
@@ -557,6 +550,10 @@ def forward_backward(m: Member, task: Task, batch: dict[str, torch.Tensor], step
                 with m.precision.autocast():
                     out = task.loss(m.name, m.ddp, chunk, step)
                 loss = faults.poison_loss(planned, step, out.loss)
+                if plain:
+                    scaler.scale(loss).backward()
+                    faults.poison_grads(planned, step, m.model)
+                    return loss.detach(), out.stats
                 w = n if out.weight is None else out.weight.detach()
                 weighted = weighted or out.weight is not None
                 scaled = scaler.scale(loss * (w / reference))
@@ -592,13 +589,13 @@ def forward_backward(m: Member, task: Task, batch: dict[str, torch.Tensor], step
             raise TrainingError(f"{m.name}: out of memory on rank {d.rank} in the backward pass that all-reduces "
                                 f"the gradients (step {step + 1}); resume with a smaller --micro-batch") from None
         raise
-    if weighted:
-        correction = n_global / weight_sum
+    if weighted:  # then the weights are tensors
+        correction = (n_global / weight_sum).float()
         for p in m.params:
             if p.grad is not None:
-                p.grad.mul_(correction.to(p.grad.dtype) if torch.is_tensor(correction) else correction)
+                p.grad.mul_(correction)
     faults.poison_grads(planned, step, m.model)
-    return (total / weight_sum).float() if torch.is_tensor(total) else total / weight_sum, stats
+    return (total / weight_sum).float(), stats
 
 
 def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, cfg: TrainConfig,
@@ -704,16 +701,15 @@ def evaluate_member(task: Task, m: Member, step: int, batch_size: int, device: t
 
 def choose_micro_batches(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, n_global: int,
                          cfg: TrainConfig, device: torch.device, d: Dist, echo) -> None:
-    """Apply ``--micro-batch`` to ``m``. ``auto`` (once per run: the choice is checkpointed)
+    """Apply ``--micro-batch N|auto`` to ``m``. ``auto`` (once per run: the choice is checkpointed)
     times a forward and backward pass of this batch at 1, 2, 4, ... micro-batches and keeps
     the fastest: on a CPU a smaller working set can beat one large matrix product. Weights,
     RNG and task state are left as they were."""
     n_local = _rows(batch)
-    if cfg.micro_batch == "off":
-        m.micro.set_floor(1)
-    elif cfg.micro_batch != "auto":
+    if cfg.micro_batch != "auto":
         m.micro.set_floor(min(n_local, -(-n_local // int(cfg.micro_batch))))
-    if cfg.micro_batch != "auto" or m.micro.tuned:
+        return
+    if m.micro.tuned:
         return
     rng, task_state, before = torch.get_rng_state(), task.state_dict(), m.micro.count
     def timed_pass() -> float:
@@ -772,7 +768,8 @@ def train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume
     locks the run and writes anything."""
     d = current()
     if not d.main:
-        return _train(task, cfg, run, config, resume, lambda *a, **k: None, False, contextlib.ExitStack(), d)
+        return _train(task, cfg, _ReadOnlyRun(run.id, run.task, run.dir), config, resume, lambda *a, **k: None,
+                      False, contextlib.ExitStack(), d)
     run.acquire()
     try:
         with contextlib.ExitStack() as cleanup:  # writers are closed (flushed) however training ends
@@ -794,6 +791,16 @@ class _NullWriter:
 
     def __getattr__(self, name: str):
         return lambda *args, **kwargs: None
+
+
+class _ReadOnlyRun(Run):
+    """The run as ranks past 0 see it: they train it and write nothing (rank 0 does)."""
+
+    def update(self, **fields: Any) -> None:
+        pass
+
+    def writer(self, member: str, purge_step: int | None = None) -> _NullWriter:
+        return _NullWriter()
 
 
 def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume: Checkpoint | None,
@@ -821,7 +828,10 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
             m.snapshot = None
         elif m.snapshot is None:
             m.take_snapshot()
-    if cfg.max_steps is None or state.step < cfg.max_steps:
+    if cfg.micro_batch == "off":
+        for m in members:
+            m.micro.set_floor(1)
+    elif cfg.max_steps is None or state.step < cfg.max_steps:
         full = task.batch(state.step)
         first = {k: v.to(device) for k, v in shard(full, d).items()}
         for m in members:
@@ -829,13 +839,11 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
 
     # everything logged at a checkpoint's step was written (and flushed) before the checkpoint,
     # so a resume keeps the events up to that step and purges the ones after it
-    writers = {m.name: run.writer(m.name, purge_step=state.step + 1 if purge else None) if d.main else _NullWriter()
-               for m in members}
+    writers = {m.name: run.writer(m.name, purge_step=state.step + 1 if purge else None) for m in members}
     for w in writers.values():
         cleanup.callback(w.close)
-    if d.main:
-        run.update(status="running", device=str(device), step=state.step, max_steps=cfg.max_steps,
-                   members=[m.name for m in members], config=config, pid=os.getpid())
+    run.update(status="running", device=str(device), step=state.step, max_steps=cfg.max_steps,
+               members=[m.name for m in members], config=config, pid=os.getpid())
     eta = Eta()
     eta.load_state_dict(state.eta)
     interval = {m.name: (m.train_seconds, m.examples) for m in members}
@@ -954,8 +962,7 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
             w.flush()  # the events up to this step reach the disk before the checkpoint does
         save(run, task, members, state, cfg, config, d=d)
         last_save, t_saved = state.step, time.perf_counter()
-        if d.main:
-            run.update(step=state.step)
+        run.update(step=state.step)
 
     def timed(kind: str, action, *args) -> None:
         t = time.perf_counter()
@@ -1017,8 +1024,7 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
     for w in writers.values():
         w.close()
     wall = time.perf_counter() - t_start
-    if d.main:
-        run.update(status="interrupted" if interrupted else "finished", step=state.step)
+    run.update(status="interrupted" if interrupted else "finished", step=state.step)
     if interrupted:
         echo(f"interrupted at step {state.step}; checkpoint saved in {run.checkpoints}; "
              f"continue with --resume {run.id}")
