@@ -61,7 +61,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
     group = parser.add_argument_group(title)
     for f in cli_fields(cls):
         t = _resolved_type(cls, f)
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        # argparse formats help with %: a literal one ("gained 0-3%") must be doubled
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", "").replace("%", "%%")}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if t is bool:
