@@ -62,9 +62,10 @@ def test_a_tiny_model_learns_a_made_up_play(learned, capsys):
         assert capsys.readouterr().out == "ANNA:\nWe sail at noon.\n"
 
 
-def test_resume_after_an_interrupt_equals_an_unbroken_run(runs_dir, corpus, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_after_an_interrupt_equals_an_unbroken_run(runs_dir, corpus, monkeypatch, optimizer):
     flags = ["--max-steps", "12", "--eval-every", "4", "--sample-every", "3", "--save-every", "5", "--log-every", "2",
-             "--dropout", "0.1"]
+             "--dropout", "0.1", "--optimizer", optimizer]
     assert chat_train(runs_dir, corpus, "--run-name", "straight", *flags) == 0
     monkeypatch.setenv(faults.ENV, "interrupt=7")
     assert chat_train(runs_dir, corpus, "--run-name", "broken", *flags) == 130

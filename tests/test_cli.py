@@ -55,6 +55,8 @@ def one_line_error(capsys, argv):
     (["--lr", "fast"], "--lr"),
     (["--run-name", "../escape"], "--run-name"),
     (["--preset", "nope"], "--preset"),
+    (["--optimizer", "sgd"], "--optimizer"),
+    (["--muon-momentum", "1"], "--muon-momentum"),
 ])
 def test_bad_flags_get_one_line_and_exit_2_and_write_nothing(tmp_path, capsys, flags, needle):
     runs = register_runs_dir(tmp_path / "runs")
@@ -63,6 +65,17 @@ def test_bad_flags_get_one_line_and_exit_2_and_write_nothing(tmp_path, capsys, f
     assert len(err.splitlines()) == 1 and needle in err, err
     assert "Traceback" not in err
     assert not runs.exists()
+
+
+@pytest.mark.parametrize("command", ["multiply train", "multiply ask", "multiply evaluate", "chat train",
+                                     "chat generate", "chat repl", "runs"])
+def test_every_command_has_help(capsys, command):
+    with pytest.raises(SystemExit) as stop:
+        main([*command.split(), "--help"])
+    code, out = stop.value.code, capsys.readouterr().out
+    assert code == 0 and out.startswith("usage:"), out
+    if command.endswith("train"):
+        assert "--optimizer" in out and "--compile" in out
 
 
 def test_bad_config_files(tmp_path, capsys):

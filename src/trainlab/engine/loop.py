@@ -42,6 +42,7 @@ from trainlab.engine.distributed import Dist, all_sum, broadcast, current, devic
 from trainlab.engine.memory import (MicroBatches, fastest, free_memory, is_out_of_memory, memory_figures,
                                    micro_batch_counts, split_batch)
 from trainlab.engine.monitor import Eta, LossTrend, Plateau, due, format_duration
+from trainlab.engine.optim import OPTIMIZERS, make_optimizer
 from trainlab.engine.precision import PRECISIONS, Precision, resolve_precision
 from trainlab.engine.tracking import Run
 
@@ -54,13 +55,16 @@ class TrainConfig:
 
     max_steps: int | None = field(default=None, metadata={"help": "optimizer updates to run; none: until Ctrl+C"})
     batch_size: int = field(default=128, metadata={"help": "examples per optimizer update"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final LR of the cosine decay, as a fraction of --lr"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
     lr_decay_steps: int | None = field(
         default=None, metadata={"help": "end of the cosine decay; default --max-steps (constant LR if neither)"}
     )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on matrices"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw|muon (muon: orthogonalised momentum for the hidden "
+                                                              "matrices, AdamW for the rest; same --lr scale)"})
+    muon_momentum: float = field(default=0.95, metadata={"help": "Muon's Nesterov momentum"})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.98, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip gradient norm to this; 0 disables"})
@@ -119,6 +123,8 @@ class TrainConfig:
         in_range("plateau_factor", self.plateau_factor, 0, 1, low_open=True, high_open=True)
         one_of("precision", self.precision, PRECISIONS)
         one_of("on_spike", self.on_spike, SPIKE_ACTIONS)
+        one_of("optimizer", self.optimizer, OPTIMIZERS)
+        in_range("muon_momentum", self.muon_momentum, 0, 1, high_open=True)
         self.micro_batch = str(self.micro_batch)
         if self.micro_batch not in ("off", "auto") and not (self.micro_batch.isdigit() and int(self.micro_batch) > 0):
             raise ConfigError("micro_batch", f"must be off, auto or a positive integer, got {self.micro_batch!r}")
@@ -323,16 +329,10 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def make_member(name: str, model: nn.Module, cfg: TrainConfig, device: torch.device | None = None) -> Member:
-    """``model`` (already on ``device``) with AdamW, the warmup/cosine schedule scaled by
+    """``model`` (already on ``device``) with its optimizer, the warmup/cosine schedule scaled by
     plateau cuts, and its precision, micro-batching and loss-trend state."""
     device = device or torch.device("cpu")
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-    )
+    opt = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.muon_momentum)
     plateau = Plateau(cfg.plateau_patience, cfg.plateau_factor, cfg.plateau_min_lr)
     schedule = lr_lambda(cfg)
     return Member(name, model, opt, LambdaLR(opt, lambda step: schedule(step) * plateau.scale),

@@ -1,0 +1,82 @@
+"""The optimizers: Muon's orthogonalised update, which parameters it owns, and AdamW for the rest."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from trainlab.chat.model import GPT, GPTConfig
+from trainlab.engine.optim import Muon, hidden_matrices, make_optimizer, orthogonalize
+from trainlab.multiply.models import LatentTransformer, Seq2SeqConfig, SimpleTransformer
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48), (32, 32)])
+def test_orthogonalize_keeps_the_singular_vectors_and_flattens_the_values(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    o = orthogonalize(g)
+    s = torch.linalg.svdvals(o)
+    assert s.min() > 0.6 and s.max() < 1.25, s  # a rough orthogonalisation is all Muon needs
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    exact = u @ vh  # the nearest semi-orthogonal matrix
+    assert float(torch.nn.functional.cosine_similarity(o.flatten(), exact.flatten(), dim=0)) > 0.97
+    assert o.shape == g.shape and o.dtype == g.dtype
+
+
+def names_of(model, params):
+    ids = {id(p) for p in params}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def test_muon_owns_the_hidden_linear_weights_only():
+    gpt = GPT(GPTConfig(d_model=32, nhead=2, num_layers=2, context_len=16, vocab_size=20))
+    muon = names_of(gpt, hidden_matrices(gpt))
+    assert muon == {f"blocks.{i}.{w}.weight" for i in range(2) for w in ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")}
+    cfg = Seq2SeqConfig(d_model=32, nhead=4, num_layers=1, num_latent=2, vocab_size=14, src_len=8, tgt_len=6)
+    for cls in (SimpleTransformer, LatentTransformer):
+        model = cls(cfg)
+        muon = names_of(model, hidden_matrices(model))
+        linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        assert muon == linear - {"head.weight"} and muon
+        assert not any("emb" in n or "pos" in n or "latents" in n for n in muon)
+
+
+def test_the_adamw_side_is_torchs_adamw():
+    """With no hidden matrices every parameter takes the AdamW path: it must match torch's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8))
+    twin = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8))
+    twin.load_state_dict(model.state_dict())
+    ours = make_optimizer(model, "muon", 0.01, 0.1, (0.9, 0.99))
+    ref = make_optimizer(twin, "adamw", 0.01, 0.1, (0.9, 0.99))
+    assert isinstance(ours, Muon) and isinstance(ref, torch.optim.AdamW)
+    for step in range(6):
+        x = torch.randint(0, 10, (4, 5), generator=torch.Generator().manual_seed(step))
+        for m, opt in ((model, ours), (twin, ref)):
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_muon_step_is_the_scaled_orthogonalised_nesterov_momentum():
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 12, bias=False)
+    w0 = lin.weight.detach().clone()
+    opt = make_optimizer(nn.Sequential(lin), "muon", 0.02, 0.1, (0.9, 0.99), momentum=0.9)
+    g = torch.randn(12, 6)
+    lin.weight.grad = g.clone()
+    opt.step()
+    # first step: buffer = g, Nesterov update = g + 0.9 g; decoupled decay first
+    expected = w0 * (1 - 0.02 * 0.1) - 0.02 * 0.2 * math.sqrt(12) * orthogonalize(1.9 * g)
+    torch.testing.assert_close(lin.weight.detach(), expected)
+    state = opt.state_dict()["state"]
+    assert set(state[0]) == {"momentum_buffer"}
+
+
+def test_muon_refuses_a_vector():
+    with pytest.raises(ValueError, match="2-D"):
+        Muon([{"params": [nn.Parameter(torch.zeros(3))], "muon": True}], lr=0.1)
