@@ -16,8 +16,9 @@ corpus encoded as its ``prepare.py`` would), then ``trainlab chat train`` with
 ``--micro-batch off`` and with ``--micro-batch auto``. All in fp32, dropout 0, no
 compile, the same corpus (``../shared/data/tinyshakespeare.txt`` by default).
 
-Each prints the median time per iteration over the steps after the first two, the
-tokens per second that gives, and the training loss at its last step (the data order
+Each prints the median time per iteration over the steps after the first two (with
+``--rounds N``, the median of N such figures, the contenders taking turns so a slow
+spell of a shared machine falls on all of them), the tokens per second that gives, and the training loss at its last step (the data order
 differs, so losses agree only roughly). nanoGPT's code is never part of this project.
 """
 
@@ -105,27 +106,35 @@ def main() -> None:
     ap.add_argument("--nanogpt", type=Path, help="a copy of karpathy/nanoGPT (read only)")
     ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
     ap.add_argument("--micro", default="off,auto", help="trainlab --micro-batch settings to run, comma-separated")
+    ap.add_argument("--rounds", type=int, default=1, help="run every contender this many times, alternating")
     args = ap.parse_args()
     shape = SHAPES[args.shape]
     text = args.text.read_text(encoding="utf-8")
     tokens = shape["batch_size"] * shape["block_size"]
-    rows = []
+    times: dict[str, list[float]] = {}  # contender -> the median s/iter of each round
+    losses: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        if args.nanogpt:
-            rows.append(("nanoGPT train.py", *run_nanogpt(args.nanogpt, text, shape, args.steps, work)))
-        for micro in args.micro.split(","):
-            rows.append((f"trainlab --micro-batch {micro}", *run_trainlab(args.text, args.shape, shape, args.steps,
-                                                                          micro, work)))
+        for r in range(args.rounds):
+            work = Path(tmp) / f"round{r}"
+            work.mkdir()
+            runs = []
+            if args.nanogpt:
+                runs.append(("nanoGPT train.py", lambda: run_nanogpt(args.nanogpt, text, shape, args.steps, work)))
+            for micro in args.micro.split(","):
+                runs.append((f"trainlab --micro-batch {micro}",
+                             lambda micro=micro: run_trainlab(args.text, args.shape, shape, args.steps, micro, work)))
+            for name, run in runs:
+                step_times, losses[name] = run()
+                times.setdefault(name, []).append(statistics.median(step_times[2:] or step_times))
+                print(f"  round {r} {name:28s} {times[name][-1] * 1000:9.1f} ms/iter")
     print(f"\n{args.shape}: batch {shape['batch_size']} x context {shape['block_size']}, {args.steps} steps, "
-          f"median of the steps after the first two")
+          f"median of the steps after the first two, then the median over {args.rounds} alternating round(s)")
     base = None
-    for name, times, loss in rows:
-        sec = statistics.median(times[2:] or times)
+    for name, secs in times.items():
+        sec = statistics.median(secs)
         base = base or tokens / sec
         print(f"  {name:28s} {sec * 1000:9.1f} ms/iter {tokens / sec:9.0f} tokens/s  {tokens / sec / base:5.2f}x  "
-              f"last loss {loss:.3f}")
-
+              f"last loss {losses[name]:.3f}  (rounds: {', '.join(f'{t * 1000:.0f}' for t in secs)})")
 
 if __name__ == "__main__":
     main()
