@@ -61,7 +61,7 @@ class TrainConfig:
     lr_decay_steps: int | None = field(
         default=None, metadata={"help": "end of the cosine decay; default --max-steps (constant LR if neither)"}
     )
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on matrices"})
+    weight_decay: float = field(default=0.01, metadata={"help": "decoupled weight decay on matrices (either optimizer)"})
     optimizer: str = field(default="adamw", metadata={"help": "adamw|muon (muon: orthogonalised momentum for the hidden "
                                                               "matrices, AdamW for the rest; same --lr scale)"})
     muon_momentum: float = field(default=0.95, metadata={"help": "Muon's Nesterov momentum"})
