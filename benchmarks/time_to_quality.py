@@ -157,5 +157,6 @@ def main() -> None:
                 print(f"  round {r}: {row[0]} reached {args.target} in {row[2] / base[4]:.2f}x the wall time of "
                       f"nanoGPT's run to {base[3][-1][2]:.3f} (target: at most 0.50x)")
 
+
 if __name__ == "__main__":
     main()
