@@ -58,13 +58,22 @@ def encode_like_nanogpt(text: str, folder: Path) -> None:
         pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
 
 
+def nanogpt_copy(repo: Path, text: str, work: Path) -> Path:
+    """``work``/nanogpt: nanoGPT's train.py, model.py, configurator.py and configs beside
+    the corpus encoded for it (made once per ``work``; ``repo`` is only read)."""
+    copy = work / "nanogpt"
+    if not copy.exists():
+        copy.mkdir()
+        for name in ("train.py", "model.py", "configurator.py"):
+            shutil.copy(repo / name, copy / name)
+        shutil.copytree(repo / "config", copy / "config")
+        encode_like_nanogpt(text, copy / "data" / "shakespeare_char")
+    return copy
+
+
 def run_nanogpt(repo: Path, text: str, shape: dict, steps: int, work: Path) -> tuple[list[float], float]:
     """Seconds per iteration and the last loss, from train.py's own log lines."""
-    copy = work / "nanogpt"
-    copy.mkdir()
-    for name in ("train.py", "model.py", "configurator.py"):
-        shutil.copy(repo / name, copy / name)
-    encode_like_nanogpt(text, copy / "data" / "shakespeare_char")
+    copy = nanogpt_copy(repo, text, work)
     flags = {**shape, "max_iters": steps, "lr_decay_iters": steps, "warmup_iters": 0, "dropout": 0.0,
              "device": "cpu", "compile": False, "dtype": "float32", "eval_interval": 10**9, "eval_iters": 1,
              "log_interval": 1, "gradient_accumulation_steps": 1, "min_lr": 1e-4, "dataset": "shakespeare_char", "always_save_checkpoint": False, "beta2": 0.99,

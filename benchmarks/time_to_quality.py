@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from chat_throughput import encode_like_nanogpt  # noqa: E402
+from chat_throughput import nanogpt_copy  # noqa: E402
 
 # The README's CPU command, plus dtype float32: the same thing on a CPU (train.py uses
 # no autocast there), said explicitly so no fp16 loss scaler is asked for on a CPU.
@@ -83,13 +83,7 @@ def stamped(cmd: list[str], cwd: Path | None, pattern: str, target: float) -> tu
 
 
 def run_nanogpt(repo: Path, text: str, work: Path, target: float) -> tuple[float | None, list, float]:
-    copy = work / "nanogpt"
-    if not copy.exists():
-        copy.mkdir()
-        for name in ("train.py", "model.py", "configurator.py"):
-            shutil.copy(repo / name, copy / name)
-        shutil.copytree(repo / "config", copy / "config")
-        encode_like_nanogpt(text, copy / "data" / "shakespeare_char")
+    copy = nanogpt_copy(repo, text, work)
     out = work / "nanogpt-out"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-u", "train.py", *NANOGPT_README_CPU, f"--out_dir={out}"]

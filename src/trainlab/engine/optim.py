@@ -53,12 +53,9 @@ def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     """The weights Muon should own: those of ``nn.Linear`` layers, except the output layer
     (a module named ``head``) and any weight shared with an embedding."""
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    out = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] != "head" and id(module.weight) not in embedded:
-            if module.weight.requires_grad:
-                out.append(module.weight)
-    return out
+    return [m.weight for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] != "head" and id(m.weight) not in embedded
+            and m.weight.requires_grad]
 
 
 class Muon(torch.optim.Optimizer):
@@ -125,14 +122,10 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, 
     """``name`` (one of OPTIMIZERS) over ``model``'s trainable parameters; weight decay
     on matrices only (not on biases, norms or other vectors)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    muon = {id(p) for p in hidden_matrices(model)} if name == "muon" else set()
+    groups = [{"params": [p for p in params if id(p) not in muon and p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if name == "adamw":
-        return torch.optim.AdamW(
-            [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-            lr=lr, betas=betas)
-    hidden = {id(p) for p in hidden_matrices(model)}
-    return Muon(
-        [{"params": [p for p in params if id(p) in hidden], "weight_decay": weight_decay, "muon": True},
-         {"params": [p for p in params if id(p) not in hidden and p.dim() >= 2], "weight_decay": weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=lr, betas=betas, momentum=momentum)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    muon_group = {"params": [p for p in params if id(p) in muon], "weight_decay": weight_decay, "muon": True}
+    return Muon([muon_group, *groups], lr=lr, betas=betas, momentum=momentum)
