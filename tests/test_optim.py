@@ -25,6 +25,13 @@ def test_orthogonalize_keeps_the_singular_vectors_and_flattens_the_values(shape)
     assert o.shape == g.shape and o.dtype == g.dtype
 
 
+def test_a_stack_is_orthogonalised_matrix_by_matrix():
+    g = torch.randn(3, 24, 10, generator=torch.Generator().manual_seed(1)) * torch.tensor([1.0, 50.0, 0.01])[:, None, None]
+    stacked = orthogonalize(g)
+    for i in range(3):  # each matrix normalised by its own norm, not the stack's
+        torch.testing.assert_close(stacked[i], orthogonalize(g[i]), rtol=1e-4, atol=1e-5)
+
+
 def names_of(model, params):
     ids = {id(p) for p in params}
     return {n for n, p in model.named_parameters() if id(p) in ids}
@@ -75,6 +82,26 @@ def test_a_muon_step_is_the_scaled_orthogonalised_nesterov_momentum():
     torch.testing.assert_close(lin.weight.detach(), expected)
     state = opt.state_dict()["state"]
     assert set(state[0]) == {"momentum_buffer"}
+
+
+def test_muon_steps_on_matrices_of_shared_and_own_shapes():
+    """Same-shaped matrices are orthogonalised as one stack: each must still get its own
+    momentum and its own update, over several steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False), nn.Linear(8, 5, bias=False))
+    w = [m.weight.detach().clone() for m in model]
+    bufs = [torch.zeros_like(x) for x in w]
+    opt = make_optimizer(model, "muon", 0.03, 0.0, (0.9, 0.99), momentum=0.8)
+    for step in range(3):
+        grads = [torch.randn(x.shape, generator=torch.Generator().manual_seed(10 * step + i)) for i, x in enumerate(w)]
+        for m, g in zip(model, grads):
+            m.weight.grad = g.clone()
+        opt.step()
+        for i, g in enumerate(grads):
+            bufs[i] = 0.8 * bufs[i] + g
+            w[i] = w[i] - 0.03 * 0.2 * math.sqrt(max(g.shape)) * orthogonalize(g + 0.8 * bufs[i])
+    for m, x in zip(model, w):
+        torch.testing.assert_close(m.weight.detach(), x, rtol=1e-4, atol=1e-5)
 
 
 def test_muon_refuses_a_vector():
