@@ -173,3 +173,26 @@ def test_ask_and_evaluate_can_use_the_best_checkpoint(trained_run, capsys):
     assert f"checkpoint step {int(kept.name[5:])}" in capsys.readouterr().out
     code, err = one_line_error(capsys, ["multiply", "ask", str(kept), "7*8", "--best"])
     assert code == 2 and "--best" in err
+
+
+def test_padded_answers_are_recorded_and_read_back(tmp_path, capsys):
+    import torch
+
+    from trainlab.engine.checkpoint import latest_checkpoint
+    from trainlab.multiply.inference import evaluation_dataset, load_members, trained_data_config
+    from trainlab.multiply.task import decode_problems
+
+    runs = register_runs_dir(tmp_path / "runs")
+    assert main(["multiply", "train", "--runs-dir", str(runs), *TINY, "--max-digits", "2", "--max-steps", "2",
+                 "--answer-pad", "--run-name", "p"]) == 0
+    ck = latest_checkpoint(runs / "parallel_comparison" / "p" / "checkpoints")
+    assert ck.json("vocab.json")["answer_pad"] is True
+    trained = trained_data_config(ck)
+    assert trained.answer_pad
+    ds = evaluation_dataset(trained, 1, 2)
+    models = load_members(ck, torch.device("cpu"))
+    result = decode_problems(models["simple"], ds, ds.subset("test", 20))
+    assert result.digit_total == 4 * 20  # every answer compared at its written width, 2 * 2 digits
+    capsys.readouterr()
+    assert main(["multiply", "ask", "p", "7*8", "--runs-dir", str(runs)]) == 0
+    assert "7*8 = 56" in capsys.readouterr().out

@@ -61,11 +61,12 @@ def test_special_tokens_never_share_an_id_with_a_digit():
     assert [TOKENS[DIGIT0 + k] for k in range(10)] == [str(k) for k in range(10)]
 
 
+@pytest.mark.parametrize("pad", [False, True])
 @pytest.mark.parametrize("order", ["reversed", "natural"])
-def test_tokens_round_trip(order):
+def test_tokens_round_trip(order, pad):
     a = torch.tensor([1, 9, 12, 100, 999, 10, 345])
     b = torch.tensor([1, 9, 345, 100, 999, 10, 12])
-    enc = encode_pairs(a, b, 3, order)
+    enc = encode_pairs(a, b, 3, order, pad)
     for i in range(len(a)):
         assert decode_answer(enc["tgt_out"][i], order) == int(a[i] * b[i])
         # the decoder input is the target shifted right behind <bos>
@@ -81,6 +82,15 @@ def test_source_is_zero_padded_and_answer_reversed():
     assert out == ["0", "4", "1", "4", "<eos>", "<pad>", "<pad>"]  # 4140 least significant first
     nat = [TOKENS[t] for t in encode_pairs(torch.tensor([12]), torch.tensor([345]), 3, "natural")["tgt_out"][0]]
     assert nat[:5] == ["4", "1", "4", "0", "<eos>"]
+
+
+def test_padded_answers_have_one_width_and_fixed_place_values():
+    enc = encode_pairs(torch.tensor([12, 999, 1]), torch.tensor([345, 999, 7]), 3, "natural", answer_pad=True)
+    rows = [" ".join(TOKENS[t] for t in r) for r in enc["tgt_out"]]
+    assert rows == ["0 0 4 1 4 0 <eos>", "9 9 8 0 0 1 <eos>", "0 0 0 0 0 7 <eos>"]
+    rev = encode_pairs(torch.tensor([12]), torch.tensor([345]), 3, "reversed", answer_pad=True)["tgt_out"][0]
+    assert " ".join(TOKENS[t] for t in rev) == "0 4 1 4 0 0 <eos>"
+    assert decode_answer(rev, "reversed") == 4140
 
 
 def test_decode_answer_rejects_malformed_output():

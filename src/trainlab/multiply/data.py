@@ -41,7 +41,7 @@ after about 15 minutes. One seed each; hence a default, not a rule.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -84,6 +84,9 @@ class MultiplyDataConfig:
     min_digits: int = 1
     max_digits: int = 3
     answer_order: str = "natural"
+    answer_pad: bool = field(default=False, metadata={
+        "help": "write every product with 2 * max-digits digits, leading zeros included (12*345 -> 004140), "
+                "so each answer position always holds the same place value"})
     val_fraction: float = 0.01
     test_fraction: float = 0.02
 
@@ -182,7 +185,8 @@ class MultiplicationDataset:
     # -- tensors --------------------------------------------------------------------
     def encode(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         a, b = self.pairs(idx)
-        return encode_pairs(torch.from_numpy(a), torch.from_numpy(b), self.pad_width, self.cfg.answer_order)
+        return encode_pairs(torch.from_numpy(a), torch.from_numpy(b), self.pad_width, self.cfg.answer_order,
+                            self.cfg.answer_pad)
 
 
 def _digits_lsd_first(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -190,8 +194,10 @@ def _digits_lsd_first(x: torch.Tensor, n: int) -> torch.Tensor:
     return (x.unsqueeze(1) // powers) % 10  # (B, n)
 
 
-def encode_pairs(a: torch.Tensor, b: torch.Tensor, max_digits: int, answer_order: str) -> dict[str, torch.Tensor]:
-    """Vectorised tokenisation of a batch of problems (see the module docstring).
+def encode_pairs(a: torch.Tensor, b: torch.Tensor, max_digits: int, answer_order: str, answer_pad: bool = False
+                 ) -> dict[str, torch.Tensor]:
+    """Vectorised tokenisation of a batch of problems (see the module docstring);
+    ``answer_pad`` writes every product with 2 * max_digits digits.
 
     Returns ``src`` (B, 2W+1), ``tgt_in`` and ``tgt_out`` (B, 2W+1), ``a``, ``b``.
     """
@@ -204,7 +210,10 @@ def encode_pairs(a: torch.Tensor, b: torch.Tensor, max_digits: int, answer_order
     p = a * b
     n = 2 * w
     d = _digits_lsd_first(p, n)  # (B, n), least significant first
-    length = (p.unsqueeze(1) >= 10 ** torch.arange(n, dtype=torch.int64)).sum(1).clamp(min=1)  # (B,)
+    if answer_pad:
+        length = torch.full_like(p, n)  # (B,)
+    else:
+        length = (p.unsqueeze(1) >= 10 ** torch.arange(n, dtype=torch.int64)).sum(1).clamp(min=1)  # (B,)
     k = torch.arange(n + 1).unsqueeze(0)  # (1, n+1)
     if answer_order == "reversed":
         ans = d

@@ -64,6 +64,7 @@ def evaluation_dataset(trained: MultiplyDataConfig, min_digits: int | None, max_
     if hi > trained.max_digits:
         raise ConfigError("max_digits", f"the model was trained with at most {trained.max_digits} digits, got {hi}")
     cfg = MultiplyDataConfig(min_digits=lo, max_digits=hi, answer_order=trained.answer_order,
+                             answer_pad=trained.answer_pad,
                              val_fraction=trained.val_fraction, test_fraction=trained.test_fraction)
     return MultiplicationDataset(cfg, pad_width=trained.max_digits)
 

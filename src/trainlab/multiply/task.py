@@ -106,6 +106,7 @@ def decode_problems(model: SimpleTransformer, dataset: MultiplicationDataset, id
                     batch_size: int = 1024) -> DecodeResult:
     """Free-running greedy answers to the problems ``idx``, and how right they are."""
     order = dataset.cfg.answer_order
+    width = 2 * dataset.pad_width if dataset.cfg.answer_pad else 0  # digits compared, as written
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -117,8 +118,8 @@ def decode_problems(model: SimpleTransformer, dataset: MultiplicationDataset, id
         for row, a, b in zip(out.tolist(), enc["a"].tolist(), enc["b"].tolist()):
             p = decode_answer(row, order)
             preds.append(p)
-            truth = str(a * b)
-            guess = "" if p is None else str(p)
+            truth = str(a * b).zfill(width)
+            guess = "" if p is None else str(p).zfill(width)
             if order == "reversed":
                 truth, guess = truth[::-1], guess[::-1]
             hits += sum(x == y for x, y in zip(truth, guess))
@@ -255,8 +256,11 @@ class MultiplyTask:
         self.last_tf_prob = float(state["tf_prob"])
 
     def checkpoint_texts(self) -> dict[str, str]:
-        return {"vocab.json": json.dumps({"tokens": TOKENS, "answer_order": self.data_cfg.answer_order,
-                                          "max_digits": self.data_cfg.max_digits, "bos": BOS}, indent=2)}
+        vocab = {"tokens": TOKENS, "answer_order": self.data_cfg.answer_order,
+                 "max_digits": self.data_cfg.max_digits, "bos": BOS}
+        if self.data_cfg.answer_pad:  # only then, so checkpoints from before the option still match
+            vocab["answer_pad"] = True
+        return {"vocab.json": json.dumps(vocab, indent=2)}
 
     def member_texts(self, member: str) -> dict[str, str]:
         return {"model_config.json": json.dumps(asdict(self.model_cfgs[member]), indent=2)}
