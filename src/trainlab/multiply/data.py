@@ -37,6 +37,15 @@ accuracy 70.1% vs 54.3% and 59.1% vs 51.3%. At 3-digit x 3-digit it held up
 reached 5.3% val exact-match after 15 minutes of its own training and 15.3% test
 exact-match (95% CI 14.6-16.0%, 10,000 problems) after 25, where reversed had 1.6%
 after about 15 minutes. One seed each; hence a default, not a rule.
+
+Answer width. By default a product is written with as many digits as it has, so in
+natural order the first answer position is the 10^5 place of 123*999 = 122877 but the
+10^4 place of 123*456 = 56088: the model must settle the length before anything else.
+``answer_pad`` writes every product with 2 * max_digits digits, leading zeros kept
+(``056088``), so each position always holds one place value, as the operands' already
+do; the answer is still the product itself, with no intermediate steps. At 3x3 (plain
+model, Muon, 6 minutes) it raised test exact-match from 12.7% to 16.2% (one seed),
+and the ``multiply-3digit`` preset uses it.
 """
 
 from __future__ import annotations
