@@ -57,6 +57,7 @@ def one_line_error(capsys, argv):
     (["--preset", "nope"], "--preset"),
     (["--optimizer", "sgd"], "--optimizer"),
     (["--muon-momentum", "1"], "--muon-momentum"),
+    (["--class-power", "2"], "--class-power"),
 ])
 def test_bad_flags_get_one_line_and_exit_2_and_write_nothing(tmp_path, capsys, flags, needle):
     runs = register_runs_dir(tmp_path / "runs")

@@ -5,7 +5,7 @@ import torch
 from trainlab.config import ConfigError
 from trainlab.multiply.data import (
     BOS, DIGIT0, EOS, PAD, SPLITS, TIMES, TOKENS, MultiplicationDataset, MultiplyDataConfig, decode_answer,
-    encode_pairs, split_ids,
+    digit_count, encode_pairs, split_ids,
 )
 
 
@@ -52,6 +52,30 @@ def test_sample_and_subset_are_deterministic():
                           d.sample("train", 64, np.random.default_rng([3, 7])))
     s1, s2 = d.subset("val", 300, seed=0), d.subset("val", 300, seed=0)
     assert np.array_equal(s1, s2) and len(np.unique(s1)) == 300
+
+
+def test_class_power_reweights_operand_length_classes_within_the_split():
+    d = ds(1, 2)  # classes 1x1 (81 problems), 1x2 and 2x1 (810 each), 2x2 (8100)
+    rng = np.random.default_rng(5)
+    even = d.sample("train", 40000, rng, class_power=0.0)
+    assert (d.split_of(even) == 0).all()
+    a, b = d.pairs(even)
+    share = {(x, y): np.mean((digit_count(a) == x) & (digit_count(b) == y)) for x in (1, 2) for y in (1, 2)}
+    assert all(abs(v - 0.25) < 0.015 for v in share.values()), share
+    # within a class, every problem is equally likely: the 1x1 class is covered evenly
+    small = (digit_count(a) == 1) & (digit_count(b) == 1)
+    counts = np.unique(even[small], return_counts=True)[1]
+    one_by_one = np.array([(x - d.lo) * d.width + (y - d.lo) for x in range(1, 10) for y in range(1, 10)])
+    assert len(counts) == (d.split_of(one_by_one) == 0).sum() and counts.min() > 0.5 * counts.mean()
+    # power 1, the default, is the plain uniform draw (the random stream runs were made with)
+    plain = d.sample("train", 4000, np.random.default_rng(9))
+    assert np.array_equal(plain, d.sample("train", 4000, np.random.default_rng(9), class_power=1.0))
+    pa, pb = d.pairs(plain)
+    assert abs(np.mean((digit_count(pa) == 2) & (digit_count(pb) == 2)) - 8100 / 9801) < 0.02
+    # in between: size ** 0.5, so 1x1 gets 9 / (9 + 2 * sqrt(810) + 90) of the draws
+    half = d.pairs(d.sample("train", 40000, np.random.default_rng(2), class_power=0.5))
+    expected = 9 / (9 + 2 * 810**0.5 + 90)
+    assert abs(np.mean((digit_count(half[0]) == 1) & (digit_count(half[1]) == 1)) - expected) < 0.01
 
 
 def test_special_tokens_never_share_an_id_with_a_digit():
@@ -110,6 +134,8 @@ def test_split_ids_are_pure():
     (dict(min_digits=1, max_digits=12), "max_digits"),
     (dict(answer_order="sideways"), "answer_order"),
     (dict(val_fraction=0.6, test_fraction=0.5), "val_fraction"),
+    (dict(class_power=1.5), "class_power"),
+    (dict(class_power=-0.1), "class_power"),
 ])
 def test_bad_data_config_names_the_field(kw, field):
     with pytest.raises(ConfigError) as e:

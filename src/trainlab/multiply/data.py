@@ -96,6 +96,10 @@ class MultiplyDataConfig:
     answer_pad: bool = field(default=False, metadata={
         "help": "write every product with 2 * max-digits digits, leading zeros included (12*345 -> 004140), "
                 "so each answer position always holds the same place value"})
+    class_power: float = field(default=1.0, metadata={
+        "help": "training draws each operand-length class (a's digits x b's digits) with probability "
+                "proportional to its size to this power: 1 draws every problem equally (most then have "
+                "max-digit operands), 0 every class equally, in between the shorter ones more often"})
     val_fraction: float = 0.01
     test_fraction: float = 0.02
 
@@ -112,6 +116,7 @@ class MultiplyDataConfig:
             raise ConfigError("answer_order", f"must be one of {'|'.join(ANSWER_ORDERS)}, got {self.answer_order!r}")
         for name in ("val_fraction", "test_fraction"):
             in_range(name, getattr(self, name), 0, 1, high_open=True)
+        in_range("class_power", self.class_power, 0, 1)
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ConfigError("val_fraction", "val_fraction + test_fraction must be below 1")
 
@@ -166,19 +171,39 @@ class MultiplicationDataset:
             self._counts = dict(zip(SPLITS, (int(c) for c in counts)))
         return self._counts
 
-    def sample(self, split: str, n: int, rng: np.random.Generator) -> np.ndarray:
-        """n indices drawn uniformly with replacement from one split."""
+    def sample(self, split: str, n: int, rng: np.random.Generator, class_power: float = 1.0) -> np.ndarray:
+        """n indices drawn with replacement from one split: uniformly, or with ``class_power``
+        below 1 by operand-length class first (see ``MultiplyDataConfig.class_power``), then
+        uniformly within the class."""
         sid = SPLITS.index(split)
         if self.split_counts()[split] == 0:
             raise ValueError(f"the {split} split of this digit range is empty")
         out: list[np.ndarray] = []
         have = 0
         while have < n:
-            cand = rng.integers(0, self.size, size=int((n - have) * 1.3) + 16, dtype=np.int64)
+            m = int((n - have) * 1.3) + 16
+            if class_power == 1.0:  # the plain draw; its random stream is the one runs were made with
+                cand = rng.integers(0, self.size, size=m, dtype=np.int64)
+            else:
+                cand = self._draw_by_class(m, rng, class_power)
             cand = cand[self.split_of(cand) == sid]
             out.append(cand)
             have += len(cand)
         return np.concatenate(out)[:n]
+
+    def _draw_by_class(self, m: int, rng: np.random.Generator, power: float) -> np.ndarray:
+        """m indices of any split: a class (digits of a, digits of b) drawn with probability
+        proportional to size ** power, then a and b uniformly among numbers of those lengths."""
+        digits = np.arange(self.cfg.min_digits, self.cfg.max_digits + 1)
+        lo = np.maximum(10 ** (digits - 1), 1)  # the smallest number of each length (1, not 0)
+        span = 10**digits - lo  # how many numbers have each length
+        size = span[:, None] * span[None, :]  # (k, k): problems per class
+        prob = (size.astype(np.float64) ** power).ravel()
+        cls = rng.choice(len(prob), size=m, p=prob / prob.sum())
+        da, db = cls // len(digits), cls % len(digits)
+        a = lo[da] + rng.integers(0, span[da])
+        b = lo[db] + rng.integers(0, span[db])
+        return (a - self.lo) * self.width + (b - self.lo)
 
     def subset(self, split: str, n: int, seed: int = 0) -> np.ndarray:
         """A fixed set of up to n distinct indices of one split (sorted), for evaluation."""
