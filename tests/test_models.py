@@ -33,6 +33,16 @@ def test_output_shapes(kind):
         assert memory.shape == (4, 3, 32) and mask is None  # the decoder sees 3 latents only
 
 
+@pytest.mark.parametrize("kind", ["simple", "latent"])
+def test_decoder_depth_can_differ_from_the_encoders(kind):
+    deep_enc = build_model(cfg(kind, num_layers=3, decoder_layers=1)).eval()
+    assert len(deep_enc.encoder) == 3 and len(deep_enc.decoder) == 1
+    same = build_model(cfg(kind, num_layers=3))
+    assert len(same.encoder) == len(same.decoder) == 3  # 0, the default, follows num_layers
+    src, tgt = batch()
+    assert deep_enc(src, tgt).shape == (4, 7, VOCAB_SIZE)
+
+
 def test_bottleneck_factor_below_one_lets_encoder_memory_through():
     model = build_model(cfg("latent", bottleneck_factor=0.5)).eval()
     src, _ = batch()
@@ -79,7 +89,8 @@ def test_d_model_not_divisible_by_nhead_is_rejected():
 
 
 @pytest.mark.parametrize("kw, field", [(dict(num_layers=0), "num_layers"), (dict(dropout=1.0), "dropout"),
-                                       (dict(bottleneck_factor=1.5), "bottleneck_factor"), (dict(num_latent=0), "num_latent")])
+                                       (dict(bottleneck_factor=1.5), "bottleneck_factor"), (dict(num_latent=0), "num_latent"),
+                                       (dict(decoder_layers=-1), "decoder_layers")])
 def test_bad_model_config(kw, field):
     with pytest.raises(ConfigError) as e:
         cfg(**kw)

@@ -371,7 +371,8 @@ def multiply_train(args: argparse.Namespace) -> int:
     def describe(cfgs: dict[str, Any], task: MultiplyTask) -> tuple[str, list[str]]:
         d, mc, tc = cfgs["data"], cfgs["model"], cfgs["train"]
         counts = task.dataset.split_counts()
-        summary = (f"{d.min_digits}-{d.max_digits} digits, d_model {mc.d_model}, {mc.num_layers} layers, "
+        layers = f"{mc.num_layers}" if mc.n_dec == mc.num_layers else f"{mc.num_layers}+{mc.n_dec}"
+        summary = (f"{d.min_digits}-{d.max_digits} digits, d_model {mc.d_model}, {layers} layers, "
                    f"{mc.num_latent} latents, batch {tc.batch_size}, members {cfgs['task'].members}")
         return summary, [f"problems: {counts['train']:,} train, {counts['val']:,} val, {counts['test']:,} test "
                          f"({d.min_digits}-{d.max_digits} digits, answers {d.answer_order})"]

@@ -37,7 +37,9 @@ class Seq2SeqConfig:
 
     d_model: int = field(default=128, metadata={"help": "width of every layer"})
     nhead: int = field(default=4, metadata={"help": "attention heads (must divide d_model)"})
-    num_layers: int = field(default=2, metadata={"help": "encoder layers, and as many decoder layers"})
+    num_layers: int = field(default=2, metadata={"help": "encoder layers, and as many decoder layers unless "
+                                                         "--decoder-layers says otherwise"})
+    decoder_layers: int = field(default=0, metadata={"help": "decoder layers; 0: as many as --num-layers"})
     dim_feedforward: int = field(default=0, metadata={"help": "MLP hidden size; 0 means 4 * d_model"})
     dropout: float = field(default=0.0, metadata={"help": "dropout probability"})
     num_latent: int = field(default=8, metadata={"help": "latent vectors of the latent model"})
@@ -57,6 +59,7 @@ class Seq2SeqConfig:
         for name in ("d_model", "nhead", "num_layers", "num_latent", "latent_layers", "vocab_size", "src_len", "tgt_len"):
             positive(name, getattr(self, name))
         non_negative("dim_feedforward", self.dim_feedforward)
+        non_negative("decoder_layers", self.decoder_layers)
         check_heads(self.d_model, self.nhead)
         in_range("dropout", self.dropout, 0, 1, high_open=True)
         in_range("bottleneck_factor", self.bottleneck_factor, 0, 1)
@@ -65,6 +68,10 @@ class Seq2SeqConfig:
     @property
     def d_ff(self) -> int:
         return self.dim_feedforward or 4 * self.d_model
+
+    @property
+    def n_dec(self) -> int:
+        return self.decoder_layers or self.num_layers
 
 
 class Attention(nn.Module):
@@ -153,7 +160,7 @@ class SimpleTransformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.num_layers))
         self.ln_enc = nn.LayerNorm(D)
-        self.decoder = nn.ModuleList(CrossBlock(cfg, self_attn=True) for _ in range(cfg.num_layers))
+        self.decoder = nn.ModuleList(CrossBlock(cfg, self_attn=True) for _ in range(cfg.n_dec))
         self.ln_f = nn.LayerNorm(D)
         self.head = nn.Linear(D, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied: digits read and written alike
