@@ -36,6 +36,9 @@ from trainlab.multiply.task import MultiplyTask  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("--steps", type=int, default=0, help="train exactly this many steps instead of timing a "
+                    "few and fitting --minutes: fairer between settings of equal step cost, as the timing "
+                    "of a shared machine moves by several percent")
     ap.add_argument("--test-n", type=int, default=10000)
     ap.add_argument("--evals", type=int, default=15, help="evaluations over the run")
     known, rest = ap.parse_known_args()
@@ -45,13 +48,14 @@ def main() -> None:
     cfgs = {name: build(cls, values) for name, cls in sections}
     make = lambda c: MultiplyTask(c["data"], c["model"], c["loss"], c["teacher_forcing"], c["task"], c["train"])  # noqa
     sps = seconds_per_step(make(cfgs), cfgs["train"])
-    steps = max(10, int(known.minutes * 60 / sps))
+    steps = known.steps or max(10, int(known.minutes * 60 / sps))
     cfgs["train"] = replace(cfgs["train"], max_steps=steps, lr_decay_steps=steps,
                             eval_every=max(1, steps // known.evals), progress=False)
     task = make(cfgs)
     config = {name: asdict(c) for name, c in cfgs.items()}
     run = new_run(cfgs["train"].runs_dir, task.name, cfgs["train"].run_name, cfgs["train"].tag or "benchmark", config)
-    print(f"{sps:.3f} s/step for {len(task.model_cfgs)} model(s) -> {steps} steps in {known.minutes} min; run {run.dir}")
+    print(f"{sps:.3f} s/step for {len(task.model_cfgs)} model(s) -> {steps} steps "
+          f"{'as asked' if known.steps else f'in {known.minutes} min'}; run {run.dir}")
     summary = train(task, cfgs["train"], run, config)
 
     top = cfgs["data"].max_digits  # the hardest class: max-digit x max-digit problems
