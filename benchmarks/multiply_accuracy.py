@@ -47,15 +47,17 @@ def main() -> None:
     values = settings_from(args, sections)
     cfgs = {name: build(cls, values) for name, cls in sections}
     make = lambda c: MultiplyTask(c["data"], c["model"], c["loss"], c["teacher_forcing"], c["task"], c["train"])  # noqa
-    sps = seconds_per_step(make(cfgs), cfgs["train"])
-    steps = known.steps or max(10, int(known.minutes * 60 / sps))
+    if known.steps:
+        steps, budget = known.steps, "as asked"
+    else:
+        sps = seconds_per_step(make(cfgs), cfgs["train"])
+        steps, budget = max(10, int(known.minutes * 60 / sps)), f"in {known.minutes} min ({sps:.3f} s/step)"
     cfgs["train"] = replace(cfgs["train"], max_steps=steps, lr_decay_steps=steps,
                             eval_every=max(1, steps // known.evals), progress=False)
     task = make(cfgs)
     config = {name: asdict(c) for name, c in cfgs.items()}
     run = new_run(cfgs["train"].runs_dir, task.name, cfgs["train"].run_name, cfgs["train"].tag or "benchmark", config)
-    print(f"{sps:.3f} s/step for {len(task.model_cfgs)} model(s) -> {steps} steps "
-          f"{'as asked' if known.steps else f'in {known.minutes} min'}; run {run.dir}")
+    print(f"{len(task.model_cfgs)} model(s): {steps} steps {budget}; run {run.dir}")
     summary = train(task, cfgs["train"], run, config)
 
     top = cfgs["data"].max_digits  # the hardest class: max-digit x max-digit problems

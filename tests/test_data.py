@@ -55,9 +55,9 @@ def test_sample_and_subset_are_deterministic():
 
 
 def test_class_power_reweights_operand_length_classes_within_the_split():
-    d = ds(1, 2)  # classes 1x1 (81 problems), 1x2 and 2x1 (810 each), 2x2 (8100)
+    d = ds(1, 2, class_power=0.0)  # classes 1x1 (81 problems), 1x2 and 2x1 (810 each), 2x2 (8100)
     rng = np.random.default_rng(5)
-    even = d.sample("train", 40000, rng, class_power=0.0)
+    even = d.sample("train", 40000, rng, by_class=True)
     assert (d.split_of(even) == 0).all()
     a, b = d.pairs(even)
     share = {(x, y): np.mean((digit_count(a) == x) & (digit_count(b) == y)) for x in (1, 2) for y in (1, 2)}
@@ -69,11 +69,11 @@ def test_class_power_reweights_operand_length_classes_within_the_split():
     assert len(counts) == (d.split_of(one_by_one) == 0).sum() and counts.min() > 0.5 * counts.mean()
     # power 1, the default, is the plain uniform draw (the random stream runs were made with)
     plain = d.sample("train", 4000, np.random.default_rng(9))
-    assert np.array_equal(plain, d.sample("train", 4000, np.random.default_rng(9), class_power=1.0))
+    assert np.array_equal(plain, ds(1, 2).sample("train", 4000, np.random.default_rng(9), by_class=True))
     pa, pb = d.pairs(plain)
     assert abs(np.mean((digit_count(pa) == 2) & (digit_count(pb) == 2)) - 8100 / 9801) < 0.02
     # in between: size ** 0.5, so 1x1 gets 9 / (9 + 2 * sqrt(810) + 90) of the draws
-    half = d.pairs(d.sample("train", 40000, np.random.default_rng(2), class_power=0.5))
+    half = d.pairs(ds(1, 2, class_power=0.5).sample("train", 40000, np.random.default_rng(2), by_class=True))
     expected = 9 / (9 + 2 * 810**0.5 + 90)
     assert abs(np.mean((digit_count(half[0]) == 1) & (digit_count(half[1]) == 1)) - expected) < 0.01
 

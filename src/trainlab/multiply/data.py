@@ -142,6 +142,11 @@ class MultiplicationDataset:
         self.size = self.width * self.width
         self.src_len = 2 * self.pad_width + 1
         self.tgt_len = 2 * self.pad_width + 1  # longest product plus <eos>
+        digits = np.arange(cfg.min_digits, cfg.max_digits + 1)
+        lo = 10 ** (digits - 1)  # the smallest number of each length (1 for one digit)
+        span = 10**digits - lo  # how many numbers have each length
+        weight = (np.outer(span, span).astype(np.float64) ** cfg.class_power).ravel()  # per (a, b) length class
+        self._classes = (lo, span, weight / weight.sum())
         self._counts: dict[str, int] | None = None
 
     def __len__(self) -> int:
@@ -178,36 +183,29 @@ class MultiplicationDataset:
             self._counts = dict(zip(SPLITS, (int(c) for c in counts)))
         return self._counts
 
-    def sample(self, split: str, n: int, rng: np.random.Generator, class_power: float = 1.0) -> np.ndarray:
-        """n indices drawn with replacement from one split: uniformly, or with ``class_power``
-        below 1 by operand-length class first (see ``MultiplyDataConfig.class_power``), then
-        uniformly within the class."""
+    def sample(self, split: str, n: int, rng: np.random.Generator, by_class: bool = False) -> np.ndarray:
+        """n indices drawn with replacement from one split: uniformly, or with ``by_class``
+        (training batches) weighted by operand-length class as ``cfg.class_power`` says."""
         sid = SPLITS.index(split)
         if self.split_counts()[split] == 0:
             raise ValueError(f"the {split} split of this digit range is empty")
+        weighted = by_class and self.cfg.class_power != 1.0  # 1: the plain draw, the stream runs were made with
         out: list[np.ndarray] = []
         have = 0
         while have < n:
             m = int((n - have) * 1.3) + 16
-            if class_power == 1.0:  # the plain draw; its random stream is the one runs were made with
-                cand = rng.integers(0, self.size, size=m, dtype=np.int64)
-            else:
-                cand = self._draw_by_class(m, rng, class_power)
+            cand = self._draw_by_class(m, rng) if weighted else rng.integers(0, self.size, size=m, dtype=np.int64)
             cand = cand[self.split_of(cand) == sid]
             out.append(cand)
             have += len(cand)
         return np.concatenate(out)[:n]
 
-    def _draw_by_class(self, m: int, rng: np.random.Generator, power: float) -> np.ndarray:
+    def _draw_by_class(self, m: int, rng: np.random.Generator) -> np.ndarray:
         """m indices of any split: a class (digits of a, digits of b) drawn with probability
-        proportional to size ** power, then a and b uniformly among numbers of those lengths."""
-        digits = np.arange(self.cfg.min_digits, self.cfg.max_digits + 1)
-        lo = np.maximum(10 ** (digits - 1), 1)  # the smallest number of each length (1, not 0)
-        span = 10**digits - lo  # how many numbers have each length
-        size = span[:, None] * span[None, :]  # (k, k): problems per class
-        prob = (size.astype(np.float64) ** power).ravel()
-        cls = rng.choice(len(prob), size=m, p=prob / prob.sum())
-        da, db = cls // len(digits), cls % len(digits)
+        proportional to size ** class_power, then a and b uniformly among numbers of those lengths."""
+        lo, span, prob = self._classes
+        cls = rng.choice(len(prob), size=m, p=prob)
+        da, db = cls // len(lo), cls % len(lo)
         a = lo[da] + rng.integers(0, span[da])
         b = lo[db] + rng.integers(0, span[db])
         return (a - self.lo) * self.width + (b - self.lo)

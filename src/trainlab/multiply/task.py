@@ -177,7 +177,7 @@ class MultiplyTask:
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.train_cfg.seed, step])
-        idx = self.dataset.sample("train", self.train_cfg.batch_size, rng, self.data_cfg.class_power)
+        idx = self.dataset.sample("train", self.train_cfg.batch_size, rng, by_class=True)
         enc = self.dataset.encode(idx)
         return {"src": enc["src"], "tgt_in": enc["tgt_in"], "tgt_out": enc["tgt_out"]}
 
