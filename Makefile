@@ -16,5 +16,8 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/trainlab multiply train --preset demo
 
+# The second pass runs what trains under --precision auto as a CPU whose auto picks bf16
+# (AMX, say) would: this machine's CPU need not be one (tests/conftest.py says more).
 test: setup
 	$(PY) -m pytest
+	TRAINLAB_AUTO_PRECISION=bf16 $(PY) -m pytest -m precision

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import seconds_per_step  # noqa: E402
+from common import print_machine, seconds_per_step  # noqa: E402
 
 from trainlab.chat.data import TextCorpus  # noqa: E402
 from trainlab.chat.sampling import SamplingConfig, generate  # noqa: E402
@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--sample-chars", type=int, default=300)
     ap.add_argument("--evals", type=int, default=10, help="evaluations over a --minutes run")
     known, rest = ap.parse_known_args()
+    print_machine()
     if "--text" not in rest:
         rest = ["--text", str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"), *rest]
     if "--runs-dir" not in rest:

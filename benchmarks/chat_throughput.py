@@ -12,9 +12,12 @@ Shapes:
 Contenders, run one after another (never two torch jobs at once on a small machine):
 nanoGPT's ``train.py`` when ``--nanogpt`` points at a copy of its repository (the copy
 is used read-only: the script and model are copied into a temporary folder with the
-corpus encoded as its ``prepare.py`` would), then ``trainlab chat train`` with
-``--micro-batch off`` and with ``--micro-batch auto``. All in fp32, dropout 0, no
-compile, the same corpus (``../shared/data/tinyshakespeare.txt`` by default).
+corpus encoded as its ``prepare.py`` would), then ``trainlab chat train`` with each
+``--micro-batch`` setting (``--micro``, default off and auto) in each ``--precision``
+(``--precisions``, default fp32; ``fp32,auto`` adds what auto picks on this CPU, timings
+shown). nanoGPT runs in fp32: its train.py uses no autocast on a CPU. Dropout 0, no
+compile, the same corpus (``../shared/data/tinyshakespeare.txt`` by default). Every
+contender's line names the precision it trained in.
 
 Each prints the median time per iteration over the steps after the first two (with
 ``--rounds N``, the median of N such figures, the contenders taking turns so a slow
@@ -35,7 +38,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import tb_scalars
+from common import precision_of, print_machine, tb_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -84,10 +87,11 @@ def run_nanogpt(repo: Path, text: str, shape: dict, steps: int, work: Path) -> t
     return [float(t) / 1000 for _, _, t in lines], float(lines[-1][1])
 
 
-def run_trainlab(text_path: Path, shape_name: str, shape: dict, steps: int, micro: str, work: Path
-                 ) -> tuple[list[float], float]:
-    """Seconds per iteration (from the run's TensorBoard examples/s) and the last loss."""
-    runs = work / f"runs-{micro}"
+def run_trainlab(text_path: Path, shape_name: str, shape: dict, steps: int, micro: str, precision: str,
+                 work: Path) -> tuple[list[float], float, str]:
+    """Seconds per iteration (from the run's TensorBoard examples/s), the last loss and the
+    precision it trained in."""
+    runs = work / f"runs-{micro}-{precision}"
     if shape_name == "nanogpt-cpu":
         model = ["--preset", "nanogpt-cpu"]
     else:
@@ -97,15 +101,15 @@ def run_trainlab(text_path: Path, shape_name: str, shape: dict, steps: int, micr
     cmd = [sys.executable, "-m", "trainlab", "chat", "train", "--text", str(text_path), "--runs-dir", str(runs),
            *model, "--max-steps", str(steps), "--dropout", "0", "--log-every", "1", "--eval-every", str(10**9),
            "--save-every", str(10**9), "--sample-every", "0", "--eval-batches", "1", "--warmup-steps", "0",
-           "--precision", "fp32", "--micro-batch", micro, "--no-progress", "--run-name", "bench"]
+           "--precision", precision, "--micro-batch", micro, "--no-progress", "--run-name", "bench"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     for line in out.splitlines():
-        if "--micro-batch auto" in line:
+        if "--micro-batch auto" in line or "--precision auto" in line:
             print("   ", line)
     folder = runs / "chat" / "bench" / "gpt"
     per_sec = [v for _, v in tb_scalars(folder, "perf/examples_per_sec")]
     loss = tb_scalars(folder, "train/loss")[-1][1]
-    return [shape["batch_size"] / v for v in per_sec], loss
+    return [shape["batch_size"] / v for v in per_sec], loss, precision_of(out)
 
 
 def main() -> None:
@@ -115,25 +119,32 @@ def main() -> None:
     ap.add_argument("--nanogpt", type=Path, help="a copy of karpathy/nanoGPT (read only)")
     ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
     ap.add_argument("--micro", default="off,auto", help="trainlab --micro-batch settings to run, comma-separated")
+    ap.add_argument("--precisions", default="fp32", help="trainlab --precision settings to run, comma-separated "
+                                                        "(e.g. fp32,auto)")
     ap.add_argument("--rounds", type=int, default=1, help="run every contender this many times, alternating")
     args = ap.parse_args()
+    print_machine()
     shape = SHAPES[args.shape]
     text = args.text.read_text(encoding="utf-8")
     tokens = shape["batch_size"] * shape["block_size"]
     times: dict[str, list[float]] = {}  # contender -> the median s/iter of each round
     losses: dict[str, float] = {}
+    modes: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             work = Path(tmp) / f"round{r}"
             work.mkdir()
             runs = []
             if args.nanogpt:
-                runs.append(("nanoGPT train.py", lambda: run_nanogpt(args.nanogpt, text, shape, args.steps, work)))
-            for micro in args.micro.split(","):
-                runs.append((f"trainlab --micro-batch {micro}",
-                             lambda micro=micro: run_trainlab(args.text, args.shape, shape, args.steps, micro, work)))
+                runs.append(("nanoGPT train.py",
+                             lambda: (*run_nanogpt(args.nanogpt, text, shape, args.steps, work), "fp32")))
+            for precision in args.precisions.split(","):
+                for micro in args.micro.split(","):
+                    runs.append((f"trainlab {precision} micro {micro}",
+                                 lambda micro=micro, precision=precision: run_trainlab(
+                                     args.text, args.shape, shape, args.steps, micro, precision, work)))
             for name, run in runs:
-                step_times, losses[name] = run()
+                step_times, losses[name], modes[name] = run()
                 times.setdefault(name, []).append(statistics.median(step_times[2:] or step_times))
                 print(f"  round {r} {name:28s} {times[name][-1] * 1000:9.1f} ms/iter")
     print(f"\n{args.shape}: batch {shape['batch_size']} x context {shape['block_size']}, {args.steps} steps, "
@@ -143,7 +154,8 @@ def main() -> None:
         sec = statistics.median(secs)
         base = base or tokens / sec
         print(f"  {name:28s} {sec * 1000:9.1f} ms/iter {tokens / sec:9.0f} tokens/s  {tokens / sec / base:5.2f}x  "
-              f"last loss {losses[name]:.3f}  (rounds: {', '.join(f'{t * 1000:.0f}' for t in secs)})")
+              f"last loss {losses[name]:.3f}  (rounds: {', '.join(f'{t * 1000:.0f}' for t in secs)})  "
+              f"precision {modes[name]}")
 
 if __name__ == "__main__":
     main()

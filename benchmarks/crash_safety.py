@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from trainlab.engine.checkpoint import latest_checkpoint  # noqa: E402
 from trainlab.engine.faults import DAMAGE_KINDS, damage_checkpoint  # noqa: E402
+from common import print_machine  # noqa: E402
 
 TASK = "parallel_comparison"
 FLAGS = ["--max-digits", "2", "--d-model", "64", "--num-layers", "2", "--num-latent", "4", "--batch-size", "32",
@@ -217,6 +218,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", help="where runs go (default: a temporary folder, removed at the end)")
     args = ap.parse_args()
+    print_machine()
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="trainlab-crash-"))
     try:
         ok = kill_trials(work, args.trials, args.steps, random.Random(args.seed))

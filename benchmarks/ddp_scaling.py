@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import tb_scalars
+from common import print_machine, tb_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
     args = ap.parse_args()
+    print_machine()
     cores = os.cpu_count() or 1
     from trainlab.config import load_preset
 
@@ -54,7 +55,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         one = train(Path(tmp) / "one", args.text, 1, cores, args)
         many = train(Path(tmp) / "many", args.text, args.nproc, max(1, cores // args.nproc), args)
-    print(f"\n{args.preset}, batch {args.batch_size} x context {context}, {args.steps} steps, {cores} cores; "
+    print(f"\n{args.preset}, batch {args.batch_size} x context {context}, {args.steps} steps, {cores} cores, fp32; "
           f"median tokens/s over the steps after the first two")
     speeds = []
     for name, (per_sec, _) in ((f"1 process x {cores} threads", one),

@@ -35,6 +35,7 @@ from trainlab.cli import _chat_sections, _multiply_sections, build_parser, setti
 from trainlab.config import build  # noqa: E402
 from trainlab.engine.loop import make_member, train  # noqa: E402
 from trainlab.engine.tracking import clean_test_runs, new_run  # noqa: E402
+from common import print_machine  # noqa: E402
 
 WARMUP = 10
 
@@ -73,8 +74,9 @@ def make(task_name: str, steps: int, runs_dir: str):
         def factory(c):
             return MultiplyTask(c["data"], c["model"], c["loss"], c["teacher_forcing"], c["task"], c["train"])
     values = settings_from(args, sections, default)
+    # fp32 on both sides: the bare loop has no autocast to compare with
     values.update(max_steps=steps, eval_every=10**9, save_every=10**9, runs_dir=runs_dir, tag="test",
-                  device="cpu", sample_every=0)
+                  device="cpu", sample_every=0, precision="fp32")
     cfgs = {name: build(cls, values) for name, cls in sections}
     return factory(cfgs), cfgs
 
@@ -112,8 +114,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    print_machine()
     runs_dir = tempfile.mkdtemp(prefix="overhead-")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.steps} steps per run, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; {args.steps} steps per run, "
           f"{args.rounds} rounds each, alternating")
     for task_name in (("chat", "multiply") if args.task == "both" else (args.task,)):
         times: dict[str, list[float]] = {"bare": [], "engine": []}

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from common import print_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -81,6 +82,7 @@ def main() -> None:
     ap.add_argument("--context-len", type=int, default=256)
     ap.add_argument("--child", choices=("plain", "checkpointing"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    print_machine()
     if args.child:
         print(json.dumps(child(args.child == "checkpointing", args.device, args.batch_size, args.context_len)))
         return
@@ -92,7 +94,7 @@ def main() -> None:
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     plain, ckpt = results["plain"], results["checkpointing"]
     what = "peak allocated" if args.device.startswith("cuda") else "peak RSS above the bare process"
-    print(f"chatgot-14m ({plain['parameters']:,} parameters), context {args.context_len}, batch {args.batch_size}, "
+    print(f"chatgot-14m ({plain['parameters']:,} parameters), fp32, context {args.context_len}, batch {args.batch_size}, "
           f"{args.device}; {what}, one training step:")
     for mode, r in results.items():
         print(f"  {mode:>13}: {r['peak_mib']:8.0f} MiB   {r['seconds']:.2f} s/step")

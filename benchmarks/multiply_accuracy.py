@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import seconds_per_step  # noqa: E402
+from common import print_machine, seconds_per_step  # noqa: E402
 
 from trainlab.cli import _multiply_sections, build_parser, settings_from  # noqa: E402
 from trainlab.config import build  # noqa: E402
@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--test-n", type=int, default=10000)
     ap.add_argument("--evals", type=int, default=15, help="evaluations over the run")
     known, rest = ap.parse_known_args()
+    print_machine()
     args = build_parser().parse_args(["multiply", "train", "--preset", "multiply-3digit", *rest])
     sections = _multiply_sections()
     values = settings_from(args, sections)

@@ -22,6 +22,7 @@ from trainlab.multiply.data import MultiplyDataConfig  # noqa: E402
 from trainlab.multiply.loss import LossConfig  # noqa: E402
 from trainlab.multiply.models import Seq2SeqConfig  # noqa: E402
 from trainlab.multiply.task import MultiplyTask, MultiplyTaskConfig, TeacherForcingConfig  # noqa: E402
+from common import print_machine  # noqa: E402
 
 
 def main() -> None:
@@ -29,12 +30,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    print_machine()
     curves = {}
     with tempfile.TemporaryDirectory() as tmp:
         for order in ("reversed", "natural"):
             cfg = TrainConfig(max_steps=args.steps, batch_size=128, lr=3e-3, warmup_steps=50,
                               eval_every=max(1, args.steps // 8), save_every=10**9, runs_dir=tmp, tag="benchmark",
-                              progress=False, seed=args.seed, device="cpu")
+                              progress=False, seed=args.seed, device="cpu", precision="fp32")
             data = MultiplyDataConfig(min_digits=2, max_digits=2, answer_order=order)
             model = Seq2SeqConfig(d_model=64, nhead=4, num_layers=2)
             task = MultiplyTask(data, model, LossConfig(), TeacherForcingConfig(),
@@ -43,7 +45,7 @@ def main() -> None:
             summary = train(task, cfg, new_run(tmp, task.name, order, "benchmark", config), config, echo=lambda *a: None)
             curves[order] = [(int(e["step"]), e["train_exact_match"], e["digit_accuracy"])
                              for e in summary.members[0].evals]
-    print("\n2-digit x 2-digit, plain model (d_model 64, 2+2 layers), same seed and batches;")
+    print("\n2-digit x 2-digit, plain model (d_model 64, 2+2 layers), fp32, same seed and batches;")
     print("exact-match on a fixed slice of 500 training problems and digit accuracy on held-out val, free-running")
     print(f"{'step':>6} {'reversed EM':>12} {'natural EM':>11} {'reversed digit':>15} {'natural digit':>14}")
     for (s, r, rd), (_, n, nd) in zip(curves["reversed"], curves["natural"]):

@@ -16,9 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import numpy as np  # noqa: E402
 
 from trainlab.multiply.data import MultiplicationDataset, MultiplyDataConfig  # noqa: E402
+from common import print_machine  # noqa: E402
 
 
 def main() -> None:
+    print_machine()
     tracemalloc.start()
     t0 = time.perf_counter()
     ds = MultiplicationDataset(MultiplyDataConfig(min_digits=1, max_digits=3))

@@ -18,17 +18,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import tb_scalars
+from common import precision_of, print_machine, tb_scalars
 
 
-def run(runs: Path, preset: str, steps: int, micro: str) -> dict[str, float]:
+def run(runs: Path, preset: str, steps: int, micro: str, precision: str) -> dict[str, float]:
     cmd = [sys.executable, "-m", "trainlab", "multiply", "train", "--preset", preset, "--runs-dir", str(runs),
            "--max-steps", str(steps), "--log-every", "5", "--eval-every", str(10**9), "--save-every", str(10**9),
-           "--eval-samples", "10", "--micro-batch", micro, "--no-progress", "--run-name", "bench"]
+           "--eval-samples", "10", "--micro-batch", micro, "--precision", precision, "--no-progress",
+           "--run-name", "bench"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     for line in out.splitlines():
-        if "--micro-batch auto" in line:
+        if "--micro-batch auto" in line or "--precision auto" in line:
             print("   ", line)
+    print(f"    --micro-batch {micro}, --precision {precision}: trained in {precision_of(out)}")
     speeds = {}
     for member in ("simple", "latent"):
         values = [v for _, v in tb_scalars(runs / "parallel_comparison" / "bench" / member, "perf/examples_per_sec")]
@@ -41,12 +43,15 @@ def main() -> None:
     ap.add_argument("--preset", default="multiply-3digit")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--micro", default="off,auto", help="--micro-batch settings, comma-separated")
+    ap.add_argument("--precision", default="fp32", help="--precision of every run (auto: timed per run)")
     args = ap.parse_args()
+    print_machine()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for micro in args.micro.split(","):
-            rows.append((micro, run(Path(tmp) / micro, args.preset, args.steps, micro)))
-    print(f"\n{args.preset}, {args.steps} steps: examples/s of each model's own training time")
+            rows.append((micro, run(Path(tmp) / micro, args.preset, args.steps, micro, args.precision)))
+    print(f"\n{args.preset}, {args.steps} steps, --precision {args.precision}: examples/s of each model's own "
+          f"training time")
     base = rows[0][1]
     for micro, speeds in rows:
         print(f"  --micro-batch {micro:5s} " + "  ".join(

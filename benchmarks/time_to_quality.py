@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from chat_throughput import nanogpt_copy  # noqa: E402
+from common import precision_of, print_machine  # noqa: E402
 
 # The README's CPU command, plus dtype float32: the same thing on a CPU (train.py uses
 # no autocast there), said explicitly so no fp16 loss scaler is asked for on a CPU.
@@ -62,15 +63,18 @@ RECIPES = {
 }
 
 
-def stamped(cmd: list[str], cwd: Path | None, pattern: str, target: float) -> tuple[float | None, list, float]:
-    """Run ``cmd``; return (seconds until a val loss <= target, [(seconds, step, val loss)], total seconds).
+def stamped(cmd: list[str], cwd: Path | None, pattern: str, target: float
+            ) -> tuple[float | None, list, float, str]:
+    """Run ``cmd``; return (seconds until a val loss <= target, [(seconds, step, val loss)], total seconds,
+    the whole output).
 
     ``pattern`` captures (step, val loss) from a line of its output."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
-    evals, reached = [], None
+    evals, reached, lines = [], None, []
     assert proc.stdout is not None
     for line in proc.stdout:
+        lines.append(line)
         m = re.search(pattern, line)
         if m:
             t = time.perf_counter() - t0
@@ -79,10 +83,10 @@ def stamped(cmd: list[str], cwd: Path | None, pattern: str, target: float) -> tu
                 reached = t
     if proc.wait() != 0:
         raise SystemExit(f"error: {' '.join(cmd[:4])} ... exited with {proc.returncode}")
-    return reached, evals, time.perf_counter() - t0
+    return reached, evals, time.perf_counter() - t0, "".join(lines)
 
 
-def run_nanogpt(repo: Path, text: str, work: Path, target: float) -> tuple[float | None, list, float]:
+def run_nanogpt(repo: Path, text: str, work: Path, target: float) -> tuple[float | None, list, float, str]:
     copy = nanogpt_copy(repo, text, work)
     out = work / "nanogpt-out"
     shutil.rmtree(out, ignore_errors=True)
@@ -91,12 +95,12 @@ def run_nanogpt(repo: Path, text: str, work: Path, target: float) -> tuple[float
 
 
 def run_trainlab(text_path: Path, recipe: list[str], work: Path, target: float, name: str
-                 ) -> tuple[float | None, list, float, Path]:
+                 ) -> tuple[float | None, list, float, Path, str]:
     runs = work / "runs"
     cmd = [sys.executable, "-u", "-m", "trainlab", "chat", "train", "--text", str(text_path), "--runs-dir",
            str(runs), *recipe, "--no-progress", "--run-name", name]
-    reached, evals, total = stamped(cmd, None, r"\[step (\d+)\] gpt: val_loss ([\d.]+)", target)
-    return reached, evals, total, runs / "chat" / name
+    reached, evals, total, out = stamped(cmd, None, r"\[step (\d+)\] gpt: val_loss ([\d.]+)", target)
+    return reached, evals, total, runs / "chat" / name, precision_of(out)
 
 
 def whole_val_loss(run_dir: Path, text: str) -> float:
@@ -123,6 +127,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
     args = ap.parse_args()
+    print_machine()
     names = args.recipe.split(",") if all(n in RECIPES for n in args.recipe.split(",")) else [args.recipe]
     text = args.text.read_text(encoding="utf-8")
     rows = []
@@ -130,18 +135,19 @@ def main() -> None:
         work = Path(tmp)
         for r in range(args.rounds):
             if args.nanogpt:
-                reached, evals, total = run_nanogpt(args.nanogpt, text, work, args.target)
-                rows.append(("nanoGPT README CPU", r, reached, evals, total, None))
+                reached, evals, total, _ = run_nanogpt(args.nanogpt, text, work, args.target)
+                rows.append(("nanoGPT README CPU", r, reached, evals, total, None, "fp32 (no autocast on CPUs)"))
             for i, name in enumerate(names):
                 flags = RECIPES.get(name) or name.split()
-                reached, evals, total, run_dir = run_trainlab(args.text, flags, work, args.target, f"r{r}-{i}")
-                rows.append((f"trainlab {name}", r, reached, evals, total, whole_val_loss(run_dir, text)))
+                reached, evals, total, run_dir, mode = run_trainlab(args.text, flags, work, args.target, f"r{r}-{i}")
+                rows.append((f"trainlab {name}", r, reached, evals, total, whole_val_loss(run_dir, text), mode))
     print(f"\nwall seconds from launch until val loss <= {args.target} (tinyshakespeare, 2-core figures in README)")
-    for name, r, reached, evals, total, whole in rows:
+    for name, r, reached, evals, total, whole, mode in rows:
         trail = ", ".join(f"{s}:{v:.3f}@{t:.0f}s" for t, s, v in evals)
         got = f"{reached:6.1f} s" if reached is not None else "  never"
         extra = f"; final loss over the whole val span {whole:.4f}" if whole is not None else ""
-        print(f"  round {r} {name:28s} {got} (process {total:.1f} s){extra}\n      step:val@time {trail}")
+        print(f"  round {r} {name:28s} {got} (process {total:.1f} s){extra}\n      precision {mode}\n"
+              f"      step:val@time {trail}")
     # nanoGPT's README figure, "1.88", is its last evaluation (1.886 here), so its time
     # to quality is its whole run; trainlab's is the first evaluation at or under target
     for r in range(args.rounds):

@@ -1,5 +1,6 @@
 """DDP under torchrun, on CPU with 2 processes (gloo): the same global batch gives the same
-training as one process, decisions are agreed across ranks, and resume works."""
+training as one process, decisions are agreed across ranks, and resume works. Both sides
+run in fp32: the comparison is of numbers, at fp32 tolerances."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from trainlab.engine.checkpoint import latest_checkpoint
 from trainlab.engine.distributed import Dist, shard
 
 MULTIPLY = ["--max-digits", "2", "--batch-size", "16", "--max-steps", "8", "--log-every", "1", "--eval-every", "4",
-            "--save-every", "4", "--dropout", "0", "--seq-weight", "1.0"]
-CHAT = ["--max-steps", "8", "--log-every", "1", "--eval-every", "4", "--save-every", "4", "--dropout", "0"]
+            "--save-every", "4", "--dropout", "0", "--seq-weight", "1.0", "--precision", "fp32"]
+CHAT = ["--max-steps", "8", "--log-every", "1", "--eval-every", "4", "--save-every", "4", "--dropout", "0",
+        "--precision", "fp32"]
 
 
 def torchrun(*args: str, fault: str = "") -> subprocess.CompletedProcess:

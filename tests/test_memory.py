@@ -79,7 +79,7 @@ def test_auto_candidates_and_the_choice():
 def test_micro_batch_auto_and_n_train_the_same_and_auto_is_not_timed_again_on_resume(runs_dir, tmp_path, capsys):
     corpus = tmp_path / "play.txt"
     corpus.write_text(made_up_text(), encoding="utf-8")
-    flags = ["--max-steps", "4", "--dropout", "0", "--eval-every", "4", "--batch-size", "16"]
+    flags = ["--max-steps", "4", "--dropout", "0", "--eval-every", "4", "--batch-size", "16", "--precision", "fp32"]
     assert chat_train(runs_dir, corpus, "--run-name", "whole", *flags) == 0
     assert chat_train(runs_dir, corpus, "--run-name", "four", "--micro-batch", "4", *flags) == 0
     assert chat_train(runs_dir, corpus, "--run-name", "tuned", "--micro-batch", "auto", *flags,
@@ -108,7 +108,7 @@ def test_what_counts_as_out_of_memory():
 
 
 def train_multiply(runs_dir, name, **kw):
-    cfg = tiny_train_config(runs_dir, **kw)
+    cfg = tiny_train_config(runs_dir, **{"precision": "fp32", **kw})
     task, config = tiny_multiply(cfg)  # dropout 0: micro-batches cannot draw other masks
     run = new_run(cfg.runs_dir, task.name, name, "test", config)
     return train(task, cfg, run, config, echo=lambda *a: None), run
@@ -140,7 +140,7 @@ def test_injected_ooms_use_every_sample_once_and_give_the_same_weights(runs_dir,
 def test_chat_micro_batches_match_the_whole_batch(runs_dir, tmp_path, monkeypatch):
     corpus = tmp_path / "play.txt"
     corpus.write_text(made_up_text(), encoding="utf-8")
-    flags = ["--max-steps", "4", "--dropout", "0", "--eval-every", "4"]
+    flags = ["--max-steps", "4", "--dropout", "0", "--eval-every", "4", "--precision", "fp32"]
     assert chat_train(runs_dir, corpus, "--run-name", "whole", *flags) == 0
     monkeypatch.setenv(faults.ENV, "oom_above=3")
     assert chat_train(runs_dir, corpus, "--run-name", "split", *flags) == 0

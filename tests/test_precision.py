@@ -10,24 +10,56 @@ from conftest import tiny_train_config
 from helpers import assert_same_tensors, cli_train, run_dir, tb_scalars, tiny_multiply
 
 from trainlab.config import ConfigError
-from trainlab.engine import faults, precision
+from trainlab.engine import faults, loop, precision
 from trainlab.engine.checkpoint import latest_checkpoint
 from trainlab.engine.loop import train
-from trainlab.engine.precision import Precision, resolve_precision
+from trainlab.engine.precision import Precision, pick_precision, precision_candidates, resolve_precision
 from trainlab.engine.tracking import new_run
 
 CPU = torch.device("cpu")
 
 
-def test_auto_picks_by_what_the_device_does_fast(monkeypatch):
-    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
-    assert resolve_precision("auto", CPU) == "fp32"
-    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
-    assert resolve_precision("auto", CPU) == "bf16"
+def test_auto_candidates_by_device_and_the_test_hook(monkeypatch):
+    monkeypatch.delenv(precision.AUTO_ENV, raising=False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision_candidates("auto", CPU) == ("fp32",) and resolve_precision("auto", CPU) == "fp32"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision_candidates("auto", CPU) == ("fp32", "bf16")  # timed on the first batch
+    assert resolve_precision("auto", CPU) == "fp32"  # what runs until the timing decides
     for name in ("fp32", "bf16", "fp16"):
-        assert resolve_precision(name, CPU) == name
+        assert precision_candidates(name, CPU) == (name,)  # an explicit choice is never timed or overridden
+        monkeypatch.setenv(precision.AUTO_ENV, name)
+        assert precision_candidates("auto", CPU) == (name,)
+        assert precision_candidates("fp32", CPU) == ("fp32",)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setenv(precision.AUTO_ENV, "measure")
+    assert precision_candidates("auto", CPU) == ("fp32", "bf16")
+    monkeypatch.setenv(precision.AUTO_ENV, "fp64")
+    with pytest.raises(ConfigError, match=precision.AUTO_ENV):
+        precision_candidates("auto", CPU)
     with pytest.raises(ConfigError, match="--precision"):
         resolve_precision("fp8", CPU)
+
+
+def test_bf16_is_kept_only_when_faster_by_the_margin():
+    assert precision.BF16_MARGIN == 0.05
+    assert pick_precision({"fp32": 1.0, "bf16": 0.9}) == "bf16"
+    assert pick_precision({"fp32": 1.0, "bf16": 0.96}) == "fp32"  # 4% is within noise
+    assert pick_precision({"fp32": 1.0, "bf16": 1.3}) == "fp32"
+    assert pick_precision({"fp32": float("inf"), "bf16": 2.0}) == "bf16"  # fp32 did not fit
+    assert pick_precision({"fp32": 1.0}) == "fp32"
+
+
+def test_slow_bf16_on_a_cpu_without_it_is_one_warning_line(monkeypatch, runs_dir, capsys):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    line = precision.slow_precision_warning("bf16", CPU)
+    assert line.startswith("warning: --precision bf16: this CPU has no native bf16") and "fp32" in line
+    assert precision.slow_precision_warning("fp32", CPU) is None
+    assert precision.slow_precision_warning("auto", CPU) is None
+    assert cli_train(runs_dir, "--max-steps", "1", "--precision", "bf16", "--run-name", "slow") == 0  # still trains
+    assert capsys.readouterr().err.splitlines() == [line]
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.slow_precision_warning("bf16", CPU) is None
 
 
 def test_autocast_is_real_and_weights_stay_fp32():
@@ -72,11 +104,13 @@ def run_tiny(runs_dir, name, faults_spec="", monkeypatch=None, **kw):
     return summary, run, seen, lines
 
 
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
 @pytest.mark.parametrize("fault", ["nonfinite", "nonfinite_grad"])
-def test_a_non_finite_step_changes_nothing_but_is_counted(runs_dir, monkeypatch, fault):
+def test_a_non_finite_step_changes_nothing_but_is_counted(runs_dir, monkeypatch, fault, mode):
     """Step 3's loss (or gradient) is poisoned: after it, weights, optimizer and schedule
-    are exactly those of a run that stopped after step 2, and the skip is on record."""
-    common = dict(lr_decay_steps=10, log_every=1, precision="fp32")
+    are exactly those of a run that stopped after step 2, and the skip is on record; in
+    bf16 as in fp32 (both runs in the same precision, so equal to the bit)."""
+    common = dict(lr_decay_steps=10, log_every=1, precision=mode)
     skipped, run, _, _ = run_tiny(runs_dir, "skipped", f"{fault}=3", monkeypatch, max_steps=3, **common)
     monkeypatch.delenv(faults.ENV)
     two, run2, _, _ = run_tiny(runs_dir, "two", max_steps=2, **common)
@@ -147,3 +181,159 @@ def test_bad_robustness_flags_are_one_line(runs_dir, capsys, flags, message):
     assert cli_train(runs_dir, *flags) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+# -- --precision auto by measurement ------------------------------------------------------
+def stub_clock(monkeypatch, task, fp32: float, bf16: float) -> list[str]:
+    """Every timed pass 'takes' ``fp32`` or ``bf16`` seconds, by whether the task's loss ran
+    under autocast; returns the modes of the timed passes in order."""
+    seen = spy_autocast(task)
+    modes: list[str] = []
+
+    def time_pass(run, device):
+        run()
+        modes.append("bf16" if seen[-1][1] else "fp32")
+        return bf16 if seen[-1][1] else fp32
+
+    monkeypatch.setattr(loop, "time_pass", time_pass)
+    return modes
+
+
+def measured_run(runs_dir, monkeypatch, name, fp32, bf16, resume=None, **kw):
+    monkeypatch.setenv(precision.AUTO_ENV, "measure")
+    cfg = tiny_train_config(runs_dir, precision="auto", **kw)
+    task, config = simple_only(cfg)
+    modes = stub_clock(monkeypatch, task, fp32, bf16)
+    run = resume[0] if resume else new_run(cfg.runs_dir, task.name, name, "test", config)
+    lines: list[str] = []
+    summary = train(task, cfg, run, config, resume=resume and resume[1], echo=lines.append)
+    return summary, run, modes, lines
+
+
+def test_auto_times_fp32_and_bf16_once_and_a_resume_keeps_the_choice(runs_dir, monkeypatch):
+    summary, run, modes, lines = measured_run(runs_dir, monkeypatch, "m", fp32=2.0, bf16=1.0, max_steps=3)
+    # a warm-up and, as a pass 'takes' over 0.5 s, two timed passes of each candidate
+    assert modes == ["fp32"] * 3 + ["bf16"] * 3
+    assert lines[0].endswith("parameters, precision auto, timing fp32 and bf16")
+    assert lines[1] == "simple: --precision auto: bf16 (fp32 2 s, bf16 1 s per pass of the first batch; bf16 must " \
+                       "be 5% faster)"
+    (m,) = summary.members
+    assert m.precision.mode == "bf16" and m.precision.measured == {"fp32": 2.0, "bf16": 1.0}
+    ck = latest_checkpoint(run.checkpoints)
+    saved = ck.tensors("simple/train_state.pt")["precision"]
+    assert saved["mode"] == "bf16" and saved["requested"] == "auto" and saved["measured"] == {"fp32": 2.0, "bf16": 1.0}
+    # resumed: no timing, bf16 from the first step, even if the clock would now say otherwise
+    summary, _, modes, lines = measured_run(runs_dir, monkeypatch, "m", fp32=1.0, bf16=2.0, max_steps=5,
+                                            resume=(run, ck))
+    assert modes == [] and not any("--precision auto:" in line for line in lines)
+    assert lines[0].endswith("parameters, precision bf16") and summary.members[0].precision.mode == "bf16"
+    # an explicit --precision on resume wins over the saved choice
+    cfg = tiny_train_config(runs_dir, precision="fp32", max_steps=6)
+    task, config = simple_only(cfg)
+    seen = spy_autocast(task)
+    train(task, cfg, run, config, resume=latest_checkpoint(run.checkpoints), echo=lambda *a: None)
+    assert [on for _, on in seen] == [False]
+
+
+def test_auto_keeps_fp32_when_bf16_is_not_faster_by_the_margin(runs_dir, monkeypatch):
+    summary, run, modes, lines = measured_run(runs_dir, monkeypatch, "close", fp32=1.0, bf16=0.97, max_steps=2)
+    assert "simple: --precision auto: fp32 (fp32 1 s, bf16 0.97 s" in lines[1]
+    assert summary.members[0].precision.mode == "fp32"
+    assert latest_checkpoint(run.checkpoints).tensors("simple/train_state.pt")["precision"]["mode"] == "fp32"
+
+
+def test_auto_and_micro_batch_auto_are_chosen_together(runs_dir, monkeypatch):
+    """The best micro-batch can differ by precision: every pair is timed, the precision is
+    picked on each one's best time, then the count within it."""
+    monkeypatch.setenv(precision.AUTO_ENV, "measure")
+    cfg = tiny_train_config(runs_dir, precision="auto", micro_batch="auto", batch_size=16, max_steps=2)
+    task, config = simple_only(cfg)
+    seen = spy_autocast(task)
+    timed: list[tuple[str, int]] = []
+    # fp32 is best whole (1.0), bf16 best in 2 micro-batches (0.8): bf16 wins, in 2
+    table = {("fp32", 1): 1.0, ("fp32", 2): 1.2, ("fp32", 4): 1.5, ("bf16", 1): 1.1, ("bf16", 2): 0.8, ("bf16", 4): 0.9}
+
+    def time_pass(run, device):
+        before = len(seen)
+        run()
+        key = ("bf16" if seen[-1][1] else "fp32", len(seen) - before)
+        timed.append(key)
+        return table[key]
+
+    monkeypatch.setattr(loop, "time_pass", time_pass)
+    run = new_run(cfg.runs_dir, task.name, "pair", "test", config)
+    lines: list[str] = []
+    summary = train(task, cfg, run, config, echo=lines.append)
+    assert sorted(set(timed)) == sorted(table)
+    (m,) = summary.members
+    assert m.precision.mode == "bf16" and m.micro.count == 2
+    assert any(line.startswith("simple: --micro-batch auto: 8 examples at a time is the fastest in bf16") for line in lines)
+
+
+def test_every_rank_follows_rank_zeros_timings(runs_dir, monkeypatch):
+    """Under torchrun the timings are broadcast from rank 0 and every rank decides on them,
+    whatever its own clock said: here the local clock favours fp32, rank 0's bf16."""
+    def rank_zero_says(obj, d):
+        if isinstance(obj, dict) and obj and isinstance(next(iter(obj)), tuple):
+            return {(mode, count): (0.5 if mode == "bf16" else 1.0) for mode, count in obj}
+        return obj
+
+    monkeypatch.setattr(loop, "broadcast", rank_zero_says)
+    summary, _, modes, lines = measured_run(runs_dir, monkeypatch, "ranks", fp32=1.0, bf16=2.0, max_steps=1)
+    assert summary.members[0].precision.mode == "bf16" and "--precision auto: bf16" in lines[1]
+
+
+def test_auto_timing_for_real(runs_dir, monkeypatch):
+    """No stub: the line names both timings and the mode the margin rule gives for them."""
+    monkeypatch.setenv(precision.AUTO_ENV, "measure")
+    cfg = tiny_train_config(runs_dir, precision="auto", max_steps=2)
+    task, config = simple_only(cfg)
+    lines: list[str] = []
+    summary = train(task, cfg, new_run(cfg.runs_dir, task.name, "real", "test", config), config, echo=lines.append)
+    m = summary.members[0]
+    assert set(m.precision.measured) == {"fp32", "bf16"} and all(t > 0 for t in m.precision.measured.values())
+    assert m.precision.mode == pick_precision(m.precision.measured)
+    assert lines[1].startswith(f"simple: --precision auto: {m.precision.mode} (fp32 ")
+
+
+# -- the bf16 path on its own tolerances ------------------------------------------------------
+def test_bf16_losses_track_fp32_within_two_percent(runs_dir, tmp_path):
+    """The same chat run in fp32 and in bf16: bf16 keeps 8 bits of mantissa (~0.4% per
+    value), so over 12 steps the training losses may drift apart, by at most 2% here,
+    and both learn."""
+    from helpers import chat_train, made_up_text
+
+    corpus = tmp_path / "play.txt"
+    corpus.write_text(made_up_text(), encoding="utf-8")
+    flags = ["--max-steps", "12", "--dropout", "0", "--eval-every", "12", "--log-every", "1"]
+    for mode in ("fp32", "bf16"):
+        assert chat_train(runs_dir, corpus, "--run-name", mode, "--precision", mode, *flags) == 0
+    fp32, bf16 = ([v for _, v in tb_scalars(runs_dir / "chat" / mode / "gpt", "train/loss")] for mode in ("fp32", "bf16"))
+    assert len(fp32) == len(bf16) == 12
+    for a, b in zip(fp32, bf16):
+        assert abs(a - b) <= 0.02 * a, (fp32, bf16)
+    assert fp32[-1] < 0.9 * fp32[0] and bf16[-1] < 0.9 * bf16[0]
+    val = [latest_checkpoint(runs_dir / "chat" / mode / "checkpoints").tensors("gpt/train_state.pt")["evals"][-1]
+           ["val_loss"] for mode in ("fp32", "bf16")]
+    assert abs(val[0] - val[1]) <= 0.02 * val[0]
+
+
+def test_bf16_micro_batches_give_the_whole_batch_update_to_bf16_tolerance(runs_dir, monkeypatch):
+    """An out-of-memory split in bf16: every sample once, losses within bf16's rounding of
+    the unsplit run's (the gradients still accumulate in fp32), and weights within two Adam
+    steps (2 x lr: Adam turns a rounding-size gradient into a whole step); the key biases,
+    whose true gradient is zero, move by noise alone, within lr per step."""
+    def run(name, spec=""):
+        monkeypatch.setenv(faults.ENV, spec)
+        cfg = tiny_train_config(runs_dir, max_steps=6, precision="bf16", recover_after=2)
+        task, config = tiny_multiply(cfg)
+        return train(task, cfg, new_run(cfg.runs_dir, task.name, name, "test", config), config, echo=lambda *a: None)
+
+    whole, split = run("whole"), run("split", "oom_above=3")
+    for a, b in zip(whole.members, split.members):
+        assert b.micro.ooms >= 1 and a.examples == b.examples == 48
+        for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+            atol = 6e-3 if k.endswith("kv.bias") else 2e-3
+            torch.testing.assert_close(va, vb, rtol=0, atol=atol, msg=f"{a.name} {k}")
+        for (s1, l1), (s2, l2) in zip(a.losses, b.losses):
+            assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-3)

@@ -11,7 +11,7 @@ from trainlab.engine.checkpoint import latest_checkpoint
 def test_compile_trains_the_same_and_saves_plain_weights(runs_dir, tmp_path):
     corpus = tmp_path / "play.txt"
     corpus.write_text(made_up_text(), encoding="utf-8")
-    flags = ["--max-steps", "3", "--dropout", "0", "--eval-every", "3", "--log-every", "1"]
+    flags = ["--max-steps", "3", "--dropout", "0", "--eval-every", "3", "--log-every", "1", "--precision", "fp32"]
     assert chat_train(runs_dir, corpus, "--run-name", "plain", *flags) == 0
     assert chat_train(runs_dir, corpus, "--run-name", "compiled", "--compile", *flags) == 0
     plain, compiled = (latest_checkpoint(runs_dir / "chat" / n / "checkpoints") for n in ("plain", "compiled"))

@@ -317,7 +317,7 @@ def _prepare_run(args: argparse.Namespace, sections: list[tuple[str, type]], tas
     """The checks, then the run: a new one, or the one resumed (locked)."""
     from trainlab.engine.device import resolve_device
     from trainlab.engine.loop import RESUMABLE_CHANGES, check_compatible
-    from trainlab.engine.precision import resolve_precision
+    from trainlab.engine.precision import resolve_precision, slow_precision_warning
     from trainlab.engine.tracking import new_run
 
     resuming = None
@@ -330,7 +330,11 @@ def _prepare_run(args: argparse.Namespace, sections: list[tuple[str, type]], tas
     try:
         cfgs = {name: build(cls, values) for name, cls in sections}
         # fail on a missing device, or a precision it lacks, before creating a run
-        resolve_precision(cfgs["train"].precision, resolve_device(cfgs["train"].device))
+        device = resolve_device(cfgs["train"].device)
+        resolve_precision(cfgs["train"].precision, device)
+        slow = slow_precision_warning(cfgs["train"].precision, device)
+        if slow:
+            _warn(slow)
         if cfgs["train"].batch_size < d.world:
             raise ConfigError("batch_size", f"must be at least the number of processes ({d.world}), "
                                             f"got {cfgs['train'].batch_size}")

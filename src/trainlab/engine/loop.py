@@ -27,7 +27,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ from trainlab.engine.memory import (MicroBatches, fastest, free_memory, is_out_o
                                    micro_batch_counts, split_batch)
 from trainlab.engine.monitor import Eta, LossTrend, Plateau, due, format_duration
 from trainlab.engine.optim import OPTIMIZERS, make_optimizer
-from trainlab.engine.precision import PRECISIONS, Precision, resolve_precision
+from trainlab.engine.precision import BF16_MARGIN, PRECISIONS, Precision
 from trainlab.engine.tracking import Run
 
 SPIKE_ACTIONS = ("log", "skip", "rollback")
@@ -69,7 +69,9 @@ class TrainConfig:
     beta2: float = field(default=0.98, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip gradient norm to this; 0 disables"})
     precision: str = field(default="auto", metadata={"help": "auto|fp32|bf16|fp16 (auto: bf16 on GPUs that have it, "
-                                                             "fp16 with loss scaling on older ones, fp32 on CPUs)"})
+                                                             "fp16 with loss scaling on older ones; on CPUs with native "
+                                                             "bf16, fp32 and bf16 are timed on the first batch and bf16 "
+                                                             "kept only if 5% faster; fp32 on other CPUs)"})
     max_nonfinite: int = field(default=20, metadata={"help": "non-finite steps in a row (each skipped) before "
                                                              "falling back to fp32; in fp32, before stopping"})
     recover_after: int = field(default=200, metadata={"help": "steps without out-of-memory before trying "
@@ -336,7 +338,7 @@ def make_member(name: str, model: nn.Module, cfg: TrainConfig, device: torch.dev
     plateau = Plateau(cfg.plateau_patience, cfg.plateau_factor, cfg.plateau_min_lr)
     schedule = lr_lambda(cfg)
     return Member(name, model, opt, LambdaLR(opt, lambda step: schedule(step) * plateau.scale),
-                  Precision(resolve_precision(cfg.precision, device), device), MicroBatches(cfg.recover_after),
+                  Precision(cfg.precision, device), MicroBatches(cfg.recover_after),
                   LossTrend(cfg.loss_window, cfg.spike_sigma), plateau)
 
 
@@ -699,51 +701,83 @@ def evaluate_member(task: Task, m: Member, step: int, batch_size: int, device: t
             echo(f"[step {step}] {m.name}: out of memory in evaluation; evaluating {m.micro.eval_limit} at a time")
 
 
-def choose_micro_batches(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, n_global: int,
-                         cfg: TrainConfig, device: torch.device, d: Dist, echo) -> None:
-    """Apply ``--micro-batch N|auto`` to ``m``. ``auto`` (once per run: the choice is checkpointed)
-    times a forward and backward pass of this batch at 1, 2, 4, ... micro-batches and keeps
-    the fastest: on a CPU a smaller working set can beat one large matrix product. Weights,
-    RNG and task state are left as they were."""
+def time_pass(run: Callable[[], Any], device: torch.device) -> float:
+    """Seconds one call of ``run`` takes, the device's queued work included."""
+    synchronize(device)
+    t = time.perf_counter()
+    run()
+    synchronize(device)
+    return time.perf_counter() - t
+
+
+def choose_speed(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, n_global: int,
+                 cfg: TrainConfig, device: torch.device, d: Dist, echo) -> None:
+    """Settle what ``--micro-batch N|auto`` and ``--precision auto`` leave open, once per run
+    (both choices are checkpointed). ``auto`` times a forward and backward pass of this batch
+    for every pair of candidate precision (fp32 and bf16, on a CPU with native bf16) and
+    micro-batch count (1, 2, 4, ...): the best micro-batch size can differ by precision, so
+    they are chosen together. bf16 is kept only when its best time beats fp32's by
+    ``BF16_MARGIN``; then the fastest count in that precision (``fastest``). On a CPU a
+    smaller working set can beat one large matrix product. Weights, RNG and task state are
+    left as they were; under torchrun rank 0's clock decides for all."""
     n_local = _rows(batch)
-    if cfg.micro_batch != "auto":
+    if cfg.micro_batch not in ("off", "auto"):
         m.micro.set_floor(min(n_local, -(-n_local // int(cfg.micro_batch))))
-        return
-    if m.micro.tuned:
+    time_counts = cfg.micro_batch == "auto" and not m.micro.tuned
+    counts = micro_batch_counts(n_local) if time_counts else [m.micro.count]
+    modes = m.precision.candidates if m.precision.undecided else (m.precision.mode,)
+    if len(counts) * len(modes) == 1:
+        m.micro.tuned = m.micro.tuned or time_counts
         return
     rng, task_state, before = torch.get_rng_state(), task.state_dict(), m.micro.count
-    def timed_pass() -> float:
-        synchronize(device)
-        t = time.perf_counter()
-        forward_backward(m, task, batch, step, n_global, {}, True, d, device)
-        synchronize(device)
-        return time.perf_counter() - t
 
-    timings: dict[int, float] = {}
+    def timed_pass() -> float:
+        return time_pass(lambda: forward_backward(m, task, batch, step, n_global, {}, True, d, device), device)
+
+    timings: dict[tuple[str, int], float] = {}
     reps = None
-    for count in micro_batch_counts(n_local):
-        m.micro.count = count
-        tries: list[float] = []
-        try:
-            if reps is None:  # a first pass warms up; quick steps are noisy, so they are timed thrice
-                reps = broadcast(3 if timed_pass() < 0.5 else 1, d)  # every rank must agree on how often
-            for _ in range(reps):
-                tries.append(timed_pass())
-        except Exception as e:  # noqa: BLE001 (a count that does not fit is no candidate)
-            if not is_out_of_memory(e):
-                raise
-            tries.append(math.inf)
-        timings[count] = min(tries)
-        m.optimizer.zero_grad(set_to_none=True)
+    for mode in modes:
+        m.precision.use(mode)
+        warm = True  # each precision's first pass builds its kernels, and is not timed
+        for count in counts:
+            m.micro.count = count
+            tries: list[float] = []
+            try:
+                if warm:
+                    first = timed_pass()
+                    if reps is None:  # quick steps are noisy, so they are timed thrice; every rank must agree
+                        reps = broadcast(3 if first < 0.5 else 2 if len(modes) > 1 else 1, d)
+                    warm = False
+                for _ in range(reps):
+                    tries.append(timed_pass())
+            except Exception as e:  # noqa: BLE001 (a pair that does not fit is no candidate)
+                if not is_out_of_memory(e):
+                    raise
+                tries.append(math.inf)
+            timings[(mode, count)] = min(tries)
+            m.optimizer.zero_grad(set_to_none=True)
     free_memory(device)
-    best = broadcast(fastest(timings), d)  # rank 0's clock decides for all
+    timings = broadcast(timings, d)
     torch.set_rng_state(rng)
     task.load_state_dict(task_state)
-    m.micro.count = max(before, best)
-    m.micro.set_floor(best)
-    m.micro.tuned = True
-    shown = ", ".join(f"{-(-n_local // c)}: {t:.3g} s" for c, t in timings.items())
-    echo(f"{m.name}: --micro-batch auto: {-(-n_local // best)} examples at a time is the fastest ({shown})")
+    m.micro.count = before
+    if len(modes) > 1:
+        per_mode = {mode: min(t for (mo, _), t in timings.items() if mo == mode) for mode in modes}
+        chosen = m.precision.decide(per_mode)
+        shown = ", ".join(f"{mode} {t:.3g} s" for mode, t in per_mode.items())
+        echo(f"{m.name}: --precision auto: {chosen} ({shown} per pass of the first batch; bf16 must be "
+             f"{BF16_MARGIN:.0%} faster)")
+    else:
+        m.precision.use(modes[0])
+    if time_counts:
+        mine = {count: t for (mo, count), t in timings.items() if mo == m.precision.mode}
+        best = fastest(mine)
+        m.micro.count = max(before, best)
+        m.micro.set_floor(best)
+        m.micro.tuned = True
+        shown = ", ".join(f"{-(-n_local // c)}: {t:.3g} s" for c, t in mine.items())
+        echo(f"{m.name}: --micro-batch auto: {-(-n_local // best)} examples at a time is the fastest "
+             f"in {m.precision.mode} ({shown})")
 
 
 def _accumulate(state: LoopState, m: Member, r: StepResult) -> None:
@@ -822,7 +856,8 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
     for m in members:
         fell = f" (fell back from {cfg.precision} at step {m.precision.fell_back_at})" \
             if m.precision.fell_back_at is not None else ""
-        echo(f"{m.name}: {m.num_parameters:,} parameters, precision {m.precision.mode}{fell}")
+        mode = f"auto, timing {' and '.join(m.precision.candidates)}" if m.precision.undecided else m.precision.mode
+        echo(f"{m.name}: {m.num_parameters:,} parameters, precision {mode}{fell}")
         m.model.train()  # evaluation and sampling put it back in train mode when they are done
         if cfg.on_spike != "rollback":
             m.snapshot = None
@@ -831,11 +866,12 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
     if cfg.micro_batch == "off":
         for m in members:
             m.micro.set_floor(1)
-    elif cfg.max_steps is None or state.step < cfg.max_steps:
+    open_choice = cfg.micro_batch != "off" or any(m.precision.undecided for m in members)
+    if open_choice and (cfg.max_steps is None or state.step < cfg.max_steps):
         full = task.batch(state.step)
         first = {k: v.to(device) for k, v in shard(full, d).items()}
         for m in members:
-            choose_micro_batches(m, task, first, state.step, _rows(full), cfg, device, d, echo)
+            choose_speed(m, task, first, state.step, _rows(full), cfg, device, d, echo)
 
     # everything logged at a checkpoint's step was written (and flushed) before the checkpoint,
     # so a resume keeps the events up to that step and purges the ones after it
