@@ -10,7 +10,8 @@ from conftest import tiny_train_config
 from helpers import assert_same_tensors, cli_train, run_dir, tb_scalars, tiny_multiply
 
 from trainlab.config import ConfigError
-from trainlab.engine import faults, loop, precision
+from trainlab.engine import faults, precision
+from trainlab.engine import step as engine_step
 from trainlab.engine.checkpoint import latest_checkpoint
 from trainlab.engine.loop import train
 from trainlab.engine.precision import Precision, pick_precision, precision_candidates, resolve_precision
@@ -195,7 +196,7 @@ def stub_clock(monkeypatch, task, fp32: float, bf16: float) -> list[str]:
         modes.append("bf16" if seen[-1][1] else "fp32")
         return bf16 if seen[-1][1] else fp32
 
-    monkeypatch.setattr(loop, "time_pass", time_pass)
+    monkeypatch.setattr(engine_step, "time_pass", time_pass)
     return modes
 
 
@@ -260,7 +261,7 @@ def test_auto_and_micro_batch_auto_are_chosen_together(runs_dir, monkeypatch):
         timed.append(key)
         return table[key]
 
-    monkeypatch.setattr(loop, "time_pass", time_pass)
+    monkeypatch.setattr(engine_step, "time_pass", time_pass)
     run = new_run(cfg.runs_dir, task.name, "pair", "test", config)
     lines: list[str] = []
     summary = train(task, cfg, run, config, echo=lines.append)
@@ -278,7 +279,7 @@ def test_every_rank_follows_rank_zeros_timings(runs_dir, monkeypatch):
             return {(mode, count): (0.5 if mode == "bf16" else 1.0) for mode, count in obj}
         return obj
 
-    monkeypatch.setattr(loop, "broadcast", rank_zero_says)
+    monkeypatch.setattr(engine_step, "broadcast", rank_zero_says)
     summary, _, modes, lines = measured_run(runs_dir, monkeypatch, "ranks", fp32=1.0, bf16=2.0, max_steps=1)
     assert summary.members[0].precision.mode == "bf16" and "--precision auto: bf16" in lines[1]
 

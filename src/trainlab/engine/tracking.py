@@ -418,3 +418,20 @@ def clean_test_runs(runs_dir: str | Path, older_than: float | None = None, dry_r
             if orphans:
                 index.remove(orphans)
     return runs
+
+
+class NullWriter:
+    """What ranks other than 0 log to."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+class ReadOnlyRun(Run):
+    """The run as ranks past 0 see it: they train it and write nothing (rank 0 does)."""
+
+    def update(self, **fields: Any) -> None:
+        pass
+
+    def writer(self, member: str, purge_step: int | None = None) -> NullWriter:
+        return NullWriter()

@@ -1,0 +1,166 @@
+"""What the loop does every so often, besides stepping: log the interval's scalars, evaluate
+every member (plateau cuts, the best checkpoint), show samples, save a checkpoint. Each
+is a function of the ``Session``, the things one call of ``train()`` works with."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from trainlab.engine.distributed import Dist, all_sum, broadcast
+from trainlab.engine.memory import memory_figures
+from trainlab.engine.monitor import Eta, due, format_duration
+from trainlab.engine.state import LoopState, Member, _better, _scalar, rng_state, save, set_rng_state
+from trainlab.engine.step import evaluate_member
+from trainlab.engine.task import Evaluation, Task
+from trainlab.engine.tracking import Run
+from trainlab.engine.train_config import TrainConfig
+
+
+@dataclass
+class Session:
+    """What one call of ``train`` works with; the functions the loop calls take it."""
+
+    task: Task
+    cfg: TrainConfig
+    run: Run
+    config: dict[str, Any]
+    members: list[Member]
+    state: LoopState
+    device: torch.device
+    d: Dist
+    say: Callable[[str], None]
+    writers: dict[str, Any] = field(default_factory=dict)
+    eta: Eta = field(default_factory=Eta)
+    interval: dict[str, tuple[float, int]] = field(default_factory=dict)  # (train seconds, examples) at the last log
+    last_eval: int = 0
+    last_save: int = 0
+    last_sample: int = 0
+    t_saved: float = 0.0
+
+
+def log_scalars(s: Session, bar) -> None:
+    """The interval's mean losses and stats, LR, trend, health counters, memory and speed of
+    every member to TensorBoard; the progress bar's losses and ETA."""
+    state, cfg, step, post = s.state, s.cfg, s.state.step, {}
+    memory = memory_figures(s.device)
+    for m in s.members:
+        w = s.writers[m.name]
+        slot = state.acc.get(m.name, {})
+        n = slot.get("n", 0)
+        if s.d.active:  # the loss is already the global batch's; each rank holds its share of the stats
+            shares = sorted(k for k in slot if k not in ("n", "loss", "grad_norm"))
+            summed = all_sum([_scalar(slot[k]) for k in shares], s.device).tolist()
+            slot = {**slot, **dict(zip(shares, summed))}
+        values = {k: _scalar(v) / n for k, v in slot.items() if k != "n"} if n else {}
+        for k, v in values.items():
+            w.add_scalar(f"train/{k}", v, step)
+        w.add_scalar("train/lr", m.lr, step)
+        if m.trend.values:
+            w.add_scalar("train/loss_avg", m.trend.mean, step)
+            w.add_scalar("train/loss_ema", m.trend.ema, step)
+        for k, v in s.task.scalars(step - 1).items():
+            w.add_scalar(f"train/{k}", v, step)
+        health = {"loss_spikes": m.trend.spikes, "skipped_nonfinite": m.health.skipped_nonfinite,
+                  "skipped_spikes": m.health.skipped_spikes, "rollbacks": m.health.rollbacks,
+                  "micro_batches": m.micro.count, "oom_retries": m.micro.ooms, "lr_scale": m.plateau.scale,
+                  "fp32_fallback": float(m.precision.fell_back_at is not None)}
+        for k, v in health.items():
+            w.add_scalar(f"health/{k}", v, step)
+        for k, v in memory.items():
+            w.add_scalar(f"memory/{k}", v, step)
+        secs, ex = s.interval[m.name]
+        if m.train_seconds > secs:
+            w.add_scalar("perf/examples_per_sec", (m.examples - ex) / (m.train_seconds - secs), step)
+        s.interval[m.name] = (m.train_seconds, m.examples)
+        if "loss" in values:
+            m.losses.append([step, values["loss"]])
+            post[m.name] = f"{values['loss']:.3f}"
+        if cfg.on_spike == "rollback":
+            m.take_snapshot()  # every update since the last one passed the spike check
+    if cfg.max_steps is None:
+        post["rate"] = s.eta.rate()
+    else:
+        pauses = {"eval": due(step, cfg.max_steps, cfg.eval_every), "save": due(step, cfg.max_steps, cfg.save_every),
+                  "sample": due(step, cfg.max_steps, cfg.sample_every)}
+        post["eta"] = format_duration(s.eta.eta(cfg.max_steps - step, pauses))
+    bar.set_postfix(post, refresh=False)
+    state.acc, state.acc_steps = {}, 0
+
+
+def evaluate_all(s: Session, track_best: bool = True) -> None:
+    """Every member's evaluation, logged and printed, with its plateau LR cut and the best
+    checkpoint. ``track_best`` False: for the user's eyes only, changing no state (no best
+    checkpoint, no plateau count)."""
+    state, metric, mode = s.state, *s.task.best_metric
+    rng = rng_state()  # evaluation must not move the training RNG, or a resume would differ
+    parts, scores = [], []
+    for m in s.members:
+        if s.d.main:
+            m.model.eval()
+            ev = evaluate_member(s.task, m, state.step, s.cfg.batch_size, s.device, s.say)
+            m.model.train()  # here, not every step: walking the modules costs ~1 ms
+        # every rank needs the metrics: they drive the plateau cuts and the best checkpoint
+        metrics = broadcast(ev.metrics if s.d.main else None, s.d)
+        if not s.d.main:
+            ev = Evaluation(metrics)
+        m.evals.append({"step": state.step, **ev.metrics})
+        for k, v in ev.metrics.items():
+            s.writers[m.name].add_scalar(f"val/{k}", v, state.step)
+        if ev.lines:
+            s.writers[m.name].add_text("val/mistakes", "\n\n".join(ev.lines), state.step)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in list(ev.metrics.items())[:3])
+        parts.append(f"{m.name}: {shown}" + "".join(f"\n    {line}" for line in ev.lines[:3]))
+        scores.append(float(ev.metrics.get(metric, float("nan"))))
+        old_lr = m.lr
+        if track_best and "val_loss" in ev.metrics and m.plateau.observe(ev.metrics["val_loss"], old_lr):
+            m.set_lr()
+            parts.append(f"{m.name}: val loss flat for {m.plateau.patience} evaluations: LR {old_lr:.3g} -> "
+                         f"{m.lr:.3g} (cut {m.plateau.cuts})")
+    set_rng_state(rng)
+    s.say(f"[step {state.step}] " + "\n           ".join(parts))
+    s.last_eval = state.step
+    score = sum(scores) / len(scores)
+    if track_best and _better(score, state.best_score, mode):
+        state.best_score = score
+        save(s.run, s.task, s.members, state, s.cfg, s.config, best={"metric": metric, "mode": mode, "value": score},
+             d=s.d)
+
+
+def sample_all(s: Session) -> None:
+    """A sample of every member, printed and in TensorBoard's text tab (rank 0 only)."""
+    s.last_sample = s.state.step
+    if not s.d.main:
+        return
+    rng = rng_state()  # like evaluation, sampling must not move the training RNG
+    for m in s.members:
+        m.model.eval()
+        with m.precision.autocast():
+            sample = s.task.sample(m.name, m.model, s.state.step)
+        m.model.train()
+        for k, v in sample.metrics.items():
+            s.writers[m.name].add_scalar(f"samples/{k}", v, s.state.step)
+        if sample.text:
+            s.writers[m.name].add_text("samples/text", sample.text, s.state.step)
+        s.say(f"[step {s.state.step}] {m.name} sample" + "".join(f"\n    {line}" for line in sample.lines))
+    set_rng_state(rng)
+
+
+def checkpoint(s: Session) -> None:
+    """Everything to a new checkpoint folder, after the events up to this step reach the disk."""
+    s.state.eta = s.eta.state_dict()
+    for w in s.writers.values():
+        w.flush()
+    save(s.run, s.task, s.members, s.state, s.cfg, s.config, d=s.d)
+    s.last_save, s.t_saved = s.state.step, time.perf_counter()
+    s.run.update(step=s.state.step)
+
+
+def timed(s: Session, kind: str, action: Callable[..., None], *args: Any) -> None:
+    """``action(*args)``, its time counted as a pause for the ETA (not as step time)."""
+    t = time.perf_counter()
+    action(*args)
+    s.eta.add_pause(kind, time.perf_counter() - t)

@@ -1,0 +1,320 @@
+"""One member's step on one batch: forward and backward in micro-batches (with out-of-memory
+retries and, under torchrun, the agreement of every rank), then the update unless the loss
+or gradients were not finite or spiked; a guarded evaluation; and the timing that settles
+``--micro-batch auto`` and ``--precision auto`` at the start of a run."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from trainlab.engine import faults
+from trainlab.engine.device import synchronize
+from trainlab.engine.distributed import Dist, all_sum, broadcast
+from trainlab.engine.memory import fastest, free_memory, is_out_of_memory, micro_batch_counts, split_batch
+from trainlab.engine.precision import BF16_MARGIN
+from trainlab.engine.state import LoopState, Member
+from trainlab.engine.task import Evaluation, Task, TrainingError
+from trainlab.engine.train_config import TrainConfig
+
+class StepResult(NamedTuple):
+    loss: float  # the whole batch's loss (nan or inf when it was not finite)
+    grad_norm: float  # before clipping
+    stats: dict[str, torch.Tensor]
+
+
+def _rows(batch: dict[str, torch.Tensor]) -> int:
+    return int(next(iter(batch.values())).shape[0])
+
+
+class _AgreedOutOfMemory(MemoryError):
+    """Another rank ran out of memory in this step: every rank retries, as one."""
+
+
+def _close_ddp_round(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int) -> None:
+    """After an out-of-memory agreed on, leave every rank's DDP idle and alike: a rank whose
+    last forward pass succeeded is waiting for a backward pass that all-reduces, the rank
+    that failed is not. Every rank runs one such round on a single example with a zero
+    loss, and the gradients are thrown away."""
+    m.optimizer.zero_grad(set_to_none=True)
+    one = {k: v[:1] for k, v in batch.items()}
+    with m.precision.autocast():
+        out = task.loss(m.name, m.ddp, one, step)
+    (out.loss * 0.0).backward()
+    m.optimizer.zero_grad(set_to_none=True)
+
+
+def forward_backward(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, n_global: int,
+                     planned: dict[str, set[int]], first_try: bool, d: Dist, device: torch.device
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Gradients of the whole global batch (``n_global`` examples) from this rank's slice
+    ``batch``, in ``m.micro.count`` micro-batches; returns the global batch's loss (detached)
+    and this rank's share of the stats.
+
+    Micro-batch i is back-propagated as loss_i * w_i / ref, where w_i is its loss weight and
+    ref = n_global / world is known to every rank in advance; DDP averages over ranks, so the
+    gradient is sum(w_i g_i) * world / (n_global * world) and one multiplication by
+    n_global / sum(w_i) (summed over ranks) makes it the whole batch's weighted mean. With
+    unweighted losses that factor is exactly 1 and is skipped."""
+    m.optimizer.zero_grad(set_to_none=True)
+    scaler = m.precision.scaler
+    chunks = split_batch(batch, m.micro.count)
+    plain = len(chunks) == 1 and not d.active  # the common case: one backward, nothing to weigh or agree on
+    reference = n_global / d.world
+    total: torch.Tensor | float = 0.0
+    weight_sum: torch.Tensor | float = 0.0
+    stats: dict[str, torch.Tensor] = {}
+    last: torch.Tensor | None = None  # the last micro-batch's scaled loss: its backward syncs the ranks
+    oom: BaseException | None = None
+    weighted = False
+    for i, chunk in enumerate(chunks):
+        n = _rows(chunk)
+        final = i == len(chunks) - 1
+        try:
+            faults.raise_if_out_of_memory(planned, step, n, first_try)
+            # DDP decides in forward whether the backward all-reduces: only the last one does
+            with (m.ddp.no_sync() if d.active and not final else contextlib.nullcontext()):
+                with m.precision.autocast():
+                    out = task.loss(m.name, m.ddp, chunk, step)
+                loss = faults.poison_loss(planned, step, out.loss)
+                if plain:
+                    scaler.scale(loss).backward()
+                    faults.poison_grads(planned, step, m.model)
+                    return loss.detach(), out.stats
+                w = n if out.weight is None else out.weight.detach()
+                weighted = weighted or out.weight is not None
+                scaled = scaler.scale(loss * (w / reference))
+                if final:
+                    last = scaled
+                else:
+                    scaled.backward()
+        except Exception as e:  # noqa: BLE001 (only out-of-memory is handled; the rest re-raised)
+            if not is_out_of_memory(e):
+                raise
+            oom = e
+            break
+        total = total + loss.detach() * w
+        weight_sum = weight_sum + w
+        for k, v in out.stats.items():
+            stats[k] = stats.get(k, 0.0) + v * (n / n_global)
+    if d.active:  # every rank learns whether one ran out of memory, and the batch's loss and weight
+        agreed = all_sum(torch.cat([torch.as_tensor(x, device=device).double().reshape(1)
+                                    for x in (float(oom is not None), weight_sum, total)]), device)
+        if oom is None and agreed[0] > 0:
+            oom = _AgreedOutOfMemory("another rank ran out of memory")
+        total, weight_sum = agreed[2], agreed[1]
+        if oom is not None:
+            last = loss = out = None  # noqa: F841 (frees the graph before the round below)
+            _close_ddp_round(m, task, batch, step)
+    if oom is not None:
+        raise oom
+    try:
+        last.backward()
+    except Exception as e:  # noqa: BLE001
+        if d.active and is_out_of_memory(e):
+            # the other ranks are inside the gradient all-reduce by now; there is no agreeing any more
+            raise TrainingError(f"{m.name}: out of memory on rank {d.rank} in the backward pass that all-reduces "
+                                f"the gradients (step {step + 1}); resume with a smaller --micro-batch") from None
+        raise
+    if weighted:  # then the weights are tensors
+        correction = (n_global / weight_sum).float()
+        for p in m.params:
+            if p.grad is not None:
+                p.grad.mul_(correction)
+    faults.poison_grads(planned, step, m.model)
+    return (total / weight_sum).float(), stats
+
+
+def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, cfg: TrainConfig,
+                planned: dict[str, set[int]], device: torch.device, echo, n_global: int, d: Dist = Dist()
+                ) -> StepResult:
+    """Forward, backward and (unless it must not happen) the update of one member on this
+    rank's slice ``batch`` of a global batch of ``n_global``; what went wrong, if anything,
+    is said through ``echo``."""
+    n_local = _rows(batch)
+    rng = torch.get_rng_state()  # a retry after an out-of-memory draws the same dropout masks
+    first_try = True
+    while True:
+        failed = False
+        try:
+            loss, stats = forward_backward(m, task, batch, step, n_global, planned, first_try, d, device)
+        except Exception as e:  # noqa: BLE001 (only out-of-memory is handled; the rest re-raised)
+            if not is_out_of_memory(e):
+                raise
+            failed = True
+        if not failed:
+            break
+        # out of the except block, so the failed attempt's tensors can be freed
+        m.optimizer.zero_grad(set_to_none=True)
+        free_memory(device)
+        try:
+            m.micro.on_oom(n_local, step)
+        except RuntimeError as e:
+            raise TrainingError(f"{m.name}: {e}") from None
+        where = f" on one of the {d.world} processes; each one's slice" if d.active else "; the batch"
+        echo(f"[step {step + 1}] {m.name}: out of memory{where} of {n_local} now runs as {m.micro.count} micro-batches")
+        torch.set_rng_state(rng)
+        first_try = False
+    m.micro.on_success()
+
+    scaler = m.precision.scaler
+    scaler.unscale_(m.optimizer)
+    grads = [p.grad for p in m.params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    loss_v, norm_v = torch.stack([loss.float(), norm.float()]).tolist()  # the step's one wait for the device
+    finite = math.isfinite(loss_v) and math.isfinite(norm_v)
+    spike = m.trend.observe(loss_v)
+    if not finite:
+        action = "nonfinite"
+    elif spike and cfg.on_spike != "log":
+        action = "spike"
+    else:
+        action = "update"
+    if action == "update":
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(m.params, cfg.grad_clip, norm)
+        scaler.step(m.optimizer)
+        m.scheduler.step()
+        m.step += 1
+        m.health.nonfinite_run = 0
+    elif action == "nonfinite":
+        m.health.skipped_nonfinite += 1
+        m.health.nonfinite_run += 1
+    else:
+        m.health.skipped_spikes += 1
+    # a non-finite loss is a spike too, and rolls back; a finite loss with overflowing
+    # gradients (routine for fp16's loss scaler) is only skipped
+    rolled = action != "update" and spike is not None and cfg.on_spike == "rollback" and m.snapshot is not None
+    if rolled:
+        m.rollback()
+        m.health.rollbacks += 1
+    if spike or action != "update":
+        what = f"spike, {spike}" if spike else f"gradient norm {norm_v}"
+        done = "" if action == "update" else "; rolled back to the last good state" if rolled else "; update skipped"
+        echo(f"[step {step + 1}] {m.name}: {what}{done}")
+    scaler.update()  # lowers an fp16 loss scale after an overflow, raises it after a calm stretch
+    if m.health.nonfinite_run >= cfg.max_nonfinite:
+        if m.precision.mode == "fp32":
+            raise TrainingError(f"{m.name}: the loss or its gradients were not finite for {m.health.nonfinite_run} "
+                                f"steps in a row in fp32 (up to step {step + 1}); training has diverged: lower --lr, "
+                                f"or resume from an earlier checkpoint")
+        echo(f"[step {step + 1}] {m.name}: {m.health.nonfinite_run} non-finite steps in a row under "
+             f"{m.precision.mode}; falling back to fp32 for the rest of the run")
+        m.precision.fall_back(step + 1)
+        m.health.nonfinite_run = 0
+    return StepResult(loss_v, norm_v, stats)
+
+
+def evaluate_member(task: Task, m: Member, step: int, batch_size: int, device: torch.device, echo) -> Evaluation:
+    """``task.evaluate`` under the member's autocast; out of memory, it is run again in
+    smaller batches: first the training micro-batch, then halves of it."""
+    while True:
+        failed = False
+        try:
+            with m.precision.autocast():
+                return task.evaluate(m.name, m.model, step, m.micro.eval_limit)
+        except Exception as e:  # noqa: BLE001 (only out-of-memory is handled; the rest re-raised)
+            if not is_out_of_memory(e):
+                raise
+            failed = True
+        if failed:
+            free_memory(device)
+            try:
+                m.micro.on_eval_oom(batch_size, step)
+            except RuntimeError as e:
+                raise TrainingError(f"{m.name}: {e}") from None
+            echo(f"[step {step}] {m.name}: out of memory in evaluation; evaluating {m.micro.eval_limit} at a time")
+
+
+def time_pass(run: Callable[[], Any], device: torch.device) -> float:
+    """Seconds one call of ``run`` takes, the device's queued work included."""
+    synchronize(device)
+    t = time.perf_counter()
+    run()
+    synchronize(device)
+    return time.perf_counter() - t
+
+
+def choose_speed(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, n_global: int,
+                 cfg: TrainConfig, device: torch.device, d: Dist, echo) -> None:
+    """Settle what ``--micro-batch N|auto`` and ``--precision auto`` leave open, once per run
+    (both choices are checkpointed). ``auto`` times a forward and backward pass of this batch
+    for every pair of candidate precision (fp32 and bf16, on a CPU with native bf16) and
+    micro-batch count (1, 2, 4, ...): the best micro-batch size can differ by precision, so
+    they are chosen together. bf16 is kept only when its best time beats fp32's by
+    ``BF16_MARGIN``; then the fastest count in that precision (``fastest``). On a CPU a
+    smaller working set can beat one large matrix product. Weights, RNG and task state are
+    left as they were; under torchrun rank 0's clock decides for all."""
+    n_local = _rows(batch)
+    if cfg.micro_batch not in ("off", "auto"):
+        m.micro.set_floor(min(n_local, -(-n_local // int(cfg.micro_batch))))
+    time_counts = cfg.micro_batch == "auto" and not m.micro.tuned
+    counts = micro_batch_counts(n_local) if time_counts else [m.micro.count]
+    modes = m.precision.candidates if m.precision.undecided else (m.precision.mode,)
+    if len(counts) * len(modes) == 1:
+        m.micro.tuned = m.micro.tuned or time_counts
+        return
+    rng, task_state, before = torch.get_rng_state(), task.state_dict(), m.micro.count
+
+    def timed_pass() -> float:
+        return time_pass(lambda: forward_backward(m, task, batch, step, n_global, {}, True, d, device), device)
+
+    timings: dict[tuple[str, int], float] = {}
+    reps = None
+    for mode in modes:
+        m.precision.use(mode)
+        warm = True  # each precision's first pass builds its kernels, and is not timed
+        for count in counts:
+            m.micro.count = count
+            tries: list[float] = []
+            try:
+                if warm:
+                    first = timed_pass()
+                    if reps is None:  # quick steps are noisy, so they are timed thrice; every rank must agree
+                        reps = broadcast(3 if first < 0.5 else 2 if len(modes) > 1 else 1, d)
+                    warm = False
+                for _ in range(reps):
+                    tries.append(timed_pass())
+            except Exception as e:  # noqa: BLE001 (a pair that does not fit is no candidate)
+                if not is_out_of_memory(e):
+                    raise
+                tries.append(math.inf)
+            timings[(mode, count)] = min(tries)
+            m.optimizer.zero_grad(set_to_none=True)
+    free_memory(device)
+    timings = broadcast(timings, d)
+    torch.set_rng_state(rng)
+    task.load_state_dict(task_state)
+    m.micro.count = before
+    if len(modes) > 1:
+        per_mode = {mode: min(t for (mo, _), t in timings.items() if mo == mode) for mode in modes}
+        chosen = m.precision.decide(per_mode)
+        shown = ", ".join(f"{mode} {t:.3g} s" for mode, t in per_mode.items())
+        echo(f"{m.name}: --precision auto: {chosen} ({shown} per pass of the first batch; bf16 must be "
+             f"{BF16_MARGIN:.0%} faster)")
+    else:
+        m.precision.use(modes[0])
+    if time_counts:
+        mine = {count: t for (mo, count), t in timings.items() if mo == m.precision.mode}
+        best = fastest(mine)
+        m.micro.count = max(before, best)
+        m.micro.set_floor(best)
+        m.micro.tuned = True
+        shown = ", ".join(f"{-(-n_local // c)}: {t:.3g} s" for c, t in mine.items())
+        echo(f"{m.name}: --micro-batch auto: {-(-n_local // best)} examples at a time is the fastest "
+             f"in {m.precision.mode} ({shown})")
+
+
+def accumulate(state: LoopState, m: Member, r: StepResult) -> None:
+    slot = state.acc.setdefault(m.name, {"n": 0})
+    if not math.isfinite(r.loss):
+        return  # counted in the health figures; a nan would poison the interval's mean
+    slot["n"] += 1
+    for k, v in {"loss": r.loss, "grad_norm": r.grad_norm, **r.stats}.items():
+        slot[k] = slot[k] + v if k in slot else v
+
+
