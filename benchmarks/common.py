@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import torch
 
-from trainlab.engine.loop import make_member
 from trainlab.engine.precision import cpu_summary
 
 
@@ -38,15 +36,8 @@ def tb_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
 
 
 def seconds_per_step(task, cfg, n: int = 12, warmup: int = 3) -> float:
-    """Mean seconds of one optimizer step of every member of ``task`` (after ``warmup`` steps)."""
-    members = [make_member(k, m, cfg) for k, m in task.build_models().items()]
-    for i in range(n + warmup):
-        if i == warmup:
-            t0 = time.perf_counter()
-        batch = task.batch(i)
-        for m in members:
-            loss = task.loss(m.name, m.model, batch, i).loss
-            m.optimizer.zero_grad()
-            loss.backward()
-            m.optimizer.step()
-    return (time.perf_counter() - t0) / n
+    """Mean seconds of one optimizer step of every member of ``task`` (after ``warmup`` steps),
+    on the CPU, through the engine's own step."""
+    from trainlab.engine.step import seconds_per_step as engine_seconds
+
+    return engine_seconds(task, cfg, None, n, warmup)

@@ -213,8 +213,8 @@ def measured_run(runs_dir, monkeypatch, name, fp32, bf16, resume=None, **kw):
 
 def test_auto_times_fp32_and_bf16_once_and_a_resume_keeps_the_choice(runs_dir, monkeypatch):
     summary, run, modes, lines = measured_run(runs_dir, monkeypatch, "m", fp32=2.0, bf16=1.0, max_steps=3)
-    # a warm-up and, as a pass 'takes' over 0.5 s, two timed passes of each candidate
-    assert modes == ["fp32"] * 3 + ["bf16"] * 3
+    # a warm-up of each, then (passes 'take' 1 s or more) two rounds that alternate the candidates
+    assert modes == ["fp32", "bf16"] * 3
     assert lines[0].endswith("parameters, precision auto, timing fp32 and bf16")
     assert lines[1] == "simple: --precision auto: bf16 (fp32 2 s, bf16 1 s per pass of the first batch; bf16 must " \
                        "be 5% faster)"

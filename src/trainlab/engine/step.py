@@ -263,28 +263,28 @@ def choose_speed(m: Member, task: Task, batch: dict[str, torch.Tensor], step: in
     def timed_pass() -> float:
         return time_pass(lambda: forward_backward(m, task, batch, step, n_global, {}, True, d, device), device)
 
-    timings: dict[tuple[str, int], float] = {}
-    reps = None
-    for mode in modes:
+    def attempt(mode: str, count: int) -> float:
         m.precision.use(mode)
-        warm = True  # each precision's first pass builds its kernels, and is not timed
-        for count in counts:
-            m.micro.count = count
-            tries: list[float] = []
-            try:
-                if warm:
-                    first = timed_pass()
-                    if reps is None:  # quick steps are noisy, so they are timed thrice; every rank must agree
-                        reps = broadcast(3 if first < 0.5 else 2 if len(modes) > 1 else 1, d)
-                    warm = False
-                for _ in range(reps):
-                    tries.append(timed_pass())
-            except Exception as e:  # noqa: BLE001 (a pair that does not fit is no candidate)
-                if not is_out_of_memory(e):
-                    raise
-                tries.append(math.inf)
-            timings[(mode, count)] = min(tries)
+        m.micro.count = count
+        try:
+            return timed_pass()
+        except Exception as e:  # noqa: BLE001 (a pair that does not fit is no candidate)
+            if not is_out_of_memory(e):
+                raise
+            return math.inf
+        finally:
             m.optimizer.zero_grad(set_to_none=True)
+
+    # each precision's first pass builds its kernels and is not timed; quick passes are noisy,
+    # so there are more of them (every rank must agree on how many)
+    warm = min(attempt(mode, counts[0]) for mode in modes)
+    reps = broadcast(5 if warm < 0.2 else 3 if warm < 1.0 else 2 if len(modes) > 1 else 1, d)
+    tries: dict[tuple[str, int], list[float]] = {(mode, count): [] for mode in modes for count in counts}
+    for _ in range(reps):  # in rounds, each pair once a round: a slow spell of a shared machine falls on all
+        for (mode, count), seen in tries.items():
+            if not seen or math.isfinite(seen[-1]):
+                seen.append(attempt(mode, count))
+    timings = {pair: min(seen) for pair, seen in tries.items()}  # noise only ever adds time
     free_memory(device)
     timings = broadcast(timings, d)
     torch.set_rng_state(rng)
@@ -318,3 +318,30 @@ def accumulate(state: LoopState, m: Member, r: StepResult) -> None:
         slot[k] = slot[k] + v if k in slot else v
 
 
+
+
+def seconds_per_step(task: Task, cfg: TrainConfig, device: torch.device | None = None, n: int = 12,
+                     warmup: int = 3) -> float:
+    """Mean seconds of one training step of all of ``task``'s members together, through the real
+    step (``member_step``) on freshly built models: what fits a step count to a time budget
+    (``trainlab tune --budget-minutes``, the benchmarks' ``--minutes``). The task's state and
+    the RNG are left as they were."""
+    from trainlab.engine.state import make_member
+
+    device = device or torch.device("cpu")
+    rng, task_state = torch.get_rng_state(), task.state_dict()
+    members = [make_member(name, model.to(device), cfg, device) for name, model in task.build_models().items()]
+    t0 = time.perf_counter()
+    for i in range(n + warmup):
+        if i == warmup:
+            synchronize(device)
+            t0 = time.perf_counter()
+        full = task.batch(i)
+        batch = {k: v.to(device) for k, v in full.items()}
+        for m in members:
+            member_step(m, task, batch, i, cfg, {}, device, lambda *a: None, _rows(full))
+    synchronize(device)
+    seconds = (time.perf_counter() - t0) / n
+    torch.set_rng_state(rng)
+    task.load_state_dict(task_state)
+    return seconds
