@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import stat
 import typing
 from importlib import resources
 from pathlib import Path
@@ -51,9 +53,29 @@ def _resolved_type(cls: type, f: dataclasses.Field) -> Any:
 
 
 def _parse_optional_int(text: str) -> int | None:
-    if text.lower() in ("none", "null", ""):
+    if text.strip().lower() in ("none", "null"):
         return None
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'none', got {text!r}") from None
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _parse_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
@@ -70,6 +92,10 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
         elif f.default is None and t is int:
             kwargs["type"] = _parse_optional_int
             kwargs["metavar"] = "N|none"
+        elif t is int:
+            kwargs["type"] = _parse_int
+        elif t is float:
+            kwargs["type"] = _parse_float
         else:
             kwargs["type"] = t
         group.add_argument(flag_name(f.name), dest=f.name, **kwargs)
@@ -96,8 +122,12 @@ def _coerce(cls: type, f: dataclasses.Field, value: Any) -> Any:
             return value
         raise ConfigError(f.name, f"must be true or false, got {value!r}")
     if t in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (t is int and not float(value).is_integer()):
-            raise ConfigError(f.name, f"must be {'an integer' if t is int else 'a number'}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f.name, f"must be {'an integer' if t is int else 'a number'}, got {_shown(value)}")
+        if not math.isfinite(value):  # nan and inf pass every range check written as comparisons
+            raise ConfigError(f.name, f"must be a finite number, got {value!r}")
+        if t is int and not float(value).is_integer():
+            raise ConfigError(f.name, f"must be an integer, got {value!r}")
         return t(value)
     if t is str:
         return str(value)
@@ -111,16 +141,65 @@ def check_known_keys(values: dict[str, Any], classes: list[type], source: str) -
         raise UsageError(f"{source}: unknown setting {unknown[0]!r}")
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+MAX_SETTINGS_BYTES = 1 << 20  # a settings file is a few hundred bytes; anything near this is not one
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error line stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_small_file(path: str | Path, what: str, limit: int = MAX_SETTINGS_BYTES) -> str:
+    """The UTF-8 text of a regular file of at most ``limit`` bytes. A FIFO, a device such as
+    /dev/zero or a folder is refused before it is opened, so nothing can hang or fill memory."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read config file {p}: {e.strerror if isinstance(e, OSError) else e}") from None
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{what} {p} is not a regular file")
+        if st.st_size > limit:
+            raise UsageError(f"{what} {p} is {st.st_size:,} bytes; at most {limit:,} are read")
+        with open(p, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {p}: {e.strerror}") from None
+    if len(data) > limit:
+        raise UsageError(f"{what} {p} is over {limit:,} bytes")
     try:
-        data = yaml.safe_load(text) or {}
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} {p} is not UTF-8 text") from None
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without anchors and aliases: a settings file needs none, and aliases nested
+    in aliases (a 'billion laughs') expand exponentially when the values are used."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in settings files",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Safe YAML without aliases; errors as one bounded line naming ``source``."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)
     except yaml.YAMLError as e:
-        raise UsageError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        first = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise UsageError(f"{source} is not valid YAML{where}: {first[:120]}") from None
+    except RecursionError:
+        raise UsageError(f"{source}: nested too deeply") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    data = parse_yaml(read_small_file(p, "config file"), f"config file {p}") or {}
     if not isinstance(data, dict):
         raise UsageError(f"config file {p} must hold a mapping of setting: value")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -142,21 +221,40 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+def finite(field: str, value: float | int) -> None:
+    """nan and inf compare False with everything, so every range check below starts here."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(field, f"must be a finite number, got {value}")
+
+
 def positive(field: str, value: float | int | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
+    if value is not None:
+        finite(field, value)
     if value is None or value <= 0:
         raise ConfigError(field, f"must be positive, got {value}")
 
 
 def non_negative(field: str, value: float | int) -> None:
+    finite(field, value)
     if value < 0:
         raise ConfigError(field, f"must not be negative, got {value}")
+
+
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(field: str, value: int) -> None:
+    """A seed every generator here takes (numpy's, torch's and Python's)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(field, f"must be a whole number from 0 to 2**63-1, got {_shown(value)}")
 
 
 def in_range(field: str, value: float, low: float, high: float, low_open: bool = False,
              high_open: bool = False) -> None:
     """``value`` within the interval, e.g. ``in_range("dropout", p, 0, 1, high_open=True)`` is [0, 1)."""
+    finite(field, value)
     above = value > low if low_open else value >= low
     below = value < high if high_open else value <= high
     if not (above and below):

@@ -48,6 +48,9 @@ class ChatDataConfig:
     def __post_init__(self) -> None:
         if not self.text:
             raise ConfigError("text", "required: the UTF-8 text file to train on")
+        # stored absolute, so a run resumed from another folder finds its corpus (the content
+        # hash, not the path, is what says whether it is still the same text)
+        self.text = os.path.abspath(os.path.expanduser(self.text))
         in_range("val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
 
 

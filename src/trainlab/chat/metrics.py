@@ -6,10 +6,13 @@ punctuation marks; case kept).
 - ``repeat_4``: the share of 4-gram occurrences that repeat an earlier 4-gram of the
   same text, i.e. ``1 - distinct_4`` (Welleck et al. 2019's seq-rep-4).
 
-A text too short to hold one n-gram scores 0 for that n: there is nothing to measure.
+A text too short to hold one n-gram scores NaN for that n (not defined): 0 would read as a
+model stuck in a loop. TensorBoard leaves such points out.
 """
 
 from __future__ import annotations
+
+import math
 
 import re
 
@@ -25,13 +28,16 @@ def ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
 
 
 def distinct_n(tokens: list[str], n: int) -> float:
+    """Distinct n-grams over all n-grams; NaN (not defined) for fewer than n words: 0 would read
+    as 'nothing but repetition', the opposite of what a short sample shows."""
     grams = ngrams(tokens, n)
-    return len(set(grams)) / len(grams) if grams else 0.0
+    return len(set(grams)) / len(grams) if grams else math.nan
 
 
 def repeat_rate(tokens: list[str], n: int = 4) -> float:
+    """Share of repeated n-grams; NaN (not defined) for fewer than n words, like ``distinct_n``."""
     grams = ngrams(tokens, n)
-    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+    return 1.0 - len(set(grams)) / len(grams) if grams else math.nan
 
 
 def diversity(text: str) -> dict[str, float]:

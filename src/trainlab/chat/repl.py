@@ -26,6 +26,7 @@ from trainlab.chat.sampling import SamplingConfig, generate
 from trainlab.chat.task import MEMBER
 from trainlab.config import ConfigError
 from trainlab.engine.checkpoint import Checkpoint, CheckpointError
+from trainlab.engine.memory import check_model_fits
 
 STYLES = ("inline", "block")
 
@@ -46,6 +47,7 @@ def load_chat_model(ckpt: Checkpoint, device: torch.device) -> ChatModel:
     cfg = ckpt.config(f"{MEMBER}/model_config.json", GPTConfig)
     if cfg.vocab_size != vocab.size:
         raise CheckpointError(f"{ckpt.path}: model vocabulary {cfg.vocab_size} != vocab.json's {vocab.size}")
+    check_model_fits(lambda: GPT(cfg), device, f"{ckpt.path}'s model")
     model = GPT(cfg)
     ckpt.load_weights(model, f"{MEMBER}/model.pt")
     dialogue = ckpt.json("corpus.json").get("dialogue", {}) if "corpus.json" in ckpt.sums else {}

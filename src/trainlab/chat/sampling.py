@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from trainlab.config import ConfigError, in_range, non_negative, one_of, positive
+from trainlab.config import ConfigError, check_seed, finite, in_range, non_negative, one_of, positive
 
 STOP_AT = ("none", "line", "sentence", "paragraph")
 SENTENCE_END = ".!?"
@@ -51,12 +51,15 @@ class SamplingConfig:
         non_negative("temperature", self.temperature)
         non_negative("top_k", self.top_k)
         in_range("top_p", self.top_p, 0, 1, low_open=True)
+        finite("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty < 1.0:
             raise ConfigError("repetition_penalty", f"must be at least 1 (1: off), got {self.repetition_penalty}")
         non_negative("repetition_window", self.repetition_window)
         positive("max_new_tokens", self.max_new_tokens)
         non_negative("min_new_tokens", self.min_new_tokens)
         one_of("stop_at", self.stop_at, STOP_AT)
+        if self.seed is not None:
+            check_seed("seed", self.seed)
 
 
 # -- the four steps, each on a (V,) tensor of logits ----------------------------------------
@@ -77,13 +80,23 @@ def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+TOP_P_SLACK = 1e-9  # mass sums that equal p up to rounding count as reaching it
+
+
 def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches ``p``; drop the rest.
+
+    Masses are summed in float64 (float32 sums drift by ~1e-7, so on exact ties the kept set
+    could be a token too large or too small), and a sum within ``TOP_P_SLACK`` of ``p``
+    reaches it: 100 equal logits at p 0.25 keep exactly 25. Tokens of equal probability are
+    ranked by id, lowest first (a stable sort), so which of several tied tokens are kept at
+    the edge is fixed, not arbitrary."""
     if p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, descending=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
+    sorted_logits, order = torch.sort(logits, descending=True, stable=True)
+    probs = torch.softmax(sorted_logits.double(), dim=-1)
     before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above each one
-    drop_sorted = before >= p  # never the first: its mass-before is 0
+    drop_sorted = before >= p - TOP_P_SLACK  # never the first: its mass-before is 0
     drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

@@ -27,7 +27,9 @@ from trainlab.chat.metrics import diversity
 from trainlab.chat.model import GPT, GPTConfig
 from trainlab.chat.sampling import SamplingConfig, generate
 from trainlab.config import ConfigError, positive
+from trainlab.engine.device import resolve_device
 from trainlab.engine.loop import Evaluation, StepLoss, Summary, TrainConfig
+from trainlab.engine.memory import check_model_fits
 from trainlab.engine.tracking import Run
 
 TASK_NAME = "chat"
@@ -108,6 +110,7 @@ class ChatTask:
         corpus.check_windows(model.context_len)
         if model.vocab_size != corpus.vocab.size:
             raise ValueError("the model's vocab_size must be the corpus's")
+        check_model_fits(lambda: GPT(model), resolve_device(train.device))  # before any run folder exists
         self.corpus, self.model_cfg, self.task_cfg, self.train_cfg = corpus, model, task, train
         self.speakers = detect_speakers(corpus.vocab.decode(corpus.tokens[:2**20]))
         self.last_val_loss: float | None = None

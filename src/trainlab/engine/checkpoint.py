@@ -11,13 +11,14 @@ folder without a valid one is not a checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Any, TypeVar
@@ -127,28 +128,70 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+MAX_META_BYTES = 1 << 20
+MAX_FILE_BYTES = 64 << 30  # no file of a checkpoint this project writes comes near it
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _confined(folder: Path, name: str) -> Path:
+    """``folder / name`` when ``name`` is a plain relative path that stays inside ``folder``
+    and names a regular file of a sane size; meta.json is untrusted input, and a name such
+    as ``/dev/zero`` or ``../../etc/passwd`` must never be read."""
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or any(p in ("..", ".", "") for p in parts) or "\\" in name:
+        raise CheckpointError(f"{folder}: {META} names a file outside the checkpoint ({name[:80]!r})")
+    path = folder / name
+    try:
+        resolved = path.resolve(strict=True)
+        resolved.relative_to(folder.resolve(strict=True))
+        st = path.lstat()
+    except (OSError, ValueError, RuntimeError):
+        raise CheckpointError(f"{folder}: {META} names {name[:80]!r}, which is missing or outside the checkpoint") \
+            from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{folder}: {name[:80]!r} is not a regular file")
+    if st.st_size > MAX_FILE_BYTES:
+        raise CheckpointError(f"{folder}: {name[:80]!r} is {st.st_size:,} bytes, more than a checkpoint file can be")
+    return path
+
+
 class Checkpoint:
     """A verified checkpoint folder; files are checked against meta.json when read."""
 
     def __init__(self, path: Path, task: str | None = None) -> None:
         self.path = Path(path)
         try:
-            self.meta = json.loads((self.path / META).read_text(encoding="utf-8"))
-            self.step = int(self.meta["step"])
-            self.sums: dict[str, str] = dict(self.meta["sha256"])
+            meta_path = self.path / META
+            st = meta_path.stat()  # FileNotFoundError: not a checkpoint
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_META_BYTES:
+                raise ValueError("not a small regular file")
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            step = self.meta["step"]
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise ValueError(f"step {step!r}")
+            self.step = step
+            sums = self.meta["sha256"]
+            if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) and _SHA256.fullmatch(v)
+                                                     for k, v in sums.items()):
+                raise ValueError("sha256 is not a map of file names to digests")
+            self.sums: dict[str, str] = dict(sums)
         except FileNotFoundError:
             raise CheckpointError(f"{self.path} is not a checkpoint (no {META})") from None
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{self.path}: unreadable {META} ({e.__class__.__name__})") from None
+            why = str(e)[:80] if isinstance(e, ValueError) else e.__class__.__name__
+            raise CheckpointError(f"{self.path}: unreadable {META} ({why})") from None
         if task is not None and self.meta.get("task") != task:
-            raise CheckpointError(f"{self.path} belongs to task {self.meta.get('task')!r}, not {task!r}")
+            raise CheckpointError(f"{self.path} belongs to task {str(self.meta.get('task'))[:40]!r}, not {task!r}")
+        for name in self.sums:  # every name is checked before any file is read
+            _confined(self.path, name)
         self._loaded: dict[str, Any] = {}
 
     def _read(self, name: str) -> bytes:
         if name not in self.sums:
             raise CheckpointError(f"{self.path}: has no file {name}")
+        path = _confined(self.path, name)
         try:
-            data = (self.path / name).read_bytes()
+            data = path.read_bytes()
         except OSError as e:
             raise CheckpointError(f"{self.path / name}: {e.strerror}") from None
         if hashlib.sha256(data).hexdigest() != self.sums[name]:
@@ -176,11 +219,12 @@ class Checkpoint:
             raw = raw.get(section, {}) if isinstance(raw, dict) else None
         if not isinstance(raw, dict):
             raise CheckpointError(f"{self.path / name}: not a mapping of settings")
-        known = {f.name for f in dataclasses.fields(cls)}
+        from trainlab.config import build  # the same type and range checks a flag gets
+
         try:
-            return cls(**{k: v for k, v in raw.items() if k in known})
+            return build(cls, raw)
         except (ValueError, TypeError) as e:  # ConfigError is a ValueError
-            raise CheckpointError(f"{self.path / name}: bad {section or 'settings'} ({e})") from None
+            raise CheckpointError(f"{self.path / name}: bad {section or 'settings'} ({str(e)[:160]})") from None
 
     def load_weights(self, model: torch.nn.Module, name: str, map_location: str | torch.device = "cpu") -> None:
         try:

@@ -21,7 +21,13 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError("device", "cuda was asked for but no CUDA device is available")
     if name == "mps" and not has_mps:
         raise ConfigError("device", "mps was asked for but no MPS device is available")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError("device", f"not a device name: {name[:40]!r}") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError("device", f"{name} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def synchronize(device: torch.device) -> None:

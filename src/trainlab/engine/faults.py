@@ -9,6 +9,8 @@ reached; S counts optimizer updates done, as checkpoint names do:
   evaluation and checkpoint, if it has them);
 - ``kill_in_save=S``: SIGKILL this process in the middle of writing the checkpoint of
   step S (after its first file);
+- ``sigterm=S``: send this process a real SIGTERM once S updates are done (what a
+  scheduler's stop does); ``sigterm_twice=S``: two of them at once (the second aborts);
 - ``oom=S``: the first attempt of the S-th step (of every member) fails with the
   out-of-memory error CUDA raises;
 - ``oom_above=N``: every micro-batch of more than N examples fails that way: a memory cap;
@@ -57,6 +59,15 @@ def kill_now() -> None:
 def kill_if(name: str, step: int) -> None:
     if step in plan().get(name, ()):
         kill_now()
+
+
+def signal_if(planned: dict[str, set[int]], step: int) -> None:
+    """``sigterm`` and ``sigterm_twice``: called once ``step`` updates are done."""
+    if planned and step in planned.get("sigterm", ()):
+        os.kill(os.getpid(), signal.SIGTERM)
+    if planned and step in planned.get("sigterm_twice", ()):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def raise_if_out_of_memory(planned: dict[str, set[int]], step: int, examples: int, first_try: bool) -> None:

@@ -32,21 +32,24 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from trainlab.engine import faults
-from trainlab.engine.checkpoint import Checkpoint
+from trainlab.engine.checkpoint import Checkpoint, latest_checkpoint
 from trainlab.engine.device import resolve_device, synchronize
-from trainlab.engine.distributed import Dist, all_sum, current, device_for, shard, wrap
+from trainlab.engine.distributed import Dist, all_sum, broadcast, current, device_for, shard, wrap
 from trainlab.engine.periodic import Session, checkpoint, evaluate_all, log_scalars, sample_all, timed
 from trainlab.engine.state import LoopState, Member, Summary, check_compatible, make_member, restore, seed_everything
 from trainlab.engine.step import _rows, accumulate, choose_speed, member_step
-from trainlab.engine.stopping import StopOnInterrupt
+from trainlab.engine.stopping import StopSignals
 from trainlab.engine.task import Evaluation, StepLoss, Task, TrainingError
-from trainlab.engine.tracking import ReadOnlyRun, Run
+from trainlab.engine.tracking import ReadOnlyRun, Run, remove_runs
 from trainlab.engine.train_config import RESUMABLE_CHANGES, SPIKE_ACTIONS, TrainConfig, lr_lambda
+
+# after each scheduled evaluation: (step, {member: its metrics}) -> stop the run there?
+Prune = Callable[[int, dict[str, dict[str, float]]], bool]
 
 # the names other modules import from here, as before the loop was split into modules
 __all__ = ["Evaluation", "Member", "RESUMABLE_CHANGES", "SPIKE_ACTIONS", "StepLoss", "Summary", "Task",
@@ -54,43 +57,74 @@ __all__ = ["Evaluation", "Member", "RESUMABLE_CHANGES", "SPIKE_ACTIONS", "StepLo
 
 
 def train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume: Checkpoint | None = None,
-          echo=print, restart: bool = False) -> Summary:
+          echo=print, restart: bool = False, prune: Prune | None = None) -> Summary:
     """Train every member of ``task`` in lockstep; returns what the report needs.
 
     ``resume``: continue from this checkpoint exactly as if the run had never stopped.
     ``restart``: the run folder has logs of an earlier attempt (resumed without a usable
     checkpoint); they are purged from the step training starts at.
+    ``prune``: called after every scheduled evaluation with the step and each member's
+    metrics; True stops the run there, saved, with status ``pruned`` (``trainlab tune``).
     The run's status in run.json and the runs index follows: running, then finished,
-    interrupted (Ctrl+C) or failed (an exception, re-raised).
+    interrupted (a stop signal, ``engine/stopping.py``), pruned, or failed (an exception,
+    re-raised). A new run stopped before its first step holds nothing and is removed.
     Under torchrun (``engine/distributed.py``) every rank calls this; only rank 0 speaks,
     locks the run and writes anything."""
     d = current()
     if not d.main:
-        return _train(task, cfg, ReadOnlyRun(run.id, run.task, run.dir), config, resume, lambda *a, **k: None,
-                      False, contextlib.ExitStack(), d)
+        with StopSignals(lambda line: None) as stop:
+            return _train(task, cfg, ReadOnlyRun(run.id, run.task, run.dir), config, resume, lambda *a, **k: None,
+                          False, contextlib.ExitStack(), stop, prune, d)
     run.acquire()
+    fresh = resume is None and not restart
     try:
-        with contextlib.ExitStack() as cleanup:  # writers are closed (flushed) however training ends
-            summary = _train(task, cfg, run, config, resume, echo, restart or resume is not None, cleanup, d)
+        # the handlers are held through set-up and the final save: a signal at any moment is a
+        # stop (or, the second time, an abort), never Python's default
+        with StopSignals(echo) as stop, contextlib.ExitStack() as cleanup:  # writers closed however it ends
+            summary = _train(task, cfg, run, config, resume, echo, not fresh, cleanup, stop, prune, d)
     except KeyboardInterrupt:
-        run.update(status="interrupted")
+        if fresh and latest_checkpoint(run.checkpoints) is None:
+            _remove_empty(run, echo)
+        else:
+            _mark(run, "interrupted")
         raise
     except BaseException:
-        run.update(status="failed")
+        _mark(run, "failed")
         raise
     finally:
         run.release()
+    if summary.step == 0 and summary.interrupted and fresh:
+        _remove_empty(run, echo)
+        return summary
     task.report(run, summary)
     return summary
 
 
+def _mark(run: Run, status: str) -> None:
+    """The run's final status, if it can still be written (not when the disk is what failed)."""
+    try:
+        run.update(status=status)
+    except OSError:
+        pass
+
+
+def _remove_empty(run: Run, echo) -> None:
+    """A new run stopped before its first step: it holds nothing worth keeping."""
+    run.release()
+    remove_runs(run.root, [run])
+    echo(f"stopped before the first step: run {run.id} held nothing and was removed")
+
+
 def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume: Checkpoint | None,
-           echo, purge: bool, cleanup: contextlib.ExitStack, d: Dist = Dist()) -> Summary:
+           echo, purge: bool, cleanup: contextlib.ExitStack, stop: StopSignals, prune: Prune | None,
+           d: Dist = Dist()) -> Summary:
     from tqdm import tqdm
 
     device = device_for(resolve_device(cfg.device), d)
     members, state = set_up(task, cfg, resume, device, d, echo)
     start_step = state.step
+    if stop.requested and resume is None and state.step == 0:  # a stop signal during set-up
+        return Summary(run, members, 0, 0.0, True, config, stop.signum, stop.reason)
     # everything logged at a checkpoint's step was written (and flushed) before the checkpoint,
     # so a resume keeps the events up to that step and purges the ones after it
     writers = {m.name: run.writer(m.name, purge_step=state.step + 1 if purge else None) for m in members}
@@ -107,43 +141,48 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
     planned = faults.plan()  # {} unless a test asked for faults
     t_start = s.t_saved = time.perf_counter()
 
-    with StopOnInterrupt() as stop:
-        while (cfg.max_steps is None or state.step < cfg.max_steps) and not stop.requested:
-            t0 = time.perf_counter()
-            step = state.step
-            full = task.batch(step)  # the global batch; under torchrun each rank trains on its slice
-            n_examples = _rows(full)
-            batch = {k: v.to(device, non_blocking=True) for k, v in shard(full, d).items()}
-            for m in members:
-                t_m = time.perf_counter()
-                r = member_step(m, task, batch, step, cfg, planned, device, s.say, n_examples, d)
-                m.examples += n_examples
-                accumulate(state, m, r)
-                synchronize(device)
-                m.train_seconds += time.perf_counter() - t_m
-            state.step += 1
-            state.acc_steps += 1
-            s.eta.add_step(time.perf_counter() - t0)
-            bar.update(1)
-            if state.step in planned.get("interrupt", ()):
-                stop.requested = True
-            save_now = (cfg.save_every_minutes is not None
-                        and time.perf_counter() - s.t_saved >= 60 * cfg.save_every_minutes)
-            if d.active:  # a stop on any rank stops every rank after this step; rank 0's clock says when to save
-                agreed = all_sum([float(stop.requested), float(save_now and d.main)], device).tolist()
-                stop.requested, save_now = agreed[0] > 0, agreed[1] > 0
-            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
-                log_scalars(s, bar)
-            if state.step % cfg.eval_every == 0:
-                timed(s, "eval", evaluate_all, s)
-            if cfg.sample_every and state.step % cfg.sample_every == 0:
-                timed(s, "sample", sample_all, s)
-            if state.step % cfg.save_every == 0 or save_now:
-                timed(s, "save", checkpoint, s)
-            if state.step in planned.get("kill", ()):
-                faults.kill_now()
+    while (cfg.max_steps is None or state.step < cfg.max_steps) and not stop.requested:
+        t0 = time.perf_counter()
+        step = state.step
+        full = task.batch(step)  # the global batch; under torchrun each rank trains on its slice
+        n_examples = _rows(full)
+        batch = {k: v.to(device, non_blocking=True) for k, v in shard(full, d).items()}
+        for m in members:
+            t_m = time.perf_counter()
+            r = member_step(m, task, batch, step, cfg, planned, device, s.say, n_examples, d)
+            m.examples += n_examples
+            accumulate(state, m, r)
+            synchronize(device)
+            m.train_seconds += time.perf_counter() - t_m
+        state.step += 1
+        state.acc_steps += 1
+        s.eta.add_step(time.perf_counter() - t0)
+        bar.update(1)
+        if state.step in planned.get("interrupt", ()):
+            stop.request("interrupt")
+        faults.signal_if(planned, state.step)
+        save_now = (cfg.save_every_minutes is not None
+                    and time.perf_counter() - s.t_saved >= 60 * cfg.save_every_minutes)
+        if d.active:  # a stop on any rank stops every rank after this step; rank 0's clock says when to save
+            agreed = all_sum([float(stop.requested), float(save_now and d.main)], device).tolist()
+            if agreed[0] > 0:
+                stop.request("another process stopped")
+            save_now = agreed[1] > 0
+        if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+            log_scalars(s, bar)
+        if state.step % cfg.eval_every == 0:
+            timed(s, "eval", evaluate_all, s)
+            if prune is not None and broadcast(prune(state.step, {m.name: m.evals[-1] for m in members})
+                                               if d.main else None, d):
+                stop.request("pruned")
+        if cfg.sample_every and state.step % cfg.sample_every == 0:
+            timed(s, "sample", sample_all, s)
+        if state.step % cfg.save_every == 0 or save_now:
+            timed(s, "save", checkpoint, s)
+        if state.step in planned.get("kill", ()):
+            faults.kill_now()
     bar.close()
-    return finish(s, bar, stop.requested, start_step, resume is None, t_start, echo)
+    return finish(s, bar, stop, start_step, resume is None, t_start, echo)
 
 
 def set_up(task: Task, cfg: TrainConfig, resume: Checkpoint | None, device: torch.device, d: Dist, echo
@@ -182,10 +221,10 @@ def set_up(task: Task, cfg: TrainConfig, resume: Checkpoint | None, device: torc
     return members, state
 
 
-def finish(s: Session, bar, interrupted: bool, start_step: int, fresh: bool, t_start: float, echo) -> Summary:
+def finish(s: Session, bar, stop: StopSignals, start_step: int, fresh: bool, t_start: float, echo) -> Summary:
     """After the last step: the last log, evaluation and sample an unbroken run ends with, the
     final checkpoint, and the run's status."""
-    state, cfg = s.state, s.cfg
+    state, cfg, interrupted = s.state, s.cfg, stop.requested
     trained = state.step > start_step
     if not interrupted:
         if state.acc_steps:
@@ -196,17 +235,21 @@ def finish(s: Session, bar, interrupted: bool, start_step: int, fresh: bool, t_s
             sample_all(s)
     # an interrupted run keeps its partial log sums in the checkpoint, so a resume logs
     # exactly what an unbroken run would have
+    t_save = time.perf_counter()
     if s.last_save != state.step or (fresh and state.step == 0):
         checkpoint(s)
-    if interrupted and trained and s.last_eval != state.step:
+    saved_in = time.perf_counter() - t_save
+    if interrupted and trained and s.last_eval != state.step and stop.reason != "pruned":
         # for the user's eyes only: the checkpoint is written, so a resume continues as if
         # this evaluation never happened (and it cannot become the best checkpoint)
         evaluate_all(s, track_best=False)
     for w in s.writers.values():
         w.close()
     wall = time.perf_counter() - t_start
-    s.run.update(status="interrupted" if interrupted else "finished", step=state.step)
+    status = "pruned" if stop.reason == "pruned" else "interrupted" if interrupted else "finished"
+    s.run.update(status=status, step=state.step)
     if interrupted:
-        echo(f"interrupted at step {state.step}; checkpoint saved in {s.run.checkpoints}; "
-             f"continue with --resume {s.run.id}")
-    return Summary(s.run, s.members, state.step, wall, interrupted, s.config)
+        why = f" ({stop.reason})" if stop.reason else ""
+        echo(f"{'pruned' if status == 'pruned' else 'interrupted'} at step {state.step}{why}; checkpoint saved "
+             f"in {s.run.checkpoints} ({saved_in:.1f} s); continue with --resume {s.run.id}")
+    return Summary(s.run, s.members, state.step, wall, interrupted, s.config, stop.signum, stop.reason)

@@ -15,9 +15,11 @@ from __future__ import annotations
 import gc
 import os
 import resource
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from trainlab.config import UsageError
 
 _CPU_OOM = ("can't allocate memory", "not enough memory", "cannot allocate memory")
 
@@ -147,3 +149,45 @@ def memory_figures(device: torch.device) -> dict[str, float]:
         figures["gpu_peak_mib"] = torch.cuda.max_memory_allocated(device) / mib
         torch.cuda.reset_peak_memory_stats(device)
     return figures
+
+
+BYTES_PER_PARAMETER = 16  # fp32 weights and gradients, and AdamW's two moments
+
+
+def parameter_count(build: Callable[[], torch.nn.Module]) -> int | None:
+    """Parameters of the model ``build()`` makes, counted on the meta device, where nothing is
+    allocated; None if the model cannot be built there. A tensor whose byte size overflows
+    64 bits counts as more than any machine holds."""
+    try:
+        with torch.device("meta"):
+            model = build()
+    except RuntimeError as e:
+        return 2**63 if "overflow" in str(e).lower() else None
+    except NotImplementedError:
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """All the memory of ``device`` (not what is free now): a model past it can never train."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_model_fits(build: Callable[[], torch.nn.Module], device: torch.device, what: str = "the model") -> None:
+    """Refuse, before anything is allocated, a model whose weights, gradients and optimizer
+    state alone exceed the device's memory (``--d-model 1000000000`` would otherwise end in
+    an allocator traceback, or take the machine into swap)."""
+    n = parameter_count(build)
+    have = device_memory_bytes(device)
+    if n is None or have is None:
+        return
+    need = n * BYTES_PER_PARAMETER
+    if need > have:
+        raise UsageError(f"{what} would have {n:,} parameters: about {need / 2**30:,.1f} GiB for weights, "
+                         f"gradients and optimizer state, more than the {have / 2**30:,.1f} GiB of memory of "
+                         f"{device.type}; make it smaller (--d-model, --num-layers, --dim-feedforward, ...)")

@@ -4,6 +4,7 @@ is a function of the ``Session``, the things one call of ``train()`` works with.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -142,7 +143,8 @@ def sample_all(s: Session) -> None:
             sample = s.task.sample(m.name, m.model, s.state.step)
         m.model.train()
         for k, v in sample.metrics.items():
-            s.writers[m.name].add_scalar(f"samples/{k}", v, s.state.step)
+            if math.isfinite(v):  # a metric not defined for this sample (NaN) is left out, not drawn as 0
+                s.writers[m.name].add_scalar(f"samples/{k}", v, s.state.step)
         if sample.text:
             s.writers[m.name].add_text("samples/text", sample.text, s.state.step)
         s.say(f"[step {s.state.step}] {m.name} sample" + "".join(f"\n    {line}" for line in sample.lines))

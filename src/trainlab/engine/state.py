@@ -147,6 +147,8 @@ class Summary:
     wall_seconds: float
     interrupted: bool
     config: dict[str, Any]
+    stop_signal: int | None = None  # the signal that stopped it, if one did
+    stop_reason: str = ""  # why it stopped early: SIGINT, SIGTERM, pruned, interrupt (a planned fault), ...
 
 
 

@@ -19,6 +19,7 @@ held can be neither resumed twice nor removed.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ except ImportError:  # pragma: no cover - Windows: no locking, documented in REA
 
 log = logging.getLogger("trainlab")
 
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # used with fullmatch: "abc\n" is no name
 RUN_FILE = "run.json"
 INDEX_FILE = "index.json"
 INDEX_LOCK = "index.lock"
@@ -99,11 +100,12 @@ class Run:
         return f"{self.task}/{self.id}"
 
     def info(self) -> dict[str, Any]:
+        """run.json, or {} when it is unreadable or not of the shape this project writes."""
         try:
             data = json.loads((self.dir / RUN_FILE).read_text(encoding="utf-8"))
-            return data if isinstance(data, dict) else {}
         except (OSError, ValueError):
             return {}
+        return data if valid_info(data) else {}
 
     def update(self, **fields: Any) -> None:
         """Change fields of run.json and the run's index row together."""
@@ -164,6 +166,23 @@ class Run:
         return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
+_INFO_TYPES = {"id": str, "task": str, "created": str, "updated": str, "status": str, "tag": str, "summary": str,
+               "step": int, "max_steps": (int, type(None)), "members": list, "config": dict, "pid": int,
+               "device": str}
+
+
+def valid_info(data: Any) -> bool:
+    """Whether a run.json holds what this project writes (a hand-edited or damaged one may not:
+    ``"created": [1]`` must not break sorting or the index)."""
+    if not isinstance(data, dict):
+        return False
+    for key, kind in _INFO_TYPES.items():
+        value = data.get(key)
+        if key in data and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            return False
+    return all(isinstance(m, str) for m in data.get("members", []))
+
+
 def _wait_for_a_newer_second(log_dir: Path) -> None:
     """TensorBoard reads a folder's event files in name order, and a name starts with the
     creation time in whole seconds. A resumed writer must sort after the files it purges
@@ -207,11 +226,24 @@ class RunsIndex:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with _flock(self.root / INDEX_LOCK):
-            yield
+        check_runs_dir(self.root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with _flock(self.root / INDEX_LOCK):
+                yield
+        except PermissionError as e:
+            raise UsageError(f"--runs-dir: {self.root} is not writable ({e.strerror})") from None
+        except OSError as e:
+            if e.errno != errno.EROFS:
+                raise
+            raise UsageError(f"--runs-dir: {self.root} is on a read-only filesystem") from None
 
     def _read_unlocked(self) -> dict[str, dict[str, Any]]:
+        if self.path.is_dir() or self.path.is_symlink():  # not ours: keep it, aside, and rebuild
+            aside = self.path.with_name(f"{INDEX_FILE}.not-a-file-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.path.rename(aside)
+            log.warning("runs index %s was not a file; moved it to %s and rebuilt the index", self.path, aside.name)
+            return self._rebuild_unlocked(warn=True)
         if not self.path.exists():
             return self._rebuild_unlocked(warn=False)
         try:
@@ -235,6 +267,13 @@ class RunsIndex:
         write_json_atomic(self.path, {"format": 1, "runs": dict(sorted(rows.items()))})
 
     def rows(self) -> dict[str, dict[str, Any]]:
+        """Every row; a missing runs folder has none (and is not created), and a folder this
+        process may not write is read as it is, from the run folders if the index needs a rebuild."""
+        check_runs_dir(self.root)
+        if not self.root.is_dir():
+            return {}
+        if not os.access(self.root, os.W_OK):
+            return {run.key: index_row(run, run.info()) for run in scan_runs(self.root)}
         with self._locked():
             return self._read_unlocked()
 
@@ -256,28 +295,43 @@ class RunsIndex:
             return self._rebuild_unlocked(warn=True)
 
 
+def check_runs_dir(root: str | Path) -> None:
+    """The runs folder may be missing (it is made on the first run) but must not be a file."""
+    p = Path(root)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"--runs-dir: {p} is not a folder")
+
+
 def scan_runs(root: str | Path, task: str | None = None) -> list[Run]:
-    """Every run folder (one holding run.json) under ``root``, oldest first."""
+    """Every run folder (one holding a valid run.json) under ``root``, oldest first; a folder
+    whose run.json is damaged is skipped with a warning (``runs rm`` still takes it by id)."""
     root = Path(root)
     found = []
     tasks = [root / task] if task else sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     for tdir in tasks:
-        if not tdir.is_dir():
+        if not tdir.is_dir() or not RUN_NAME.fullmatch(tdir.name):
             continue
         for d in sorted(tdir.iterdir()):
-            if d.is_dir() and not d.is_symlink() and not d.name.startswith(".") and (d / RUN_FILE).is_file():
-                found.append(Run(d.name, tdir.name, d))
+            if d.is_dir() and not d.is_symlink() and RUN_NAME.fullmatch(d.name) and (d / RUN_FILE).is_file():
+                run = Run(d.name, tdir.name, d)
+                if run.info():
+                    found.append(run)
+                else:
+                    log.warning("skipping run folder %s: its %s is damaged", d, RUN_FILE)
     return sorted(found, key=lambda r: (r.info().get("created", ""), r.id))
 
 
 def new_run(runs_dir: str | Path, task: str, name: str = "", tag: str = "", config: dict | None = None,
             summary: str = "") -> Run:
     """Create a fresh run folder and index row; an existing run is never reused or overwritten."""
-    if name and not RUN_NAME.match(name):
+    if name and not RUN_NAME.fullmatch(name):
         raise UsageError(f"--run-name: {name!r} must be 1-64 letters, digits, '.', '_' or '-', not starting with a symbol")
+    check_runs_dir(runs_dir)
     root = Path(runs_dir) / task
     run_id = name or f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     path = root / run_id
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--runs-dir: {root} is not a folder")
     try:
         root.mkdir(parents=True, exist_ok=True)
         path.mkdir()
@@ -309,27 +363,38 @@ def inside(path: Path, root: Path) -> bool:
         return False
 
 
+def is_run_folder(path: Path, root: Path) -> bool:
+    """Whether ``path`` is a run's own folder, exactly two levels below the runs folder ``root``:
+    never the runs folder itself or a task folder, whatever files they hold."""
+    if not inside(path, root):
+        return False
+    resolved, top = path.resolve(), root.resolve()
+    return resolved.parent.parent == top and RUN_NAME.fullmatch(resolved.name) is not None
+
+
 def find_run(runs_dir: str | Path, task: str | None, ref: str) -> Run:
     """A run by id (``id`` or ``task/id`` under ``runs_dir``) or by the path of its folder."""
     root = Path(runs_dir)
     candidates: list[Path] = []
     parts = ref.strip("/").split("/")
-    if len(parts) == 1 and RUN_NAME.match(ref):
+    if len(parts) == 1 and RUN_NAME.fullmatch(ref):
         tasks = [task] if task else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         candidates += [root / t / ref for t in tasks]
-    elif len(parts) == 2 and all(RUN_NAME.match(p) for p in parts) and (task is None or parts[0] == task):
+    elif len(parts) == 2 and all(RUN_NAME.fullmatch(p) for p in parts) and (task is None or parts[0] == task):
         candidates.append(root / parts[0] / parts[1])
     hits = [c for c in candidates if (c / RUN_FILE).is_file()]
     if len(hits) > 1:
         raise UsageError(f"run id {ref!r} is in several tasks ({', '.join(h.parent.name for h in hits)}); "
                          f"write it as task/id")
-    if not hits and (Path(ref) / RUN_FILE).is_file():
-        hits = [Path(ref)]
+    if not hits and ref and (Path(ref) / RUN_FILE).is_file():
+        hits = [Path(ref).resolve()]  # "." inside a run folder has no name until resolved
     if not hits:
         where = root / task if task else root
         raise UsageError(f"no run {ref!r} (looked for a run id under {where} and for a run folder at that path)")
     path = hits[0]
     info = Run(path.name, path.parent.name, path).info()
+    if not info or not RUN_NAME.fullmatch(path.name) or info.get("task", path.parent.name) != path.parent.name:
+        raise UsageError(f"{ref!r} is not a run folder (<runs folder>/<task>/<run id> with a valid {RUN_FILE})")
     found_task = str(info.get("task") or path.parent.name)
     if task is not None and found_task != task:
         raise UsageError(f"run {ref!r} belongs to task {found_task!r}, not {task!r}")
@@ -381,8 +446,9 @@ def remove_runs(runs_dir: str | Path, runs: list[Run], dry_run: bool = False) ->
     no half-run that looks whole; the rows go after the folders."""
     root = Path(runs_dir)
     for run in runs:
-        if not inside(run.dir, root):
-            raise UsageError(f"refusing to remove {run.dir}: it is not inside the runs folder {root}")
+        if not is_run_folder(run.dir, root):
+            raise UsageError(f"refusing to remove {run.dir}: it is not a run folder (<runs folder>/<task>/<run id>) "
+                             f"of {root}")
         if run.in_use():
             raise UsageError(f"run {run.key} is in use by a running process; stop it first")
     if dry_run:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from trainlab.config import ConfigError, in_range, non_negative, one_of, positive
+from trainlab.config import ConfigError, check_seed, in_range, non_negative, one_of, positive
 from trainlab.engine.optim import OPTIMIZERS
 from trainlab.engine.precision import PRECISIONS
 
@@ -80,8 +80,10 @@ class TrainConfig:
         for name in ("batch_size", "lr", "eval_every", "save_every", "log_every", "max_nonfinite", "recover_after",
                      "spike_sigma"):
             positive(name, getattr(self, name))
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "keep_checkpoints", "sample_every",
-                     "plateau_patience", "plateau_min_lr"):
+        positive("keep_checkpoints", self.keep_checkpoints)
+        check_seed("seed", self.seed)
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "sample_every", "plateau_patience",
+                     "plateau_min_lr"):
             non_negative(name, getattr(self, name))
         in_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
         if self.loss_window < 2:

@@ -10,11 +10,14 @@ import torch
 
 from trainlab.config import ConfigError, UsageError
 from trainlab.engine.checkpoint import Checkpoint, CheckpointError
+from trainlab.engine.memory import check_model_fits
 from trainlab.multiply.data import MultiplicationDataset, MultiplyDataConfig
 from trainlab.multiply.models import Seq2SeqConfig, SimpleTransformer, build_model
 from trainlab.multiply.task import decode_problems
 
-PROBLEM = re.compile(r"^\s*(\d+)\s*[*xX×]\s*(\d+)\s*$")
+# ASCII digits only: Python's int() also reads other scripts' digits ("٣" is 3), which would
+# make "٣*٤" a problem the model never saw written that way
+PROBLEM = re.compile(r"\s*([0-9]+)\s*[*xX×]\s*([0-9]+)\s*")
 
 
 def load_members(ckpt: Checkpoint, device: torch.device) -> dict[str, SimpleTransformer]:
@@ -22,7 +25,9 @@ def load_members(ckpt: Checkpoint, device: torch.device) -> dict[str, SimpleTran
     models = {}
     names = sorted({n.split("/")[0] for n in ckpt.sums if n.endswith("/model.pt")})
     for name in names:
-        model = build_model(ckpt.config(f"{name}/model_config.json", Seq2SeqConfig))
+        cfg = ckpt.config(f"{name}/model_config.json", Seq2SeqConfig)
+        check_model_fits(lambda: build_model(cfg), device, f"{ckpt.path}'s {name} model")
+        model = build_model(cfg)
         ckpt.load_weights(model, f"{name}/model.pt")
         models[name] = model.to(device).eval()
     if not models:
@@ -35,14 +40,19 @@ def trained_data_config(ckpt: Checkpoint) -> MultiplyDataConfig:
 
 
 def parse_problem(text: str, max_digits: int) -> tuple[int, int]:
-    m = PROBLEM.match(text)
+    """``A*B`` (or ``AxB``, ``A×B``) with ASCII digits, each operand 1 to ``max_digits`` digits long."""
+    shown = text if len(text) <= 40 else text[:40] + "..."
+    m = PROBLEM.fullmatch(text)
     if not m:
-        raise UsageError(f"problem: expected A*B with whole numbers, e.g. 123*456, got {text!r}")
-    a, b = int(m.group(1)), int(m.group(2))
-    for x in (a, b):
-        if x < 1 or len(str(x)) > max_digits:
-            raise UsageError(f"problem: operands must be between 1 and {10 ** max_digits - 1} for this model, got {x}")
-    return a, b
+        sign = " (operands are whole numbers from 1 up: no signs)" if re.match(r"\s*[-+]", text) else ""
+        raise UsageError(f"problem: expected A*B with whole numbers in ASCII digits, e.g. 123*456, "
+                         f"got {shown!r}{sign}")
+    limit = 10 ** max_digits - 1
+    for digits in m.groups():  # checked as text first: int() refuses over 4,300 digits with a traceback
+        if len(digits.lstrip("0")) > max_digits or int(digits) < 1:
+            raise UsageError(f"problem: operands must be between 1 and {limit} for this model, got "
+                             f"{digits if len(digits) <= 20 else digits[:20] + '...'}")
+    return int(m.group(1)), int(m.group(2))
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

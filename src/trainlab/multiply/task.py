@@ -17,7 +17,9 @@ import torch
 import torch.nn as nn
 
 from trainlab.config import ConfigError, in_range, non_negative, one_of, positive
+from trainlab.engine.device import resolve_device
 from trainlab.engine.loop import Evaluation, StepLoss, Summary, TrainConfig
+from trainlab.engine.memory import check_model_fits
 from trainlab.engine.tracking import Run
 from trainlab.multiply.data import (
     BOS,
@@ -160,6 +162,9 @@ class MultiplyTask:
         self.dataset = MultiplicationDataset(data)
         self.model_cfgs = {k: member_config(model, k, data) for k in task.member_list()}
         self.member_names = list(self.model_cfgs)
+        device = resolve_device(train.device)
+        for name, cfg in self.model_cfgs.items():  # before any run folder exists
+            check_model_fits(lambda cfg=cfg: build_model(cfg), device, f"the {name} model")
         self.criterion = SequenceAccuracyLoss(loss)
         self._val_idx: np.ndarray | None = None
         self._train_idx: np.ndarray | None = None
