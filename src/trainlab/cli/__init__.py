@@ -14,7 +14,7 @@ import re
 import sys
 from typing import Sequence
 
-from trainlab.cli import chat, multiply, runs
+from trainlab.cli import chat, multiply, runs, tune
 from trainlab.cli.common import EXIT_FAILED, EXIT_USAGE, Parser, one_line, settings_from
 from trainlab.cli.training import _chat_sections, _multiply_sections
 from trainlab.config import ConfigError, UsageError
@@ -23,7 +23,7 @@ from trainlab.engine.loop import TrainingError
 
 __all__ = ["build_parser", "main", "settings_from", "_chat_sections", "_multiply_sections"]
 
-GROUPS = (multiply, chat, runs)
+GROUPS = (multiply, chat, runs, tune)
 COMMANDS = {key: command for group in GROUPS for key, command in group.COMMANDS.items()}
 
 
