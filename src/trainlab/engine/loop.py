@@ -164,10 +164,10 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
         save_now = (cfg.save_every_minutes is not None
                     and time.perf_counter() - s.t_saved >= 60 * cfg.save_every_minutes)
         if d.active:  # a stop on any rank stops every rank after this step; rank 0's clock says when to save
-            agreed = all_sum([float(stop.requested), float(save_now and d.main)], device).tolist()
+            agreed = all_sum([float(stop.requested), float(save_now and d.main), float(stop.hurry)], device).tolist()
             if agreed[0] > 0:
                 stop.request("another process stopped")
-            save_now = agreed[1] > 0
+            save_now, stop.hurry = agreed[1] > 0, agreed[2] > 0
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
             log_scalars(s, bar)
         if state.step % cfg.eval_every == 0:
@@ -239,15 +239,16 @@ def finish(s: Session, bar, stop: StopSignals, start_step: int, fresh: bool, t_s
     if s.last_save != state.step or (fresh and state.step == 0):
         checkpoint(s)
     saved_in = time.perf_counter() - t_save
-    if interrupted and trained and s.last_eval != state.step and stop.reason != "pruned":
-        # for the user's eyes only: the checkpoint is written, so a resume continues as if
-        # this evaluation never happened (and it cannot become the best checkpoint)
+    status = "pruned" if stop.reason == "pruned" else "interrupted" if interrupted else "finished"
+    s.run.update(status=status, step=state.step)  # before anything optional: a grace period may end soon
+    if interrupted and trained and s.last_eval != state.step and stop.reason != "pruned" and not stop.hurry:
+        # for the eyes of whoever pressed Ctrl+C (a scheduler's SIGTERM wants the process gone):
+        # the checkpoint is written, so a resume continues as if this evaluation never happened
+        # (and it cannot become the best checkpoint)
         evaluate_all(s, track_best=False)
     for w in s.writers.values():
         w.close()
     wall = time.perf_counter() - t_start
-    status = "pruned" if stop.reason == "pruned" else "interrupted" if interrupted else "finished"
-    s.run.update(status=status, step=state.step)
     if interrupted:
         why = f" ({stop.reason})" if stop.reason else ""
         echo(f"{'pruned' if status == 'pruned' else 'interrupted'} at step {state.step}{why}; checkpoint saved "

@@ -41,6 +41,7 @@ class StopSignals:
         self.requested = False
         self.signum: int | None = None
         self.reason = ""
+        self.hurry = False  # SIGTERM or SIGHUP: a grace period is running, leave as soon as it is saved
         self._say = say or (lambda line: print(line, flush=True))
         self._previous: dict[int, object] = {}
 
@@ -61,6 +62,7 @@ class StopSignals:
         if self.requested and self.signum is not None:
             raise Aborted(signum)
         self.requested, self.signum, self.reason = True, signum, name
+        self.hurry = signum != signal.SIGINT
         again = "Ctrl+C" if signum == signal.SIGINT else name
         self._say(f"\n{name}: stopping after this step and saving ({again} again to abort without saving)")
 
