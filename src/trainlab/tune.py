@@ -19,7 +19,9 @@ the command line and presets as usual; ``max_steps`` comes from the budget.
 The objective is the task's own metric, its best value over a trial's evaluations, of the
 better member when several train: multiply's val exact-match on its hardest operand class
 (``exact_match_DxD`` for D = --max-digits), chat's val loss. Each evaluation is reported to
-Optuna, which may prune the trial there (the run then ends saved, status ``pruned``).
+Optuna at the share of its budget done (per mille of its steps: with a budget in minutes,
+trials of different step costs meet at equal training time), and Optuna may prune the
+trial there (the run then ends saved, status ``pruned``).
 
 Trials are counted toward ``--trials`` when they finish or are pruned; a trial that
 fails or is interrupted (Ctrl+C, SIGTERM, a kill) is marked failed and another is run in
@@ -303,9 +305,8 @@ def make_pruner(plan: StudyPlan):
     if plan.pruner == "none":
         return optuna.pruners.NopPruner()
     if plan.pruner == "hyperband":
-        every = int(plan.base.get("eval_every", 500))
-        top = plan.budget_steps or max(every * 9, every)
-        return optuna.pruners.HyperbandPruner(min_resource=every, max_resource=max(top, every), reduction_factor=3)
+        # resources are per mille of each trial's budget (see run_trial's reports)
+        return optuna.pruners.HyperbandPruner(min_resource=100, max_resource=1000, reduction_factor=3)
     return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
 
 
@@ -407,7 +408,9 @@ def run_trial(plan: StudyPlan, study, trial, kind, say: Callable[[str], None]) -
     def prune(step: int, metrics: dict[str, dict[str, float]]) -> bool:
         value = score({m: float(e.get(plan.objective, math.nan)) for m, e in metrics.items()}, plan.direction)
         if math.isfinite(value):
-            trial.report(value, step)
+            # reported at the share of the budget done (per mille), not the step: with a budget in
+            # minutes a small model takes more steps, and trials must be compared at equal time
+            trial.report(value, round(1000 * step / steps))
         return trial.should_prune()
 
     t0 = time.perf_counter()
