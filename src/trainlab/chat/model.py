@@ -160,3 +160,102 @@ class GPT(nn.Module):
 
 def _block_output(block: Block, x: torch.Tensor) -> torch.Tensor:
     return block(x)[0]
+
+
+# -- decoding many sequences at once (trainlab chat serve) -------------------------------------
+class SlotCache:
+    """Keys and values of up to ``slots`` sequences, one row each, for decoding them together.
+    Row r holds its sequence's positions 0..lengths[r]-1; what lies past that is stale."""
+
+    def __init__(self, cfg: GPTConfig, slots: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        slots = -(-slots // 8) * 8  # whole eights of rows: matmuls of such row counts do not depend on threads
+        shape = (cfg.num_layers, slots, cfg.nhead, cfg.context_len, cfg.d_model // cfg.nhead)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, S, H, ctx, hd)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = [0] * slots
+
+    @property
+    def slots(self) -> int:
+        return len(self.lengths)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention written out: (B, H, T, hd) queries over (B, H, S, hd) keys where ``mask`` allows.
+    Not ``scaled_dot_product_attention``: its CPU kernel's result changes in the last bit with
+    the thread count, and a served stream must not change with the threads it gets."""
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, S)
+    return torch.softmax(att.masked_fill(~mask, float("-inf")), dim=-1) @ v  # (B, H, T, hd)
+
+
+def _serve_forward(model: GPT, x: torch.Tensor, store, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, T, D), embedded, through every block, as ``GPT.forward`` does; ``store(i, k, v)``
+    keeps block i's new keys and values (B, H, T, hd) and returns all that its queries attend
+    to. Returns the logits (B, T, V)."""
+    B, T, D = x.shape
+    H = model.cfg.nhead
+    for i, block in enumerate(model.blocks):
+        q, k, v = block.attn.qkv(block.ln1(x)).split(D, dim=2)  # (B, T, D) each
+        q, k, v = (t.view(B, T, H, D // H).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        keys, values = store(i, k, v)
+        y = _attend(q, keys, values, mask).transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        x = x + block.attn.proj(y)
+        x = x + block.mlp(block.ln2(x))
+    return model.head(model.ln_f(x))
+
+
+PREFILL_CHUNK = 32  # prompt positions per pass (see prefill_row)
+
+
+@torch.no_grad()
+def prefill_row(model: GPT, tokens: list[int], cache: SlotCache, row: int) -> torch.Tensor:
+    """Run ``tokens`` (at most the context) through ``model`` and keep their keys and values in
+    ``row``; returns the logits after the last token (V,).
+
+    The prompt goes in ``PREFILL_CHUNK`` positions at a time, the last chunk padded: CPU
+    matmuls of some row counts (11, say) round differently with 1 and 2 threads, those of a
+    multiple of 8 rows did not in any shape tried, and a stream's text must not depend on
+    the thread count it was given."""
+    device = next(model.parameters()).device
+    T, ctx, C = len(tokens), model.cfg.context_len, PREFILL_CHUNK
+    keys = torch.arange(ctx, device=device)
+    logits = None
+    for start in range(0, T, C):
+        real = min(C, T - start)
+        chunk = tokens[start:start + real] + [0] * (C - real)  # the padding is computed and never used
+        pos = torch.arange(start, start + C, device=device).clamp(max=ctx - 1)  # (C,)
+        x = model.tok(torch.tensor([chunk], device=device)) + model.pos(pos)  # (1, C, D)
+
+        def store(i, k, v, start=start, real=real):
+            cache.k[i, row, :, start:start + real] = k[0, :, :real]
+            cache.v[i, row, :, start:start + real] = v[0, :, :real]
+            return cache.k[i, row:row + 1], cache.v[i, row:row + 1]  # (1, H, ctx, hd)
+
+        seen = keys[None, :] <= torch.arange(start, start + C, device=device)[:, None]  # (C, ctx): causal
+        logits = _serve_forward(model, x, store, seen)[0, real - 1]
+    cache.lengths[row] = T
+    return logits
+
+
+@torch.no_grad()
+def decode_rows(model: GPT, tokens: torch.Tensor, cache: SlotCache) -> torch.Tensor:
+    """One new token for every row of ``cache`` (``tokens`` (S,), each at position
+    ``lengths[r]``, which must be below the context); returns the next logits (S, V).
+
+    Every row is computed, used or not: the shapes never change, so a row's numbers do not
+    depend on what the other rows hold or how many are in use, nor (``_attend``) on the
+    thread count: a stream alone and among others gets the same text from the same seed.
+    Lengths are not advanced here: the caller advances the rows it uses."""
+    S, ctx = cache.slots, model.cfg.context_len
+    device = tokens.device
+    pos = torch.tensor(cache.lengths, device=device)  # (S,)
+    rows = torch.arange(S, device=device)  # (S,)
+    x = model.tok(tokens[:, None]) + model.pos(pos)[:, None]  # (S, 1, D)
+
+    def store(i, k, v):
+        cache.k[i, rows, :, pos] = k[:, :, 0]  # each row's new key at its own position
+        cache.v[i, rows, :, pos] = v[:, :, 0]
+        return cache.k[i], cache.v[i]  # (S, H, ctx, hd)
+
+    seen = (torch.arange(ctx, device=device)[None, :] <= pos[:, None])[:, None, None, :]  # (S, 1, 1, ctx)
+    return _serve_forward(model, x, store, seen)[:, 0]  # (S, V)

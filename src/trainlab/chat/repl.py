@@ -27,6 +27,8 @@ from trainlab.chat.task import MEMBER
 from trainlab.config import ConfigError
 from trainlab.engine.checkpoint import Checkpoint, CheckpointError
 from trainlab.engine.memory import check_model_fits
+from trainlab.engine.stopping import Aborted
+from trainlab.engine.threads import ThreadTuner
 
 STYLES = ("inline", "block")
 
@@ -62,11 +64,12 @@ def encode_warn(vocab: CharVocab, text: str, warn: Callable[[str], None]) -> lis
     return ids.tolist()
 
 
-def complete(cm: ChatModel, ids: list[int], cfg: SamplingConfig, generator: torch.Generator) -> Iterator[str]:
+def complete(cm: ChatModel, ids: list[int], cfg: SamplingConfig, generator: torch.Generator,
+             tuner: ThreadTuner | None = None) -> Iterator[str]:
     """Stream a completion of ``ids``; an empty prompt starts from a new line."""
     start = cm.vocab.encode_known("\n")[0]
     return generate(cm.model, ids, cfg, lambda i: cm.vocab.chars[i], generator,
-                    fallback_start=int(start[0]) if len(start) else 0)
+                    fallback_start=int(start[0]) if len(start) else 0, tuner=tuner)
 
 
 @dataclass
@@ -108,7 +111,10 @@ def default_dialogue(saved: dict, style: str | None, user: str | None, bot: str 
 
 def repl(cm: ChatModel, dialogue: Dialogue, cfg: SamplingConfig, generator: torch.Generator,
          inp: TextIO | None = None, out: TextIO | None = None, warn: Callable[[str], None] | None = None) -> int:
-    """Chat until end of input or ``/quit``; ``/reset`` forgets the conversation."""
+    """Chat until end of input, ``/quit`` or Ctrl+C at the prompt; ``/reset`` forgets the
+    conversation. Ctrl+C during an answer stops that answer (it is left out of the
+    conversation) and returns to the prompt."""
+    tuner = ThreadTuner(enabled=next(cm.model.parameters()).device.type == "cpu")
     inp, out = inp or sys.stdin, out or sys.stdout
     warn = warn or (lambda line: print(line, file=sys.stderr))
     if cfg.stop_at == "none":
@@ -122,7 +128,13 @@ def repl(cm: ChatModel, dialogue: Dialogue, cfg: SamplingConfig, generator: torc
     while True:
         out.write(f"{dialogue.user}: ")
         out.flush()
-        line = inp.readline()
+        try:
+            line = inp.readline()
+        except KeyboardInterrupt as e:
+            if isinstance(e, Aborted):  # SIGTERM: leave as the command does
+                raise
+            out.write("\n")
+            return 0
         if not line or line.strip() == "/quit":
             out.write("\n" if not line else "")
             return 0
@@ -137,9 +149,16 @@ def repl(cm: ChatModel, dialogue: Dialogue, cfg: SamplingConfig, generator: torc
         prompt = (history + bot_cue)[-ctx:]
         out.write(f"{dialogue.bot}: ")
         reply = ""
-        for piece in generate(cm.model, prompt, cfg, lambda i: cm.vocab.chars[i], generator):
-            reply += piece
-            out.write(piece)
-            out.flush()
+        try:
+            for piece in generate(cm.model, prompt, cfg, lambda i: cm.vocab.chars[i], generator, tuner=tuner):
+                reply += piece
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt as e:
+            if isinstance(e, Aborted):
+                raise
+            out.write(" [stopped]\n")
+            history = history[-ctx:]  # the cut answer is not part of the conversation
+            continue
         out.write("\n")
         history = (history + bot_cue + cm.vocab.encode(reply.strip()).tolist() + end)[-ctx:]

@@ -141,14 +141,16 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 @torch.no_grad()
 def generate(model, prompt: list[int], cfg: SamplingConfig, decode: Callable[[int], str],
-             generator: torch.Generator, fallback_start: int = 0) -> Iterator[str]:
+             generator: torch.Generator, fallback_start: int = 0, tuner=None) -> Iterator[str]:
     """Stream the completion of ``prompt`` (token ids) piece by piece.
 
     Trailing whitespace is held back until a later character shows it is not a
     boundary, so nothing streamed is ever taken back. The model sees at most its
     context: when the cache fills it is rebuilt from the last three quarters of it
     (learned positions cannot slide), costing one window's forward pass every
-    ``context_len / 4`` characters."""
+    ``context_len / 4`` characters. ``tuner`` (an ``engine.threads.ThreadTuner``) picks
+    the thread count of the one-character steps by timing them."""
+    step = tuner.run if tuner is not None else (lambda fn: fn())
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -175,7 +177,7 @@ def generate(model, prompt: list[int], cfg: SamplingConfig, decode: Callable[[in
             if cache[0][0].shape[2] >= ctx:
                 logits, cache = model(torch.tensor([tokens[-keep:]], device=device))
             else:
-                logits, cache = model(torch.tensor([[tok]], device=device), cache)
+                logits, cache = step(lambda: model(torch.tensor([[tok]], device=device), cache))
         if len(text) > sent:
             yield text[sent:]
     finally:

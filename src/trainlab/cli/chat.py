@@ -1,4 +1,4 @@
-"""``trainlab chat train|generate|repl``: ChatGoT."""
+"""``trainlab chat train|generate|repl|serve``: ChatGoT."""
 
 from __future__ import annotations
 
@@ -20,16 +20,27 @@ def add_parser(sub) -> None:
     gen = csub.add_parser("generate", help="print the prompt and a completion")
     gen.add_argument("--prompt", default="", help="text to continue (default: start from a new line)")
     repl = csub.add_parser("repl", help="chat with a trained model in the style of its corpus")
-    repl.add_argument("--user-name", help="your speaker name (default: the corpus's second most frequent)")
-    repl.add_argument("--bot-name", help="the model's speaker name (default: the corpus's most frequent)")
-    repl.add_argument("--style", choices=("inline", "block"),
-                      help="turns as 'NAME: line' or 'NAME:' then the speech (default: the corpus's)")
-    for p in (gen, repl):
+    serve = csub.add_parser("serve", help="a chat page at / and an OpenAI-compatible API at /v1")
+    for p in (repl, serve):
+        p.add_argument("--user-name", help="your speaker name (default: the corpus's second most frequent)")
+        p.add_argument("--bot-name", help="the model's speaker name (default: the corpus's most frequent)")
+        p.add_argument("--style", choices=("inline", "block"),
+                       help="turns as 'NAME: line' or 'NAME:' then the speech (default: the corpus's)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 request "
+                                         "(default: the TRAINLAB_API_KEY environment variable, else none)")
+    serve.add_argument("--slots", type=int, default=8, help="streams decoded together")
+    serve.add_argument("--max-queue", type=int, default=16, help="requests that may wait for a slot; past that, 429")
+    serve.add_argument("--max-prompt-chars", type=int, default=16384, help="longest prompt accepted")
+    serve.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens accepted")
+    for p in (gen, repl, serve):
         p.add_argument("--checkpoint", required=True, metavar="RUN_OR_PATH",
                        help="run id, run folder or checkpoint folder")
         p.add_argument("--best", action="store_true", help="use the run's best checkpoint (lowest val loss)")
         p.add_argument("--runs-dir", default="runs", help="root folder of all runs")
         p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
+    for p in (gen, repl):
         add_flags(p, SamplingConfig, "sampling (in this order: repetition penalty, temperature, top-k, top-p)")
 
 
@@ -50,6 +61,62 @@ def _load_chat(args: argparse.Namespace):
     return cm, sampling, make_generator(sampling.seed)
 
 
+def chat_serve(args: argparse.Namespace) -> int:
+    import os
+    import socket
+
+    import uvicorn
+
+    from trainlab.chat.repl import default_dialogue, load_chat_model
+    from trainlab.chat.serve import Limits, Server, checkpoint_info
+    from trainlab.chat.task import TASK_NAME
+    from trainlab.config import ConfigError
+    from trainlab.engine.device import resolve_device
+    from trainlab.engine.tracking import resolve_checkpoint
+
+    for name in ("slots", "max_queue", "max_prompt_chars", "max_tokens_cap"):
+        if getattr(args, name) < 1:
+            raise ConfigError(name, f"must be at least 1, got {getattr(args, name)}")
+    if not 0 < args.port < 65536:
+        raise ConfigError("port", f"must be 1..65535, got {args.port}")
+    api_key = args.api_key or os.environ.get("TRAINLAB_API_KEY") or None
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:  # bound before the model loads: a taken port is one line, at once
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError("port", f"cannot listen on {args.host}:{args.port} ({e.strerror})") from None
+    ckpt = resolve_checkpoint(args.runs_dir, TASK_NAME, args.checkpoint, best=args.best)
+    cm = load_chat_model(ckpt, resolve_device(args.device))
+    dialogue = default_dialogue(cm.dialogue, args.style, args.user_name, args.bot_name)
+    server = Server(cm, dialogue, checkpoint_info(ckpt, run_name(ckpt.path)), api_key,
+                    Limits(args.slots, args.max_queue, args.max_prompt_chars, args.max_tokens_cap))
+    where = f"http://{args.host if ':' not in args.host else f'[{args.host}]'}:{args.port}"
+    print(f"serving {server.model_id} (step {ckpt.step}) at {where}/ ; OpenAI API at {where}/v1"
+          + ("; API key required" if api_key else ""), flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        warn(f"warning: listening on {args.host}: other machines can reach this server"
+             + ("" if api_key else " and no --api-key is set"))
+    try:
+        uvicorn.Server(uvicorn.Config(server.app, log_level="warning")).run(sockets=[sock])
+    finally:
+        server.engine.stop()
+        sock.close()
+    return 0
+
+
+def run_name(path) -> str:
+    """The run a checkpoint folder belongs to (its model id on the API), else the folder's name."""
+    from pathlib import Path
+
+    p = Path(path).resolve()
+    for parent in p.parents:
+        if (parent / "run.json").is_file():
+            return parent.name
+    return p.name
+
+
 def chat_generate(args: argparse.Namespace) -> int:
     from trainlab.chat.repl import complete, encode_warn
     from trainlab.engine.stopping import leave_on_signals
@@ -58,7 +125,10 @@ def chat_generate(args: argparse.Namespace) -> int:
     cm, sampling, generator = _load_chat(args)
     ids = encode_warn(cm.vocab, args.prompt, warn)
     sys.stdout.write(cm.vocab.decode(ids))  # the prompt as the model reads it
-    for piece in complete(cm, ids, sampling, generator):
+    from trainlab.engine.threads import ThreadTuner
+
+    tuner = ThreadTuner(enabled=next(cm.model.parameters()).device.type == "cpu")
+    for piece in complete(cm, ids, sampling, generator, tuner):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -75,4 +145,5 @@ def chat_repl(args: argparse.Namespace) -> int:
     return repl(cm, dialogue, sampling, generator, warn=warn)
 
 
-COMMANDS = {("chat", "train"): chat_train, ("chat", "generate"): chat_generate, ("chat", "repl"): chat_repl}
+COMMANDS = {("chat", "train"): chat_train, ("chat", "generate"): chat_generate, ("chat", "repl"): chat_repl,
+            ("chat", "serve"): chat_serve}

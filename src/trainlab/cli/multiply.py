@@ -1,4 +1,4 @@
-"""``trainlab multiply train|ask|evaluate``: the simple-vs-latent comparison."""
+"""``trainlab multiply train|ask|evaluate|compare``: the simple-vs-latent comparison."""
 
 from __future__ import annotations
 
@@ -19,6 +19,17 @@ def add_parser(sub) -> None:
     ask.add_argument("run", help="run id, run folder or checkpoint folder")
     ask.add_argument("problem", help="A*B")
     common_flags(ask)
+
+    cmp = msub.add_parser("compare", help="simple vs latent over seeds: paired tests, a report and a verdict")
+    cmp.add_argument("--id", help="comparison id (default: one derived from the settings); the same command "
+                                  "again continues the comparison")
+    cmp.add_argument("--seeds", type=int, default=3, help="seeds, each an ordinary run (--seed, --seed+1, ...)")
+    cmp.add_argument("--match-params", action="store_true",
+                     help="widen the smaller member's feed-forward so the parameter counts agree within 2%%")
+    cmp.add_argument("--recipe-simple", metavar="FILE", help="settings of the simple member only (a config file, "
+                                                            "e.g. a tune study's best.yaml); needs --recipe-latent")
+    cmp.add_argument("--recipe-latent", metavar="FILE", help="settings of the latent member only")
+    train_flags(cmp, "multiply", _multiply_sections(), resume=False)
 
     ev = msub.add_parser("evaluate", help="free-running exact-match with a 95%% confidence interval")
     ev.add_argument("run", help="run id, run folder or checkpoint folder")
@@ -82,5 +93,73 @@ def multiply_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def multiply_compare(args: argparse.Namespace) -> int:
+    import dataclasses
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from trainlab.cli.common import settings_from
+    from trainlab.cli.training import checked_task
+    from trainlab.engine.tracking import RUN_NAME, check_runs_dir
+    from trainlab.multiply.compare import MEMBERS, Plan, plan_members, read_recipe, run
+
+    kind = task_kind("multiply")
+    sections = kind.sections()
+    known = {f.name for _, cls in sections for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in settings_from(args, sections).items() if k in known}
+    if args.seeds < 1:
+        raise ConfigError("seeds", f"must be at least 1, got {args.seeds}")
+    members = [m.strip() for m in str(values.get("members", "simple,latent")).split(",") if m.strip()]
+    if sorted(members) != sorted(MEMBERS):
+        unknown = [m for m in members if m not in MEMBERS]
+        if unknown:
+            raise ConfigError("members", f"unknown member {unknown[0]!r} (have: {', '.join(MEMBERS)})")
+        raise ConfigError("match_params" if args.match_params else "members",
+                          "a comparison needs both members, simple and latent" +
+                          (": there is nothing to match one member's parameters against" if args.match_params else ""))
+    if bool(args.recipe_simple) != bool(args.recipe_latent):
+        raise ConfigError("recipe_simple", "give both --recipe-simple and --recipe-latent, or neither")
+    recipes, files = {}, {}
+    if args.recipe_simple:
+        files = {"simple": str(Path(args.recipe_simple).resolve()), "latent": str(Path(args.recipe_latent).resolve())}
+        recipes = {m: {k: v for k, v in read_recipe(f, sections).items()
+                       if k not in ("members", "seed", "run_name", "runs_dir", "tag")} for m, f in files.items()}
+    if values.get("max_steps") is None:
+        raise ConfigError("max_steps", "a comparison trains every seed to a fixed step count: set --max-steps "
+                                       "(or a preset that does)")
+    base, recipes, counts, note = plan_members(values, recipes, args.match_params)
+    seed0 = int(values.get("seed", 0))
+    seeds = list(range(seed0, seed0 + args.seeds))
+    for m in MEMBERS:  # every run's settings pass the flags' own checks before anything is written
+        checked_task(kind, {**base, **recipes.get(m, {}), "members": ",".join(MEMBERS) if not recipes else m})
+    digest = hashlib.sha256(json.dumps([base, recipes, seeds, args.match_params], sort_keys=True,
+                                       default=str).encode()).hexdigest()[:8]
+    cid = args.id or f"cmp-{values.get('min_digits', 1)}-{values.get('max_digits', 3)}d-{digest}"
+    if not RUN_NAME.fullmatch(cid) or len(cid) > 48:
+        raise ConfigError("id", f"{cid!r} must be 1-48 letters, digits, '.', '_' or '-', not starting with a symbol")
+    runs_dir = Path(base.get("runs_dir", "runs"))
+    check_runs_dir(runs_dir)
+    plan = Plan(cid, seeds, base, recipes, files, args.match_params, int(values.get("test_n", 10000)),
+                runs_dir / "compare" / cid)
+    print(f"comparison {cid}: {len(seeds)} seed(s), {'one recipe for both' if not recipes else 'own recipes'}; "
+          f"parameters simple {counts['simple']:,}, latent {counts['latent']:,}" + (f" ({note})" if note else ""))
+    out = run(plan, kind)
+    if out is None:
+        print(f"stopped; run the same command (--id {cid}) to continue the comparison")
+        return 130
+    results, report = out
+    for m in MEMBERS:
+        p = results["pooled"][m]
+        print(f"  {m:>7}: test exact-match {p['exact_match']:.2%} (95% CI {p['ci'][0]:.2%}-{p['ci'][1]:.2%}) over "
+              f"{len(seeds)} seed(s) x {results['n']:,} problems")
+    e = results["effect"]
+    print(f"  latent - simple: {100 * e['mean_diff']:+.2f} points (95% CI {100 * e['ci'][0]:+.2f} to "
+          f"{100 * e['ci'][1]:+.2f}); {e['basis']}")
+    print(f"report: {report}")
+    print(f"verdict: {results['verdict']}")
+    return 0
+
+
 COMMANDS = {("multiply", "train"): multiply_train, ("multiply", "ask"): multiply_ask,
-            ("multiply", "evaluate"): multiply_evaluate}
+            ("multiply", "evaluate"): multiply_evaluate, ("multiply", "compare"): multiply_compare}

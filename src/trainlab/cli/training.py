@@ -50,8 +50,13 @@ def _chat_sections() -> list[tuple[str, type]]:
 
 
 def _make_multiply(cfgs: dict[str, Any]):
-    from trainlab.multiply.task import MultiplyTask
+    from dataclasses import replace
 
+    from trainlab.multiply.task import MultiplyTask, sequence_length
+
+    # the lengths the members are built with, so run.json and config.json say what they are
+    n = sequence_length(cfgs["data"])
+    cfgs["model"] = replace(cfgs["model"], src_len=n, tgt_len=n)
     task = MultiplyTask(cfgs["data"], cfgs["model"], cfgs["loss"], cfgs["teacher_forcing"], cfgs["task"], cfgs["train"])
     if task.dataset.split_counts()["train"] == 0:
         raise ConfigError("min_digits", "this digit range leaves no training problems")
@@ -250,7 +255,8 @@ def new_run_from(kind: TaskKind, cfgs: dict[str, Any], task: Any, extra: dict[st
     return run, config
 
 
-def _prepare_run(args: argparse.Namespace, kind: TaskKind, values: dict[str, Any], default_preset: str | None, d: Any):
+def _prepare_run(args: argparse.Namespace, kind: TaskKind, values: dict[str, Any], default_preset: str | None, d: Any,
+                 extra: dict[str, Any] | None = None):
     """The checks, then the run: a new one, or the one resumed (locked)."""
     from trainlab.engine.loop import RESUMABLE_CHANGES, check_compatible
 
@@ -271,7 +277,7 @@ def _prepare_run(args: argparse.Namespace, kind: TaskKind, values: dict[str, Any
         raise
     tc = cfgs["train"]
     if resuming is None:
-        run, config = new_run_from(kind, cfgs, task)
+        run, config = new_run_from(kind, cfgs, task, extra)
         ckpt = None
     else:
         config = {name: asdict(c) for name, c in cfgs.items()}
@@ -289,3 +295,27 @@ def _note_extension(tc: TrainConfig) -> None:
     if tc.max_steps and tc.lr_decay_steps and tc.max_steps > tc.lr_decay_steps:
         print(f"note: the LR schedule ends at step {tc.lr_decay_steps}; steps after it run at the final LR "
               f"({tc.min_lr_ratio:g} x --lr). Pass --lr-decay-steps to stretch it.")
+
+
+def run_to_end(kind: TaskKind, values: dict[str, Any], name: str, extra: dict[str, Any] | None = None,
+               echo=print):
+    """The run ``name`` trained to its ``max_steps``: made if it does not exist, resumed if it
+    stopped early, left alone if it is done. Returns (the run, its summary or None when there
+    was nothing to do). What ``multiply compare`` builds its seeds with."""
+    import argparse as _argparse
+
+    from trainlab.engine.distributed import Dist
+    from trainlab.engine.loop import train
+    from trainlab.engine.tracking import Run
+
+    root = Path(values.get("runs_dir", "runs")) / kind.task_name / name
+    values = {**values, "run_name": name}
+    if (root / "run.json").is_file():
+        info = Run(name, kind.task_name, root).info()
+        if info.get("status") == "finished" and info.get("step") == values.get("max_steps"):
+            return Run(name, kind.task_name, root), None
+        args = _argparse.Namespace(resume=name, task=kind.command)
+    else:
+        args = _argparse.Namespace(resume=None, task=kind.command)
+    task, tc, run, config, ckpt, restart = _prepare_run(args, kind, values, None, Dist(), extra=extra)
+    return run, train(task, tc, run, config, resume=ckpt, restart=restart, echo=echo)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import re
 
 import numpy as np
 import torch
 
 from trainlab.config import ConfigError, UsageError
+from trainlab.stats import wilson_interval
 from trainlab.engine.checkpoint import Checkpoint, CheckpointError
 from trainlab.engine.memory import check_model_fits
 from trainlab.multiply.data import MultiplicationDataset, MultiplyDataConfig
@@ -53,17 +53,6 @@ def parse_problem(text: str, max_digits: int) -> tuple[int, int]:
             raise UsageError(f"problem: operands must be between 1 and {limit} for this model, got "
                              f"{digits if len(digits) <= 20 else digits[:20] + '...'}")
     return int(m.group(1)), int(m.group(2))
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (sound near 0% and 100%)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def evaluation_dataset(trained: MultiplyDataConfig, min_digits: int | None, max_digits: int | None

@@ -41,6 +41,10 @@ class Seq2SeqConfig:
                                                          "--decoder-layers says otherwise"})
     decoder_layers: int = field(default=0, metadata={"help": "decoder layers; 0: as many as --num-layers"})
     dim_feedforward: int = field(default=0, metadata={"help": "MLP hidden size; 0 means 4 * d_model"})
+    ff_simple: int = field(default=0, metadata={"help": "MLP hidden size of the simple member only; 0: as "
+                                                        "--dim-feedforward (compare --match-params sets it)"})
+    ff_latent: int = field(default=0, metadata={"help": "MLP hidden size of the latent member only; 0: as "
+                                                        "--dim-feedforward"})
     dropout: float = field(default=0.0, metadata={"help": "dropout probability"})
     num_latent: int = field(default=8, metadata={"help": "latent vectors of the latent model"})
     latent_layers: int = field(default=1, metadata={"help": "latent cross-attention blocks"})
@@ -58,7 +62,8 @@ class Seq2SeqConfig:
     def __post_init__(self) -> None:
         for name in ("d_model", "nhead", "num_layers", "num_latent", "latent_layers", "vocab_size", "src_len", "tgt_len"):
             positive(name, getattr(self, name))
-        non_negative("dim_feedforward", self.dim_feedforward)
+        for name in ("dim_feedforward", "ff_simple", "ff_latent"):
+            non_negative(name, getattr(self, name))
         non_negative("decoder_layers", self.decoder_layers)
         check_heads(self.d_model, self.nhead)
         in_range("dropout", self.dropout, 0, 1, high_open=True)

@@ -44,8 +44,20 @@ def plot(members: list[Member], path: Path) -> bool:
                       "val exact-match (%)", ylim=(-2, 102))
 
 
-def write_report(run: Run, summary: Summary) -> Path:
+def format_metric(name: str, value: float) -> str:
+    """Rates as percentages; losses and anything else as plain numbers."""
+    rate = name.startswith(("exact_match", "train_exact_match")) or name.endswith("accuracy")
+    return f"{value:.2%}" if rate else f"{value:.4g}"
+
+
+def write_report(run: Run, summary: Summary, test: dict[str, dict[str, float]] | None = None) -> Path:
+    """``test``: each member's score on the held-out test set (``inference.evaluate_members``)."""
     rows = [member_row(m) for m in summary.members]
+    for row in rows:
+        t = (test or {}).get(row["model"])
+        if t:
+            row["test exact-match (95% CI)"] = f"{t['exact_match']:.2%} ({t['ci_low']:.2%}-{t['ci_high']:.2%})"
+            row["test problems"] = f"{t['correct']:,}/{t['n']:,}"
     keys = list(rows[0])
     lines = [
         f"# Multiplication comparison: run {run.id}",
@@ -62,7 +74,7 @@ def write_report(run: Run, summary: Summary) -> Path:
     if last:
         lines += ["", "Last evaluation (free-running greedy decoding on held-out val problems):", ""]
         for name, e in last.items():
-            detail = ", ".join(f"{k} {v:.2%}" for k, v in e.items() if k != "step")
+            detail = ", ".join(f"{k} {format_metric(k, v)}" for k, v in e.items() if k != "step")
             lines.append(f"- {name} at step {int(e['step'])}: {detail}")
     png = run.dir / "val_exact_match.png"
     if plot(summary.members, png):

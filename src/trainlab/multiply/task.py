@@ -35,7 +35,7 @@ from trainlab.multiply.models import MODEL_KINDS, Seq2SeqConfig, SimpleTransform
 TASK_NAME = "parallel_comparison"
 TF_SCHEDULES = ("none", "linear", "exp", "cosine")
 # settings a resumed run may change (evaluation never touches the training trajectory)
-RESUMABLE_TASK_CHANGES = frozenset({"eval_samples", "eval_batch_size", "grad_checkpointing"})
+RESUMABLE_TASK_CHANGES = frozenset({"eval_samples", "eval_batch_size", "grad_checkpointing", "test_n"})
 
 
 @dataclass
@@ -76,21 +76,31 @@ class MultiplyTaskConfig:
     members: str = field(default="simple,latent", metadata={"help": "models to train side by side: simple,latent"})
     eval_samples: int = field(default=1000, metadata={"help": "held-out val problems per evaluation"})
     eval_batch_size: int = field(default=1024, metadata={"help": "problems decoded at once when evaluating"})
+    test_n: int = field(default=10000, metadata={"help": "held-out test problems the report scores at the end "
+                                                        "(all of them when the range has fewer)"})
 
     def __post_init__(self) -> None:
         names = self.member_list()
         if not names or any(n not in MODEL_KINDS for n in names) or len(set(names)) != len(names):
             raise ConfigError("members", f"must be a comma-separated subset of {','.join(MODEL_KINDS)}, got {self.members!r}")
-        positive("eval_samples", self.eval_samples)
-        positive("eval_batch_size", self.eval_batch_size)
+        for name in ("eval_samples", "eval_batch_size", "test_n"):
+            positive(name, getattr(self, name))
 
     def member_list(self) -> list[str]:
         return [n.strip() for n in self.members.split(",") if n.strip()]
 
 
+def sequence_length(data: MultiplyDataConfig) -> int:
+    """Source and target length of every problem of the range (operands or answer, and a marker)."""
+    return 2 * data.max_digits + 1
+
+
 def member_config(model: Seq2SeqConfig, kind: str, data: MultiplyDataConfig) -> Seq2SeqConfig:
-    ds_len = 2 * data.max_digits + 1
-    return replace(model, kind=kind, src_len=ds_len, tgt_len=ds_len)
+    """One member's own config: its kind, the range's sequence lengths, and its own MLP width
+    when ``--ff-simple`` or ``--ff-latent`` gives one."""
+    ds_len = sequence_length(data)
+    ff = (model.ff_simple if kind == "simple" else model.ff_latent) or model.dim_feedforward
+    return replace(model, kind=kind, src_len=ds_len, tgt_len=ds_len, dim_feedforward=ff)
 
 
 # -- evaluation, shared by training, `multiply evaluate` and `multiply ask` -----------------
@@ -271,7 +281,12 @@ class MultiplyTask:
         return {"model_config.json": json.dumps(asdict(self.model_cfgs[member]), indent=2)}
 
     def report(self, run: Run, summary: Summary) -> None:
+        from trainlab.multiply.inference import evaluate_members
         from trainlab.multiply.report import write_report
 
-        path = write_report(run, summary)
+        test = {}
+        if self.dataset.split_counts()["test"]:  # the final figure: the held-out test set's, with its interval
+            test = evaluate_members({m.name: m.model for m in summary.members}, self.dataset, "test",
+                                    self.task_cfg.test_n, seed=0)
+        path = write_report(run, summary, test)
         print(f"report: {path}")

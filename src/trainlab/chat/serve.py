@@ -1,0 +1,481 @@
+"""``trainlab chat serve``: a chat page at ``/`` and an OpenAI-compatible API under ``/v1``.
+
+Stack: Starlette, served by uvicorn. Starlette gives routing, streaming responses and a
+test client in a small, well-kept package; FastAPI would add request models we do not
+need, since the OpenAI shapes are checked here by hand to return OpenAI's own errors.
+
+One thread owns the model (``Engine``). Requests wait in a queue (at most ``max_queue``;
+past that, 429) for one of ``slots`` rows of a shared key/value cache. A new request's
+prompt runs through the model alone (``prefill_row``); then every tick decodes one
+character for every row at once (``decode_rows``): small matmuls cost about the same for
+8 rows as for 1, since the weights are read once either way, so 8 streams run nearly as
+fast each as one alone (measured: ``benchmarks/serve_latency.py``). All rows are computed
+on every tick, used or not, so a stream's numbers, and its text for a given ``seed``, do
+not depend on the others. Sampling is ``chat.sampling.next_token``, the function
+``generate`` and ``repl`` use, in the same documented order.
+
+Chat messages become the corpus's dialogue (as in the repl): ``user`` turns are spoken by
+the user speaker, ``assistant`` turns by the bot; a ``system`` message is written before
+the conversation as plain text followed by a blank line, as a stage direction would be
+(the model never saw one in training, so it mostly sets a scene). The reply ends where
+the corpus ends a turn (a newline for inline dialogue, a blank line for block).
+
+Safe by default: 127.0.0.1 unless told otherwise; with ``--api-key`` every ``/v1``
+request needs ``Authorization: Bearer KEY``; only the shipped page, script and style are
+served; bodies over ``MAX_BODY`` bytes are refused (413); prompts and ``max_tokens`` are
+capped; characters the vocabulary lacks are dropped and counted in ``usage``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import math
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import torch
+
+from trainlab.chat.model import SlotCache, decode_rows, prefill_row
+from trainlab.chat.repl import ChatModel, Dialogue
+from trainlab.chat.sampling import SamplingConfig, make_generator, next_token, stop_length
+from trainlab.config import ConfigError
+from trainlab.engine.threads import ThreadTuner
+
+MAX_BODY = 1 << 20
+STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/static/app.js": ("app.js", "text/javascript"),
+          "/static/style.css": ("style.css", "text/css")}
+
+
+@dataclass
+class Limits:
+    slots: int = 8
+    max_queue: int = 16
+    max_prompt_chars: int = 16384
+    max_tokens_cap: int = 4096
+
+
+class ApiError(Exception):
+    """An error in OpenAI's JSON shape, with its HTTP status."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.param, self.code = status, kind, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# -- one request's generation ------------------------------------------------------------------
+@dataclass
+class Job:
+    """A prompt to continue, how, and where its text goes (an asyncio queue of another thread)."""
+
+    prompt: list[int]
+    cfg: SamplingConfig
+    stops: list[str]
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    tokens: list[int] = field(default_factory=list)  # prompt and completion, as the model reads them
+    text: str = ""  # the completion so far, stops not applied
+    sent: int = 0  # characters of ``text`` already sent
+    generated: int = 0
+    cancelled: bool = False
+
+    def emit(self, kind: str, value: Any = None) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
+
+    def add(self, piece: str) -> str | None:
+        """Take one more character; returns the finish reason when the completion is done.
+        Text that may still turn out to be a stop (a stop string's beginning, a trailing
+        space at a boundary) is held back until it is known not to be."""
+        self.text += piece
+        self.generated += 1
+        for s in self.stops:
+            at = self.text.find(s)
+            if at >= 0:
+                self._flush(at)
+                return "stop"
+        end = stop_length(self.text, self.cfg.stop_at, self.cfg.min_new_tokens)
+        if end is not None:
+            self._flush(end)
+            return "stop"
+        if self.generated >= self.cfg.max_new_tokens:
+            self._flush(len(self.text))
+            return "length"
+        ready = len(self.text.rstrip()) if self.cfg.stop_at != "none" else len(self.text)
+        for s in self.stops:  # the longest tail that begins a stop string is held back
+            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:k]):
+                    ready = min(ready, len(self.text) - k)
+                    break
+        self._flush(ready)
+        return None
+
+    def _flush(self, upto: int) -> None:
+        if upto > self.sent:
+            self.emit("text", self.text[self.sent:upto])
+            self.sent = upto
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Engine:
+    """The thread that owns the model: admits queued jobs into free rows and decodes every
+    row one character per tick."""
+
+    def __init__(self, cm: ChatModel, limits: Limits, tune_threads: bool = True) -> None:
+        self.cm, self.limits = cm, limits
+        device = next(cm.model.parameters()).device
+        self.device = device
+        self.cache = SlotCache(cm.model.cfg, limits.slots, device)
+        self.rows: list[Job | None] = [None] * limits.slots
+        self.waiting: deque[Job] = deque()
+        self.lock = threading.Condition()
+        self.running = True
+        self.tuner = ThreadTuner(enabled=tune_threads and device.type == "cpu")
+        self.thread = threading.Thread(target=self._loop, name="trainlab-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            if len(self.waiting) >= self.limits.max_queue:
+                raise QueueFull
+            self.waiting.append(job)
+            self.lock.notify()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.running = False
+            self.lock.notify()
+        self.thread.join(timeout=10)
+
+    @property
+    def busy(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while self.running and not self.waiting and not any(self.rows):
+                    self.lock.wait()
+                if not self.running:
+                    return
+                for r in range(len(self.rows)):
+                    if self.rows[r] is None and self.waiting:
+                        self.rows[r] = self.waiting.popleft()  # no tokens yet: started at the next tick
+            try:
+                self._tick()
+            except Exception as e:  # noqa: BLE001 (an engine error ends its jobs, not the server)
+                for r, job in enumerate(self.rows):
+                    if job is not None:
+                        job.emit("error", f"generation failed: {str(e).splitlines()[0][:200]}")
+                        self._free(r)
+
+    def _free(self, r: int) -> None:
+        self.rows[r] = None
+        self.cache.lengths[r] = 0
+
+    def _take(self, r: int, logits: torch.Tensor) -> None:
+        """Sample row r's next character from ``logits`` and pass it to its job."""
+        job = self.rows[r]
+        window = job.tokens[-job.cfg.repetition_window:] if job.cfg.repetition_window else []
+        tok = next_token(logits, torch.tensor(window, dtype=torch.long), job.cfg, job.generator)
+        job.tokens.append(tok)
+        finish = job.add(self.cm.vocab.chars[tok])
+        if finish is not None:
+            job.emit("end", finish)
+            self._free(r)
+
+    def _tick(self) -> None:
+        model, ctx = self.cm.model, self.cm.model.cfg.context_len
+        keep = max(1, ctx - ctx // 4)  # as generate(): when the context fills, keep its last three quarters
+        fresh: list[int] = []
+        for r, job in enumerate(self.rows):
+            if job is None:
+                continue
+            if job.cancelled:
+                self._free(r)
+            elif not job.tokens:  # new: its prompt goes in alone
+                job.tokens = list(job.prompt)
+                self._take(r, prefill_row(model, job.tokens[-ctx:], self.cache, r))
+                fresh.append(r)
+            elif self.cache.lengths[r] >= ctx:  # full: start again from the recent part
+                self._take(r, prefill_row(model, job.tokens[-keep:], self.cache, r))
+                fresh.append(r)
+        active = [r for r, job in enumerate(self.rows) if job is not None and r not in fresh]
+        if not active:
+            return
+        last = [job.tokens[-1] if job is not None and job.tokens else 0 for job in self.rows]
+        last = torch.tensor(last + [0] * (self.cache.slots - len(last)), device=self.device)  # (cache rows,)
+        logits = self.tuner.run(lambda: decode_rows(model, last, self.cache))  # (S, V)
+        for r in active:
+            self.cache.lengths[r] += 1
+            self._take(r, logits[r])
+
+
+# -- the HTTP side ------------------------------------------------------------------------------
+def _number(body: dict, name: str, default: float | None, kind: type = float) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+            (kind is int and not float(value).is_integer()):
+        raise ApiError(400, f"{name} must be a finite {'integer' if kind is int else 'number'}", param=name)
+    return kind(value)
+
+
+def sampling_from(body: dict, limits: Limits, stop_at: str) -> tuple[SamplingConfig, list[str]]:
+    """The request's sampling settings (OpenAI's names, plus top_k, repetition_penalty and
+    stop_at), each checked as the CLI flag of the same meaning is."""
+    n = body.get("n", 1)
+    if n != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    max_tokens = _number(body, "max_tokens", 256, int)
+    if max_tokens < 1 or max_tokens > limits.max_tokens_cap:
+        raise ApiError(400, f"max_tokens must be 1..{limits.max_tokens_cap}", param="max_tokens")
+    stops = body.get("stop") or []
+    stops = [stops] if isinstance(stops, str) else stops
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings", param="stop")
+    seed = body.get("seed")
+    values = {"temperature": _number(body, "temperature", 0.8), "top_p": _number(body, "top_p", 1.0),
+              "top_k": _number(body, "top_k", 0, int), "repetition_penalty": _number(body, "repetition_penalty", 1.0),
+              "max_new_tokens": max_tokens, "stop_at": body.get("stop_at", stop_at),
+              "seed": _number(body, "seed", None, int) if seed is not None else None}
+    if not isinstance(values["stop_at"], str):
+        raise ApiError(400, "stop_at must be a string", param="stop_at")
+    try:
+        return SamplingConfig(**values), stops
+    except ConfigError as e:
+        raise ApiError(400, str(e), param=e.field) from None
+
+
+class Server:
+    """The Starlette app around one loaded model."""
+
+    def __init__(self, cm: ChatModel, dialogue: Dialogue, info: dict[str, Any], api_key: str | None = None,
+                 limits: Limits | None = None, tune_threads: bool = True) -> None:
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        self.cm, self.dialogue, self.info, self.api_key = cm, dialogue, info, api_key
+        self.limits = limits or Limits()
+        self.model_id = str(info.get("model", "trainlab-chat"))
+        self.engine = Engine(cm, self.limits, tune_threads)
+        routes = [Route(path, self.static) for path in STATIC]
+        routes += [Route("/info", self.describe), Route("/v1/models", self.models),
+                   Route("/v1/completions", self.completions, methods=["POST"]),
+                   Route("/v1/chat/completions", self.chat, methods=["POST"])]
+        self.app = Starlette(routes=routes, exception_handlers={404: self.not_found, 405: self.not_allowed},
+                             lifespan=self._lifespan)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app):
+        yield
+        self.engine.stop()
+
+    # -- plumbing
+    def _json(self, data: Any, status: int = 200):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse(data, status_code=status)
+
+    async def not_found(self, request, exc):
+        return self._json(ApiError(404, f"no such path: {request.url.path[:100]}", code="not_found").body(), 404)
+
+    async def not_allowed(self, request, exc):
+        return self._json(ApiError(405, f"{request.method} is not allowed here").body(), 405)
+
+    def _check_key(self, request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", kind="authentication_error",
+                           code="invalid_api_key")
+
+    async def _body(self, request) -> dict:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
+            raise ApiError(413, f"request body over {MAX_BODY} bytes")
+        data = b""
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_BODY:
+                raise ApiError(413, f"request body over {MAX_BODY} bytes")
+        try:
+            body = json.loads(data or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        model = body.get("model", self.model_id)
+        if model != self.model_id:
+            raise ApiError(404, f"no model {str(model)[:80]!r}; this server has {self.model_id!r}",
+                           code="model_not_found", param="model")
+        return body
+
+    def _encode(self, text: str) -> tuple[list[int], int]:
+        ids, lacking = self.cm.vocab.encode_known(text)
+        return ids.tolist(), len(lacking)
+
+    # -- routes
+    async def static(self, request):
+        from starlette.responses import Response
+
+        name, media = STATIC[request.url.path]
+        data = (resources.files("trainlab.chat") / "static" / name).read_bytes()
+        return Response(data, media_type=media, headers={"Cache-Control": "no-cache"})
+
+    async def describe(self, request):
+        return self._json({**self.info, "auth": self.api_key is not None, "dialogue": vars(self.dialogue)})
+
+    async def models(self, request):
+        try:
+            self._check_key(request)
+        except ApiError as e:
+            return self._json(e.body(), e.status)
+        return self._json({"object": "list", "data": [{"id": self.model_id, "object": "model",
+                                                        "created": int(self.info.get("created", 0)),
+                                                        "owned_by": "trainlab"}]})
+
+    async def completions(self, request):
+        return await self._serve(request, chat=False)
+
+    async def chat(self, request):
+        return await self._serve(request, chat=True)
+
+    def _chat_prompt(self, messages: Any) -> str:
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "messages must be a non-empty list", param="messages")
+        d = self.dialogue
+        text = ""
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
+                    m.get("role") not in ("system", "user", "assistant"):
+                raise ApiError(400, "each message needs a role (system, user, assistant) and text content",
+                               param="messages")
+            if m["role"] == "system":
+                text += m["content"].strip() + "\n\n"
+            else:
+                speaker = d.user if m["role"] == "user" else d.bot
+                text += d.cue(speaker) + m["content"].strip() + d.end
+        return text + d.cue(d.bot)
+
+    async def _serve(self, request, chat: bool):
+        try:
+            self._check_key(request)
+            body = await self._body(request)
+            if chat:
+                prompt_text = self._chat_prompt(body.get("messages"))
+                default_stop_at = self.dialogue.stop_at
+            else:
+                prompt = body.get("prompt", "")
+                if isinstance(prompt, list) and len(prompt) == 1:
+                    prompt = prompt[0]
+                if not isinstance(prompt, str):
+                    raise ApiError(400, "prompt must be a string", param="prompt")
+                prompt_text, default_stop_at = prompt, "none"
+            if len(prompt_text) > self.limits.max_prompt_chars:
+                raise ApiError(400, f"the prompt is over {self.limits.max_prompt_chars} characters", param="prompt")
+            cfg, stops = sampling_from(body, self.limits, default_stop_at)
+            ids, dropped = self._encode(prompt_text)
+            if not ids:  # an empty prompt starts from a new line, as generate does
+                ids = self._encode("\n")[0] or [0]
+            loop = asyncio.get_running_loop()
+            job = Job(ids, cfg, stops, loop, asyncio.Queue(), make_generator(cfg.seed))
+            try:
+                self.engine.submit(job)
+            except QueueFull:
+                raise ApiError(429, "too many requests waiting; try again shortly", kind="rate_limit_error",
+                               code="queue_full") from None
+        except ApiError as e:
+            return self._json(e.body(), e.status)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(8)}"
+        created = int(time.time())
+        usage = lambda: {"prompt_tokens": len(ids), "completion_tokens": job.generated,  # noqa: E731
+                         "total_tokens": len(ids) + job.generated, "dropped_characters": dropped}
+        if body.get("stream"):
+            return self._stream(job, rid, created, chat, usage)
+        text, finish = "", None
+        while finish is None:
+            kind, value = await job.out.get()
+            if kind == "text":
+                text += value
+            elif kind == "end":
+                finish = value
+            else:
+                return self._json(ApiError(500, value, kind="server_error").body(), 500)
+        choice = {"index": 0, "finish_reason": finish}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+            obj = "chat.completion"
+        else:
+            choice.update(text=text, logprobs=None)
+            obj = "text_completion"
+        return self._json({"id": rid, "object": obj, "created": created, "model": self.model_id, "choices": [choice],
+                           "usage": usage()})
+
+    def _stream(self, job: Job, rid: str, created: int, chat: bool, usage):
+        from starlette.responses import StreamingResponse
+
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: dict | str | None, finish: str | None, with_usage: bool = False) -> str:
+            choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+            if chat:
+                choice["delta"] = delta or {}
+            else:
+                choice.update(text=delta or "", logprobs=None)
+            data = {"id": rid, "object": obj, "created": created, "model": self.model_id, "choices": [choice]}
+            if with_usage:
+                data["usage"] = usage()
+            return f"data: {json.dumps(data)}\n\n"
+
+        async def events():
+            try:
+                if chat:
+                    yield chunk({"role": "assistant", "content": ""}, None)
+                while True:
+                    kind, value = await job.out.get()
+                    if kind == "text":
+                        yield chunk({"content": value} if chat else value, None)
+                    elif kind == "end":
+                        yield chunk(None, value, with_usage=True)
+                        break
+                    else:
+                        yield f"data: {json.dumps(ApiError(500, value, kind='server_error').body())}\n\n"
+                        break
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancelled = True  # a client that left frees its row at the next tick
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def checkpoint_info(ckpt, run_id: str) -> dict[str, Any]:
+    """What the page shows of the checkpoint it serves: run, step, val loss."""
+    info: dict[str, Any] = {"model": run_id, "run": run_id, "step": ckpt.step, "checkpoint": str(ckpt.path),
+                            "created": int(ckpt.meta.get("saved_at", time.time()))}
+    try:
+        state = ckpt.tensors("gpt/train_state.pt")
+        evals = state.get("evals") or []
+        if evals and "val_loss" in evals[-1]:
+            info["val_loss"] = float(evals[-1]["val_loss"])
+    except Exception:  # noqa: BLE001 (the page can do without it)
+        pass
+    return info

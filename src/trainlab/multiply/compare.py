@@ -1,0 +1,342 @@
+"""``trainlab multiply compare``: does the latent bottleneck help? Simple against latent over
+several seeds, scored on the same held-out test problems, with a paired test and a verdict.
+
+Protocol. Seed k is an ordinary run, ``<id>-seed<k>``, trained with ``--seed`` base+k: both
+members in lockstep on the same batches (one recipe for both), or, with ``--recipe-simple``
+and ``--recipe-latent``, each member in a run of its own with its own recipe (found, say,
+by ``trainlab tune --members ...`` with equal budgets; the report names the files). Every
+seed trains to its ``--max-steps``; the comparison resumes where it stopped, seed by seed
+(a finished seed is not trained again). Then each seed's final models answer the same
+``--test-n`` held-out test problems (all of them when the range has fewer), free-running.
+
+What is reported (``trainlab/stats.py`` says why): exact-match with Wilson intervals,
+overall and per operand-length class; per seed, the paired difference (latent minus
+simple) with McNemar's exact test; over seeds, the mean difference (the effect size, in
+points of exact-match) with its t interval and a paired t-test, on which the verdict
+rests (McNemar's test when there is one seed). ``--match-params`` widens the smaller
+member's feed-forward layer until the parameter counts agree within 2%.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainlab.config import UsageError, build, load_yaml
+from trainlab.stats import over_seeds, paired, verdict, wilson_interval
+
+MEMBERS = ("simple", "latent")
+MATCH_TOLERANCE = 0.02
+
+
+@dataclass
+class Plan:
+    id: str
+    seeds: list[int]
+    base: dict[str, Any]  # settings of both members (same recipe), or what the recipes start from
+    recipes: dict[str, dict[str, Any]]  # member -> its own settings (empty: one recipe for both)
+    recipe_files: dict[str, str]
+    match_params: bool
+    test_n: int
+    folder: Path
+
+    @property
+    def same_recipe(self) -> bool:
+        return not self.recipes
+
+    def runs(self) -> list[tuple[int, str, list[str], dict[str, Any]]]:
+        """(seed, run name, members it trains, its settings) for every run of the comparison."""
+        out = []
+        for seed in self.seeds:
+            if self.same_recipe:
+                out.append((seed, f"{self.id}-seed{seed}", list(MEMBERS),
+                            {**self.base, "seed": seed, "members": ",".join(MEMBERS)}))
+            else:
+                for m in MEMBERS:
+                    out.append((seed, f"{self.id}-{m}-seed{seed}", [m],
+                                {**self.base, **self.recipes[m], "seed": seed, "members": m}))
+        return out
+
+    def identity(self) -> dict[str, Any]:
+        return {"task": "multiply", "seeds": self.seeds, "mode": "same recipe" if self.same_recipe else "own recipes",
+                "recipes": self.recipe_files, "match_params": self.match_params,
+                "settings": {k: v for k, v in sorted(self.base.items()) if k not in ("progress", "run_name")},
+                "recipe_settings": self.recipes}
+
+
+def read_recipe(path: str, sections: list[tuple[str, type]]) -> dict[str, Any]:
+    from trainlab.config import check_known_keys
+
+    values = load_yaml(path)
+    check_known_keys(values, [cls for _, cls in sections], path)
+    return values
+
+
+# -- --match-params ----------------------------------------------------------------------------
+def member_parameters(values: dict[str, Any], member: str) -> int:
+    """Parameters of ``member`` as ``values`` would build it (counted without allocating)."""
+    from trainlab.engine.memory import parameter_count
+    from trainlab.multiply.data import MultiplyDataConfig
+    from trainlab.multiply.models import Seq2SeqConfig, build_model
+    from trainlab.multiply.task import member_config
+
+    cfg = member_config(build(Seq2SeqConfig, values), member, build(MultiplyDataConfig, values))
+    n = parameter_count(lambda: build_model(cfg))
+    if n is None:
+        raise UsageError("--match-params: cannot count the members' parameters")
+    return n
+
+
+def match_parameters(values_of: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, int], str]:
+    """Widen the smaller member's feed-forward layer (``ff_<member>``) until the counts agree
+    within ``MATCH_TOLERANCE``; returns the members' settings, their counts, and what changed.
+    The count is linear in the width, so two counts give the width that matches."""
+    counts = {m: member_parameters(values_of[m], m) for m in MEMBERS}
+    small, large = sorted(MEMBERS, key=lambda m: counts[m])
+    if abs(counts[large] - counts[small]) <= MATCH_TOLERANCE * counts[large]:
+        return values_of, counts, "already within 2%"
+    v = values_of[small]
+    width = int(v.get(f"ff_{small}") or v.get("dim_feedforward") or 4 * int(v.get("d_model", 128)))
+    per_unit = (member_parameters({**v, f"ff_{small}": width + 64}, small) - counts[small]) / 64
+    target = max(1, round(width + (counts[large] - counts[small]) / per_unit))
+    matched = {**values_of, small: {**v, f"ff_{small}": target}}
+    counts = {**counts, small: member_parameters(matched[small], small)}
+    if abs(counts[large] - counts[small]) > MATCH_TOLERANCE * counts[large]:
+        raise UsageError(f"--match-params: could not bring {small} within 2% of {large} ({counts[small]:,} against "
+                         f"{counts[large]:,})")
+    return matched, counts, f"{small}'s feed-forward widened from {width} to {target}"
+
+
+# -- scoring -----------------------------------------------------------------------------------
+@dataclass
+class SeedScore:
+    seed: int
+    steps: int
+    train_seconds: dict[str, float]
+    parameters: dict[str, int]
+    correct: dict[str, np.ndarray]  # member -> bool per test problem
+    curves: dict[str, list[tuple[int, float]]]  # member -> (step, val exact-match)
+
+
+def score_seed(plan: Plan, seed: int, runs: list[tuple[str, list[str]]], dataset, idx: np.ndarray) -> SeedScore:
+    """Each member's final model from its run, on the test problems ``idx``."""
+    import torch
+
+    from trainlab.engine.checkpoint import latest_checkpoint
+    from trainlab.engine.tracking import find_run
+    from trainlab.multiply.inference import load_members
+    from trainlab.multiply.task import TASK_NAME, decode_problems
+
+    runs_dir = plan.base.get("runs_dir", "runs")
+    correct, secs, params, curves, steps = {}, {}, {}, {}, 0
+    for name, members in runs:
+        run = find_run(runs_dir, TASK_NAME, name)
+        ckpt = latest_checkpoint(run.checkpoints, TASK_NAME)
+        if ckpt is None:
+            raise UsageError(f"run {name} has no checkpoint to score")
+        models = load_members(ckpt, torch.device("cpu"))
+        steps = max(steps, ckpt.step)
+        for m in members:
+            correct[m] = decode_problems(models[m], dataset, idx).correct
+            state = ckpt.tensors(f"{m}/train_state.pt")
+            secs[m] = float(state["train_seconds"])
+            params[m] = sum(p.numel() for p in models[m].parameters())
+            curves[m] = [(int(e["step"]), float(e.get("exact_match", math.nan))) for e in state["evals"]]
+    return SeedScore(seed, steps, secs, params, correct, curves)
+
+
+def classes_of(dataset, idx: np.ndarray) -> np.ndarray:
+    from trainlab.multiply.data import digit_count
+
+    a, b = dataset.pairs(idx)
+    return np.array([f"{x}x{y}" for x, y in zip(digit_count(a), digit_count(b))])
+
+
+def summarize(plan: Plan, scores: list[SeedScore], dataset, idx: np.ndarray) -> dict[str, Any]:
+    """Every figure of the report, as data (also written to results.json)."""
+    classes = classes_of(dataset, idx)
+    per_seed = []
+    for s in scores:
+        pr = paired(s.correct["simple"], s.correct["latent"])
+        row = {"seed": s.seed, "steps": s.steps, "n": pr.n, "paired": asdict(pr), "members": {}}
+        for m in MEMBERS:
+            k = int(s.correct[m].sum())
+            row["members"][m] = {"exact_match": k / pr.n, "ci": wilson_interval(k, pr.n), "correct": k,
+                                 "train_seconds": s.train_seconds[m], "parameters": s.parameters[m],
+                                 "classes": {c: float(s.correct[m][classes == c].mean()) for c in sorted(set(classes))}}
+        per_seed.append(row)
+    diffs = [r["paired"]["diff"] for r in per_seed]
+    seeds_test = over_seeds(diffs)
+    if len(scores) >= 2:
+        p, basis = seeds_test.p, f"paired t-test over {len(scores)} seeds"
+    else:
+        p, basis = per_seed[0]["paired"]["p"], "exact McNemar test (one seed: no test over seeds)"
+    pooled = {}
+    for m in MEMBERS:
+        k = sum(r["members"][m]["correct"] for r in per_seed)
+        n = sum(r["n"] for r in per_seed)
+        pooled[m] = {"exact_match": k / n, "ci": wilson_interval(k, n),
+                     "classes": {c: float(np.mean([r["members"][m]["classes"][c] for r in per_seed]))
+                                 for c in sorted(set(classes))}}
+    effect_ci = seeds_test.ci if len(scores) >= 2 else tuple(per_seed[0]["paired"]["ci"])
+    return {"id": plan.id, "n": int(len(idx)), "seeds": plan.seeds, "per_seed": per_seed, "pooled": pooled,
+            "effect": {"mean_diff": seeds_test.mean, "sd": seeds_test.sd, "ci": effect_ci, "p": p, "basis": basis},
+            "verdict": verdict("simple", "latent", p, seeds_test.mean)}
+
+
+# -- the report --------------------------------------------------------------------------------
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def write_report(plan: Plan, results: dict[str, Any], scores: list[SeedScore], dataset) -> Path:
+    folder = plan.folder
+    r0 = results["per_seed"][0]
+    params = {m: r0["members"][m]["parameters"] for m in MEMBERS}
+    cfg = dataset.cfg
+    base = plan.base
+    lines = [f"# simple vs latent: comparison {plan.id}", "",
+             f"**Verdict: {results['verdict']}.**", "",
+             "## Protocol", "",
+             f"- Problems: {cfg.min_digits}-{cfg.max_digits} digit operands; scored on {results['n']:,} held-out "
+             f"test problems{' (all of them)' if results['n'] < plan.test_n else ''}, the same ones for every "
+             f"seed and member, answered free-running (greedy, no teacher forcing).",
+             f"- Seeds: {', '.join(map(str, plan.seeds))}; each an ordinary run of {r0['steps']:,} steps "
+             f"(batch {base.get('batch_size')}, precision {base.get('precision', 'auto')}).",
+             f"- Recipes: {'one recipe for both members, trained in lockstep on the same batches' if plan.same_recipe else 'each member its own recipe: ' + ', '.join(f'{m} from {f}' for m, f in plan.recipe_files.items())}.",
+             f"- Parameters: simple {params['simple']:,}, latent {params['latent']:,}"
+             + (" (matched with --match-params)" if plan.match_params else "") + ".",
+             f"- Statistics: Wilson 95% intervals; per seed, the paired difference latent - simple with McNemar's "
+             f"exact test; the verdict from the {results['effect']['basis']} at p < 0.05.", "",
+             "## Result", "",
+             "| | simple | latent |", "|---|---|---|"]
+    cells = [f"{_pct(results['pooled'][m]['exact_match'])} ({_pct(results['pooled'][m]['ci'][0])}-"
+             f"{_pct(results['pooled'][m]['ci'][1])})" for m in MEMBERS]
+    lines.append(f"| test exact-match, all seeds (95% CI) | {cells[0]} | {cells[1]} |")
+    for c in sorted(results["pooled"]["simple"]["classes"]):
+        lines.append(f"| class {c} (mean over seeds) | {_pct(results['pooled']['simple']['classes'][c])} | "
+                     f"{_pct(results['pooled']['latent']['classes'][c])} |")
+    e = results["effect"]
+    lines += ["", f"Effect (latent - simple, points of exact-match): {100 * e['mean_diff']:+.2f}, 95% CI "
+                  f"{100 * e['ci'][0]:+.2f} to {100 * e['ci'][1]:+.2f}" + (f", sd over seeds {100 * e['sd']:.2f}"
+                                                                           if not math.isnan(e['sd']) else "")
+              + f"; p = {e['p']:.3g} ({e['basis']}).", "",
+              "## Per seed", "",
+              "| seed | simple (95% CI) | latent (95% CI) | latent - simple (95% CI) | only simple right | only latent right | McNemar p | train time simple / latent |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in results["per_seed"]:
+        s, la, p = r["members"]["simple"], r["members"]["latent"], r["paired"]
+        lines.append(f"| {r['seed']} | {_pct(s['exact_match'])} ({_pct(s['ci'][0])}-{_pct(s['ci'][1])}) | "
+                     f"{_pct(la['exact_match'])} ({_pct(la['ci'][0])}-{_pct(la['ci'][1])}) | "
+                     f"{100 * p['diff']:+.2f} ({100 * p['ci'][0]:+.2f} to {100 * p['ci'][1]:+.2f}) | {p['b']} | "
+                     f"{p['c']} | {p['p']:.3g} | {s['train_seconds']:.0f} s / {la['train_seconds']:.0f} s |")
+    pngs = plot_curves(folder, scores)
+    lines += [""] + [f"![{name}]({name})" for name in pngs]
+    path = folder / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def plot_curves(folder: Path, scores: list[SeedScore]) -> list[str]:
+    """Val exact-match against steps and against each member's own training time: the mean
+    over seeds, with a band from the lowest to the highest seed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    for name, by_time in (("accuracy_vs_steps.png", False), ("accuracy_vs_time.png", True)):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for m in MEMBERS:
+            curves = [s.curves[m] for s in scores if s.curves.get(m)]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            steps = np.array([step for step, _ in curves[0][:n]], float)
+            ys = np.array([[v for _, v in c[:n]] for c in curves]) * 100  # (seeds, points)
+            if by_time:
+                per_step = np.mean([s.train_seconds[m] / max(1, s.steps) for s in scores])
+                xs = steps * per_step / 60
+            else:
+                xs = steps
+            ax.plot(xs, ys.mean(0), label=f"{m} (mean of {len(curves)} seeds)")
+            ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.2)
+        ax.set_xlabel("minutes of the member's own training" if by_time else "step")
+        ax.set_ylabel("val exact-match (%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+# -- the command -------------------------------------------------------------------------------
+def check_or_record(plan: Plan) -> None:
+    """A new comparison records what it is; an existing one must be the same comparison."""
+    path = plan.folder / "compare.json"
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise UsageError(f"--id: {path} is damaged; pick another --id") from None
+        if not isinstance(saved, dict) or saved.get("task") != "multiply":
+            raise UsageError(f"--id: {plan.id!r} belongs to another task ({str(saved.get('task'))[:40]!r})")
+        mine = plan.identity()
+        if {k: saved.get(k) for k in mine} != json.loads(json.dumps(mine)):
+            raise UsageError(f"--id: comparison {plan.id!r} exists with other settings; pick another --id "
+                             f"(or run it with its own settings to continue it)")
+        return
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**plan.identity(), "id": plan.id, "created": time.time()}, indent=2, default=str),
+                    encoding="utf-8")
+
+
+def run(plan: Plan, kind, say=print) -> tuple[dict[str, Any], Path] | None:
+    """Train (or resume) every seed, then score and report; None when a stop signal ended a run."""
+    from trainlab.cli.training import run_to_end
+    from trainlab.multiply.data import MultiplicationDataset, MultiplyDataConfig
+
+    check_or_record(plan)
+    by_seed: dict[int, list[tuple[str, list[str]]]] = {}
+    for seed, name, members, values in plan.runs():
+        say(f"comparison {plan.id}: seed {seed}, run {name} ({'+'.join(members)})")
+        _, summary = run_to_end(kind, values, name, extra={"comparison": plan.id, "seed": seed}, echo=say)
+        if summary is not None and summary.interrupted:
+            return None
+        by_seed.setdefault(seed, []).append((name, members))
+    data = build(MultiplyDataConfig, plan.base)
+    dataset = MultiplicationDataset(data)
+    idx = dataset.subset("test", plan.test_n, seed=0)
+    if len(idx) == 0:
+        raise UsageError("this digit range has no test problems to score")
+    scores = [score_seed(plan, seed, runs, dataset, idx) for seed, runs in by_seed.items()]
+    results = summarize(plan, scores, dataset, idx)
+    (plan.folder / "results.json").write_text(json.dumps(results, indent=2, default=float), encoding="utf-8")
+    return results, write_report(plan, results, scores, dataset)
+
+
+def plan_members(base: dict[str, Any], recipes: dict[str, dict[str, Any]], match: bool
+                 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, int], str]:
+    """Apply --match-params to the plan's settings: (base, recipes, counts, what changed)."""
+    values_of = {m: {**base, **recipes.get(m, {})} for m in MEMBERS}
+    if not match:
+        return base, recipes, {m: member_parameters(values_of[m], m) for m in MEMBERS}, ""
+    matched, counts, note = match_parameters(values_of)
+    if recipes:
+        recipes = {m: {**recipes[m], **{k: v for k, v in matched[m].items() if k.startswith("ff_")}} for m in MEMBERS}
+    else:
+        base = {**base, **{k: v for m in MEMBERS for k, v in matched[m].items() if k == f"ff_{m}"}}
+    return base, recipes, counts, note
+

@@ -1,0 +1,149 @@
+"""`trainlab multiply compare` and the statistics under it: hand-made cases with known answers,
+the verdict at its edges, matched parameter counts, and a comparison that resumes to the
+same numbers as an unbroken one."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+from trainlab.cli import main
+from trainlab.engine import faults
+from trainlab.stats import mcnemar_exact, over_seeds, paired, verdict, wilson_interval
+
+TINY = ["--min-digits", "1", "--max-digits", "1", "--d-model", "32", "--num-layers", "1", "--num-latent", "2",
+        "--batch-size", "16", "--max-steps", "6", "--eval-every", "3", "--eval-samples", "20", "--save-every", "3",
+        "--no-progress", "--tag", "test", "--device", "cpu", "--precision", "fp32", "--dropout", "0"]
+
+
+def test_wilson_and_mcnemar_on_known_cases():
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)  # textbook value
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    # exact McNemar: all 10 discordant pairs one way: 2 * 0.5**10
+    assert mcnemar_exact(0, 10) == pytest.approx(2 * 0.5**10)
+    assert mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(3, 12) == pytest.approx(0.03515625)  # 2 * P(X <= 3), X ~ Bin(15, 1/2)
+
+
+def test_paired_difference_counts_only_the_disagreements():
+    a = np.array([1, 1, 1, 0, 0, 1, 0, 1], bool)
+    b = np.array([1, 0, 1, 1, 1, 1, 0, 1], bool)
+    p = paired(a, b)
+    assert (p.n, p.b, p.c) == (8, 1, 2) and p.diff == pytest.approx(1 / 8)
+    assert p.first == pytest.approx(5 / 8) and p.second == pytest.approx(6 / 8)
+    assert p.ci[0] < p.diff < p.ci[1] and p.p == mcnemar_exact(1, 2)
+    with pytest.raises(ValueError):
+        paired(a, b[:3])
+
+
+def test_over_seeds_and_the_verdict_at_its_edges():
+    s = over_seeds([0.10, 0.12, 0.08])
+    assert s.mean == pytest.approx(0.10) and s.sd == pytest.approx(0.02)
+    assert s.p == pytest.approx(0.0131, abs=5e-4)  # t = 8.66, 2 degrees of freedom
+    assert s.ci[0] == pytest.approx(0.10 - 4.3027 * 0.02 / math.sqrt(3), abs=1e-4)
+    one = over_seeds([0.05])
+    assert math.isnan(one.p) and math.isnan(one.sd)
+    assert over_seeds([0.02, 0.02]).p == 0.0 and over_seeds([0.0, 0.0]).p == 1.0
+    assert verdict("simple", "latent", 0.049, 0.1).startswith("latent is better than simple at p < 0.05")
+    assert verdict("simple", "latent", 0.049, -0.1).startswith("latent is worse than simple")
+    assert "not distinguishable" in verdict("simple", "latent", 0.05, 0.1)  # p must be below 0.05
+    assert "not distinguishable" in verdict("simple", "latent", math.nan, 0.1)
+    assert "not distinguishable" in verdict("simple", "latent", 0.0, 0.0)
+
+
+def test_match_params_brings_the_counts_within_two_percent():
+    from trainlab.multiply.compare import match_parameters, member_parameters
+
+    values = {"d_model": 64, "nhead": 4, "num_layers": 2, "num_latent": 8, "latent_layers": 2, "min_digits": 1,
+              "max_digits": 2}
+    before = {m: member_parameters(values, m) for m in ("simple", "latent")}
+    assert abs(before["simple"] - before["latent"]) > 0.02 * max(before.values())
+    matched, counts, note = match_parameters({"simple": values, "latent": values})
+    assert abs(counts["simple"] - counts["latent"]) <= 0.02 * max(counts.values())
+    assert "simple's feed-forward widened" in note and matched["simple"]["ff_simple"] > 4 * 64
+    assert member_parameters(matched["simple"], "simple") == counts["simple"]
+
+
+def compare(runs_dir, *flags) -> int:
+    return main(["multiply", "compare", "--runs-dir", str(runs_dir), *TINY, *flags])
+
+
+def test_a_comparison_interrupted_and_resumed_reports_what_an_unbroken_one_does(runs_dir, monkeypatch, capsys):
+    assert compare(runs_dir, "--seeds", "2", "--id", "whole", "--match-params") == 0
+    out = capsys.readouterr().out
+    assert "verdict: latent" in out and "report:" in out
+    folder = runs_dir / "compare" / "whole"
+    report = (folder / "report.md").read_text()
+    for needle in ("Verdict:", "Protocol", "McNemar", "Per seed", "class 1x1", "matched with --match-params",
+                   "accuracy_vs_steps.png", "accuracy_vs_time.png"):
+        assert needle in report, needle
+    assert (folder / "accuracy_vs_time.png").stat().st_size > 1000
+    whole = json.loads((folder / "results.json").read_text())
+    assert whole["n"] > 0 and len(whole["per_seed"]) == 2
+    index = json.loads((runs_dir / "index.json").read_text())["runs"]
+    assert {"parallel_comparison/whole-seed0", "parallel_comparison/whole-seed1"} <= set(index)
+
+    monkeypatch.setenv(faults.ENV, "interrupt=4")  # the first seed's run stops at step 4
+    assert compare(runs_dir, "--seeds", "2", "--id", "broken", "--match-params") == 130
+    monkeypatch.delenv(faults.ENV)
+    assert not (runs_dir / "compare" / "broken" / "results.json").exists()
+    assert compare(runs_dir, "--seeds", "2", "--id", "broken", "--match-params") == 0
+    broken = json.loads((runs_dir / "compare" / "broken" / "results.json").read_text())
+    for a, b in zip(whole["per_seed"], broken["per_seed"]):
+        assert a["paired"] == b["paired"]
+        for m in ("simple", "latent"):
+            assert a["members"][m]["correct"] == b["members"][m]["correct"]
+    assert whole["effect"]["mean_diff"] == broken["effect"]["mean_diff"] and whole["verdict"] == broken["verdict"]
+    # run again once finished: nothing is trained, the same numbers come out
+    capsys.readouterr()
+    assert compare(runs_dir, "--seeds", "2", "--id", "broken", "--match-params") == 0
+    assert "verdict:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--seeds", "0"], "--seeds"),
+    (["--members", "simple,wizard"], "unknown member"),
+    (["--members", "simple", "--match-params"], "--match-params"),
+    (["--recipe-simple", "x.yaml"], "--recipe-latent"),
+])
+def test_bad_comparisons_are_one_line_and_write_nothing(runs_dir, capsys, flags, says):
+    assert compare(runs_dir, *flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+    assert not (runs_dir / "compare").exists()
+
+
+def test_a_comparison_id_of_another_task_or_settings_is_refused(runs_dir, capsys):
+    folder = runs_dir / "compare" / "taken"
+    folder.mkdir(parents=True)
+    (folder / "compare.json").write_text(json.dumps({"task": "chat"}))
+    assert compare(runs_dir, "--id", "taken") == 2
+    assert "belongs to another task" in capsys.readouterr().err
+
+
+def test_the_single_run_report_prints_losses_as_numbers_and_scores_the_test_set(runs_dir):
+    assert main(["multiply", "train", "--runs-dir", str(runs_dir), *TINY, "--run-name", "one"]) == 0
+    run = runs_dir / "parallel_comparison" / "one"
+    report = (run / "report.md").read_text()
+    shown = re.search(r"val_loss ([^,\n]+)", report).group(1)
+    assert not shown.endswith("%") and float(shown) > 0  # a loss, printed as a number
+    assert re.search(r"exact_match \d+\.\d\d%", report)  # rates stay percentages
+    assert "test exact-match (95% CI)" in report and "test problems" in report
+    info = json.loads((run / "run.json").read_text())["config"]["model"]
+    saved = json.loads(next((run / "checkpoints").glob("step_*/simple/model_config.json")).read_text())
+    assert info["src_len"] == info["tgt_len"] == saved["src_len"] == saved["tgt_len"] == 3
+
+
+def test_the_demo_preset_compares_in_a_tiny_form(runs_dir, capsys):
+    assert main(["multiply", "compare", "--preset", "demo", "--runs-dir", str(runs_dir), "--max-steps", "4",
+                 "--eval-every", "2", "--seeds", "1", "--no-progress", "--tag", "test", "--device", "cpu",
+                 "--id", "demo"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].startswith("verdict: ")
+    assert "simple: test exact-match" in out and "latent: test exact-match" in out

@@ -1,0 +1,273 @@
+"""`trainlab chat serve`: the OpenAI-compatible API through the official client and raw HTTP,
+concurrent and disconnecting streams, the page in a real browser, and the repl's Ctrl+C."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import register_runs_dir
+from helpers import chat_train, made_up_text
+
+from trainlab.chat.model import SlotCache, decode_rows, prefill_row
+from trainlab.chat.repl import default_dialogue, load_chat_model
+from trainlab.chat.serve import Limits, Server, checkpoint_info
+from trainlab.engine.tracking import resolve_checkpoint
+
+KEY = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny chat model trained on a made-up play, once for the module."""
+    tmp = tmp_path_factory.mktemp("serve")
+    runs = register_runs_dir(tmp / "runs")
+    corpus = tmp / "play.txt"
+    corpus.write_text(made_up_text(), encoding="utf-8")
+    assert chat_train(runs, corpus, "--run-name", "srv", "--max-steps", "30", "--eval-every", "30") == 0
+    return runs
+
+
+class Live:
+    """A server on a free loopback port, in a thread of this process."""
+
+    def __init__(self, runs: Path, **kw) -> None:
+        import uvicorn
+
+        ckpt = resolve_checkpoint(runs, "chat", "srv")
+        cm = load_chat_model(ckpt, torch.device("cpu"))
+        self.server = Server(cm, default_dialogue(cm.dialogue, None, None, None), checkpoint_info(ckpt, "srv"),
+                             kw.pop("api_key", None), Limits(**kw), tune_threads=False)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.uv = uvicorn.Server(uvicorn.Config(self.server.app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.uv.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.uv.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.uv.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def live(trained):
+    srv = Live(trained)
+    yield srv
+    srv.close()
+
+
+def client(url: str, key: str = "unused"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def test_decode_rows_match_the_plain_forward_and_ignore_the_other_rows(trained):
+    cm = load_chat_model(resolve_checkpoint(trained, "chat", "srv"), torch.device("cpu"))
+    model, V = cm.model, cm.vocab.size
+    for text in ("ANNA:\nThe boat", "BORIS:\nBring t"):  # prompts of 13 and 14: some row counts round
+        seq = cm.vocab.encode(text).tolist()              # differently with 1 and 2 threads in plain matmuls
+        with torch.no_grad():
+            plain = model(torch.tensor([seq]))[0][0]
+        runs = []
+        for row, threads in ((0, 1), (3, 2)):
+            torch.set_num_threads(threads)
+            cache = SlotCache(model.cfg, 4)
+            for other in range(4):  # the other rows hold other text
+                prefill_row(model, torch.randint(0, V, (5 + other,)).tolist(), cache, other)
+            first = prefill_row(model, seq[:-1], cache, row)
+            tokens = torch.randint(0, V, (cache.slots,))
+            tokens[row] = seq[-1]
+            runs.append((first, decode_rows(model, tokens, cache)[row]))
+        torch.set_num_threads(2)
+        for a, b in zip(*runs):  # bit for bit, whatever the row, the neighbours and the threads
+            assert torch.equal(a, b)
+        torch.testing.assert_close(runs[0][0], plain[-2], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(runs[0][1], plain[-1], rtol=1e-4, atol=1e-5)
+
+
+def test_the_official_client_completes_and_chats_streaming_or_not(live):
+    c = client(live.url)
+    assert [m.id for m in c.models.list().data] == ["srv"]
+    r = c.completions.create(model="srv", prompt="ANNA:\n", max_tokens=40, temperature=0.8, seed=7)
+    text = r.choices[0].text
+    assert 0 < len(text) <= 40 and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens == 6 and r.usage.completion_tokens >= len(text)
+    again = c.completions.create(model="srv", prompt="ANNA:\n", max_tokens=40, temperature=0.8, seed=7)
+    assert again.choices[0].text == text  # the seed gives the same text
+    pieces = [ch.choices[0].text for ch in c.completions.create(model="srv", prompt="ANNA:\n", max_tokens=40,
+                                                                  temperature=0.8, seed=7, stream=True)]
+    assert "".join(pieces) == text and len([p for p in pieces if p]) > 1  # streamed in pieces
+    chat = c.chat.completions.create(model="srv", messages=[{"role": "system", "content": "A quay at dawn."},
+                                                           {"role": "user", "content": "Is the door shut?"}],
+                                     max_tokens=60, seed=3)
+    msg = chat.choices[0].message
+    assert msg.role == "assistant" and "\n\n" not in msg.content  # one turn of block dialogue
+    streamed = "".join((ch.choices[0].delta.content or "") for ch in c.chat.completions.create(
+        model="srv", messages=[{"role": "system", "content": "A quay at dawn."},
+                               {"role": "user", "content": "Is the door shut?"}], max_tokens=60, seed=3, stream=True))
+    assert streamed == msg.content
+    stopped = c.completions.create(model="srv", prompt="ANNA:\n", max_tokens=200, seed=7, stop=["o"])
+    assert "o" not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+    dropped = c.completions.create(model="srv", prompt="ANNA ✓ é\n", max_tokens=5, seed=1)
+    assert dropped.usage.model_extra["dropped_characters"] == 2
+
+
+def raw(url: str, path: str, body=None, key: str | None = None, content: bytes | None = None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if content is not None:
+        return httpx.post(url + path, content=content, headers={**headers, "Content-Type": "application/json"})
+    if body is None:
+        return httpx.get(url + path, headers=headers)
+    return httpx.post(url + path, json=body, headers=headers, timeout=60)
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"prompt": "a", "temperature": "hot"}, 400, "temperature"),
+    ({"prompt": "a", "n": 2}, 400, "n"),
+    ({"prompt": "a", "max_tokens": 10**6}, 400, "max_tokens"),
+    ({"prompt": "a", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "a", "stop": [""]}, 400, "stop"),
+    ({"prompt": 5}, 400, "prompt"),
+    ({"prompt": "a" * 20000}, 400, "prompt"),
+    ({"prompt": "a", "model": "gpt-4"}, 404, "model"),
+])
+def test_bad_requests_get_openai_errors(live, body, status, param):
+    r = raw(live.url, "/v1/completions", body)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"]
+
+
+def test_errors_of_paths_bodies_keys_and_queues(trained, live):
+    assert raw(live.url, "/v1/nothing").status_code == 404
+    assert raw(live.url, "/../../etc/passwd").status_code == 404
+    assert raw(live.url, "/static/../serve.py").status_code == 404
+    assert raw(live.url, "/v1/chat/completions", {"messages": []}).status_code == 400
+    assert raw(live.url, "/v1/completions", content=b"{not json").status_code == 400
+    big = raw(live.url, "/v1/completions", content=b'{"prompt": "' + b"a" * (2 << 20) + b'"}')
+    assert big.status_code == 413 and big.json()["error"]["message"]
+    page = raw(live.url, "/")
+    assert page.status_code == 200 and "ChatGoT" in page.text and "http" not in page.text.split("<body>")[1]
+    guarded = Live(trained, api_key=KEY, slots=1, max_queue=1)
+    try:
+        assert raw(guarded.url, "/v1/models").status_code == 401
+        assert raw(guarded.url, "/v1/models", key="wrong").status_code == 401
+        assert raw(guarded.url, "/v1/models", key=KEY).status_code == 200
+        assert raw(guarded.url, "/info").json()["auth"] is True
+        # one stream in the slot, one waiting: a third request is refused with 429
+        holders = [httpx.stream("POST", guarded.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                                json={"prompt": "ANNA:\n", "max_tokens": 4000, "stream": True,
+                                      "stop_at": "none"}, timeout=60) for _ in range(2)]
+        opened = [h.__enter__() for h in holders]
+        deadline = time.monotonic() + 10
+        while not (guarded.server.engine.busy == 1 and len(guarded.server.engine.waiting) == 1):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        refused = raw(guarded.url, "/v1/completions", {"prompt": "a"}, key=KEY)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
+        for h, o in zip(holders, opened):
+            h.__exit__(None, None, None)
+        # the clients left mid-stream: their rows and places free up at once
+        deadline = time.monotonic() + 5
+        while guarded.server.engine.busy or guarded.server.engine.waiting:
+            assert time.monotonic() < deadline, "a disconnected stream kept its slot"
+            time.sleep(0.01)
+        assert raw(guarded.url, "/v1/completions", {"prompt": "a", "max_tokens": 3}, key=KEY).status_code == 200
+    finally:
+        guarded.close()
+
+
+def test_eight_concurrent_streams_each_get_their_text_alone(live):
+    async def stream(seed: int) -> str:
+        async with httpx.AsyncClient(timeout=120) as http:
+            text = ""
+            async with http.stream("POST", live.url + "/v1/completions",
+                                   json={"prompt": "BORIS:\n", "max_tokens": 150, "seed": seed, "stream": True,
+                                         "stop_at": "none"}) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        text += json.loads(line[6:])["choices"][0]["text"]
+            return text
+
+    async def together():
+        return await asyncio.gather(*(stream(seed) for seed in range(8)))
+
+    alone = [asyncio.run(stream(seed)) for seed in range(8)]
+    assert len(set(alone)) == 8 and all(len(t) == 150 for t in alone)
+    assert asyncio.run(together()) == alone
+
+
+def test_the_page_streams_and_stops_in_a_real_browser(live, tmp_path):
+    browser, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (browser and driver):
+        pytest.skip("no Chromium here: `apt-get install chromium chromium-driver` enables the browser test")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    web = webdriver.Chrome(service=Service(executable_path=driver), options=options)
+    try:
+        web.get(live.url + "/")
+        wait = WebDriverWait(web, 30)
+        wait.until(lambda w: "run srv, step 30" in w.find_element(By.ID, "model").text)
+        web.find_element(By.ID, "max_tokens").clear()
+        web.find_element(By.ID, "max_tokens").send_keys("2000")
+        web.find_element(By.ID, "stop_at").send_keys("none")
+        web.find_element(By.ID, "line").send_keys("Is the door shut?\n")
+        bot = lambda w: w.find_elements(By.CSS_SELECTOR, ".turn.bot .said")  # noqa: E731
+        wait.until(lambda w: bot(w) and len(bot(w)[-1].text) > 20)  # the answer streams in
+        web.find_element(By.ID, "stop").click()
+        wait.until(lambda w: bot(w)[-1].text.endswith("[stopped]"))
+        web.save_screenshot(str(tmp_path / "page.png"))
+        assert (tmp_path / "page.png").stat().st_size > 5000
+        turns = web.find_elements(By.CSS_SELECTOR, ".turn .who")
+        assert [t.text.strip() for t in turns][:1] == [live.server.dialogue.user + ":"]
+        shutil.copy(tmp_path / "page.png", "/tmp/page.png") if os.environ.get("TRAINLAB_KEEP_SCREENSHOT") else None
+    finally:
+        web.quit()
+
+
+def test_repl_ctrl_c_stops_the_answer_and_at_the_prompt_leaves(trained, monkeypatch):
+    from trainlab.chat import repl as repl_module
+    from trainlab.chat.sampling import SamplingConfig, make_generator
+
+    cm = load_chat_model(resolve_checkpoint(trained, "chat", "srv"), torch.device("cpu"))
+
+    def interrupted(*args, **kwargs):
+        yield "The bo"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(repl_module, "generate", interrupted)
+    out = io.StringIO()
+    code = repl_module.repl(cm, default_dialogue(cm.dialogue, None, None, None), SamplingConfig(), make_generator(0),
+                            inp=io.StringIO("hello\n/quit\n"), out=out)
+    assert code == 0 and "The bo [stopped]" in out.getvalue() and out.getvalue().count(": ") >= 3
+
+    class CtrlC(io.StringIO):
+        def readline(self, *a):
+            raise KeyboardInterrupt
+
+    assert repl_module.repl(cm, default_dialogue(cm.dialogue, None, None, None), SamplingConfig(),
+                            make_generator(0), inp=CtrlC(), out=io.StringIO()) == 0
