@@ -75,6 +75,25 @@ class ApiError(Exception):
 
 
 # -- one request's generation ------------------------------------------------------------------
+class Outbox:
+    """What the engine thread sends a request's handler: items put from any thread, taken all
+    at once in the event loop, so text that piled up while a client read goes out as one event."""
+
+    def __init__(self) -> None:
+        self.items: deque = deque()
+        self.ready = asyncio.Event()
+
+    def put(self, item) -> None:  # in the event loop's thread (the engine goes through call_soon_threadsafe)
+        self.items.append(item)
+        self.ready.set()
+
+    async def take(self) -> list:
+        await self.ready.wait()
+        self.ready.clear()
+        items, self.items = list(self.items), deque()
+        return items
+
+
 @dataclass
 class Job:
     """A prompt to continue, how, and where its text goes (an asyncio queue of another thread)."""
@@ -83,7 +102,7 @@ class Job:
     cfg: SamplingConfig
     stops: list[str]
     loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue
+    out: Outbox
     generator: torch.Generator = field(default_factory=torch.Generator)
     tokens: list[int] = field(default_factory=list)  # prompt and completion, as the model reads them
     text: str = ""  # the completion so far, stops not applied
@@ -92,7 +111,7 @@ class Job:
     cancelled: bool = False
 
     def emit(self, kind: str, value: Any = None) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
+        self.loop.call_soon_threadsafe(self.out.put, (kind, value))
 
     def add(self, piece: str) -> str | None:
         """Take one more character; returns the finish reason when the completion is done.
@@ -396,7 +415,7 @@ class Server:
             if not ids:  # an empty prompt starts from a new line, as generate does
                 ids = self._encode("\n")[0] or [0]
             loop = asyncio.get_running_loop()
-            job = Job(ids, cfg, stops, loop, asyncio.Queue(), make_generator(cfg.seed))
+            job = Job(ids, cfg, stops, loop, Outbox(), make_generator(cfg.seed))
             try:
                 self.engine.submit(job)
             except QueueFull:
@@ -412,13 +431,13 @@ class Server:
             return self._stream(job, rid, created, chat, usage)
         text, finish = "", None
         while finish is None:
-            kind, value = await job.out.get()
-            if kind == "text":
-                text += value
-            elif kind == "end":
-                finish = value
-            else:
-                return self._json(ApiError(500, value, kind="server_error").body(), 500)
+            for kind, value in await job.out.take():
+                if kind == "text":
+                    text += value
+                elif kind == "end":
+                    finish = value
+                else:
+                    return self._json(ApiError(500, value, kind="server_error").body(), 500)
         choice = {"index": 0, "finish_reason": finish}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
@@ -449,16 +468,19 @@ class Server:
             try:
                 if chat:
                     yield chunk({"role": "assistant", "content": ""}, None)
-                while True:
-                    kind, value = await job.out.get()
-                    if kind == "text":
-                        yield chunk({"content": value} if chat else value, None)
-                    elif kind == "end":
-                        yield chunk(None, value, with_usage=True)
-                        break
-                    else:
-                        yield f"data: {json.dumps(ApiError(500, value, kind='server_error').body())}\n\n"
-                        break
+                finish = None
+                while finish is None:
+                    items = await job.out.take()
+                    text = "".join(v for k, v in items if k == "text")  # what piled up goes out as one event
+                    if text:
+                        yield chunk({"content": text} if chat else text, None)
+                    for kind, value in items:
+                        if kind == "end":
+                            finish = value
+                            yield chunk(None, value, with_usage=True)
+                        elif kind == "error":
+                            finish = "error"
+                            yield f"data: {json.dumps(ApiError(500, value, kind='server_error').body())}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
                 job.cancelled = True  # a client that left frees its row at the next tick
