@@ -57,12 +57,15 @@ def main() -> None:
 
     study = optuna.load_study(study_name="demo", storage=f"sqlite:///{runs / 'tune' / 'demo' / 'study.db'}")
     trials = study.get_trials(deepcopy=False)
-    pruned = [t for t in trials if t.state.name == "PRUNED"]
-    spent = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials if t.datetime_complete)
-    full = max(((t.datetime_complete - t.datetime_start).total_seconds() for t in trials
-                if t.state.name == "COMPLETE"), default=0.0)
-    print(f"study: {len(trials)} trials in {wall / 60:.1f} min of wall time; {len(pruned)} pruned; trials took "
-          f"{spent / 60:.1f} min against {args.trials * full / 60:.1f} min for {args.trials} full-length ones")
+    took = {t.number: (t.datetime_complete - t.datetime_start).total_seconds() for t in trials
+            if t.state.name in ("COMPLETE", "PRUNED") and t.datetime_complete}  # failed ones: their end is unknown
+    pruned = [n for n, t in zip(took, trials) if study.trials[n].state.name == "PRUNED"]
+    full = sorted(took[t.number] for t in trials if t.state.name == "COMPLETE")
+    typical = full[len(full) // 2] if full else 0.0
+    spent = sum(took.values())
+    print(f"study: {len(trials)} trials, {wall / 60:.1f} min of wall time for this command; {len(pruned)} pruned; the "
+          f"{len(took)} finished trials took {spent / 60:.1f} min, against {len(took) * typical / 60:.1f} min had none "
+          f"been pruned (a full trial's median {typical:.0f} s)")
     best = study.best_trial
     steps = int(best.user_attrs["max_steps"] * args.final_minutes / args.trial_minutes)
     config = runs / "tune" / "demo" / "best.yaml"

@@ -271,3 +271,20 @@ def test_repl_ctrl_c_stops_the_answer_and_at_the_prompt_leaves(trained, monkeypa
 
     assert repl_module.repl(cm, default_dialogue(cm.dialogue, None, None, None), SamplingConfig(),
                             make_generator(0), inp=CtrlC(), out=io.StringIO()) == 0
+
+
+def test_the_thread_tuner_keeps_the_faster_count_and_gives_the_process_its_own_back():
+    from trainlab.engine.threads import ThreadTuner
+
+    before = torch.get_num_threads()
+    tuner = ThreadTuner(candidates=[1, 2], probe=3, every=1000)
+    slow = {1: 0.001, 2: 0.004}  # as beside a training job: one thread is faster
+
+    def step():
+        time.sleep(slow[torch.get_num_threads()])
+        return torch.get_num_threads()
+
+    seen = [tuner.run(step) for _ in range(10)]
+    assert seen[:6] == [1, 1, 1, 2, 2, 2] and tuner.current == 1 and set(seen[6:]) == {1}
+    tuner.restore()
+    assert torch.get_num_threads() == before

@@ -135,6 +135,8 @@ def test_a_killed_study_resumes_with_an_exact_count(runs_dir, tmp_path):
     study = load(runs_dir, "k")
     assert states(study) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert study.trials[0].value == first.value and study.trials[0].params == first.params
+    # the seeded sampler moves on when the study continues: no replay of the first suggestions
+    assert len({json.dumps(t.params, sort_keys=True) for t in study.trials}) == 4
 
 
 def test_two_workers_share_one_study_without_losing_or_doubling_a_trial(runs_dir, tmp_path):

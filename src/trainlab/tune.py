@@ -289,9 +289,17 @@ def create_or_load(plan: StudyPlan, worker: int = 0):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     plan.folder.mkdir(parents=True, exist_ok=True)
-    seed = None if plan.seed is None else plan.seed + worker  # workers alike would suggest alike
+    storage = open_storage(plan.storage)
+    # workers seeded alike would suggest alike, and so would a continued study replay its first
+    # suggestions: the seed moves on with the worker and with the trials already made
+    made = 0
+    try:
+        made = len(optuna.load_study(study_name=plan.name, storage=storage).trials)
+    except KeyError:
+        pass
+    seed = None if plan.seed is None else plan.seed + 1000 * worker + made
     sampler = optuna.samplers.TPESampler(seed=seed)
-    study = optuna.create_study(study_name=plan.name, storage=open_storage(plan.storage), sampler=sampler,
+    study = optuna.create_study(study_name=plan.name, storage=storage, sampler=sampler,
                                 pruner=make_pruner(plan), direction=plan.direction, load_if_exists=True)
     if "trainlab_task" not in study.user_attrs:
         for k, v in {**plan.identity(), **plan.attrs}.items():

@@ -182,3 +182,5 @@ def generate(model, prompt: list[int], cfg: SamplingConfig, decode: Callable[[in
             yield text[sent:]
     finally:
         model.train(was_training)
+        if tuner is not None:
+            tuner.restore()

@@ -30,7 +30,7 @@ class ThreadTuner:
         cores = os.cpu_count() or 1
         self.candidates = candidates or sorted({1, max(1, cores // 2), cores})
         self.every, self.probe, self.margin, self.enabled = every, probe, margin, enabled and len(self.candidates) > 1
-        self.current = torch.get_num_threads()
+        self.current = self.initial = torch.get_num_threads()
         self.steps = 0
         self.recent: list[float] = []  # the last steps at the current count
         self._plan: list[int] = []  # counts still to try in the probe under way, one per step
@@ -65,6 +65,12 @@ class ThreadTuner:
                 self.recent = []
                 self._start_probe()
         return out
+
+    def restore(self) -> None:
+        """The process's thread count as it was before: the count is global, and whatever
+        trains in this process next must not inherit what suited decoding."""
+        if torch.get_num_threads() != self.initial:
+            torch.set_num_threads(self.initial)
 
     def _decide(self) -> None:
         times = {c: statistics.median(v) for c, v in self._seen.items()}

@@ -268,7 +268,7 @@ def plot_curves(folder: Path, scores: list[SeedScore]) -> list[str]:
                 xs = steps * per_step / 60
             else:
                 xs = steps
-            ax.plot(xs, ys.mean(0), label=f"{m} (mean of {len(curves)} seeds)")
+            ax.plot(xs, ys.mean(0), label=f"{m} (mean of {len(curves)} seed{'s' if len(curves) > 1 else ''})")
             ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.2)
         ax.set_xlabel("minutes of the member's own training" if by_time else "step")
         ax.set_ylabel("val exact-match (%)")
