@@ -105,7 +105,7 @@ def test_sigterm_from_outside_mid_run_and_right_after_launch(runs_dir):
     state = json.loads(info.read_text())
     ck = latest_checkpoint(run_dir(runs_dir, "ext") / "checkpoints")
     assert state["status"] == "interrupted" and ck.step == state["step"] > 0
-    assert f"continue with --resume ext" in out
+    assert "continue with --resume ext" in out
 
     p = spawn("runs", "list", "--runs-dir", str(runs_dir))
     time.sleep(0.3)  # inside the import of torch

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import yaml
-from helpers import TINY, made_up_text
+from helpers import made_up_text
 
 from trainlab.cli import main
 from trainlab.engine import faults

@@ -43,7 +43,8 @@ def cli_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
 
 
-def _resolved_type(cls: type, f: dataclasses.Field) -> Any:
+def field_type(cls: type, f: dataclasses.Field) -> Any:
+    """The type a field holds, ``X | None`` read as ``X``."""
     hints = typing.get_type_hints(cls)
     t = hints[f.name]
     args = [a for a in typing.get_args(t) if a is not type(None)]
@@ -82,7 +83,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
     """One flag per field of ``cls``; defaults are SUPPRESSed so only given flags show up."""
     group = parser.add_argument_group(title)
     for f in cli_fields(cls):
-        t = _resolved_type(cls, f)
+        t = field_type(cls, f)
         # argparse formats help with %: a literal one ("gained 0-3%") must be doubled
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", "").replace("%", "%%")}
         if "choices" in f.metadata:
@@ -112,7 +113,7 @@ def build(cls: type[T], values: dict[str, Any]) -> T:
 
 
 def _coerce(cls: type, f: dataclasses.Field, value: Any) -> Any:
-    t = _resolved_type(cls, f)
+    t = field_type(cls, f)
     if value is None:
         if f.default is None:
             return None

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 import warnings
@@ -42,7 +41,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from trainlab.config import ConfigError, UsageError, build, parse_yaml, read_small_file
+from trainlab.config import ConfigError, UsageError, build, field_type, parse_yaml, read_small_file
 
 NOT_TUNABLE = frozenset({"runs_dir", "run_name", "tag", "progress", "device", "max_steps", "lr_decay_steps", "text",
                          "save_every_minutes"})
@@ -115,7 +114,7 @@ def parse_space(data: Any, sections: list[tuple[str, type]], base: dict[str, Any
     settings as ``base`` has them)."""
     if not isinstance(data, dict) or not data:
         raise UsageError(f"{source}: must be a mapping of flag: range or choices, with at least one entry")
-    types = {f.name: _field_type(cls, f) for _, cls in sections for f in fields(cls)}
+    types = {f.name: field_type(cls, f) for _, cls in sections for f in fields(cls)}
     dims: dict[str, Dimension] = {}
     for raw_key, spec in data.items():
         key = str(raw_key).replace("-", "_")
@@ -133,14 +132,6 @@ def parse_space(data: Any, sections: list[tuple[str, type]], base: dict[str, Any
             except ConfigError as e:
                 raise UsageError(f"{source}: {dim.name}: {value!r} fails the flag's own check ({e})") from None
     return dims
-
-
-def _field_type(cls: type, f) -> type:
-    import typing
-
-    t = typing.get_type_hints(cls)[f.name]
-    args = [a for a in typing.get_args(t) if a is not type(None)]
-    return args[0] if len(args) == 1 else t
 
 
 def _dimension(key: str, t: type, spec: Any, where: str) -> Dimension:
@@ -552,11 +543,3 @@ def plain(values: dict[str, Any]) -> dict[str, Any]:
     """JSON-able settings (what a study stores of its base)."""
     return {k: v for k, v in values.items() if isinstance(v, (str, int, float, bool, type(None)))}
 
-
-def ensure_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create {folder}: {e.strerror}") from None
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"{folder} is not writable")

@@ -302,8 +302,6 @@ def run_to_end(kind: TaskKind, values: dict[str, Any], name: str, extra: dict[st
     """The run ``name`` trained to its ``max_steps``: made if it does not exist, resumed if it
     stopped early, left alone if it is done. Returns (the run, its summary or None when there
     was nothing to do). What ``multiply compare`` builds its seeds with."""
-    import argparse as _argparse
-
     from trainlab.engine.distributed import Dist
     from trainlab.engine.loop import train
     from trainlab.engine.tracking import Run
@@ -314,8 +312,8 @@ def run_to_end(kind: TaskKind, values: dict[str, Any], name: str, extra: dict[st
         info = Run(name, kind.task_name, root).info()
         if info.get("status") == "finished" and info.get("step") == values.get("max_steps"):
             return Run(name, kind.task_name, root), None
-        args = _argparse.Namespace(resume=name, task=kind.command)
+        args = argparse.Namespace(resume=name, task=kind.command)
     else:
-        args = _argparse.Namespace(resume=None, task=kind.command)
+        args = argparse.Namespace(resume=None, task=kind.command)
     task, tc, run, config, ckpt, restart = _prepare_run(args, kind, values, None, Dist(), extra=extra)
     return run, train(task, tc, run, config, resume=ckpt, restart=restart, echo=echo)
