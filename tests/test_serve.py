@@ -228,6 +228,7 @@ def test_the_page_streams_and_stops_in_a_real_browser(live, tmp_path):
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(flag)
     web = webdriver.Chrome(service=Service(executable_path=driver), options=options)
+    web.set_window_size(900, 600)
     try:
         web.get(live.url + "/")
         wait = WebDriverWait(web, 30)
@@ -237,7 +238,12 @@ def test_the_page_streams_and_stops_in_a_real_browser(live, tmp_path):
         web.find_element(By.ID, "stop_at").send_keys("none")
         web.find_element(By.ID, "line").send_keys("Is the door shut?\n")
         bot = lambda w: w.find_elements(By.CSS_SELECTOR, ".turn.bot .said")  # noqa: E731
-        wait.until(lambda w: bot(w) and len(bot(w)[-1].text) > 20)  # the answer streams in
+        # the answer streams in, longer than the conversation box holds: Stop must stay clickable
+        wait.until(lambda w: bot(w) and len(bot(w)[-1].text) > 800)
+        # the conversation scrolls in its own box: Send and Stop stay where they were, in view
+        box, composer = (web.find_element(By.ID, i).rect for i in ("conversation", "composer"))
+        assert box["y"] + box["height"] <= composer["y"] + 1
+        assert composer["y"] + composer["height"] <= web.execute_script("return window.innerHeight")
         web.find_element(By.ID, "stop").click()
         wait.until(lambda w: bot(w)[-1].text.endswith("[stopped]"))
         web.save_screenshot(str(tmp_path / "page.png"))

@@ -67,6 +67,7 @@ async function send(line) {
         const piece = (chunk.choices[0].delta || {}).content || "";
         reply += piece;
         said.textContent = reply;
+        $("conversation").scrollTop = $("conversation").scrollHeight;  // follow the answer as it grows
       }
     }
   } catch (e) {
