@@ -37,7 +37,9 @@ from common import print_machine, seconds_per_step  # noqa: E402
 from trainlab.chat.data import TextCorpus  # noqa: E402
 from trainlab.chat.sampling import SamplingConfig, generate  # noqa: E402
 from trainlab.chat.task import make_chat_task  # noqa: E402
-from trainlab.cli import _chat_sections, build_parser, settings_from  # noqa: E402
+from trainlab import runs  # noqa: E402
+from trainlab.cli import build_parser  # noqa: E402
+from trainlab.cli.common import flags_of  # noqa: E402
 from trainlab.config import build  # noqa: E402
 from trainlab.engine.loop import train  # noqa: E402
 from trainlab.engine.tracking import new_run  # noqa: E402
@@ -74,8 +76,8 @@ def main() -> None:
     if "--runs-dir" not in rest:
         rest = ["--runs-dir", tempfile.mkdtemp(prefix="chat-bench-"), *rest]
     args = build_parser().parse_args(["chat", "train", "--no-progress", "--tag", "benchmark", *rest])
-    sections = _chat_sections()
-    cfgs = {name: build(cls, settings_from(args, sections, "chatgot-14m")) for name, cls in sections}
+    values = runs.settings("chat", args.preset, args.config, flags_of(args))  # default preset: chatgot-14m
+    cfgs = {name: build(cls, values) for name, cls in runs.chat_sections()}
     task = make_chat_task(cfgs)
     if known.minutes:
         sps = seconds_per_step(task, cfgs["train"])

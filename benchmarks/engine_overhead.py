@@ -31,7 +31,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 
-from trainlab.cli import _chat_sections, _multiply_sections, build_parser, settings_from  # noqa: E402
+from trainlab import runs  # noqa: E402
+from trainlab.cli import build_parser  # noqa: E402
+from trainlab.cli.common import flags_of  # noqa: E402
 from trainlab.config import build  # noqa: E402
 from trainlab.engine.loop import make_member, train  # noqa: E402
 from trainlab.engine.tracking import clean_test_runs, new_run  # noqa: E402
@@ -64,16 +66,16 @@ def make(task_name: str, steps: int, runs_dir: str):
 
         text = str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
         args = build_parser().parse_args(["chat", "train", "--text", text, "--preset", "nanogpt-cpu"])
-        sections, default, factory = _chat_sections(), "nanogpt-cpu", make_chat_task
+        factory = make_chat_task
     else:
         from trainlab.multiply.task import MultiplyTask
 
         args = build_parser().parse_args(["multiply", "train", "--preset", "demo"])
-        sections, default = _multiply_sections(), "demo"
 
         def factory(c):
             return MultiplyTask(c["data"], c["model"], c["loss"], c["teacher_forcing"], c["task"], c["train"])
-    values = settings_from(args, sections, default)
+    values = runs.settings(task_name, args.preset, None, flags_of(args))
+    sections = runs.task_kind(task_name).sections()
     # fp32 on both sides: the bare loop has no autocast to compare with
     values.update(max_steps=steps, eval_every=10**9, save_every=10**9, runs_dir=runs_dir, tag="test",
                   device="cpu", sample_every=0, precision="fp32")

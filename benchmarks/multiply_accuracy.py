@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import print_machine, seconds_per_step  # noqa: E402
 
-from trainlab.cli import _multiply_sections, build_parser, settings_from  # noqa: E402
+from trainlab import runs  # noqa: E402
+from trainlab.cli import build_parser  # noqa: E402
+from trainlab.cli.common import flags_of  # noqa: E402
 from trainlab.config import build  # noqa: E402
 from trainlab.engine.loop import train  # noqa: E402
 from trainlab.engine.tracking import new_run  # noqa: E402
@@ -44,8 +46,8 @@ def main() -> None:
     known, rest = ap.parse_known_args()
     print_machine()
     args = build_parser().parse_args(["multiply", "train", "--preset", "multiply-3digit", *rest])
-    sections = _multiply_sections()
-    values = settings_from(args, sections)
+    sections = runs.multiply_sections()
+    values = runs.settings("multiply", args.preset, args.config, flags_of(args))
     cfgs = {name: build(cls, values) for name, cls in sections}
     make = lambda c: MultiplyTask(c["data"], c["model"], c["loss"], c["teacher_forcing"], c["task"], c["train"])  # noqa
     if known.steps:

@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from trainlab.cli import main
 from trainlab.engine import faults
@@ -74,36 +75,65 @@ def compare(runs_dir, *flags) -> int:
     return main(["multiply", "compare", "--runs-dir", str(runs_dir), *TINY, *flags])
 
 
+def final_weights(runs_dir, run: str) -> dict[str, dict[str, "torch.Tensor"]]:
+    from trainlab.engine.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(runs_dir / "parallel_comparison" / run / "checkpoints")
+    return {m: ckpt.tensors(f"{m}/model.pt") for m in ("simple", "latent")}
+
+
 def test_a_comparison_interrupted_and_resumed_reports_what_an_unbroken_one_does(runs_dir, monkeypatch, capsys):
-    assert compare(runs_dir, "--seeds", "2", "--id", "whole", "--match-params") == 0
+    """On 2-digit problems with 100 test problems, so that the counts and the verdict carry
+    information (a 1-digit range has a single test problem)."""
+    from trainlab.stats import verdict as verdict_of
+
+    two = ["--min-digits", "2", "--max-digits", "2", "--test-n", "100"]
+    assert compare(runs_dir, *two, "--seeds", "2", "--id", "whole", "--match-params") == 0
     out = capsys.readouterr().out
-    assert "verdict: latent" in out and "report:" in out
     folder = runs_dir / "compare" / "whole"
-    report = (folder / "report.md").read_text()
-    for needle in ("Verdict:", "Protocol", "McNemar", "Per seed", "class 1x1", "matched with --match-params",
-                   "accuracy_vs_steps.png", "accuracy_vs_time.png"):
-        assert needle in report, needle
-    assert (folder / "accuracy_vs_time.png").stat().st_size > 1000
     whole = json.loads((folder / "results.json").read_text())
-    assert whole["n"] > 0 and len(whole["per_seed"]) == 2
+    assert whole["n"] == 100 and len(whole["per_seed"]) == 2
+    e = whole["effect"]
+    # the verdict printed is the one the saved p and mean difference give, and reads as they say
+    assert f"verdict: {verdict_of('simple', 'latent', e['p'], e['mean_diff'])}" in out
+    assert whole["verdict"] == verdict_of("simple", "latent", e["p"], e["mean_diff"])
+    word = ("not distinguishable" if not e["p"] < 0.05 or e["mean_diff"] == 0
+            else "better" if e["mean_diff"] > 0 else "worse")
+    assert word in whole["verdict"]
+    assert e["mean_diff"] == pytest.approx(np.mean([r["paired"]["diff"] for r in whole["per_seed"]]))
+    for r in whole["per_seed"]:
+        s, la = r["members"]["simple"]["correct"], r["members"]["latent"]["correct"]
+        assert r["paired"]["c"] - r["paired"]["b"] == la - s and 0 <= s <= 100 and 0 <= la <= 100
+    report = (folder / "report.md").read_text()
+    for needle in ("Verdict:", "Protocol", "McNemar", "Per seed", "class 2x2", "matched with --match-params",
+                   "accuracy_vs_steps.png", "accuracy_vs_time.png", "report:"):
+        assert needle in report or needle in out, needle
+    assert (folder / "accuracy_vs_time.png").stat().st_size > 1000
     index = json.loads((runs_dir / "index.json").read_text())["runs"]
     assert {"parallel_comparison/whole-seed0", "parallel_comparison/whole-seed1"} <= set(index)
 
     monkeypatch.setenv(faults.ENV, "interrupt=4")  # the first seed's run stops at step 4
-    assert compare(runs_dir, "--seeds", "2", "--id", "broken", "--match-params") == 130
+    assert compare(runs_dir, *two, "--seeds", "2", "--id", "broken", "--match-params") == 130
     monkeypatch.delenv(faults.ENV)
     assert not (runs_dir / "compare" / "broken" / "results.json").exists()
-    assert compare(runs_dir, "--seeds", "2", "--id", "broken", "--match-params") == 0
+    assert compare(runs_dir, *two, "--seeds", "2", "--id", "broken", "--match-params") == 0
     broken = json.loads((runs_dir / "compare" / "broken" / "results.json").read_text())
+    assert len(whole["per_seed"]) == len(broken["per_seed"]) == 2
     for a, b in zip(whole["per_seed"], broken["per_seed"]):
         assert a["paired"] == b["paired"]
         for m in ("simple", "latent"):
             assert a["members"][m]["correct"] == b["members"][m]["correct"]
     assert whole["effect"]["mean_diff"] == broken["effect"]["mean_diff"] and whole["verdict"] == broken["verdict"]
+    for seed in (0, 1):  # the resumed seed trained to the very same weights
+        w, b = final_weights(runs_dir, f"whole-seed{seed}"), final_weights(runs_dir, f"broken-seed{seed}")
+        for m in w:
+            assert w[m].keys() == b[m].keys()
+            for k in w[m]:
+                assert torch.equal(w[m][k], b[m][k]), (seed, m, k)
     # run again once finished: nothing is trained, the same numbers come out
     capsys.readouterr()
-    assert compare(runs_dir, "--seeds", "2", "--id", "broken", "--match-params") == 0
-    assert "verdict:" in capsys.readouterr().out
+    assert compare(runs_dir, *two, "--seeds", "2", "--id", "broken", "--match-params") == 0
+    assert f"verdict: {broken['verdict']}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags, says", [

@@ -310,7 +310,7 @@ def test_a_read_only_runs_folder_is_read_not_locked(runs_dir, monkeypatch, capsy
     def no_lock(path):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(tracking, "_flock", no_lock)
+    monkeypatch.setattr(tracking, "file_lock", no_lock)
     monkeypatch.setattr(tracking.os, "access", lambda path, mode: False)
     assert main(["runs", "list", "--runs-dir", str(runs_dir)]) == 0
     assert "ro" in capsys.readouterr().out

@@ -129,6 +129,7 @@ def test_injected_ooms_use_every_sample_once_and_give_the_same_weights(runs_dir,
         # whose true gradient is zero, so Adam turns their rounding noise into ~1e-6 steps)
         for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
             torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=f"{a.name} {k}")
+        assert len(a.losses) == len(b.losses) > 0  # zip would stop at the shorter one silently
         for (s1, l1), (s2, l2) in zip(a.losses, b.losses):
             assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
     counts = [v for _, v in tb_scalars(run.dir / "simple", "health/micro_batches")]

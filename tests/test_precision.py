@@ -336,5 +336,6 @@ def test_bf16_micro_batches_give_the_whole_batch_update_to_bf16_tolerance(runs_d
         for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
             atol = 6e-3 if k.endswith("kv.bias") else 2e-3
             torch.testing.assert_close(va, vb, rtol=0, atol=atol, msg=f"{a.name} {k}")
+        assert len(a.losses) == len(b.losses) > 0  # zip would stop at the shorter one silently
         for (s1, l1), (s2, l2) in zip(a.losses, b.losses):
             assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-3)

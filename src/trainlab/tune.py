@@ -379,7 +379,7 @@ def run_trial(plan: StudyPlan, study, trial, kind, say: Callable[[str], None]) -
     """Train one trial as an ordinary run and tell Optuna how it went; returns its state name."""
     from optuna.trial import TrialState
 
-    from trainlab.cli.training import checked_task, new_run_from
+    from trainlab.runs import checked_task, new_run_from
     from trainlab.engine.loop import TrainingError, train
     from trainlab.engine.step import seconds_per_step
 
@@ -449,14 +449,14 @@ def _fmt(v: Any) -> str:
 
 def work(plan: StudyPlan, kind, worker: int = 0, say: Callable[[str], None] = print) -> dict[str, int]:
     """Run trials until the study holds ``plan.trials`` finished (or pruned) ones; returns the counts."""
-    from trainlab.engine.tracking import _flock
+    from trainlab.engine.tracking import file_lock
 
     study = create_or_load(plan, worker)
     distributions = {k: d.distribution() for k, d in plan.dims.items()}
     runs_dir = Path(plan.base.get("runs_dir", "runs"))
     refused_in_a_row = 0
     while True:
-        with _flock(plan.folder / "workers.lock"):  # count and ask as one step: no two workers take the last slot
+        with file_lock(plan.folder / "workers.lock"):  # count and ask as one step: no two workers take the last slot
             stale = fail_stale_trials(study, runs_dir)
             if stale:
                 say(f"marked failed: trial(s) {', '.join(map(str, stale))}, left running by a worker that died")

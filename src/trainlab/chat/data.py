@@ -28,30 +28,16 @@ import codecs
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from trainlab.config import ConfigError, UsageError, in_range
+from trainlab.chat.config import ChatDataConfig  # noqa: F401  (offered here too)
+from trainlab.config import UsageError
 
 MMAP_BYTES = 64 * 2**20
 CHUNK_BYTES = 8 * 2**20
-
-
-@dataclass
-class ChatDataConfig:
-    text: str = field(default="", metadata={"help": "UTF-8 text file to train on (required)"})
-    val_fraction: float = field(default=0.1, metadata={"help": "last fraction of the text held out for validation"})
-
-    def __post_init__(self) -> None:
-        if not self.text:
-            raise ConfigError("text", "required: the UTF-8 text file to train on")
-        # stored absolute, so a run resumed from another folder finds its corpus (the content
-        # hash, not the path, is what says whether it is still the same text)
-        self.text = os.path.abspath(os.path.expanduser(self.text))
-        in_range("val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
 
 
 def _codepoints(text: str) -> np.ndarray:

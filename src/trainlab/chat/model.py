@@ -12,45 +12,15 @@ the rest. The weights and their names are the same either way.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from trainlab.config import check_heads, in_range, non_negative, positive
+from trainlab.chat.config import GPTConfig
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per block: keys and values, (B, H, T, hd) each
-
-
-@dataclass
-class GPTConfig:
-    """Dimensions of the model; saved beside its weights as model_config.json."""
-
-    d_model: int = field(default=384, metadata={"help": "width of every layer"})
-    nhead: int = field(default=6, metadata={"help": "attention heads (must divide d_model)"})
-    num_layers: int = field(default=8, metadata={"help": "transformer blocks"})
-    dim_feedforward: int = field(default=0, metadata={"help": "MLP hidden size; 0 means 4 * d_model"})
-    context_len: int = field(default=256, metadata={"help": "characters the model sees at once"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout probability"})
-    tie_weights: bool = field(default=True, metadata={"help": "share the token embedding with the output head"})
-    bias: bool = field(default=False, metadata={"help": "biases in linear layers and LayerNorms"})
-    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute each block's activations in the "
-                                                                     "backward pass instead of keeping them: less "
-                                                                     "memory for about a third more compute"})
-    vocab_size: int = field(default=65, metadata={"cli": False})
-
-    def __post_init__(self) -> None:
-        for name in ("d_model", "nhead", "num_layers", "context_len", "vocab_size"):
-            positive(name, getattr(self, name))
-        non_negative("dim_feedforward", self.dim_feedforward)
-        check_heads(self.d_model, self.nhead)
-        in_range("dropout", self.dropout, 0, 1, high_open=True)
-
-    @property
-    def d_ff(self) -> int:
-        return self.dim_feedforward or 4 * self.d_model
 
 
 class CausalSelfAttention(nn.Module):

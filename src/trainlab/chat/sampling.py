@@ -23,43 +23,14 @@ the boundary whitespace is not part of the text. ``none``, or no boundary before
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 
-from trainlab.config import ConfigError, check_seed, finite, in_range, non_negative, one_of, positive
+from trainlab.chat.config import SamplingConfig
 
-STOP_AT = ("none", "line", "sentence", "paragraph")
 SENTENCE_END = ".!?"
 CLOSERS = "\"')]"
-
-
-@dataclass
-class SamplingConfig:
-    temperature: float = field(default=0.8, metadata={"help": "softmax temperature; 0: greedy"})
-    top_k: int = field(default=0, metadata={"help": "sample among the k most likely characters; 0: off"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass in (0, 1]; 1: off"})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "CTRL penalty >= 1 on recent characters; 1: off"})
-    repetition_window: int = field(default=64, metadata={"help": "recent characters the penalty looks at"})
-    max_new_tokens: int = field(default=400, metadata={"help": "most characters to generate"})
-    min_new_tokens: int = field(default=1, metadata={"help": "characters before --stop-at may end the text"})
-    stop_at: str = field(default="none", metadata={"help": "end at the first none|line|sentence|paragraph boundary"})
-    seed: int | None = field(default=None, metadata={"help": "seed of the sampler (default: a fresh one)"})
-
-    def __post_init__(self) -> None:
-        non_negative("temperature", self.temperature)
-        non_negative("top_k", self.top_k)
-        in_range("top_p", self.top_p, 0, 1, low_open=True)
-        finite("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty < 1.0:
-            raise ConfigError("repetition_penalty", f"must be at least 1 (1: off), got {self.repetition_penalty}")
-        non_negative("repetition_window", self.repetition_window)
-        positive("max_new_tokens", self.max_new_tokens)
-        non_negative("min_new_tokens", self.min_new_tokens)
-        one_of("stop_at", self.stop_at, STOP_AT)
-        if self.seed is not None:
-            check_seed("seed", self.seed)
 
 
 # -- the four steps, each on a (V,) tensor of logits ----------------------------------------

@@ -13,7 +13,7 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +22,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainlab.chat.config import MEMBER, TASK_NAME, ChatTaskConfig
 from trainlab.chat.data import TextCorpus
 from trainlab.chat.metrics import diversity
 from trainlab.chat.model import GPT, GPTConfig
 from trainlab.chat.sampling import SamplingConfig, generate
-from trainlab.config import ConfigError, positive
 from trainlab.engine.device import resolve_device
 from trainlab.engine.loop import Evaluation, StepLoss, Summary, TrainConfig
 from trainlab.engine.memory import check_model_fits
 from trainlab.engine.tracking import Run
 
-TASK_NAME = "chat"
-MEMBER = "gpt"
-# settings a resumed run may change: none of them touches the training trajectory
-# (the corpus may move; its content is checked against the checkpoint's corpus.json)
-RESUMABLE_TASK_CHANGES = frozenset({"text", "eval_batches", "sample_tokens", "sample_temperature", "prompt_chars",
-                                    "grad_checkpointing"})
 EVAL_SEED = 0xE7A1
 
 
@@ -50,27 +44,6 @@ def auto_temperature(val_loss: float | None) -> float:
     if val_loss is None or not math.isfinite(val_loss):
         return 1.0
     return min(1.0, max(0.7, 0.6 + 0.1 * val_loss))
-
-
-@dataclass
-class ChatTaskConfig:
-    eval_batches: int = field(default=20, metadata={"help": "batches of windows per evaluation, the same ones "
-                                                            "every time (val, and as many from train)"})
-    sample_tokens: int = field(default=200, metadata={"help": "characters per sample during training"})
-    sample_temperature: str = field(default="auto", metadata={"help": "temperature of training samples: a number, "
-                                                                      "or auto (cooler as val loss falls)"})
-    prompt_chars: int = field(default=48, metadata={"help": "characters of val text that prompt each sample"})
-
-    def __post_init__(self) -> None:
-        for name in ("eval_batches", "sample_tokens", "prompt_chars"):
-            positive(name, getattr(self, name))
-        if self.sample_temperature != "auto":
-            try:
-                t = float(self.sample_temperature)
-            except ValueError:
-                t = -1.0
-            if not t >= 0:
-                raise ConfigError("sample_temperature", f"must be auto or a number >= 0, got {self.sample_temperature!r}")
 
 
 SPEAKER = r"([A-Z][A-Za-z .'-]{0,29})"

@@ -1,9 +1,10 @@
 """Command line: ``trainlab multiply train|ask|evaluate``, ``trainlab chat train|generate|repl``,
 ``trainlab runs list|clean|rm``, ``trainlab tune multiply|chat|show``.
 
-The only package that knows every task: one module per command group (multiply.py,
-chat.py, runs.py, tune.py), the train path every task shares (training.py) and what all
-of them share (common.py). Bad input of any kind ends in one line,
+Argv in, calls of the run path (``trainlab.runs``) and of the tasks' own functions, lines
+out: one module per command group (multiply.py, chat.py, runs.py, tune.py) and what all of
+them share (common.py). Building the parser loads no PyTorch, so ``--help`` and usage
+errors answer at once. Bad input of any kind ends in one line,
 ``trainlab: error: ...``, and exit status 2, before anything is written.
 """
 
@@ -15,13 +16,11 @@ import sys
 from typing import Sequence
 
 from trainlab.cli import chat, multiply, runs, tune
-from trainlab.cli.common import EXIT_FAILED, EXIT_USAGE, Parser, one_line, settings_from
-from trainlab.cli.training import _chat_sections, _multiply_sections
+from trainlab.cli.common import EXIT_FAILED, EXIT_USAGE, Parser, one_line
 from trainlab.config import ConfigError, UsageError
-from trainlab.engine.checkpoint import CheckpointError
-from trainlab.engine.loop import TrainingError
+from trainlab.engine.errors import CheckpointError, TrainingError
 
-__all__ = ["build_parser", "main", "settings_from", "_chat_sections", "_multiply_sections"]
+__all__ = ["build_parser", "main"]
 
 GROUPS = (multiply, chat, runs, tune)
 COMMANDS = {key: command for group in GROUPS for key, command in group.COMMANDS.items()}

@@ -5,18 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trainlab.cli.common import Parser, train_flags, warn
-from trainlab.cli.training import _chat_sections, start_or_resume, task_kind
+from trainlab.chat.config import SamplingConfig
+from trainlab.cli.common import Parser, train_command, train_flags, warn
 from trainlab.config import add_flags, build
+from trainlab.runs import chat_sections
 
 
 def add_parser(sub) -> None:
-    from trainlab.chat.sampling import SamplingConfig
-
     chat = sub.add_parser("chat", help="ChatGoT: a character-level GPT on any text")
     csub = chat.add_subparsers(dest="command", required=True, parser_class=Parser)
     train = csub.add_parser("train", help="train on a UTF-8 text file (--text FILE)")
-    train_flags(train, "chat", _chat_sections())
+    train_flags(train, "chat", chat_sections())
     gen = csub.add_parser("generate", help="print the prompt and a completion")
     gen.add_argument("--prompt", default="", help="text to continue (default: start from a new line)")
     repl = csub.add_parser("repl", help="chat with a trained model in the style of its corpus")
@@ -45,12 +44,12 @@ def add_parser(sub) -> None:
 
 
 def chat_train(args: argparse.Namespace) -> int:
-    return start_or_resume(args, task_kind("chat"))
+    return train_command(args, "chat")
 
 
 def _load_chat(args: argparse.Namespace):
     from trainlab.chat.repl import load_chat_model
-    from trainlab.chat.sampling import SamplingConfig, make_generator
+    from trainlab.chat.sampling import make_generator
     from trainlab.chat.task import TASK_NAME
     from trainlab.engine.device import resolve_device
     from trainlab.engine.tracking import resolve_checkpoint

@@ -1,5 +1,5 @@
-"""What every command shares: the one-line error parser, settings from presets, config files
-and flags, and the flags of every train command."""
+"""What every command shares: the one-line error parser, the flags of every train command,
+and the settings a command line gives (``trainlab.runs`` merges them with presets and files)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ import argparse
 import sys
 from typing import Any
 
-from trainlab.config import add_flags, check_known_keys, flag_name, load_preset, load_yaml, preset_names
+from trainlab import runs
+from trainlab.config import add_flags, preset_names
+from trainlab.runs import DEFAULT_PRESETS, warn  # noqa: F401  (warn: every command's one-line warnings)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-
-# what `train` starts from when no --preset is given (and a run is not resumed)
-DEFAULT_PRESETS = {"chat": "chatgot-14m"}
 
 
 def one_line(e: BaseException, limit: int = 400) -> str:
@@ -27,10 +26,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(EXIT_USAGE)
-
-
-def warn(line: str) -> None:
-    sys.stderr.write(line + "\n")
 
 
 def common_flags(p: argparse.ArgumentParser) -> None:
@@ -53,49 +48,28 @@ def train_flags(p: argparse.ArgumentParser, task: str, sections: list[tuple[str,
         add_flags(p, cls, title)
 
 
-def settings_from(args: argparse.Namespace, sections: list[tuple[str, type]], default_preset: str | None = None,
-                  task: str | None = None) -> dict[str, Any]:
-    """Defaults < preset (``--preset``, else ``default_preset``) < config file < flags, as one
-    flat dict of field values. ``task``: whose presets (default ``args.task``)."""
-    classes = [cls for _, cls in sections]
-    values: dict[str, Any] = {}
-    preset_name = getattr(args, "preset", None) or default_preset
-    if preset_name:
-        preset = load_preset(task or args.task, preset_name)
-        check_known_keys(preset, classes, f"preset {preset_name}")
-        values.update(preset)
-    if getattr(args, "config", None):
-        from_file = load_yaml(args.config)
-        check_known_keys(from_file, classes, args.config)
-        values.update(from_file)
-    skip = {"task", "command", "config", "preset", "resume"}
-    values.update({k: v for k, v in vars(args).items() if k not in skip})
-    return values
+def flags_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a command line gave: every parsed value but the command's own words
+    (train flags are SUPPRESSed by default, so only those given are here)."""
+    skip = {"task", "command", "config", "preset", "resume", "argv"}
+    return {k: v for k, v in vars(args).items() if k not in skip}
 
 
-def resume_settings(run_values: dict[str, Any], given: dict[str, Any], free: frozenset[str] | set[str],
-                    run_id: str, warn=None) -> dict[str, Any]:
-    """The settings of a resumed run: the run's own, with ``given`` (flags, file, preset)
-    applied only where ``free`` allows. Every other given value that differs is reported
-    in one line naming both values, and the run's value is kept."""
-    warn = warn or globals()['warn']
-    values = dict(run_values)
-    for key, new in given.items():
-        if key not in values:
-            continue
-        old = values[key]
-        if new == old:
-            continue
-        if key in free:
-            values[key] = new
-            print(f"{flag_name(key)}: {old} -> {new} from here on")
-        else:
-            shown = repr(old) if isinstance(old, str) else old
-            warn(f"warning: {flag_name(key)} {new} ignored: run {run_id} was made with {shown}, "
-                 f"and a resumed run keeps its own")
-    return values
+def settings_from(args: argparse.Namespace, command: str, default_preset: bool = True) -> dict[str, Any]:
+    """Defaults < preset (``--preset``, else the task's default one) < ``--config`` < flags."""
+    return runs.settings(command, getattr(args, "preset", None), getattr(args, "config", None), flags_of(args),
+                         default_preset=default_preset)
 
 
-def flat(config: dict[str, Any]) -> dict[str, Any]:
-    """{section: {field: value}} -> {field: value}."""
-    return {k: v for section in config.values() if isinstance(section, dict) for k, v in section.items()}
+def train_command(args: argparse.Namespace, command: str) -> int:
+    """Every task's ``train``: a new run, or ``--resume`` of an existing one (whose own settings
+    win: the default preset is not read against them), trained to its end; the exit status."""
+    from trainlab.engine.stopping import exit_status
+
+    flags = flags_of(args)
+    values = runs.settings(command, args.preset, args.config, flags, default_preset=not args.resume)
+    fresh = (lambda: runs.settings(command, args.preset, args.config, flags)) if args.resume else None
+    summary = runs.train(command, values, resume=args.resume, fresh=fresh)
+    if summary is None:  # a rank past 0 whose rank 0 refused the settings (and said why)
+        return EXIT_USAGE
+    return exit_status(summary.stop_signal) if summary.interrupted else 0

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from trainlab.cli.common import Parser, common_flags, train_flags
-from trainlab.cli.training import _multiply_sections, start_or_resume, task_kind
+from trainlab.cli.common import Parser, common_flags, settings_from, train_command, train_flags
 from trainlab.config import ConfigError, check_seed
+from trainlab.runs import multiply_sections
 
 
 def add_parser(sub) -> None:
     mul = sub.add_parser("multiply", help="simple vs latent transformer on multiplication")
     msub = mul.add_subparsers(dest="command", required=True, parser_class=Parser)
     train = msub.add_parser("train", help="train both models side by side")
-    train_flags(train, "multiply", _multiply_sections())
+    train_flags(train, "multiply", multiply_sections())
 
     ask = msub.add_parser("ask", help="ask a trained run a multiplication, e.g. 123*456")
     ask.add_argument("run", help="run id, run folder or checkpoint folder")
@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
     cmp.add_argument("--recipe-simple", metavar="FILE", help="settings of the simple member only (a config file, "
                                                             "e.g. a tune study's best.yaml); needs --recipe-latent")
     cmp.add_argument("--recipe-latent", metavar="FILE", help="settings of the latent member only")
-    train_flags(cmp, "multiply", _multiply_sections(), resume=False)
+    train_flags(cmp, "multiply", multiply_sections(), resume=False)
 
     ev = msub.add_parser("evaluate", help="free-running exact-match with a 95%% confidence interval")
     ev.add_argument("run", help="run id, run folder or checkpoint folder")
@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
 
 
 def multiply_train(args: argparse.Namespace) -> int:
-    return start_or_resume(args, task_kind("multiply"))
+    return train_command(args, "multiply")
 
 
 def _load(args: argparse.Namespace):
@@ -74,7 +74,8 @@ def multiply_ask(args: argparse.Namespace) -> int:
 
 def multiply_evaluate(args: argparse.Namespace) -> int:
     from trainlab.multiply.data import SPLITS
-    from trainlab.multiply.inference import evaluate_members, evaluation_dataset
+    from trainlab.multiply.evaluation import evaluate_members
+    from trainlab.multiply.inference import evaluation_dataset
 
     if args.split not in SPLITS:
         raise ConfigError("split", f"must be one of {'|'.join(SPLITS)}, got {args.split!r}")
@@ -94,20 +95,16 @@ def multiply_evaluate(args: argparse.Namespace) -> int:
 
 
 def multiply_compare(args: argparse.Namespace) -> int:
-    import dataclasses
     import hashlib
     import json
     from pathlib import Path
 
-    from trainlab.cli.common import settings_from
-    from trainlab.cli.training import checked_task
     from trainlab.engine.tracking import RUN_NAME, check_runs_dir
     from trainlab.multiply.compare import MEMBERS, Plan, plan_members, read_recipe, run
+    from trainlab.runs import checked_task, known_settings
 
-    kind = task_kind("multiply")
-    sections = kind.sections()
-    known = {f.name for _, cls in sections for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in settings_from(args, sections).items() if k in known}
+    sections = multiply_sections()
+    values = known_settings("multiply", settings_from(args, "multiply"))
     if args.seeds < 1:
         raise ConfigError("seeds", f"must be at least 1, got {args.seeds}")
     members = [m.strip() for m in str(values.get("members", "simple,latent")).split(",") if m.strip()]
@@ -132,7 +129,7 @@ def multiply_compare(args: argparse.Namespace) -> int:
     seed0 = int(values.get("seed", 0))
     seeds = list(range(seed0, seed0 + args.seeds))
     for m in MEMBERS:  # every run's settings pass the flags' own checks before anything is written
-        checked_task(kind, {**base, **recipes.get(m, {}), "members": ",".join(MEMBERS) if not recipes else m})
+        checked_task("multiply", {**base, **recipes.get(m, {}), "members": ",".join(MEMBERS) if not recipes else m})
     digest = hashlib.sha256(json.dumps([base, recipes, seeds, args.match_params], sort_keys=True,
                                        default=str).encode()).hexdigest()[:8]
     cid = args.id or f"cmp-{values.get('min_digits', 1)}-{values.get('max_digits', 3)}d-{digest}"
@@ -144,7 +141,7 @@ def multiply_compare(args: argparse.Namespace) -> int:
                 runs_dir / "compare" / cid)
     print(f"comparison {cid}: {len(seeds)} seed(s), {'one recipe for both' if not recipes else 'own recipes'}; "
           f"parameters simple {counts['simple']:,}, latent {counts['latent']:,}" + (f" ({note})" if note else ""))
-    out = run(plan, kind)
+    out = run(plan)
     if out is None:
         print(f"stopped; run the same command (--id {cid}) to continue the comparison")
         return 130

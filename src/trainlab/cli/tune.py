@@ -13,9 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainlab.cli.common import DEFAULT_PRESETS, EXIT_FAILED, Parser, settings_from, train_flags
-from trainlab.cli.training import _chat_sections, _multiply_sections, checked_task, task_kind
+from trainlab.cli.common import EXIT_FAILED, Parser, settings_from, train_flags
 from trainlab.config import ConfigError, UsageError
+from trainlab.runs import chat_sections, checked_task, multiply_sections, task_kind
 
 TUNE_KEYS = ("space", "trials", "budget_steps", "budget_minutes", "study", "storage", "pruner", "objective", "workers",
              "worker_index", "argv")
@@ -24,7 +24,7 @@ TUNE_KEYS = ("space", "trials", "budget_steps", "budget_minutes", "study", "stor
 def add_parser(sub) -> None:
     tune = sub.add_parser("tune", help="search training settings with Optuna (each trial an ordinary run)")
     tsub = tune.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for task, sections in (("multiply", _multiply_sections()), ("chat", _chat_sections())):
+    for task, sections in (("multiply", multiply_sections()), ("chat", chat_sections())):
         p = tsub.add_parser(task, help=f"a study of `trainlab {task} train` settings")
         p.add_argument("--space", required=True, metavar="FILE|NAME",
                        help="search space: a YAML file (one entry per train flag) or a shipped one by name")
@@ -58,7 +58,7 @@ def plan_from(args: argparse.Namespace):
     kind = task_kind(args.command)
     sections = kind.sections()
     known = {f.name for _, cls in sections for f in dataclasses.fields(cls)}
-    values = settings_from(args, sections, DEFAULT_PRESETS.get(args.command), task=args.command)
+    values = settings_from(args, args.command)
     base = {k: v for k, v in values.items() if k in known}
     if args.trials < 1:
         raise ConfigError("trials", f"must be at least 1, got {args.trials}")

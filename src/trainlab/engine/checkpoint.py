@@ -26,16 +26,13 @@ from typing import Any, TypeVar
 import torch
 
 from trainlab.engine import faults
+from trainlab.engine.errors import CheckpointError
 
 log = logging.getLogger("trainlab")
 T = TypeVar("T")
 
 META = "meta.json"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, damaged, or not what was asked for."""
 
 
 def _fsync_dir(path: Path) -> None:

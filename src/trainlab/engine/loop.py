@@ -13,7 +13,8 @@ Where each concern lives:
 
     train_config.py   TrainConfig (the loop's flags), what a resume may change, the LR schedule
     task.py           the Task protocol, Evaluation, StepLoss: what a task gives the loop
-    state.py          Member, LoopState, Summary, RNG capture, save/restore of a checkpoint
+    member.py         Member (model, optimizer, schedule, precision, counters), Summary
+    state.py          LoopState, RNG capture, save/restore of a checkpoint
     step.py           one member's step (micro-batches, out-of-memory, skips, spikes, DDP
                       agreement), the guarded evaluation, the start-of-run speed choices
     periodic.py       what the loop does every so often: log, evaluate, sample, save
@@ -41,8 +42,9 @@ from trainlab.engine.checkpoint import Checkpoint, latest_checkpoint
 from trainlab.engine.device import resolve_device, synchronize
 from trainlab.engine.distributed import Dist, all_sum, broadcast, current, device_for, shard, wrap
 from trainlab.engine.periodic import Session, checkpoint, evaluate_all, log_scalars, sample_all, timed
-from trainlab.engine.state import LoopState, Member, Summary, check_compatible, make_member, restore, seed_everything
-from trainlab.engine.step import _rows, accumulate, choose_speed, member_step
+from trainlab.engine.member import Member, Summary, make_member
+from trainlab.engine.state import LoopState, check_compatible, restore, seed_everything
+from trainlab.engine.step import batch_rows, accumulate, choose_speed, member_step
 from trainlab.engine.stopping import StopSignals
 from trainlab.engine.task import Evaluation, StepLoss, Task, TrainingError
 from trainlab.engine.tracking import ReadOnlyRun, Run, remove_runs
@@ -145,7 +147,7 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
         t0 = time.perf_counter()
         step = state.step
         full = task.batch(step)  # the global batch; under torchrun each rank trains on its slice
-        n_examples = _rows(full)
+        n_examples = batch_rows(full)
         batch = {k: v.to(device, non_blocking=True) for k, v in shard(full, d).items()}
         for m in members:
             t_m = time.perf_counter()
@@ -217,7 +219,7 @@ def set_up(task: Task, cfg: TrainConfig, resume: Checkpoint | None, device: torc
         full = task.batch(state.step)
         first = {k: v.to(device) for k, v in shard(full, d).items()}
         for m in members:
-            choose_speed(m, task, first, state.step, _rows(full), cfg, device, d, echo)
+            choose_speed(m, task, first, state.step, batch_rows(full), cfg, device, d, echo)
     return members, state
 
 

@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 
-OPTIMIZERS = ("adamw", "muon")
 
 # quintic Newton-Schulz coefficients tuned for fast convergence from a normalised start
 # (they push singular values into roughly [0.7, 1.2] in 5 steps, which is all Muon needs)
@@ -138,7 +137,7 @@ class Muon(torch.optim.Optimizer):
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas: tuple[float, float],
                    momentum: float = 0.95) -> torch.optim.Optimizer:
-    """``name`` (one of OPTIMIZERS) over ``model``'s trainable parameters; weight decay
+    """``name`` (one of train_config.OPTIMIZERS) over ``model``'s trainable parameters; weight decay
     on matrices only (not on biases, norms or other vectors)."""
     params = [p for p in model.parameters() if p.requires_grad]
     muon = {id(p) for p in hidden_matrices(model)} if name == "muon" else set()

@@ -14,7 +14,8 @@ import torch
 from trainlab.engine.distributed import Dist, all_sum, broadcast
 from trainlab.engine.memory import memory_figures
 from trainlab.engine.monitor import Eta, due, format_duration
-from trainlab.engine.state import LoopState, Member, _better, _scalar, rng_state, save, set_rng_state
+from trainlab.engine.member import Member
+from trainlab.engine.state import LoopState, as_float, is_better, rng_state, save, set_rng_state
 from trainlab.engine.step import evaluate_member
 from trainlab.engine.task import Evaluation, Task
 from trainlab.engine.tracking import Run
@@ -54,9 +55,9 @@ def log_scalars(s: Session, bar) -> None:
         n = slot.get("n", 0)
         if s.d.active:  # the loss is already the global batch's; each rank holds its share of the stats
             shares = sorted(k for k in slot if k not in ("n", "loss", "grad_norm"))
-            summed = all_sum([_scalar(slot[k]) for k in shares], s.device).tolist()
+            summed = all_sum([as_float(slot[k]) for k in shares], s.device).tolist()
             slot = {**slot, **dict(zip(shares, summed))}
-        values = {k: _scalar(v) / n for k, v in slot.items() if k != "n"} if n else {}
+        values = {k: as_float(v) / n for k, v in slot.items() if k != "n"} if n else {}
         for k, v in values.items():
             w.add_scalar(f"train/{k}", v, step)
         w.add_scalar("train/lr", m.lr, step)
@@ -125,7 +126,7 @@ def evaluate_all(s: Session, track_best: bool = True) -> None:
     s.say(f"[step {state.step}] " + "\n           ".join(parts))
     s.last_eval = state.step
     score = sum(scores) / len(scores)
-    if track_best and _better(score, state.best_score, mode):
+    if track_best and is_better(score, state.best_score, mode):
         state.best_score = score
         save(s.run, s.task, s.members, state, s.cfg, s.config, best={"metric": metric, "mode": mode, "value": score},
              d=s.d)

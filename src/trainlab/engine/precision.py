@@ -37,8 +37,8 @@ from typing import Any
 import torch
 
 from trainlab.config import ConfigError
+from trainlab.engine.train_config import PRECISIONS
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 AUTO_ENV = "TRAINLAB_AUTO_PRECISION"
 BF16_MARGIN = 0.05  # bf16 must be this much faster than fp32 to be kept: less is within noise

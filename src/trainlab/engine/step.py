@@ -17,7 +17,8 @@ from trainlab.engine.device import synchronize
 from trainlab.engine.distributed import Dist, all_sum, broadcast
 from trainlab.engine.memory import fastest, free_memory, is_out_of_memory, micro_batch_counts, split_batch
 from trainlab.engine.precision import BF16_MARGIN
-from trainlab.engine.state import LoopState, Member
+from trainlab.engine.member import Member
+from trainlab.engine.state import LoopState
 from trainlab.engine.task import Evaluation, Task, TrainingError
 from trainlab.engine.train_config import TrainConfig
 
@@ -27,7 +28,7 @@ class StepResult(NamedTuple):
     stats: dict[str, torch.Tensor]
 
 
-def _rows(batch: dict[str, torch.Tensor]) -> int:
+def batch_rows(batch: dict[str, torch.Tensor]) -> int:
     return int(next(iter(batch.values())).shape[0])
 
 
@@ -72,7 +73,7 @@ def forward_backward(m: Member, task: Task, batch: dict[str, torch.Tensor], step
     oom: BaseException | None = None
     weighted = False
     for i, chunk in enumerate(chunks):
-        n = _rows(chunk)
+        n = batch_rows(chunk)
         final = i == len(chunks) - 1
         try:
             faults.raise_if_out_of_memory(planned, step, n, first_try)
@@ -135,7 +136,7 @@ def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int
     """Forward, backward and (unless it must not happen) the update of one member on this
     rank's slice ``batch`` of a global batch of ``n_global``; what went wrong, if anything,
     is said through ``echo``."""
-    n_local = _rows(batch)
+    n_local = batch_rows(batch)
     rng = torch.get_rng_state()  # a retry after an out-of-memory draws the same dropout masks
     first_try = True
     while True:
@@ -249,7 +250,7 @@ def choose_speed(m: Member, task: Task, batch: dict[str, torch.Tensor], step: in
     ``BF16_MARGIN``; then the fastest count in that precision (``fastest``). On a CPU a
     smaller working set can beat one large matrix product. Weights, RNG and task state are
     left as they were; under torchrun rank 0's clock decides for all."""
-    n_local = _rows(batch)
+    n_local = batch_rows(batch)
     if cfg.micro_batch not in ("off", "auto"):
         m.micro.set_floor(min(n_local, -(-n_local // int(cfg.micro_batch))))
     time_counts = cfg.micro_batch == "auto" and not m.micro.tuned
@@ -339,7 +340,7 @@ def seconds_per_step(task: Task, cfg: TrainConfig, device: torch.device | None =
         full = task.batch(i)
         batch = {k: v.to(device) for k, v in full.items()}
         for m in members:
-            member_step(m, task, batch, i, cfg, {}, device, lambda *a: None, _rows(full))
+            member_step(m, task, batch, i, cfg, {}, device, lambda *a: None, batch_rows(full))
     synchronize(device)
     seconds = (time.perf_counter() - t0) / n
     torch.set_rng_state(rng)

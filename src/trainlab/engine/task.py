@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import torch
 import torch.nn as nn
 
+from trainlab.engine.errors import TrainingError  # noqa: F401  (offered here, beside the contract)
+
 if TYPE_CHECKING:
-    from trainlab.engine.state import Summary
+    from trainlab.engine.member import Summary
     from trainlab.engine.tracking import Run
 
 @dataclass
@@ -58,9 +60,3 @@ class Task(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def report(self, run: Run, summary: "Summary") -> None: ...
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (out of memory one example at a time, a diverged loss)."""
-
-

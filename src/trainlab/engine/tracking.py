@@ -67,7 +67,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 @contextmanager
-def _flock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """Exclusive lock on ``path`` for the duration of the block (blocking)."""
     with open(path, "a+") as f:
         if fcntl is not None:
@@ -229,7 +229,7 @@ class RunsIndex:
         check_runs_dir(self.root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            with _flock(self.root / INDEX_LOCK):
+            with file_lock(self.root / INDEX_LOCK):
                 yield
         except PermissionError as e:
             raise UsageError(f"--runs-dir: {self.root} is not writable ({e.strerror})") from None

@@ -7,10 +7,12 @@ import math
 from dataclasses import dataclass, field
 
 from trainlab.config import ConfigError, check_seed, in_range, non_negative, one_of, positive
-from trainlab.engine.optim import OPTIMIZERS
-from trainlab.engine.precision import PRECISIONS
 
 SPIKE_ACTIONS = ("log", "skip", "rollback")
+# defined here, not beside the optimizers and precisions they name, so that the flags (and
+# so `--help`) need no PyTorch: optim.py and precision.py import them from here
+OPTIMIZERS = ("adamw", "muon")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass

@@ -29,9 +29,11 @@ from typing import Any
 import numpy as np
 
 from trainlab.config import UsageError, build, load_yaml
+from trainlab.multiply.config import MODEL_KINDS
+from trainlab.multiply.report import write_comparison_report
 from trainlab.stats import over_seeds, paired, verdict, wilson_interval
 
-MEMBERS = ("simple", "latent")
+MEMBERS = MODEL_KINDS
 MATCH_TOLERANCE = 0.02
 
 
@@ -82,8 +84,8 @@ def read_recipe(path: str, sections: list[tuple[str, type]]) -> dict[str, Any]:
 def member_parameters(values: dict[str, Any], member: str) -> int:
     """Parameters of ``member`` as ``values`` would build it (counted without allocating)."""
     from trainlab.engine.memory import parameter_count
-    from trainlab.multiply.data import MultiplyDataConfig
-    from trainlab.multiply.models import Seq2SeqConfig, build_model
+    from trainlab.multiply.config import MultiplyDataConfig, Seq2SeqConfig
+    from trainlab.multiply.models import build_model
     from trainlab.multiply.task import member_config
 
     cfg = member_config(build(Seq2SeqConfig, values), member, build(MultiplyDataConfig, values))
@@ -131,7 +133,8 @@ def score_seed(plan: Plan, seed: int, runs: list[tuple[str, list[str]]], dataset
     from trainlab.engine.checkpoint import latest_checkpoint
     from trainlab.engine.tracking import find_run
     from trainlab.multiply.inference import load_members
-    from trainlab.multiply.task import TASK_NAME, decode_problems
+    from trainlab.multiply.config import TASK_NAME
+    from trainlab.multiply.evaluation import decode_problems
 
     runs_dir = plan.base.get("runs_dir", "runs")
     correct, secs, params, curves, steps = {}, {}, {}, {}, 0
@@ -164,7 +167,8 @@ def summarize(plan: Plan, scores: list[SeedScore], dataset, idx: np.ndarray) -> 
     per_seed = []
     for s in scores:
         pr = paired(s.correct["simple"], s.correct["latent"])
-        row = {"seed": s.seed, "steps": s.steps, "n": pr.n, "paired": asdict(pr), "members": {}}
+        row = {"seed": s.seed, "steps": s.steps, "n": pr.n, "paired": asdict(pr), "members": {},
+               "curves": {m: [list(point) for point in s.curves.get(m, [])] for m in MEMBERS}}
         for m in MEMBERS:
             k = int(s.correct[m].sum())
             row["members"][m] = {"exact_match": k / pr.n, "ci": wilson_interval(k, pr.n), "correct": k,
@@ -185,101 +189,14 @@ def summarize(plan: Plan, scores: list[SeedScore], dataset, idx: np.ndarray) -> 
                      "classes": {c: float(np.mean([r["members"][m]["classes"][c] for r in per_seed]))
                                  for c in sorted(set(classes))}}
     effect_ci = seeds_test.ci if len(scores) >= 2 else tuple(per_seed[0]["paired"]["ci"])
-    return {"id": plan.id, "n": int(len(idx)), "seeds": plan.seeds, "per_seed": per_seed, "pooled": pooled,
+    cfg = dataset.cfg
+    protocol = {"min_digits": cfg.min_digits, "max_digits": cfg.max_digits, "test_n": plan.test_n,
+                "same_recipe": plan.same_recipe, "recipes": plan.recipe_files, "match_params": plan.match_params,
+                "batch_size": plan.base.get("batch_size"), "precision": plan.base.get("precision", "auto")}
+    return {"id": plan.id, "n": int(len(idx)), "seeds": plan.seeds, "protocol": protocol, "per_seed": per_seed,
+            "pooled": pooled,
             "effect": {"mean_diff": seeds_test.mean, "sd": seeds_test.sd, "ci": effect_ci, "p": p, "basis": basis},
             "verdict": verdict("simple", "latent", p, seeds_test.mean)}
-
-
-# -- the report --------------------------------------------------------------------------------
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
-def write_report(plan: Plan, results: dict[str, Any], scores: list[SeedScore], dataset) -> Path:
-    folder = plan.folder
-    r0 = results["per_seed"][0]
-    params = {m: r0["members"][m]["parameters"] for m in MEMBERS}
-    cfg = dataset.cfg
-    base = plan.base
-    lines = [f"# simple vs latent: comparison {plan.id}", "",
-             f"**Verdict: {results['verdict']}.**", "",
-             "## Protocol", "",
-             f"- Problems: {cfg.min_digits}-{cfg.max_digits} digit operands; scored on {results['n']:,} held-out "
-             f"test problems{' (all of them)' if results['n'] < plan.test_n else ''}, the same ones for every "
-             f"seed and member, answered free-running (greedy, no teacher forcing).",
-             f"- Seeds: {', '.join(map(str, plan.seeds))}; each an ordinary run of {r0['steps']:,} steps "
-             f"(batch {base.get('batch_size')}, precision {base.get('precision', 'auto')}).",
-             f"- Recipes: {'one recipe for both members, trained in lockstep on the same batches' if plan.same_recipe else 'each member its own recipe: ' + ', '.join(f'{m} from {f}' for m, f in plan.recipe_files.items())}.",
-             f"- Parameters: simple {params['simple']:,}, latent {params['latent']:,}"
-             + (" (matched with --match-params)" if plan.match_params else "") + ".",
-             f"- Statistics: Wilson 95% intervals; per seed, the paired difference latent - simple with McNemar's "
-             f"exact test; the verdict from the {results['effect']['basis']} at p < 0.05.", "",
-             "## Result", "",
-             "| | simple | latent |", "|---|---|---|"]
-    cells = [f"{_pct(results['pooled'][m]['exact_match'])} ({_pct(results['pooled'][m]['ci'][0])}-"
-             f"{_pct(results['pooled'][m]['ci'][1])})" for m in MEMBERS]
-    lines.append(f"| test exact-match, all seeds (95% CI) | {cells[0]} | {cells[1]} |")
-    for c in sorted(results["pooled"]["simple"]["classes"]):
-        lines.append(f"| class {c} (mean over seeds) | {_pct(results['pooled']['simple']['classes'][c])} | "
-                     f"{_pct(results['pooled']['latent']['classes'][c])} |")
-    e = results["effect"]
-    lines += ["", f"Effect (latent - simple, points of exact-match): {100 * e['mean_diff']:+.2f}, 95% CI "
-                  f"{100 * e['ci'][0]:+.2f} to {100 * e['ci'][1]:+.2f}" + (f", sd over seeds {100 * e['sd']:.2f}"
-                                                                           if not math.isnan(e['sd']) else "")
-              + f"; p = {e['p']:.3g} ({e['basis']}).", "",
-              "## Per seed", "",
-              "| seed | simple (95% CI) | latent (95% CI) | latent - simple (95% CI) | only simple right | only latent right | McNemar p | train time simple / latent |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in results["per_seed"]:
-        s, la, p = r["members"]["simple"], r["members"]["latent"], r["paired"]
-        lines.append(f"| {r['seed']} | {_pct(s['exact_match'])} ({_pct(s['ci'][0])}-{_pct(s['ci'][1])}) | "
-                     f"{_pct(la['exact_match'])} ({_pct(la['ci'][0])}-{_pct(la['ci'][1])}) | "
-                     f"{100 * p['diff']:+.2f} ({100 * p['ci'][0]:+.2f} to {100 * p['ci'][1]:+.2f}) | {p['b']} | "
-                     f"{p['c']} | {p['p']:.3g} | {s['train_seconds']:.0f} s / {la['train_seconds']:.0f} s |")
-    pngs = plot_curves(folder, scores)
-    lines += [""] + [f"![{name}]({name})" for name in pngs]
-    path = folder / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def plot_curves(folder: Path, scores: list[SeedScore]) -> list[str]:
-    """Val exact-match against steps and against each member's own training time: the mean
-    over seeds, with a band from the lowest to the highest seed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    written = []
-    for name, by_time in (("accuracy_vs_steps.png", False), ("accuracy_vs_time.png", True)):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for m in MEMBERS:
-            curves = [s.curves[m] for s in scores if s.curves.get(m)]
-            if not curves:
-                continue
-            n = min(len(c) for c in curves)
-            steps = np.array([step for step, _ in curves[0][:n]], float)
-            ys = np.array([[v for _, v in c[:n]] for c in curves]) * 100  # (seeds, points)
-            if by_time:
-                per_step = np.mean([s.train_seconds[m] / max(1, s.steps) for s in scores])
-                xs = steps * per_step / 60
-            else:
-                xs = steps
-            ax.plot(xs, ys.mean(0), label=f"{m} (mean of {len(curves)} seed{'s' if len(curves) > 1 else ''})")
-            ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.2)
-        ax.set_xlabel("minutes of the member's own training" if by_time else "step")
-        ax.set_ylabel("val exact-match (%)")
-        ax.set_ylim(-2, 102)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(folder / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
-    return written
 
 
 # -- the command -------------------------------------------------------------------------------
@@ -303,16 +220,17 @@ def check_or_record(plan: Plan) -> None:
                     encoding="utf-8")
 
 
-def run(plan: Plan, kind, say=print) -> tuple[dict[str, Any], Path] | None:
+def run(plan: Plan, say=print) -> tuple[dict[str, Any], Path] | None:
     """Train (or resume) every seed, then score and report; None when a stop signal ended a run."""
-    from trainlab.cli.training import run_to_end
-    from trainlab.multiply.data import MultiplicationDataset, MultiplyDataConfig
+    from trainlab.runs import run_to_end
+    from trainlab.multiply.config import MultiplyDataConfig
+    from trainlab.multiply.data import MultiplicationDataset
 
     check_or_record(plan)
     by_seed: dict[int, list[tuple[str, list[str]]]] = {}
     for seed, name, members, values in plan.runs():
         say(f"comparison {plan.id}: seed {seed}, run {name} ({'+'.join(members)})")
-        _, summary = run_to_end(kind, values, name, extra={"comparison": plan.id, "seed": seed}, echo=say)
+        _, summary = run_to_end("multiply", values, name, extra={"comparison": plan.id, "seed": seed}, echo=say)
         if summary is not None and summary.interrupted:
             return None
         by_seed.setdefault(seed, []).append((name, members))
@@ -324,7 +242,7 @@ def run(plan: Plan, kind, say=print) -> tuple[dict[str, Any], Path] | None:
     scores = [score_seed(plan, seed, runs, dataset, idx) for seed, runs in by_seed.items()]
     results = summarize(plan, scores, dataset, idx)
     (plan.folder / "results.json").write_text(json.dumps(results, indent=2, default=float), encoding="utf-8")
-    return results, write_report(plan, results, scores, dataset)
+    return results, write_comparison_report(plan.folder, results)
 
 
 def plan_members(base: dict[str, Any], recipes: dict[str, dict[str, Any]], match: bool

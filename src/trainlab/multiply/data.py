@@ -57,21 +57,22 @@ of the draws. Only training batches are reweighted; evaluation sets stay uniform
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from trainlab.config import ConfigError, in_range
-
-PAD, BOS, EOS, TIMES = 0, 1, 2, 3
-DIGIT0 = 4
-TOKENS = ["<pad>", "<bos>", "<eos>", "*"] + [str(d) for d in range(10)]
-VOCAB_SIZE = len(TOKENS)
-SPLITS = ("train", "val", "test")
-ANSWER_ORDERS = ("reversed", "natural")
-MAX_SUPPORTED_DIGITS = 9  # operands must fit the 32-bit halves of the hash key
+from trainlab.multiply.config import (  # noqa: F401  (data.py offers the format's names too)
+    BOS,
+    DIGIT0,
+    EOS,
+    PAD,
+    SPLITS,
+    TIMES,
+    TOKENS,
+    VOCAB_SIZE,
+    MultiplyDataConfig,
+)
 
 _SPLIT_SALT = np.uint64(0x5EED_CAFE_F00D_D00D)
 
@@ -93,39 +94,6 @@ def split_ids(a: np.ndarray, b: np.ndarray, val_fraction: float, test_fraction: 
     out[u < test_fraction + val_fraction] = 1
     out[u < test_fraction] = 2
     return out
-
-
-@dataclass(frozen=True)
-class MultiplyDataConfig:
-    min_digits: int = 1
-    max_digits: int = 3
-    answer_order: str = "natural"
-    answer_pad: bool = field(default=False, metadata={
-        "help": "write every product with 2 * max-digits digits, leading zeros included (12*345 -> 004140), "
-                "so each answer position always holds the same place value"})
-    class_power: float = field(default=1.0, metadata={
-        "help": "training draws each operand-length class (a's digits x b's digits) with probability "
-                "proportional to its size to this power: 1 draws every problem equally (most then have "
-                "max-digit operands), 0 every class equally, in between the shorter ones more often"})
-    val_fraction: float = 0.01
-    test_fraction: float = 0.02
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.min_digits <= MAX_SUPPORTED_DIGITS:
-            raise ConfigError("min_digits", f"must be between 1 and {MAX_SUPPORTED_DIGITS}, got {self.min_digits}")
-        if not 1 <= self.max_digits <= MAX_SUPPORTED_DIGITS:
-            raise ConfigError("max_digits", f"must be between 1 and {MAX_SUPPORTED_DIGITS}, got {self.max_digits}")
-        if self.min_digits > self.max_digits:
-            raise ConfigError(
-                "min_digits", f"must not exceed --max-digits (got {self.min_digits} > {self.max_digits})"
-            )
-        if self.answer_order not in ANSWER_ORDERS:
-            raise ConfigError("answer_order", f"must be one of {'|'.join(ANSWER_ORDERS)}, got {self.answer_order!r}")
-        for name in ("val_fraction", "test_fraction"):
-            in_range(name, getattr(self, name), 0, 1, high_open=True)
-        in_range("class_power", self.class_power, 0, 1)
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ConfigError("val_fraction", "val_fraction + test_fraction must be below 1")
 
 
 class MultiplicationDataset:

@@ -8,12 +8,11 @@ import numpy as np
 import torch
 
 from trainlab.config import ConfigError, UsageError
-from trainlab.stats import wilson_interval
 from trainlab.engine.checkpoint import Checkpoint, CheckpointError
 from trainlab.engine.memory import check_model_fits
 from trainlab.multiply.data import MultiplicationDataset, MultiplyDataConfig
 from trainlab.multiply.models import Seq2SeqConfig, SimpleTransformer, build_model
-from trainlab.multiply.task import decode_problems
+from trainlab.multiply.evaluation import decode_problems, evaluate_members  # noqa: F401  (offered here too)
 
 # ASCII digits only: Python's int() also reads other scripts' digits ("٣" is 3), which would
 # make "٣*٤" a problem the model never saw written that way
@@ -66,21 +65,6 @@ def evaluation_dataset(trained: MultiplyDataConfig, min_digits: int | None, max_
                              answer_pad=trained.answer_pad,
                              val_fraction=trained.val_fraction, test_fraction=trained.test_fraction)
     return MultiplicationDataset(cfg, pad_width=trained.max_digits)
-
-
-def evaluate_members(models: dict[str, SimpleTransformer], dataset: MultiplicationDataset, split: str, n: int,
-                     seed: int) -> dict[str, dict[str, float]]:
-    idx = dataset.subset(split, n, seed=seed)
-    if len(idx) == 0:
-        raise UsageError(f"the {split} split of digits {dataset.cfg.min_digits}-{dataset.cfg.max_digits} is empty")
-    out = {}
-    for name, model in models.items():
-        r = decode_problems(model, dataset, idx)
-        k = int(r.correct.sum())
-        lo, hi = wilson_interval(k, len(idx))
-        out[name] = {"n": len(idx), "correct": k, "exact_match": k / len(idx), "ci_low": lo, "ci_high": hi,
-                     "digit_accuracy": r.digit_hits / max(1, r.digit_total)}
-    return out
 
 
 def answer(models: dict[str, SimpleTransformer], dataset: MultiplicationDataset, a: int, b: int) -> dict[str, int | None]:

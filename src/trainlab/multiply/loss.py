@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainlab.config import in_range, non_negative
-from trainlab.multiply.data import PAD
-
-
-@dataclass
-class LossConfig:
-    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the token cross-entropy"})
-    seq_weight: float = field(
-        default=1.0, metadata={"help": "extra weight of a sequence per unit of its token error: 1 + w * (1 - acc)"}
-    )
-
-    def __post_init__(self) -> None:
-        in_range("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
-        non_negative("seq_weight", self.seq_weight)
+from trainlab.multiply.config import PAD, LossConfig  # noqa: F401  (LossConfig: offered here too)
 
 
 class SequenceAccuracyLoss(nn.Module):

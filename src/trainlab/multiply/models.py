@@ -18,65 +18,13 @@ so any difference in what they learn comes from the bottleneck alone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from trainlab.config import check_heads, in_range, non_negative, one_of, positive
-from trainlab.multiply.data import BOS, EOS, PAD, VOCAB_SIZE
-
-MODEL_KINDS = ("simple", "latent")
-
-
-@dataclass
-class Seq2SeqConfig:
-    """Dimensions of one member; saved beside its weights as model_config.json."""
-
-    d_model: int = field(default=128, metadata={"help": "width of every layer"})
-    nhead: int = field(default=4, metadata={"help": "attention heads (must divide d_model)"})
-    num_layers: int = field(default=2, metadata={"help": "encoder layers, and as many decoder layers unless "
-                                                         "--decoder-layers says otherwise"})
-    decoder_layers: int = field(default=0, metadata={"help": "decoder layers; 0: as many as --num-layers"})
-    dim_feedforward: int = field(default=0, metadata={"help": "MLP hidden size; 0 means 4 * d_model"})
-    ff_simple: int = field(default=0, metadata={"help": "MLP hidden size of the simple member only; 0: as "
-                                                        "--dim-feedforward (compare --match-params sets it)"})
-    ff_latent: int = field(default=0, metadata={"help": "MLP hidden size of the latent member only; 0: as "
-                                                        "--dim-feedforward"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout probability"})
-    num_latent: int = field(default=8, metadata={"help": "latent vectors of the latent model"})
-    latent_layers: int = field(default=1, metadata={"help": "latent cross-attention blocks"})
-    bottleneck_factor: float = field(
-        default=1.0, metadata={"help": "1: decoder sees latents only; below 1 it also sees (1-f) * encoder memory"}
-    )
-    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute each block's activations in the "
-                                                                     "backward pass instead of keeping them: less "
-                                                                     "memory for about a third more compute"})
-    kind: str = field(default="simple", metadata={"cli": False})
-    vocab_size: int = field(default=VOCAB_SIZE, metadata={"cli": False})
-    src_len: int = field(default=7, metadata={"cli": False})
-    tgt_len: int = field(default=7, metadata={"cli": False})
-
-    def __post_init__(self) -> None:
-        for name in ("d_model", "nhead", "num_layers", "num_latent", "latent_layers", "vocab_size", "src_len", "tgt_len"):
-            positive(name, getattr(self, name))
-        for name in ("dim_feedforward", "ff_simple", "ff_latent"):
-            non_negative(name, getattr(self, name))
-        non_negative("decoder_layers", self.decoder_layers)
-        check_heads(self.d_model, self.nhead)
-        in_range("dropout", self.dropout, 0, 1, high_open=True)
-        in_range("bottleneck_factor", self.bottleneck_factor, 0, 1)
-        one_of("kind", self.kind, MODEL_KINDS)
-
-    @property
-    def d_ff(self) -> int:
-        return self.dim_feedforward or 4 * self.d_model
-
-    @property
-    def n_dec(self) -> int:
-        return self.decoder_layers or self.num_layers
+from trainlab.multiply.config import BOS, EOS, PAD, Seq2SeqConfig  # noqa: F401  (Seq2SeqConfig: offered here too)
 
 
 class Attention(nn.Module):

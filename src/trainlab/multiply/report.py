@@ -1,13 +1,20 @@
-"""The comparison report: a table in report.md and a plot of val exact-match by step."""
+"""Markdown reports of multiplication runs, each in report.md beside its plots: one run's
+members side by side (``write_report``, at the end of training), and a comparison over
+seeds (``write_comparison_report``, for ``multiply compare``)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
-from trainlab.engine.loop import Member, Summary
+import numpy as np
+
+from trainlab.engine.member import Member, Summary
 from trainlab.engine.monitor import format_duration
 from trainlab.engine.plots import plot_lines
 from trainlab.engine.tracking import Run
+from trainlab.multiply.config import MODEL_KINDS as MEMBERS  # a comparison's members, in its tables' order
 
 THRESHOLDS = (0.5, 0.9, 0.99)
 
@@ -82,3 +89,96 @@ def write_report(run: Run, summary: Summary, test: dict[str, dict[str, float]] |
     path = run.dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+# -- a comparison over seeds -------------------------------------------------------------------
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def write_comparison_report(folder: Path, results: dict[str, Any]) -> Path:
+    """``report.md`` and its plots in ``folder``, from the comparison's ``results.json`` data
+    alone (``multiply/compare.py``'s ``summarize``), so a committed results.json remakes them."""
+    r0 = results["per_seed"][0]
+    params = {m: r0["members"][m]["parameters"] for m in MEMBERS}
+    pr = results["protocol"]
+    lines = [f"# simple vs latent: comparison {results['id']}", "",
+             f"**Verdict: {results['verdict']}.**", "",
+             "## Protocol", "",
+             f"- Problems: {pr['min_digits']}-{pr['max_digits']} digit operands; scored on {results['n']:,} held-out "
+             f"test problems{' (all of them)' if results['n'] < pr['test_n'] else ''}, the same ones for every "
+             f"seed and member, answered free-running (greedy, no teacher forcing).",
+             f"- Seeds: {', '.join(map(str, results['seeds']))}; each an ordinary run of {r0['steps']:,} steps "
+             f"(batch {pr['batch_size']}, precision {pr['precision']}).",
+             f"- Recipes: {'one recipe for both members, trained in lockstep on the same batches' if pr['same_recipe'] else 'each member its own recipe: ' + ', '.join(f'{m} from {f}' for m, f in pr['recipes'].items())}.",
+             f"- Parameters: simple {params['simple']:,}, latent {params['latent']:,}"
+             + (" (matched with --match-params)" if pr["match_params"] else "") + ".",
+             f"- Statistics: Wilson 95% intervals; per seed, the paired difference latent - simple with McNemar's "
+             f"exact test; the verdict from the {results['effect']['basis']} at p < 0.05.", "",
+             "## Result", "",
+             "| | simple | latent |", "|---|---|---|"]
+    cells = [f"{_pct(results['pooled'][m]['exact_match'])} ({_pct(results['pooled'][m]['ci'][0])}-"
+             f"{_pct(results['pooled'][m]['ci'][1])})" for m in MEMBERS]
+    lines.append(f"| test exact-match, all seeds (95% CI) | {cells[0]} | {cells[1]} |")
+    for c in sorted(results["pooled"]["simple"]["classes"]):
+        lines.append(f"| class {c} (mean over seeds) | {_pct(results['pooled']['simple']['classes'][c])} | "
+                     f"{_pct(results['pooled']['latent']['classes'][c])} |")
+    e = results["effect"]
+    lines += ["", f"Effect (latent - simple, points of exact-match): {100 * e['mean_diff']:+.2f}, 95% CI "
+                  f"{100 * e['ci'][0]:+.2f} to {100 * e['ci'][1]:+.2f}" + (f", sd over seeds {100 * e['sd']:.2f}"
+                                                                           if not math.isnan(e['sd']) else "")
+              + f"; p = {e['p']:.3g} ({e['basis']}).", "",
+              "## Per seed", "",
+              "| seed | simple (95% CI) | latent (95% CI) | latent - simple (95% CI) | only simple right | only latent right | McNemar p | train time simple / latent |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in results["per_seed"]:
+        s, la, p = r["members"]["simple"], r["members"]["latent"], r["paired"]
+        lines.append(f"| {r['seed']} | {_pct(s['exact_match'])} ({_pct(s['ci'][0])}-{_pct(s['ci'][1])}) | "
+                     f"{_pct(la['exact_match'])} ({_pct(la['ci'][0])}-{_pct(la['ci'][1])}) | "
+                     f"{100 * p['diff']:+.2f} ({100 * p['ci'][0]:+.2f} to {100 * p['ci'][1]:+.2f}) | {p['b']} | "
+                     f"{p['c']} | {p['p']:.3g} | {s['train_seconds']:.0f} s / {la['train_seconds']:.0f} s |")
+    pngs = plot_curves(folder, results)
+    lines += [""] + [f"![{name}]({name})" for name in pngs]
+    path = folder / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def plot_curves(folder: Path, results: dict[str, Any]) -> list[str]:
+    """Val exact-match against steps and against each member's own training time: the mean
+    over seeds, with a band from the lowest to the highest seed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    for name, by_time in (("accuracy_vs_steps.png", False), ("accuracy_vs_time.png", True)):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for m in MEMBERS:
+            seeds = [r for r in results["per_seed"] if r["curves"].get(m)]
+            curves = [r["curves"][m] for r in seeds]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            steps = np.array([step for step, _ in curves[0][:n]], float)
+            ys = np.array([[v for _, v in c[:n]] for c in curves]) * 100  # (seeds, points)
+            if by_time:
+                per_step = np.mean([r["members"][m]["train_seconds"] / max(1, r["steps"]) for r in seeds])
+                xs = steps * per_step / 60
+            else:
+                xs = steps
+            ax.plot(xs, ys.mean(0), label=f"{m} (mean of {len(curves)} seed{'s' if len(curves) > 1 else ''})")
+            ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.2)
+        ax.set_xlabel("minutes of the member's own training" if by_time else "step")
+        ax.set_ylabel("val exact-match (%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written

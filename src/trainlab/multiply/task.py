@@ -8,87 +8,29 @@ batches with the same teacher-forcing coin flips.
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from trainlab.config import ConfigError, in_range, non_negative, one_of, positive
 from trainlab.engine.device import resolve_device
 from trainlab.engine.loop import Evaluation, StepLoss, Summary, TrainConfig
 from trainlab.engine.memory import check_model_fits
 from trainlab.engine.tracking import Run
-from trainlab.multiply.data import (
-    BOS,
-    TOKENS,
-    MultiplicationDataset,
+from trainlab.multiply.config import (  # noqa: F401  (task.py offers its settings too)
+    TASK_NAME,
+    LossConfig,
     MultiplyDataConfig,
-    decode_answer,
-    digit_count,
+    MultiplyTaskConfig,
+    Seq2SeqConfig,
+    TeacherForcingConfig,
 )
-from trainlab.multiply.loss import LossConfig, SequenceAccuracyLoss
-from trainlab.multiply.models import MODEL_KINDS, Seq2SeqConfig, SimpleTransformer, build_model, greedy_decode
-
-TASK_NAME = "parallel_comparison"
-TF_SCHEDULES = ("none", "linear", "exp", "cosine")
-# settings a resumed run may change (evaluation never touches the training trajectory)
-RESUMABLE_TASK_CHANGES = frozenset({"eval_samples", "eval_batch_size", "grad_checkpointing", "test_n"})
-
-
-@dataclass
-class TeacherForcingConfig:
-    """Probability that a batch is teacher-forced; otherwise the decoder reads its own guesses.
-
-    ``p(step)`` is 1 before ``tf_start_step``; after it, it falls from 1 to ``tf_floor``
-    over ``tf_decay_steps`` steps: linearly, as exp(-5t) (about 1% of the way left at
-    the end), or along a half cosine. ``none`` keeps p = 1 (plain teacher forcing).
-    """
-
-    tf_schedule: str = field(default="none", metadata={"help": "teacher-forcing decay: none|linear|exp|cosine"})
-    tf_start_step: int = field(default=0, metadata={"help": "step at which teacher forcing starts to decay"})
-    tf_floor: float = field(default=0.0, metadata={"help": "lowest teacher-forcing probability"})
-    tf_decay_steps: int = field(default=5000, metadata={"help": "steps from p = 1 down to the floor"})
-
-    def __post_init__(self) -> None:
-        one_of("tf_schedule", self.tf_schedule, TF_SCHEDULES)
-        non_negative("tf_start_step", self.tf_start_step)
-        positive("tf_decay_steps", self.tf_decay_steps)
-        in_range("tf_floor", self.tf_floor, 0, 1)
-
-    def prob(self, step: int) -> float:
-        if self.tf_schedule == "none" or step < self.tf_start_step:
-            return 1.0
-        t = min(1.0, (step - self.tf_start_step) / self.tf_decay_steps)
-        if self.tf_schedule == "linear":
-            frac = 1.0 - t
-        elif self.tf_schedule == "exp":
-            frac = math.exp(-5.0 * t)
-        else:
-            frac = 0.5 * (1.0 + math.cos(math.pi * t))
-        return self.tf_floor + (1.0 - self.tf_floor) * frac
-
-
-@dataclass
-class MultiplyTaskConfig:
-    members: str = field(default="simple,latent", metadata={"help": "models to train side by side: simple,latent"})
-    eval_samples: int = field(default=1000, metadata={"help": "held-out val problems per evaluation"})
-    eval_batch_size: int = field(default=1024, metadata={"help": "problems decoded at once when evaluating"})
-    test_n: int = field(default=10000, metadata={"help": "held-out test problems the report scores at the end "
-                                                        "(all of them when the range has fewer)"})
-
-    def __post_init__(self) -> None:
-        names = self.member_list()
-        if not names or any(n not in MODEL_KINDS for n in names) or len(set(names)) != len(names):
-            raise ConfigError("members", f"must be a comma-separated subset of {','.join(MODEL_KINDS)}, got {self.members!r}")
-        for name in ("eval_samples", "eval_batch_size", "test_n"):
-            positive(name, getattr(self, name))
-
-    def member_list(self) -> list[str]:
-        return [n.strip() for n in self.members.split(",") if n.strip()]
-
+from trainlab.multiply.data import BOS, TOKENS, MultiplicationDataset
+from trainlab.multiply.evaluation import decode_problems, evaluate_members, summarize
+from trainlab.multiply.loss import SequenceAccuracyLoss
+from trainlab.multiply.models import build_model
 
 def sequence_length(data: MultiplyDataConfig) -> int:
     """Source and target length of every problem of the range (operands or answer, and a marker)."""
@@ -101,63 +43,6 @@ def member_config(model: Seq2SeqConfig, kind: str, data: MultiplyDataConfig) -> 
     ds_len = sequence_length(data)
     ff = (model.ff_simple if kind == "simple" else model.ff_latent) or model.dim_feedforward
     return replace(model, kind=kind, src_len=ds_len, tgt_len=ds_len, dim_feedforward=ff)
-
-
-# -- evaluation, shared by training, `multiply evaluate` and `multiply ask` -----------------
-@dataclass
-class DecodeResult:
-    a: np.ndarray
-    b: np.ndarray
-    predicted: list[int | None]  # None: not a well-formed number
-    correct: np.ndarray  # bool per problem
-    digit_hits: int
-    digit_total: int
-
-
-def decode_problems(model: SimpleTransformer, dataset: MultiplicationDataset, idx: np.ndarray,
-                    batch_size: int = 1024) -> DecodeResult:
-    """Free-running greedy answers to the problems ``idx``, and how right they are."""
-    order = dataset.cfg.answer_order
-    width = 2 * dataset.pad_width if dataset.cfg.answer_pad else 0  # digits compared, as written
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    preds: list[int | None] = []
-    hits = total = 0
-    for start in range(0, len(idx), batch_size):
-        enc = dataset.encode(idx[start:start + batch_size])
-        out = greedy_decode(model, enc["src"].to(device)).cpu()
-        for row, a, b in zip(out.tolist(), enc["a"].tolist(), enc["b"].tolist()):
-            p = decode_answer(row, order)
-            preds.append(p)
-            truth = str(a * b).zfill(width)
-            guess = "" if p is None else str(p).zfill(width)
-            if order == "reversed":
-                truth, guess = truth[::-1], guess[::-1]
-            hits += sum(x == y for x, y in zip(truth, guess))
-            total += max(len(truth), len(guess))
-    model.train(was_training)
-    a, b = dataset.pairs(idx)
-    correct = np.array([p == x * y for p, x, y in zip(preds, a.tolist(), b.tolist())], dtype=bool)
-    return DecodeResult(a, b, preds, correct, hits, total)
-
-
-def summarize(result: DecodeResult, n_mistakes: int = 3) -> Evaluation:
-    metrics = {
-        "exact_match": float(result.correct.mean()) if len(result.correct) else 0.0,
-        "digit_accuracy": result.digit_hits / max(1, result.digit_total),
-    }
-    da, db = digit_count(result.a), digit_count(result.b)
-    for x in sorted(set(da.tolist())):
-        for y in sorted(set(db.tolist())):
-            sel = (da == x) & (db == y)
-            if sel.any():
-                metrics[f"exact_match_{x}x{y}"] = float(result.correct[sel].mean())
-    lines = []
-    for i in np.flatnonzero(~result.correct)[:n_mistakes]:
-        got = "(no number)" if result.predicted[i] is None else str(result.predicted[i])
-        lines.append(f"{result.a[i]}*{result.b[i]} = {result.a[i] * result.b[i]}, model said {got}")
-    return Evaluation(metrics, lines)
 
 
 class MultiplyTask:
@@ -281,7 +166,6 @@ class MultiplyTask:
         return {"model_config.json": json.dumps(asdict(self.model_cfgs[member]), indent=2)}
 
     def report(self, run: Run, summary: Summary) -> None:
-        from trainlab.multiply.inference import evaluate_members
         from trainlab.multiply.report import write_report
 
         test = {}

@@ -1,0 +1,158 @@
+"""One model being trained (``Member``): its optimizer, schedule, precision, micro-batching,
+loss trend and counters; and the ``Summary`` a task's report is made from.
+
+Apart from ``state.py`` so that the Task contract (``task.py``) can name the summary it
+receives without importing the loop's save/restore machinery, which itself needs the
+contract: one arrow each way would be a cycle."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from trainlab.engine.memory import MicroBatches
+from trainlab.engine.monitor import LossTrend, Plateau
+from trainlab.engine.optim import make_optimizer
+from trainlab.engine.precision import Precision
+from trainlab.engine.tracking import Run
+from trainlab.engine.train_config import TrainConfig, lr_lambda
+
+
+@dataclass
+class Health:
+    """A member's count of the steps that did not go as planned."""
+
+    skipped_nonfinite: int = 0
+    skipped_spikes: int = 0
+    rollbacks: int = 0
+    nonfinite_run: int = 0  # non-finite steps in a row, up to now
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for k, v in state.items():
+            setattr(self, k, int(v))
+
+
+@dataclass
+class Member:
+    """One model being trained: its optimizer, schedule, precision and bookkeeping."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    precision: Precision
+    micro: MicroBatches
+    trend: LossTrend
+    plateau: Plateau
+    health: Health = field(default_factory=Health)
+    step: int = 0
+    train_seconds: float = 0.0
+    examples: int = 0
+    losses: list[list[float]] = field(default_factory=list)  # [step, loss] at log steps
+    evals: list[dict[str, float]] = field(default_factory=list)  # metrics with "step"
+    snapshot: dict[str, Any] | None = None  # the last good state, kept in memory for --on-spike rollback
+    params: list[nn.Parameter] = field(default_factory=list)  # walking the modules for them costs ~1 ms a step
+    ddp: nn.Module | None = None  # what the training forward goes through: DDP's wrapper, or the model
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.ddp is None:
+            self.ddp = self.model
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def set_lr(self) -> None:
+        """The schedule's LR for the current step, now (after a plateau cut or a rollback)."""
+        s = self.scheduler
+        for group, base in zip(self.optimizer.param_groups, s.base_lrs):
+            group["lr"] = base * s.lr_lambdas[0](s.last_epoch)
+
+    def take_snapshot(self) -> None:
+        self.snapshot = {"model": copy.deepcopy(self.model.state_dict()),
+                         "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                         "scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict(),
+                         "step": self.step}
+
+    def rollback(self) -> None:
+        snap = self.snapshot
+        self.model.load_state_dict(snap["model"])
+        # a copy: the optimizer adopts the tensors it is given, and would then update the snapshot
+        self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
+        self.scheduler.load_state_dict(snap["scheduler"])
+        if snap["scaler"]:
+            self.precision.scaler.load_state_dict(snap["scaler"])
+        self.step = snap["step"]
+        self.set_lr()  # a plateau cut made since the snapshot still holds
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "examples": self.examples,
+            "losses": self.losses,
+            "evals": self.evals,
+            "precision": self.precision.state_dict(),
+            "micro_batches": self.micro.state_dict(),
+            "trend": self.trend.state_dict(),
+            "plateau": self.plateau.state_dict(),
+            "health": self.health.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.train_seconds = float(state["train_seconds"])
+        self.examples = int(state["examples"])
+        self.losses = [list(x) for x in state["losses"]]
+        self.evals = [dict(x) for x in state["evals"]]
+        # checkpoints written before these existed resume with them fresh
+        for name in ("precision", "trend", "plateau", "health"):
+            if name in state:
+                getattr(self, name).load_state_dict(state[name])
+        if "micro_batches" in state:
+            self.micro.load_state_dict(state["micro_batches"])
+
+
+
+@dataclass
+class Summary:
+    """What the report is made from."""
+
+    run: Run
+    members: list[Member]
+    step: int
+    wall_seconds: float
+    interrupted: bool
+    config: dict[str, Any]
+    stop_signal: int | None = None  # the signal that stopped it, if one did
+    stop_reason: str = ""  # why it stopped early: SIGINT, SIGTERM, pruned, interrupt (a planned fault), ...
+
+
+
+def make_member(name: str, model: nn.Module, cfg: TrainConfig, device: torch.device | None = None) -> Member:
+    """``model`` (already on ``device``) with its optimizer, the warmup/cosine schedule scaled by
+    plateau cuts, and its precision, micro-batching and loss-trend state."""
+    device = device or torch.device("cpu")
+    opt = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.muon_momentum)
+    plateau = Plateau(cfg.plateau_patience, cfg.plateau_factor, cfg.plateau_min_lr)
+    schedule = lr_lambda(cfg)
+    return Member(name, model, opt, LambdaLR(opt, lambda step: schedule(step) * plateau.scale),
+                  Precision(cfg.precision, device), MicroBatches(cfg.recover_after),
+                  LossTrend(cfg.loss_window, cfg.spike_sigma), plateau)
