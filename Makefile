@@ -16,8 +16,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/trainlab multiply compare --preset demo --seeds 1
 
-# The second pass runs what trains under --precision auto as a CPU whose auto picks bf16
-# (AMX, say) would: this machine's CPU need not be one (tests/conftest.py says more).
+# The second pass runs the tests whose runs took --precision auto (the first pass records
+# them) as a CPU whose auto picks bf16 (AMX, say) would: this machine's CPU need not be one
+# (tests/conftest.py says more).
 test: setup
-	$(PY) -m pytest
-	TRAINLAB_AUTO_PRECISION=bf16 $(PY) -m pytest -m precision
+	$(PY) -m pytest tests --record-auto-tests=$(VENV)/auto-tests
+	TRAINLAB_AUTO_PRECISION=bf16 $(PY) -m pytest tests --only-auto-tests=$(VENV)/auto-tests

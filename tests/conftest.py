@@ -5,10 +5,16 @@ at the end of the session the suite removes them with the same code `trainlab ru
 Precision: ``--precision auto`` times fp32 against bf16 on CPUs with native bf16, so what
 it picks depends on the machine and the moment. Tests must not, so the suite makes
 ``auto`` resolve to fp32 (``TRAINLAB_AUTO_PRECISION``, the engine's documented hook)
-unless the environment already sets it. ``make test`` then runs the modules marked
-``precision`` a second time with ``TRAINLAB_AUTO_PRECISION=bf16``: what a machine whose
-``auto`` picks bf16 (AMX, say) runs, checked on any machine. The timing itself is
-tested in test_precision.py, with a stubbed clock and once for real."""
+unless the environment already sets it.
+
+``make test`` then runs again, with ``TRAINLAB_AUTO_PRECISION=bf16``, exactly the tests
+whose runs took ``auto``: what a machine whose ``auto`` picks bf16 (AMX, say) runs,
+checked on any machine. Which tests those are is seen, not listed by hand: the first pass
+(``--record-auto-tests FILE``) writes the id of every test that built a member with
+``precision auto``; the second (``--only-auto-tests FILE``) runs those alone and fails any
+of them in which no member ran bf16, so the pass tests what it says. A test that pins its
+precision (two paths compared in fp32, say) is not in it. The timing itself is tested in
+test_precision.py, with a stubbed clock and once for real."""
 
 from __future__ import annotations
 
@@ -18,25 +24,63 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainlab.engine import precision as engine_precision
 from trainlab.engine.precision import AUTO_ENV
 
 os.environ.setdefault(AUTO_ENV, "fp32")  # before any run; subprocesses (torchrun) inherit it
+SESSION_AUTO = os.environ[AUTO_ENV]  # a test that sets its own (the timing tests) is not the pass's business
 
 from trainlab.engine.loop import TrainConfig  # noqa: E402
 
-# modules whose runs train under --precision auto and check what it does: run again with auto
-# forced to bf16. Left out: test_learning (80 s in bf16 on an AVX2-only CPU, and
-# test_precision's bf16 run against fp32 already checks that bf16 learns); test_distributed
-# and test_speed (they compare two paths, so they pin fp32 and the second pass would repeat
-# them); the model and runs-index modules (nothing in them goes through auto).
-PRECISION_SENSITIVE = {"test_chat_task", "test_engine", "test_memory", "test_monitor", "test_precision",
-                       "test_resume"}
+# the members each test built in this process that took auto as the session forces it: what it gave
+BUILT: list[str] = []
+_made = engine_precision.Precision.__init__
+
+
+def _recording_init(self, requested, device):  # an observer for the two passes, not a change of behaviour
+    _made(self, requested, device)
+    if requested == "auto" and os.environ.get(AUTO_ENV) == SESSION_AUTO:
+        BUILT.append(self.candidates[0] if len(self.candidates) == 1 else "timed")
+
+
+engine_precision.Precision.__init__ = _recording_init
+AUTO_TESTS: list[str] = []
+
+
+def pytest_addoption(parser):
+    parser.addoption("--record-auto-tests", metavar="FILE", help="write the ids of tests that trained under auto")
+    parser.addoption("--only-auto-tests", metavar="FILE", help="run only these tests; each must run bf16 "
+                                                               "(with TRAINLAB_AUTO_PRECISION=bf16)")
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.module.__name__ in PRECISION_SENSITIVE:
-            item.add_marker(pytest.mark.precision)
+    path = config.getoption("--only-auto-tests")
+    if not path:
+        return
+    if os.environ.get(AUTO_ENV) != "bf16":
+        raise pytest.UsageError(f"--only-auto-tests is the bf16 pass: set {AUTO_ENV}=bf16")
+    wanted = set(Path(path).read_text(encoding="utf-8").split("\0")) - {""}
+    if not wanted:
+        raise pytest.UsageError(f"{path} names no test: run the first pass with --record-auto-tests")
+    config.hook.pytest_deselected(items=[i for i in items if i.nodeid not in wanted])
+    items[:] = [i for i in items if i.nodeid in wanted]
+
+
+@pytest.fixture(autouse=True)
+def _precision_pass(request):
+    BUILT.clear()
+    yield
+    if BUILT:
+        AUTO_TESTS.append(request.node.nodeid)
+    if request.config.getoption("--only-auto-tests"):
+        assert "bf16" in BUILT, f"in the bf16 pass, but no member ran bf16 under auto: {BUILT}"
+
+
+def pytest_sessionfinish(session):
+    path = session.config.getoption("--record-auto-tests")
+    if path:  # NUL-separated: parametrised ids may hold any other character
+        Path(path).write_text("\0".join(AUTO_TESTS), encoding="utf-8")
+
 
 RUNS_DIRS: list[Path] = []
 

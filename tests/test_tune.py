@@ -73,6 +73,42 @@ def test_a_tiny_multiply_study_trains_ordinary_runs_and_shows_its_best(runs_dir,
     assert trained["train"]["batch_size"] == study.best_params["batch_size"]
 
 
+def trial_evals(runs_dir, trial, member: str) -> list[dict[str, float]]:
+    """The evaluations saved in the trial's run, from its newest checkpoint."""
+    from trainlab.engine.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(runs_dir / trial.user_attrs["run"] / "checkpoints")
+    return ckpt.tensors(f"{member}/train_state.pt")["evals"]
+
+
+def test_a_budget_in_minutes_fits_each_trials_steps_from_its_step_time(runs_dir, tmp_path, monkeypatch):
+    """The step count of a trial is its minutes over its measured seconds per step: with the
+    timing pinned to 0.5 s a step, 0.1 minutes are 12 steps, trained to the last one with
+    the LR schedule ending there."""
+    from trainlab.engine import step as engine_step
+
+    timed = []
+
+    def pinned(task, cfg, *args, **kwargs):
+        timed.append(cfg.batch_size)
+        return 0.5
+
+    monkeypatch.setattr(engine_step, "seconds_per_step", pinned)
+    space = space_file(tmp_path)
+    assert tune(runs_dir, "multiply", "--space", str(space), "--trials", "2", "--budget-minutes", "0.1",
+                "--study", "mins", "--pruner", "none", *MULTIPLY) == 0
+    study = load(runs_dir, "mins")
+    assert states(study) == ["COMPLETE"] * 2 and len(timed) == 2  # each trial timed with its own settings
+    assert study.user_attrs["trainlab_budget"] == "0.1 minutes"
+    for t in study.trials:
+        assert t.user_attrs["max_steps"] == 12
+        info = json.loads((runs_dir / t.user_attrs["run"] / "run.json").read_text())
+        assert info["step"] == 12 and info["status"] == "finished"
+        assert info["config"]["train"]["max_steps"] == info["config"]["train"]["lr_decay_steps"] == 12
+        best = max(e["exact_match_1x1"] for m in ("simple", "latent") for e in trial_evals(runs_dir, t, m))
+        assert t.value == best
+
+
 def test_a_tiny_chat_study_with_the_shipped_space(runs_dir, tmp_path):
     corpus = tmp_path / "play.txt"
     corpus.write_text(made_up_text(), encoding="utf-8")
@@ -83,6 +119,11 @@ def test_a_tiny_chat_study_with_the_shipped_space(runs_dir, tmp_path):
     study = load(runs_dir, "c")
     assert states(study) == ["COMPLETE"] * 3 and study.direction.name == "MINIMIZE"
     assert all(0 < t.value < 10 for t in study.trials)  # val losses
+    # each trial's value is the best (lowest) val loss among its own run's evaluations
+    for t in study.trials:
+        evals = trial_evals(runs_dir, t, "gpt")
+        assert evals and t.value == pytest.approx(min(e["val_loss"] for e in evals), rel=1e-12)
+    assert len({round(t.value, 9) for t in study.trials}) == 3  # different settings, different scores
     # the shipped spaces pass their own checks against the presets they are meant for
     assert tune(runs_dir, "chat", "--space", "default", "--trials", "1", "--budget-steps", "1", "--study", "d",
                 "--text", str(corpus), "--preset", "fast-cpu", "--no-progress", "--tag", "test", "--device", "cpu",

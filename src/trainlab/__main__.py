@@ -1,9 +1,9 @@
 """``python -m trainlab`` and the ``trainlab`` command.
 
-Importing PyTorch takes a second or two. A Ctrl+C in that time would interrupt an extension
-module half-way through its import and end in a traceback (sometimes an ImportError, not
-even a KeyboardInterrupt), so until the CLI is loaded SIGINT simply ends the process with
-one line and exit 130: nothing has been written yet."""
+Until the CLI is loaded, SIGINT simply ends the process with one line and exit 130: nothing
+has been written yet. The CLI itself loads without PyTorch; it imports PyTorch under the
+same rule once the command line is parsed, for the commands that need it
+(``cli.load_torch``)."""
 
 import os
 import signal

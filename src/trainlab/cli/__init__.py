@@ -11,8 +11,11 @@ errors answer at once. Bad input of any kind ends in one line,
 from __future__ import annotations
 
 import logging
+import os
 import re
+import signal
 import sys
+import threading
 from typing import Sequence
 
 from trainlab.cli import chat, multiply, runs, tune
@@ -24,6 +27,27 @@ __all__ = ["build_parser", "main"]
 
 GROUPS = (multiply, chat, runs, tune)
 COMMANDS = {key: command for group in GROUPS for key, command in group.COMMANDS.items()}
+# the commands that never need PyTorch: they answer without paying for its import
+WITHOUT_TORCH = {("runs", "list"), ("runs", "clean"), ("runs", "rm"), ("tune", "show")}
+
+
+def _abort_at_start(signum, frame) -> None:
+    os.write(2, b"trainlab: aborted\n")
+    os._exit(130)
+
+
+def load_torch() -> None:
+    """Import PyTorch with Ctrl+C ending the process in one line (exit 130). A Ctrl+C in the
+    second or two the import takes would interrupt an extension module half-way through its
+    import and end in a traceback (sometimes an ImportError, not even a KeyboardInterrupt);
+    nothing has been written yet, so leaving at once is safe."""
+    guard = threading.current_thread() is threading.main_thread()  # signal handlers are the main thread's
+    previous = signal.signal(signal.SIGINT, _abort_at_start) if guard else None
+    try:
+        import torch  # noqa: F401
+    finally:
+        if guard:
+            signal.signal(signal.SIGINT, previous)
 
 
 def build_parser() -> Parser:
@@ -56,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     args.argv = argv  # `tune --workers N` starts N copies of its own command
+    if (args.task, args.command) not in WITHOUT_TORCH:
+        load_torch()
     try:
         return COMMANDS[(args.task, args.command)](args)
     except (ConfigError, UsageError, CheckpointError) as e:
