@@ -41,13 +41,13 @@ def trained(tmp_path_factory):
 class Live:
     """A server on a free loopback port, in a thread of this process."""
 
-    def __init__(self, runs: Path, **kw) -> None:
+    def __init__(self, runs: Path, server_kw: dict | None = None, **kw) -> None:
         import uvicorn
 
         ckpt = resolve_checkpoint(runs, "chat", "srv")
         cm = load_chat_model(ckpt, torch.device("cpu"))
         self.server = Server(cm, default_dialogue(cm.dialogue, None, None, None), checkpoint_info(ckpt, "srv"),
-                             kw.pop("api_key", None), Limits(**kw), tune_threads=False)
+                             kw.pop("api_key", None), Limits(**kw), tune_threads=False, **(server_kw or {}))
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"

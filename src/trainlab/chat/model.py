@@ -208,23 +208,31 @@ def prefill_row(model: GPT, tokens: list[int], cache: SlotCache, row: int) -> to
 
 
 @torch.no_grad()
-def decode_rows(model: GPT, tokens: torch.Tensor, cache: SlotCache) -> torch.Tensor:
-    """One new token for every row of ``cache`` (``tokens`` (S,), each at position
-    ``lengths[r]``, which must be below the context); returns the next logits (S, V).
+def decode_rows(model: GPT, tokens: torch.Tensor, cache: SlotCache, decoding: list[bool] | None = None) -> torch.Tensor:
+    """One new token for the rows of ``cache`` that are ``decoding`` (default: all), each at
+    position ``lengths[r]``, which must be below the context; ``tokens`` (S,); returns the next
+    logits (S, V).
 
-    Every row is computed, used or not: the shapes never change, so a row's numbers do not
+    Every row is computed, decoding or not: the shapes never change, so a row's numbers do not
     depend on what the other rows hold or how many are in use, nor (``_attend``) on the
     thread count: a stream alone and among others gets the same text from the same seed.
+    A row that is not decoding is left as it was: its cache is not written, and its position
+    (which may have reached the context: a prompt just prefilled to the full window) is not
+    embedded, so its logits are computed from position 0 and are meaningless.
     Lengths are not advanced here: the caller advances the rows it uses."""
     S, ctx = cache.slots, model.cfg.context_len
     device = tokens.device
-    pos = torch.tensor(cache.lengths, device=device)  # (S,)
-    rows = torch.arange(S, device=device)  # (S,)
+    decoding = [True] * S if decoding is None else list(decoding) + [False] * (S - len(decoding))
+    for r in range(S):
+        if decoding[r] and not 0 <= cache.lengths[r] < ctx:
+            raise ValueError(f"row {r} is at position {cache.lengths[r]}, outside the context of {ctx}")
+    pos = torch.tensor([n if d else 0 for n, d in zip(cache.lengths, decoding)], device=device)  # (S,)
+    rows = torch.tensor([r for r in range(S) if decoding[r]], device=device, dtype=torch.long)  # (R,)
     x = model.tok(tokens[:, None]) + model.pos(pos)[:, None]  # (S, 1, D)
 
     def store(i, k, v):
-        cache.k[i, rows, :, pos] = k[:, :, 0]  # each row's new key at its own position
-        cache.v[i, rows, :, pos] = v[:, :, 0]
+        cache.k[i, rows, :, pos[rows]] = k[rows, :, 0]  # each decoding row's new key at its own position
+        cache.v[i, rows, :, pos[rows]] = v[rows, :, 0]
         return cache.k[i], cache.v[i]  # (S, H, ctx, hd)
 
     seen = (torch.arange(ctx, device=device)[None, :] <= pos[:, None])[:, None, None, :]  # (S, 1, 1, ctx)

@@ -39,11 +39,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any, Literal, Optional, Union
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from trainlab.chat.model import SlotCache, decode_rows, prefill_row
+from trainlab.chat.model import PREFILL_CHUNK, SlotCache, decode_rows, prefill_row
 from trainlab.chat.repl import ChatModel, Dialogue
 from trainlab.chat.sampling import SamplingConfig, make_generator, next_token, stop_length
 from trainlab.config import ConfigError
@@ -109,6 +110,9 @@ class Job:
     sent: int = 0  # characters of ``text`` already sent
     generated: int = 0
     cancelled: bool = False
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_at: float | None = None  # when its first character was taken
+    ended_at: float | None = None
 
     def emit(self, kind: str, value: Any = None) -> None:
         self.loop.call_soon_threadsafe(self.out.put, (kind, value))
@@ -119,6 +123,10 @@ class Job:
         space at a boundary) is held back until it is known not to be."""
         self.text += piece
         self.generated += 1
+        now = time.perf_counter()
+        if self.first_at is None:
+            self.first_at = now
+        self.ended_at = now
         for s in self.stops:
             at = self.text.find(s)
             if at >= 0:
@@ -150,11 +158,25 @@ class QueueFull(Exception):
     pass
 
 
+def failure_line(e: BaseException) -> str:
+    """One line for a failure, whatever its message (an empty one included)."""
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"generation failed: {type(e).__name__}" + (f": {first}" if first else "")
+
+
 class Engine:
     """The thread that owns the model: admits queued jobs into free rows and decodes every
-    row one character per tick."""
+    row one character per tick.
 
-    def __init__(self, cm: ChatModel, limits: Limits, tune_threads: bool = True) -> None:
+    A failure in one row's own work (its prompt's pass, its sampling, its stops) ends that
+    row's request with an error and the others go on; a failure of the pass shared by all
+    rows ends the requests in it. The thread survives either and goes on with the next
+    requests. ``alive`` and ``heartbeat`` let ``/health`` tell a dead or stuck engine."""
+
+    STUCK_SECONDS = 30.0  # a tick of the 14M model takes milliseconds; this long means stuck
+
+    def __init__(self, cm: ChatModel, limits: Limits, tune_threads: bool = True, warm_up: bool = True,
+                 on_ready=None) -> None:
         self.cm, self.limits = cm, limits
         device = next(cm.model.parameters()).device
         self.device = device
@@ -163,7 +185,11 @@ class Engine:
         self.waiting: deque[Job] = deque()
         self.lock = threading.Condition()
         self.running = True
+        self.ready = threading.Event()
+        self.warm_up_seconds = 0.0
+        self.heartbeat = time.monotonic()
         self.tuner = ThreadTuner(enabled=tune_threads and device.type == "cpu")
+        self._warm, self._on_ready = warm_up, on_ready
         self.thread = threading.Thread(target=self._loop, name="trainlab-engine", daemon=True)
         self.thread.start()
 
@@ -184,7 +210,44 @@ class Engine:
     def busy(self) -> int:
         return sum(r is not None for r in self.rows)
 
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    def health(self) -> tuple[bool, str]:
+        """(ok, why not): warming up, stopped, dead, or busy without a tick for too long."""
+        if not self.thread.is_alive():
+            return False, "the decoding engine has stopped"
+        if not self.ready.is_set():
+            return False, "warming up"
+        if (self.busy or self.queued) and time.monotonic() - self.heartbeat > self.STUCK_SECONDS:
+            return False, f"the decoding engine has made no progress for {self.STUCK_SECONDS:.0f} s"
+        return True, "ok"
+
+    def warm_up(self) -> float:
+        """One prompt's pass and a few decoding passes on a scratch row, so that the first
+        request does not pay for first-call costs (and the thread count is chosen by timing)."""
+        t0 = time.perf_counter()
+        model = self.cm.model
+        logits = prefill_row(model, [0] * min(PREFILL_CHUNK, model.cfg.context_len - 1), self.cache, 0)
+        last = torch.zeros(self.cache.slots, dtype=torch.long, device=self.device)
+        for _ in range(8):
+            logits = self.tuner.run(lambda: decode_rows(model, last, self.cache, [True]))
+        self._free(0)
+        del logits
+        return time.perf_counter() - t0
+
     def _loop(self) -> None:
+        if self._warm:
+            try:
+                self.warm_up_seconds = self.warm_up()
+            except Exception as e:  # noqa: BLE001 (requests will say what fails)
+                self.warm_up_seconds = math.nan
+                print(f"warning: warm-up failed ({failure_line(e)})", flush=True)
+        self.heartbeat = time.monotonic()
+        self.ready.set()
+        if self._on_ready is not None:
+            self._on_ready(self)
         while True:
             with self.lock:
                 while self.running and not self.waiting and not any(self.rows):
@@ -196,15 +259,21 @@ class Engine:
                         self.rows[r] = self.waiting.popleft()  # no tokens yet: started at the next tick
             try:
                 self._tick()
-            except Exception as e:  # noqa: BLE001 (an engine error ends its jobs, not the server)
+            except Exception as e:  # noqa: BLE001 (the shared pass failed: its jobs end, not the server)
                 for r, job in enumerate(self.rows):
                     if job is not None:
-                        job.emit("error", f"generation failed: {str(e).splitlines()[0][:200]}")
-                        self._free(r)
+                        self._fail(r, e)
+            self.heartbeat = time.monotonic()
 
     def _free(self, r: int) -> None:
         self.rows[r] = None
         self.cache.lengths[r] = 0
+
+    def _fail(self, r: int, e: BaseException) -> None:
+        job = self.rows[r]
+        self._free(r)
+        if job is not None:
+            job.emit("error", failure_line(e))
 
     def _take(self, r: int, logits: torch.Tensor) -> None:
         """Sample row r's next character from ``logits`` and pass it to its job."""
@@ -220,90 +289,192 @@ class Engine:
     def _tick(self) -> None:
         model, ctx = self.cm.model, self.cm.model.cfg.context_len
         keep = max(1, ctx - ctx // 4)  # as generate(): when the context fills, keep its last three quarters
-        fresh: list[int] = []
+        decoding = [False] * self.cache.slots
         for r, job in enumerate(self.rows):
             if job is None:
                 continue
             if job.cancelled:
                 self._free(r)
-            elif not job.tokens:  # new: its prompt goes in alone
-                job.tokens = list(job.prompt)
-                self._take(r, prefill_row(model, job.tokens[-ctx:], self.cache, r))
-                fresh.append(r)
-            elif self.cache.lengths[r] >= ctx:  # full: start again from the recent part
-                self._take(r, prefill_row(model, job.tokens[-keep:], self.cache, r))
-                fresh.append(r)
-        active = [r for r, job in enumerate(self.rows) if job is not None and r not in fresh]
+                continue
+            try:
+                if not job.tokens:  # new: its prompt (its last window of it) goes in alone
+                    job.tokens = list(job.prompt)
+                    self._take(r, prefill_row(model, job.tokens[-ctx:], self.cache, r))
+                elif self.cache.lengths[r] >= ctx:  # full: start again from the recent part
+                    self._take(r, prefill_row(model, job.tokens[-keep:], self.cache, r))
+                else:
+                    decoding[r] = True  # its next character comes from this tick's shared pass
+            except Exception as e:  # noqa: BLE001 (this row's own work: the others go on)
+                self._fail(r, e)
+        active = [r for r, d in enumerate(decoding) if d]
         if not active:
             return
         last = [job.tokens[-1] if job is not None and job.tokens else 0 for job in self.rows]
         last = torch.tensor(last + [0] * (self.cache.slots - len(last)), device=self.device)  # (cache rows,)
-        logits = self.tuner.run(lambda: decode_rows(model, last, self.cache))  # (S, V)
+        logits = self.tuner.run(lambda: decode_rows(model, last, self.cache, decoding))  # (S, V)
         for r in active:
-            self.cache.lengths[r] += 1
-            self._take(r, logits[r])
+            try:
+                self.cache.lengths[r] += 1
+                self._take(r, logits[r])
+            except Exception as e:  # noqa: BLE001
+                self._fail(r, e)
 
 
 # -- the HTTP side ------------------------------------------------------------------------------
-def _number(body: dict, name: str, default: float | None, kind: type = float) -> Any:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
-            (kind is int and not float(value).is_integer()):
-        raise ApiError(400, f"{name} must be a finite {'integer' if kind is int else 'number'}", param=name)
-    return kind(value)
+# Request bodies, checked strictly by type (pydantic in strict mode): "stream": "false" is
+# not a boolean, "n": true and "n": 1.0 are not integers, NaN is no number. Fields OpenAI's
+# clients may send that mean nothing here (user, logprobs, ...) are ignored.
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Number = Union[StrictInt, FiniteFloat]
 
 
-def sampling_from(body: dict, limits: Limits, stop_at: str) -> tuple[SamplingConfig, list[str]]:
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[StrictStr] = None
+    stream: StrictBool = False
+    n: StrictInt = 1
+    max_tokens: Optional[StrictInt] = None
+    temperature: Optional[Number] = None
+    top_p: Optional[Number] = None
+    top_k: Optional[StrictInt] = None
+    repetition_penalty: Optional[Number] = None
+    seed: Optional[StrictInt] = None
+    stop: Union[StrictStr, list[StrictStr], None] = None
+    stop_at: Optional[StrictStr] = None
+
+
+class CompletionRequest(_Request):
+    prompt: Union[StrictStr, list[StrictStr]] = ""
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr
+
+
+class ChatRequest(_Request):
+    messages: list[Message]
+
+
+def parse_request(body: dict, chat: bool) -> _Request:
+    """The body as a request, or a 400 in OpenAI's shape naming the first field that is wrong."""
+    try:
+        return (ChatRequest if chat else CompletionRequest).model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [str(x) for x in err.get("loc", ())]
+        # a union names each of its branches in the location: the field is what matters
+        field = loc[0] if loc else None
+        where = ".".join(x for x in loc if not x[:1].isupper() and "[" not in x) or field or "body"
+        raise ApiError(400, f"{where}: {err.get('msg', 'invalid')}", param=field) from None
+
+
+def sampling_from(req: _Request, limits: Limits, stop_at: str) -> tuple[SamplingConfig, list[str]]:
     """The request's sampling settings (OpenAI's names, plus top_k, repetition_penalty and
     stop_at), each checked as the CLI flag of the same meaning is."""
-    n = body.get("n", 1)
-    if n != 1:
+    if req.n != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
-    max_tokens = _number(body, "max_tokens", 256, int)
+    max_tokens = 256 if req.max_tokens is None else req.max_tokens
     if max_tokens < 1 or max_tokens > limits.max_tokens_cap:
         raise ApiError(400, f"max_tokens must be 1..{limits.max_tokens_cap}", param="max_tokens")
-    stops = body.get("stop") or []
+    stops = req.stop or []
     stops = [stops] if isinstance(stops, str) else stops
-    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+    if len(stops) > 4 or not all(stops):
         raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings", param="stop")
-    seed = body.get("seed")
-    values = {"temperature": _number(body, "temperature", 0.8), "top_p": _number(body, "top_p", 1.0),
-              "top_k": _number(body, "top_k", 0, int), "repetition_penalty": _number(body, "repetition_penalty", 1.0),
-              "max_new_tokens": max_tokens, "stop_at": body.get("stop_at", stop_at),
-              "seed": _number(body, "seed", None, int) if seed is not None else None}
-    if not isinstance(values["stop_at"], str):
-        raise ApiError(400, "stop_at must be a string", param="stop_at")
+    values = {"temperature": 0.8 if req.temperature is None else float(req.temperature),
+              "top_p": 1.0 if req.top_p is None else float(req.top_p), "top_k": req.top_k or 0,
+              "repetition_penalty": 1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
+              "max_new_tokens": max_tokens, "stop_at": req.stop_at or stop_at, "seed": req.seed}
     try:
         return SamplingConfig(**values), stops
     except ConfigError as e:
         raise ApiError(400, str(e), param=e.field) from None
 
 
+class Metrics:
+    """What ``/metrics`` shows, in Prometheus' text format (prometheus-client), in a registry of
+    this server's own (so that two servers in one process do not share counts)."""
+
+    def __init__(self, engine: Engine) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("trainlab_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        Gauge("trainlab_queue_length", "requests waiting for a row", registry=r).set_function(lambda: engine.queued)
+        Gauge("trainlab_busy_rows", "rows decoding a request", registry=r).set_function(lambda: engine.busy)
+        Gauge("trainlab_rows", "rows decoded together", registry=r).set(engine.limits.slots)
+        self.characters = Counter("trainlab_characters_generated", "characters generated", registry=r)
+        self.first = Histogram("trainlab_time_to_first_character_seconds", "from request to first character",
+                               buckets=(0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.rate = Histogram("trainlab_characters_per_second", "characters per second of each request after its "
+                              "first", buckets=(10, 25, 50, 100, 150, 250, 400, 600, 1000, 2000), registry=r)
+
+    def finished(self, job: Job) -> None:
+        self.characters.inc(job.generated)
+        if job.first_at is not None:
+            self.first.observe(job.first_at - job.submitted_at)
+            if job.generated > 1 and job.ended_at is not None and job.ended_at > job.first_at:
+                self.rate.observe((job.generated - 1) / (job.ended_at - job.first_at))
+
+
 class Server:
     """The Starlette app around one loaded model."""
 
     def __init__(self, cm: ChatModel, dialogue: Dialogue, info: dict[str, Any], api_key: str | None = None,
-                 limits: Limits | None = None, tune_threads: bool = True) -> None:
+                 limits: Limits | None = None, tune_threads: bool = True, on_ready=None,
+                 access_log=None) -> None:
         from starlette.applications import Starlette
         from starlette.routing import Route
 
         self.cm, self.dialogue, self.info, self.api_key = cm, dialogue, info, api_key
         self.limits = limits or Limits()
         self.model_id = str(info.get("model", "trainlab-chat"))
-        self.engine = Engine(cm, self.limits, tune_threads)
+        self.engine = Engine(cm, self.limits, tune_threads, on_ready=on_ready)
+        self.metrics = Metrics(self.engine)
+        self.access_log = access_log  # one line per request (method, path, status, time), never a body
         routes = [Route(path, self.static) for path in STATIC]
-        routes += [Route("/info", self.describe), Route("/v1/models", self.models),
+        routes += [Route("/info", self.describe), Route("/health", self.health), Route("/metrics", self.prometheus),
+                   Route("/v1/models", self.models),
                    Route("/v1/completions", self.completions, methods=["POST"]),
                    Route("/v1/chat/completions", self.chat, methods=["POST"])]
-        self.app = Starlette(routes=routes, exception_handlers={404: self.not_found, 405: self.not_allowed},
-                             lifespan=self._lifespan)
+        self.starlette = Starlette(routes=routes, exception_handlers={404: self.not_found, 405: self.not_allowed},
+                                   lifespan=self._lifespan)
+        self.app = self._logged(self.starlette)  # what uvicorn serves
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):
         yield
         self.engine.stop()
+
+    def _logged(self, app):
+        """The app, counting and logging every request by its status when its response starts."""
+        endpoints = set(STATIC) | {"/info", "/health", "/metrics", "/v1/models", "/v1/completions",
+                                   "/v1/chat/completions"}
+
+        async def asgi(scope, receive, send):
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
+            t0 = time.perf_counter()
+            path = scope.get("path", "")
+            endpoint = path if path in endpoints else "other"
+
+            async def sending(message):
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    self.metrics.requests.labels(endpoint, str(status)).inc()
+                    if self.access_log is not None:
+                        client = scope.get("client") or ("-", 0)
+                        self.access_log(f'{client[0]} "{scope.get("method", "?")} {path[:200]}" {status} '
+                                        f"{1000 * (time.perf_counter() - t0):.0f} ms")
+                await send(message)
+
+            await app(scope, receive, sending)
+
+        return asgi
 
     # -- plumbing
     def _json(self, data: Any, status: int = 200):
@@ -337,14 +508,10 @@ class Server:
                 raise ApiError(413, f"request body over {MAX_BODY} bytes")
         try:
             body = json.loads(data or b"{}")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise ApiError(400, "the body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
-        model = body.get("model", self.model_id)
-        if model != self.model_id:
-            raise ApiError(404, f"no model {str(model)[:80]!r}; this server has {self.model_id!r}",
-                           code="model_not_found", param="model")
         return body
 
     def _encode(self, text: str) -> tuple[list[int], int]:
@@ -362,6 +529,19 @@ class Server:
     async def describe(self, request):
         return self._json({**self.info, "auth": self.api_key is not None, "dialogue": vars(self.dialogue)})
 
+    async def health(self, request):
+        ok, why = self.engine.health()
+        if ok:
+            return self._json({"status": "ok"})
+        return self._json({"status": "unavailable", "error": {"message": why, "type": "unavailable",
+                                                              "param": None, "code": "unavailable"}}, 503)
+
+    async def prometheus(self, request):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from starlette.responses import Response
+
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     async def models(self, request):
         try:
             self._check_key(request)
@@ -377,67 +557,79 @@ class Server:
     async def chat(self, request):
         return await self._serve(request, chat=True)
 
-    def _chat_prompt(self, messages: Any) -> str:
-        if not isinstance(messages, list) or not messages:
+    def _chat_prompt(self, messages: list[Message]) -> str:
+        if not messages:
             raise ApiError(400, "messages must be a non-empty list", param="messages")
         d = self.dialogue
         text = ""
         for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
-                    m.get("role") not in ("system", "user", "assistant"):
-                raise ApiError(400, "each message needs a role (system, user, assistant) and text content",
-                               param="messages")
-            if m["role"] == "system":
-                text += m["content"].strip() + "\n\n"
+            if m.role == "system":
+                text += m.content.strip() + "\n\n"
             else:
-                speaker = d.user if m["role"] == "user" else d.bot
-                text += d.cue(speaker) + m["content"].strip() + d.end
+                speaker = d.user if m.role == "user" else d.bot
+                text += d.cue(speaker) + m.content.strip() + d.end
         return text + d.cue(d.bot)
+
+    def _job(self, body: dict, chat: bool) -> tuple[Job, _Request, int]:
+        """The request checked and queued as a job; (job, request, characters dropped)."""
+        req = parse_request(body, chat)
+        if req.model is not None and req.model != self.model_id:
+            raise ApiError(404, f"no model {req.model[:80]!r}; this server has {self.model_id!r}",
+                           code="model_not_found", param="model")
+        if chat:
+            prompt_text, default_stop_at = self._chat_prompt(req.messages), self.dialogue.stop_at
+        else:
+            prompt = req.prompt
+            if isinstance(prompt, list):
+                if len(prompt) != 1:
+                    raise ApiError(400, "prompt must be a string (or a list of one)", param="prompt")
+                prompt = prompt[0]
+            prompt_text, default_stop_at = prompt, "none"
+        if len(prompt_text) > self.limits.max_prompt_chars:
+            raise ApiError(400, f"the prompt is over {self.limits.max_prompt_chars} characters", param="prompt")
+        cfg, stops = sampling_from(req, self.limits, default_stop_at)
+        ids, dropped = self._encode(prompt_text)
+        if not ids:  # an empty prompt starts from a new line, as generate does
+            ids = self._encode("\n")[0] or [0]
+        job = Job(ids, cfg, stops, asyncio.get_running_loop(), Outbox(), make_generator(cfg.seed))
+        try:
+            self.engine.submit(job)
+        except QueueFull:
+            raise ApiError(429, "too many requests waiting; try again shortly", kind="rate_limit_error",
+                           code="queue_full") from None
+        return job, req, dropped
 
     async def _serve(self, request, chat: bool):
         try:
             self._check_key(request)
-            body = await self._body(request)
-            if chat:
-                prompt_text = self._chat_prompt(body.get("messages"))
-                default_stop_at = self.dialogue.stop_at
-            else:
-                prompt = body.get("prompt", "")
-                if isinstance(prompt, list) and len(prompt) == 1:
-                    prompt = prompt[0]
-                if not isinstance(prompt, str):
-                    raise ApiError(400, "prompt must be a string", param="prompt")
-                prompt_text, default_stop_at = prompt, "none"
-            if len(prompt_text) > self.limits.max_prompt_chars:
-                raise ApiError(400, f"the prompt is over {self.limits.max_prompt_chars} characters", param="prompt")
-            cfg, stops = sampling_from(body, self.limits, default_stop_at)
-            ids, dropped = self._encode(prompt_text)
-            if not ids:  # an empty prompt starts from a new line, as generate does
-                ids = self._encode("\n")[0] or [0]
-            loop = asyncio.get_running_loop()
-            job = Job(ids, cfg, stops, loop, Outbox(), make_generator(cfg.seed))
-            try:
-                self.engine.submit(job)
-            except QueueFull:
-                raise ApiError(429, "too many requests waiting; try again shortly", kind="rate_limit_error",
-                               code="queue_full") from None
+            if not self.engine.ready.is_set():
+                raise ApiError(503, "the model is warming up; try again shortly", kind="unavailable",
+                               code="warming_up")
+            job, req, dropped = self._job(await self._body(request), chat)
         except ApiError as e:
             return self._json(e.body(), e.status)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(8)}"
         created = int(time.time())
-        usage = lambda: {"prompt_tokens": len(ids), "completion_tokens": job.generated,  # noqa: E731
-                         "total_tokens": len(ids) + job.generated, "dropped_characters": dropped}
-        if body.get("stream"):
+        n_prompt = len(job.prompt)
+        usage = lambda: {"prompt_tokens": n_prompt, "completion_tokens": job.generated,  # noqa: E731
+                         "total_tokens": n_prompt + job.generated, "dropped_characters": dropped}
+        if req.stream:
             return self._stream(job, rid, created, chat, usage)
+        watcher = asyncio.ensure_future(self._watch_disconnect(request, job))
         text, finish = "", None
-        while finish is None:
-            for kind, value in await job.out.take():
-                if kind == "text":
-                    text += value
-                elif kind == "end":
-                    finish = value
-                else:
-                    return self._json(ApiError(500, value, kind="server_error").body(), 500)
+        try:
+            while finish is None:
+                for kind, value in await job.out.take():
+                    if kind == "text":
+                        text += value
+                    elif kind == "end":
+                        finish = value
+                    else:
+                        return self._json(ApiError(500, value, kind="server_error").body(), 500)
+        finally:
+            job.cancelled = True  # a client that left (or a handler cancelled) frees its row at the next tick
+            watcher.cancel()
+            self.metrics.finished(job)
         choice = {"index": 0, "finish_reason": finish}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
@@ -447,6 +639,16 @@ class Server:
             obj = "text_completion"
         return self._json({"id": rid, "object": obj, "created": created, "model": self.model_id, "choices": [choice],
                            "usage": usage()})
+
+    @staticmethod
+    async def _watch_disconnect(request, job: Job) -> None:
+        """Mark the job cancelled when its client goes away (the body is read: what comes next
+        on the connection is its end)."""
+        while True:
+            message = await request.receive()
+            if message.get("type") == "http.disconnect":
+                job.cancelled = True
+                return
 
     def _stream(self, job: Job, rid: str, created: int, chat: bool, usage):
         from starlette.responses import StreamingResponse
@@ -484,6 +686,7 @@ class Server:
                 yield "data: [DONE]\n\n"
             finally:
                 job.cancelled = True  # a client that left frees its row at the next tick
+                self.metrics.finished(job)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -33,6 +33,8 @@ def add_parser(sub) -> None:
     serve.add_argument("--max-queue", type=int, default=16, help="requests that may wait for a slot; past that, 429")
     serve.add_argument("--max-prompt-chars", type=int, default=16384, help="longest prompt accepted")
     serve.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens accepted")
+    serve.add_argument("--quiet", action="store_true", help="no access log (one line per request on stderr: "
+                                                           "client, method, path, status, time; never a body)")
     for p in (gen, repl, serve):
         p.add_argument("--checkpoint", required=True, metavar="RUN_OR_PATH",
                        help="run id, run folder or checkpoint folder")
@@ -89,11 +91,20 @@ def chat_serve(args: argparse.Namespace) -> int:
     ckpt = resolve_checkpoint(args.runs_dir, TASK_NAME, args.checkpoint, best=args.best)
     cm = load_chat_model(ckpt, resolve_device(args.device))
     dialogue = default_dialogue(cm.dialogue, args.style, args.user_name, args.bot_name)
-    server = Server(cm, dialogue, checkpoint_info(ckpt, run_name(ckpt.path)), api_key,
-                    Limits(args.slots, args.max_queue, args.max_prompt_chars, args.max_tokens_cap))
     where = f"http://{args.host if ':' not in args.host else f'[{args.host}]'}:{args.port}"
-    print(f"serving {server.model_id} (step {ckpt.step}) at {where}/ ; OpenAI API at {where}/v1"
-          + ("; API key required" if api_key else ""), flush=True)
+
+    def ready(engine) -> None:  # from the engine's thread, once its warm-up is done
+        print(f"ready: warm-up took {engine.warm_up_seconds:.2f} s; /health says ok", flush=True)
+
+    def access(line: str) -> None:
+        sys.stderr.write(line + "\n")
+
+    info = checkpoint_info(ckpt, run_name(ckpt.path))
+    print(f"serving {info['model']} (step {ckpt.step}) at {where}/ ; OpenAI API at {where}/v1 ; "
+          f"/health, /metrics" + ("; API key required" if api_key else "") + " (warming up)", flush=True)
+    server = Server(cm, dialogue, info, api_key,
+                    Limits(args.slots, args.max_queue, args.max_prompt_chars, args.max_tokens_cap),
+                    on_ready=ready, access_log=None if args.quiet else access)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         warn(f"warning: listening on {args.host}: other machines can reach this server"
              + ("" if api_key else " and no --api-key is set"))

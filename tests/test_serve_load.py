@@ -1,0 +1,293 @@
+"""`trainlab chat serve` under real use: requests arriving at random with prompts shorter than,
+as long as and longer than the context, streamed or not, some leaving early; a failure in
+one row or in the shared pass; strict request bodies; /health, /metrics and the access log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import time
+
+import httpx
+import pytest
+import torch
+from conftest import register_runs_dir
+from helpers import chat_train, made_up_text
+from test_serve import Live, raw
+
+from trainlab.chat import serve as serve_module
+from trainlab.chat.model import SlotCache, decode_rows, prefill_row
+from trainlab.chat.repl import load_chat_model
+from trainlab.engine.tracking import resolve_checkpoint
+
+CONTEXT = 80  # three prefill chunks of 32: prompts longer than one chunk, and than the context
+
+
+@pytest.fixture(scope="module")
+def long_context(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve-load")
+    runs = register_runs_dir(tmp / "runs")
+    corpus = tmp / "play.txt"
+    corpus.write_text(made_up_text(), encoding="utf-8")
+    assert chat_train(runs, corpus, "--run-name", "srv", "--max-steps", "20", "--eval-every", "20",
+                      "--context-len", str(CONTEXT), "--sample-every", "0") == 0
+    return runs
+
+
+@pytest.fixture(scope="module")
+def busy(long_context):
+    srv = Live(long_context, slots=8, max_queue=16)
+    yield srv
+    srv.close()
+
+
+def idle(srv, timeout: float = 30.0) -> None:
+    """Wait until no row is busy and nothing waits (a left request frees its row at a tick)."""
+    deadline = time.monotonic() + timeout
+    while srv.server.engine.busy or srv.server.engine.queued:
+        assert time.monotonic() < deadline, f"rows still busy: {srv.server.engine.busy}"
+        time.sleep(0.02)
+
+
+def prompt_of(kind: str, rng: random.Random) -> str:
+    line = "ANNA:\nThe boat is late again.\n\nBORIS:\nBring the red lamp.\n\n"
+    n = {"short": rng.randint(1, 20), "context": CONTEXT, "longer": CONTEXT + rng.randint(1, 40),
+         "much longer": 3 * CONTEXT + rng.randint(0, 30)}[kind]
+    return (line * (n // len(line) + 1))[:n]
+
+
+async def ask(url: str, body: dict, leave_after: int | None = None) -> tuple[int, str, str | None]:
+    """(status, text received, finish reason); ``leave_after``: close after that many text pieces
+    (a stream) or after that many seconds / 100 (a plain request), as a client that gives up."""
+    async with httpx.AsyncClient(timeout=120) as http:
+        if not body.get("stream"):
+            try:
+                r = await http.post(url + "/v1/completions", json=body,
+                                    timeout=None if leave_after is None else leave_after / 100)
+            except httpx.TimeoutException:
+                return 0, "", "left"
+            if r.status_code != 200:
+                return r.status_code, "", None
+            choice = r.json()["choices"][0]
+            return 200, choice["text"], choice["finish_reason"]
+        text, finish, pieces = "", None, 0
+        async with http.stream("POST", url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return r.status_code, "", None
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                assert "error" not in data, data
+                choice = data["choices"][0]
+                text += choice["text"]
+                finish = choice["finish_reason"] or finish
+                pieces += 1
+                if leave_after is not None and pieces >= leave_after:
+                    return 200, text, "left"
+        return 200, text, finish
+
+
+def test_random_arrivals_of_every_prompt_length_each_get_their_text_alone(busy):
+    """The test that would have caught the full-context crash: seeded random arrivals of 2-16
+    requests; every one completes (or is refused with 429), and its text is what it gets alone
+    with the same seed. Some run past the context (the window slides); some clients leave."""
+    rng = random.Random(24)
+    for burst in range(3):
+        n = rng.randint(2, 16)
+        plans = []
+        for i in range(n):
+            body = {"prompt": prompt_of(rng.choice(["short", "context", "longer", "much longer"]), rng),
+                    "max_tokens": rng.choice([5, 30, CONTEXT + 20]), "seed": rng.randrange(2**31),
+                    "stream": rng.random() < 0.5, "stop_at": "none", "temperature": 1.0}
+            leave = None
+            if rng.random() < 0.25:
+                leave = rng.randint(1, 3) if body["stream"] else rng.randint(1, 5)
+            plans.append((rng.uniform(0, 0.3), body, leave))
+
+        async def together():
+            async def one(delay, body, leave):
+                await asyncio.sleep(delay)
+                return await ask(busy.url, body, leave)
+            return await asyncio.gather(*(one(*p) for p in plans))
+
+        results = asyncio.run(together())
+        idle(busy)  # every request that left freed its row
+        for (delay, body, leave), (status, text, finish) in zip(plans, results):
+            assert status in (200, 429, 0), (status, body)
+            if status == 429 or finish == "left" and not text:
+                continue
+            alone = asyncio.run(ask(busy.url, {**body, "stream": False}))
+            assert alone[0] == 200
+            if finish == "left":
+                assert alone[1].startswith(text), (burst, body)
+            else:
+                assert (text, finish) == alone[1:], (burst, body)
+                assert finish == "length" and len(text) == body["max_tokens"]
+    assert raw(busy.url, "/health").json() == {"status": "ok"}
+
+
+def test_a_failing_row_ends_its_own_request_and_the_others_go_on(busy, monkeypatch):
+    """A row's own work fails (here: taking its characters, with an exception whose message is
+    empty): that request gets OpenAI's error JSON, a stream beside it is untouched, and the
+    engine goes on serving."""
+    engine = busy.server.engine
+    real_take = engine._take
+
+    def take(r, logits):
+        if engine.rows[r].prompt[:1] == busy.server._encode("C")[0]:  # the request that fails
+            raise RuntimeError()
+        real_take(r, logits)
+
+    ok = {"prompt": "ANNA:\n", "max_tokens": 60, "seed": 5, "stream": True, "stop_at": "none"}
+    alone = asyncio.run(ask(busy.url, ok))
+    monkeypatch.setattr(engine, "_take", take)
+
+    async def together():
+        good = asyncio.ensure_future(ask(busy.url, ok))
+        await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(timeout=60) as http:
+            bad = await http.post(busy.url + "/v1/completions", json={"prompt": "CLARA:\n", "max_tokens": 20})
+        return await good, bad
+
+    good, bad = asyncio.run(together())
+    assert good == alone
+    assert bad.status_code == 500
+    err = bad.json()["error"]
+    assert err["type"] == "server_error" and err["message"] == "generation failed: RuntimeError"
+    monkeypatch.undo()
+    assert engine.thread.is_alive()
+    assert asyncio.run(ask(busy.url, ok)) == alone
+
+
+def test_a_failing_shared_pass_ends_its_requests_and_the_engine_survives(busy, monkeypatch):
+    calls = {"n": 0}
+    real = serve_module.decode_rows
+
+    def fails_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise ValueError("")  # an empty message once raised again inside the handler
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serve_module, "decode_rows", fails_once)
+    r = raw(busy.url, "/v1/completions", {"prompt": "ANNA:\n", "max_tokens": 20})
+    assert r.status_code == 500 and r.json()["error"]["message"] == "generation failed: ValueError"
+    r = raw(busy.url, "/v1/completions", {"prompt": "ANNA:\n", "max_tokens": 20})
+    assert r.status_code == 200 and len(r.json()["choices"][0]["text"]) == 20
+    assert busy.server.engine.thread.is_alive() and raw(busy.url, "/health").status_code == 200
+
+
+def test_a_prompt_that_fills_the_context_beside_a_stream_does_not_touch_the_others_cache(long_context):
+    """The mechanism under the crash: a row prefilled to the whole context is not decoded in
+    the pass that follows (its position would be outside the context), and that pass leaves
+    its cache as it was; decoding a row at the context is refused, not an index error."""
+    cm = load_chat_model(resolve_checkpoint(long_context, "chat", "srv"), torch.device("cpu"))
+    model, ctx = cm.model, cm.model.cfg.context_len
+    cache = SlotCache(model.cfg, 8)
+    prefill_row(model, list(range(5)), cache, 0)
+    prefill_row(model, [1] * ctx, cache, 1)  # a full window
+    before = cache.k[:, 1].clone(), cache.v[:, 1].clone()
+    tokens = torch.zeros(8, dtype=torch.long)
+    decode_rows(model, tokens, cache, [True, False])
+    assert torch.equal(cache.k[:, 1], before[0]) and torch.equal(cache.v[:, 1], before[1])
+    assert cache.lengths[:2] == [5, ctx]
+    with pytest.raises(ValueError, match="outside the context"):
+        decode_rows(model, tokens, cache, [True, True])
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "a", "stream": "false"}, "stream"),
+    ({"prompt": "a", "n": True}, "n"),
+    ({"prompt": "a", "n": 1.0}, "n"),
+    ({"prompt": "a", "seed": "1"}, "seed"),
+    ({"prompt": "a", "seed": 1.5}, "seed"),
+    ({"prompt": "a", "max_tokens": "9"}, "max_tokens"),
+    ({"prompt": "a", "max_tokens": True}, "max_tokens"),
+    ({"prompt": "a", "stop": 5}, "stop"),
+    ({"prompt": "a", "stop": ["x", 3]}, "stop"),
+    ({"prompt": "a", "temperature": True}, "temperature"),
+    ({"prompt": "a", "top_k": 2.5}, "top_k"),
+    ({"prompt": "a", "stop_at": 1}, "stop_at"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": "a", "model": 7}, "model"),
+])
+def test_request_fields_are_checked_by_type_not_truthiness(busy, body, param):
+    r = raw(busy.url, "/v1/completions", body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]
+
+
+@pytest.mark.parametrize("content", [b'{"prompt": "a", "temperature": NaN}', b'{"prompt": "a", "top_p": Infinity}'])
+def test_non_finite_numbers_are_refused(busy, content):
+    r = raw(busy.url, "/v1/completions", content=content)
+    assert r.status_code == 400 and r.json()["error"]["param"] in ("temperature", "top_p")
+
+
+def test_chat_messages_are_checked_by_type(busy):
+    for messages, param in (([{"role": "user", "content": 5}], "messages"),
+                            ([{"role": "robot", "content": "hi"}], "messages"), ("hi", "messages"), ([], "messages")):
+        r = raw(busy.url, "/v1/chat/completions", {"messages": messages})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (messages, r.text)
+
+
+def test_a_plain_request_whose_client_leaves_frees_its_row(busy):
+    engine = busy.server.engine
+    idle(busy)
+    status = asyncio.run(ask(busy.url, {"prompt": "ANNA:\n", "max_tokens": 4000, "stop_at": "none"}, leave_after=20))
+    assert status[2] == "left"
+    idle(busy, timeout=10)  # long before its 4,000 characters would have been decoded
+    assert engine.busy == 0
+
+
+def test_health_is_503_while_warming_up_then_ok(long_context, monkeypatch):
+    gate = __import__("threading").Event()
+    real = serve_module.Engine.warm_up
+
+    def slow_warm_up(self):
+        gate.wait(30)
+        return real(self)
+
+    monkeypatch.setattr(serve_module.Engine, "warm_up", slow_warm_up)
+    seen = []
+    srv = Live(long_context, server_kw={"on_ready": lambda engine: seen.append(engine.warm_up_seconds)})
+    try:
+        r = raw(srv.url, "/health")
+        assert r.status_code == 503 and r.json()["error"]["message"] == "warming up"
+        r = raw(srv.url, "/v1/completions", {"prompt": "a", "max_tokens": 3})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "warming_up"
+        gate.set()
+        srv.server.engine.ready.wait(30)
+        assert raw(srv.url, "/health").json() == {"status": "ok"} and seen and seen[0] > 0
+        assert raw(srv.url, "/v1/completions", {"prompt": "a", "max_tokens": 3}).status_code == 200
+    finally:
+        gate.set()
+        srv.close()
+
+
+def test_metrics_and_the_access_log(long_context):
+    lines: list[str] = []
+    srv = Live(long_context, api_key="k3y-secret", server_kw={"access_log": lines.append})
+    try:
+        srv.server.engine.ready.wait(30)
+        secret = "ANNA:\nsecret-prompt"
+        for _ in range(2):
+            r = raw(srv.url, "/v1/completions", {"prompt": secret, "max_tokens": 7}, key="k3y-secret")
+            assert r.status_code == 200
+        assert raw(srv.url, "/v1/completions", {"prompt": "x"}, key="wrong").status_code == 401
+        text = raw(srv.url, "/metrics").text
+        assert 'trainlab_requests_total{endpoint="/v1/completions",status="200"} 2.0' in text
+        assert 'trainlab_requests_total{endpoint="/v1/completions",status="401"} 1.0' in text
+        assert "trainlab_characters_generated_total 14.0" in text
+        assert "trainlab_time_to_first_character_seconds_count 2.0" in text
+        assert "trainlab_characters_per_second_count 2.0" in text
+        assert "trainlab_queue_length 0.0" in text and "trainlab_busy_rows 0.0" in text
+        requests = [line for line in lines if "/v1/completions" in line]
+        assert len(requests) == 3
+        assert all(re.fullmatch(r'127\.0\.0\.1 "POST /v1/completions" (200|401) \d+ ms', line) for line in requests)
+        assert not any("secret" in line or "k3y" in line for line in lines)
+    finally:
+        srv.close()
