@@ -381,3 +381,30 @@ def test_diversity_of_a_too_short_sample_is_not_defined():
     assert math.isnan(distinct_n(words("one two"), 3)) and distinct_n(words("one two"), 2) == 1.0
     d = diversity("hello")
     assert d["distinct_1"] == 1.0 and math.isnan(d["distinct_2"]) and math.isnan(d["repeat_4"])
+
+
+def test_an_empty_val_split_is_refused_before_anything_is_written(runs_dir, capsys):
+    """--val-fraction 0 once trained until the first evaluation and ended in a ZeroDivisionError."""
+    assert cli_train(runs_dir, "--max-steps", "4", "--val-fraction", "0") == 2
+    assert "--val-fraction" in one_error_line(capsys) and runs_in(runs_dir) == []
+
+
+def test_large_digit_ranges_start_within_seconds(runs_dir, capsys):
+    """5-digit operands are 8.1e9 problems: their splits are not counted one by one (that took
+    over a minute before the first step); the counts shown are the expected ones."""
+    from trainlab.multiply.data import EXACT_COUNT_LIMIT, MultiplicationDataset, MultiplyDataConfig
+
+    t = time.monotonic()
+    assert cli_train(runs_dir, "--min-digits", "5", "--max-digits", "5", "--max-steps", "2", "--eval-every", "2",
+                     "--test-n", "20", "--run-name", "five") == 0
+    assert time.monotonic() - t < 60
+    out = capsys.readouterr().out
+    assert "problems: about 7,857,000,000 train, 81,000,000 val, 162,000,000 test" in out
+    ds = MultiplicationDataset(MultiplyDataConfig(min_digits=5, max_digits=5))
+    assert not ds.counts_exact and ds.size > EXACT_COUNT_LIMIT
+    idx = ds.subset("val", 200, seed=1)
+    assert len(set(idx.tolist())) == 200 and (ds.split_of(idx) == 1).all()
+    a, b = ds.pairs(idx)
+    assert (a >= 10_000).all() and (b <= 99_999).all()
+    small = MultiplicationDataset(MultiplyDataConfig(min_digits=1, max_digits=3))
+    assert small.counts_exact and sum(small.split_counts().values()) == small.size
