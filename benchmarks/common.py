@@ -41,3 +41,45 @@ def seconds_per_step(task, cfg, n: int = 12, warmup: int = 3) -> float:
     from trainlab.engine.step import seconds_per_step as engine_seconds
 
     return engine_seconds(task, cfg, None, n, warmup)
+
+
+def memory_bandwidth() -> float:
+    """Bytes per second this machine reads from memory: a copy of 256 MB (far past any cache)
+    counted as its read alone, the fastest of 5; what a pass over weights larger than the
+    cache cannot beat."""
+    import time
+
+    src = torch.empty(64 * 2**20, dtype=torch.float32)  # 256 MB
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return src.numel() * 4 / best  # the read; the write moves as much again
+
+
+def matmul_rate(n: int = 1024) -> float:
+    """fp32 FLOP/s of an n x n matmul on this machine, the fastest of 10."""
+    import time
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(10):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def decoding_floor(model) -> str:
+    """One line: the time a pass over the model's weights takes at the machine's measured read
+    bandwidth, and the characters per second that allows, one character a pass."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    bw = memory_bandwidth()
+    per_pass = weights / bw
+    return (f"floor: {weights / 1e6:.1f} MB of weights over {bw / 1e9:.1f} GB/s measured read bandwidth = "
+            f"{1000 * per_pass:.2f} ms a pass ({1 / per_pass:,.0f} characters/s); fp32 matmul rate "
+            f"{matmul_rate() / 1e9:.0f} GFLOP/s")

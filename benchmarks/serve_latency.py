@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import print_machine
+from common import decoding_floor, print_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = ("KING RICHARD III:\nNow is the winter of our discontent\nMade glorious summer by this sun of York;\n"
@@ -39,7 +39,7 @@ def wait_up(url: str, timeout: float = 120) -> None:
     t = time.monotonic()
     while time.monotonic() - t < timeout:
         try:
-            if httpx.get(url + "/info", timeout=1).status_code == 200:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:  # warmed up
                 return
         except httpx.HTTPError:
             time.sleep(0.2)
@@ -74,7 +74,7 @@ def run_streams(url: str, k: int, chars: int) -> list[tuple[float, float, int]]:
 MODEL = "?"
 
 
-def bare_loop(runs: str, checkpoint: str, chars: int) -> tuple[float, float]:
+def bare_loop(runs: str, checkpoint: str, chars: int, weights: str = "fp32") -> tuple[float, float]:
     """(seconds to the first character, characters/s after it) of `chat generate`'s own loop."""
     import torch
 
@@ -83,9 +83,14 @@ def bare_loop(runs: str, checkpoint: str, chars: int) -> tuple[float, float]:
     from trainlab.engine.threads import ThreadTuner
     from trainlab.engine.tracking import resolve_checkpoint
 
+    from dataclasses import replace
+
+    from trainlab.chat.repl import with_weights
+
     cm = load_chat_model(resolve_checkpoint(runs, "chat", checkpoint), torch.device("cpu"))
+    cm = replace(cm, model=with_weights(cm.model, weights, torch.device("cpu"), print))
     ids = cm.vocab.encode_known(PROMPT)[0].tolist()
-    cfg = SamplingConfig(max_new_tokens=chars)
+    cfg = SamplingConfig(max_new_tokens=chars, stop_at="none")
     tuner = ThreadTuner()
     "".join(complete(cm, ids, SamplingConfig(max_new_tokens=50), make_generator(0), tuner))  # warm-up
     t0 = time.perf_counter()
@@ -97,6 +102,28 @@ def bare_loop(runs: str, checkpoint: str, chars: int) -> tuple[float, float]:
     return first - t0, (n - 1) / (time.perf_counter() - first)
 
 
+def measure(url: str, runs: str, args, weights: str) -> dict[str, tuple[float, float]]:
+    rows = {}
+    run_streams(url, 1, 50)  # warm-up of the client side
+    for name, k in (("1 stream", 1), ("8 streams", 8)):
+        tries = [run_streams(url, k, args.chars) for _ in range(args.rounds)]
+        ttfc = statistics.median(max(t for t, _, _ in r) for r in tries)  # the slowest stream's first character
+        rate = statistics.median(min(c for _, c, _ in r) for r in tries)  # the slowest stream of each try
+        rows[name] = (ttfc, rate)
+    trainer = trainlab("chat", "train", "--text", str(args.text), "--runs-dir", runs, "--preset", "nanogpt-cpu",
+                       "--max-steps", "100000", "--run-name", f"beside-{weights}", "--no-progress", "--precision",
+                       "fp32", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(15)  # the training job is stepping
+        tries = [run_streams(url, 1, args.chars) for _ in range(args.rounds)]
+        rows["1 stream beside training"] = (statistics.median(t for r in tries for t, _, _ in r),
+                                            statistics.median(r[0][1] for r in tries))
+    finally:
+        trainer.terminate()
+        trainer.wait()
+    return rows
+
+
 def main() -> None:
     global MODEL
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,6 +132,7 @@ def main() -> None:
     ap.add_argument("--chars", type=int, default=400)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--weights", default="fp32,bf16", help="the --weights of each server measured, in turn")
     ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
     args = ap.parse_args()
     print_machine()
@@ -117,41 +145,37 @@ def main() -> None:
         args.checkpoint = "bench"
     MODEL = Path(args.checkpoint).name
     url = f"http://127.0.0.1:{args.port}"
-    server = trainlab("chat", "serve", "--checkpoint", args.checkpoint, "--runs-dir", runs, "--port", str(args.port),
-                      "--device", "cpu", stdout=subprocess.DEVNULL)
-    try:
-        wait_up(url)
-        run_streams(url, 1, 50)  # warm-up: the first forward builds its kernels
-        rows = {}
-        for name, k in (("1 stream", 1), ("8 streams", 8)):
-            tries = [run_streams(url, k, args.chars) for _ in range(args.rounds)]
-            ttfc = statistics.median(t for r in tries for t, _, _ in r)
-            rate = statistics.median(min(c for _, c, _ in r) for r in tries)  # the slowest stream of each try
-            rows[name] = (ttfc, rate)
-        trainer = trainlab("chat", "train", "--text", str(args.text), "--runs-dir", runs, "--preset", "nanogpt-cpu",
-                           "--max-steps", "100000", "--run-name", "beside", "--no-progress", "--precision", "fp32",
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = {}
+    for weights in args.weights.split(","):
+        server = trainlab("chat", "serve", "--checkpoint", args.checkpoint, "--runs-dir", runs, "--port",
+                          str(args.port), "--device", "cpu", "--weights", weights, "--quiet",
+                          stdout=subprocess.PIPE, text=True)
         try:
-            time.sleep(15)  # the training job is stepping
-            tries = [run_streams(url, 1, args.chars) for _ in range(args.rounds)]
-            rows["1 stream beside training"] = (statistics.median(t for r in tries for t, _, _ in r),
-                                                statistics.median(r[0][1] for r in tries))
+            wait_up(url)
+            results[weights] = measure(url, runs, args, weights)
         finally:
-            trainer.terminate()
-            trainer.wait()
-    finally:
-        server.terminate()
-        server.wait()
-    first, rate = bare_loop(runs, args.checkpoint, args.chars)
+            server.terminate()
+            out = server.communicate()[0]
+        print(f"server ({weights}): " + " | ".join(line for line in out.splitlines() if line.startswith(("ready", "note"))))
+        results[weights]["chat generate (no server)"] = bare_loop(runs, args.checkpoint, args.chars, weights)
     print(f"\n14M model ({args.checkpoint}), prompt {len(PROMPT)} characters, {args.chars} characters a stream, "
           f"median of {args.rounds} tries; through HTTP with the openai client")
-    targets = {"1 stream": (0.050, 200), "8 streams": (None, 40), "1 stream beside training": (None, 50)}
-    for name, (ttfc, rate) in rows.items():
-        t_ttfc, t_rate = targets[name]
-        print(f"  {name:26s} first character {1000 * ttfc:6.1f} ms{'' if t_ttfc is None else f' (target <= {1000 * t_ttfc:.0f})'}"
-              f"   {rate:6.0f} characters/s each (target >= {t_rate})")
-    print(f"  {'chat generate (no server)':26s} first character {1000 * first:6.1f} ms   {rate:6.0f} characters/s "
-          f"(the same loop `chat generate` runs, in this process)")
+    targets = {"1 stream": (0.050, 250), "8 streams": (0.150, 150), "1 stream beside training": (None, 100),
+               "chat generate (no server)": (None, 300)}
+    for weights, rows in results.items():
+        print(f"  --weights {weights}")
+        for name, (ttfc, rate) in rows.items():
+            t_ttfc, t_rate = targets[name]
+            print(f"    {name:26s} first character {1000 * ttfc:6.1f} ms"
+                  f"{'' if t_ttfc is None else f' (target <= {1000 * t_ttfc:.0f})':15s}"
+                  f" {rate:6.0f} characters/s each (target >= {t_rate})")
+    import torch
+
+    from trainlab.chat.repl import load_chat_model
+    from trainlab.engine.tracking import resolve_checkpoint
+
+    cm = load_chat_model(resolve_checkpoint(runs, "chat", args.checkpoint), torch.device("cpu"))
+    print("  " + decoding_floor(cm.model) + " (bf16 weights: half the bytes)")
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def violations(root: Path, layer_of=layer) -> list[str]:
                 problems.append(f"upward: {mod} (layer {layer_of(mod)}) imports {target} "
                                 f"(layer {layer_of(target)}) at line {line}")
             for name in names:
-                if name.startswith("_"):
+                if name.startswith("_") and not (name.startswith("__") and name.endswith("__")):  # __version__ is public
                     problems.append(f"private: {mod} imports {name} from {target} at line {line}")
     problems += [f"cycle: {' -> '.join(c)}" for c in cycles(graph)]
     return problems

@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -41,12 +42,25 @@ def trained(tmp_path_factory):
 class Live:
     """A server on a free loopback port, in a thread of this process."""
 
-    def __init__(self, runs: Path, server_kw: dict | None = None, **kw) -> None:
+    def __init__(self, runs: Path, server_kw: dict | None = None, run: str = "srv", source: Path | None = None,
+                 ready: bool = True, weights: str = "fp32", **kw) -> None:
+        """``source``: a folder `chat export` wrote, served instead of the run; ``ready``: wait
+        for the engine's warm-up too."""
         import uvicorn
 
-        ckpt = resolve_checkpoint(runs, "chat", "srv")
-        cm = load_chat_model(ckpt, torch.device("cpu"))
-        self.server = Server(cm, default_dialogue(cm.dialogue, None, None, None), checkpoint_info(ckpt, "srv"),
+        if source is not None:
+            from trainlab.chat.export import load_exported
+
+            cm, info = load_exported(source, torch.device("cpu"))
+        else:
+            ckpt = resolve_checkpoint(runs, "chat", run)
+            cm, info = load_chat_model(ckpt, torch.device("cpu")), checkpoint_info(ckpt, run)
+        from dataclasses import replace
+
+        from trainlab.chat.repl import with_weights
+
+        cm = replace(cm, model=with_weights(cm.model, weights, torch.device("cpu")))
+        self.server = Server(cm, default_dialogue(cm.dialogue, None, None, None), info,
                              kw.pop("api_key", None), Limits(**kw), tune_threads=False, **(server_kw or {}))
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -58,6 +72,8 @@ class Live:
         while not self.uv.started:
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.02)
+        if ready:
+            assert self.server.engine.ready.wait(60), "the engine did not warm up"
 
     def close(self) -> None:
         self.uv.should_exit = True
@@ -266,6 +282,10 @@ def test_the_page_streams_and_stops_in_a_real_browser(live, tmp_path):
         assert composer["y"] + composer["height"] <= web.execute_script("return window.innerHeight")
         web.find_element(By.ID, "stop").click()
         wait.until(lambda w: bot(w)[-1].text.endswith("[stopped]"))
+        # each answer shows its length and pace
+        speed = web.find_elements(By.CSS_SELECTOR, ".turn.bot .speed")[-1].text
+        m = re.fullmatch(r"(\d+) characters, (\d+)/s", speed.strip())
+        assert m and int(m.group(1)) > 800 and int(m.group(2)) > 0, speed
         web.save_screenshot(str(tmp_path / "page.png"))
         assert (tmp_path / "page.png").stat().st_size > 5000
         turns = web.find_elements(By.CSS_SELECTOR, ".turn .who")

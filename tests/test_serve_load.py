@@ -253,7 +253,7 @@ def test_health_is_503_while_warming_up_then_ok(long_context, monkeypatch):
 
     monkeypatch.setattr(serve_module.Engine, "warm_up", slow_warm_up)
     seen = []
-    srv = Live(long_context, server_kw={"on_ready": lambda engine: seen.append(engine.warm_up_seconds)})
+    srv = Live(long_context, server_kw={"on_ready": lambda engine: seen.append(engine.warm_up_seconds)}, ready=False)
     try:
         r = raw(srv.url, "/health")
         assert r.status_code == 503 and r.json()["error"]["message"] == "warming up"
@@ -291,3 +291,76 @@ def test_metrics_and_the_access_log(long_context):
         assert not any("secret" in line or "k3y" in line for line in lines)
     finally:
         srv.close()
+
+
+def test_trimmed_passes_are_used_only_where_they_keep_every_bit(long_context, monkeypatch):
+    """A trimmed pass (the rows and positions in use) must give each row the whole pass's bits;
+    the check finds a kernel that does not (here: attention made to round differently over a
+    shorter span) and the server then computes every pass whole, saying so."""
+    from trainlab.chat import model as model_module
+    from trainlab.chat.model import check_exactness
+
+    cm = load_chat_model(resolve_checkpoint(long_context, "chat", "srv"), torch.device("cpu"))
+    model, ctx = cm.model, cm.model.cfg.context_len
+    exact = check_exactness(model)
+    # greedy decoding of three rows, trimmed and whole, step by step: the same logits, bit for bit
+    if exact.trimmed:
+        runs = []
+        for trimmed in (False, True):
+            cache = SlotCache(model.cfg, 8, trimmed=trimmed)
+            toks = torch.zeros(8, dtype=torch.long)
+            for r, n in enumerate((3, 30, 50)):
+                toks[r] = int(prefill_row(model, [i % model.cfg.vocab_size for i in range(n)], cache, r).argmax())
+            out = []
+            for _ in range(ctx - 51):
+                logits = decode_rows(model, toks, cache, [True, True, True])
+                for r in range(3):
+                    cache.lengths[r] += 1
+                out.append(logits[:3].clone())
+                toks[:3] = logits[:3].argmax(-1)
+            runs.append(torch.stack(out))
+        assert torch.equal(runs[0], runs[1])
+    real = model_module._attend
+
+    def rounds_differently(q, k, v, mask):
+        out = real(q, k, v, mask)
+        return out * (1 + 1e-6) if k.shape[2] < ctx else out
+
+    monkeypatch.setattr(model_module, "_attend", rounds_differently)
+    assert check_exactness(model).trimmed is False
+    srv = Live(long_context)
+    try:
+        assert srv.server.engine.cache.trimmed is False
+        assert any("trimmed pass rounds differently" in n for n in srv.server.engine.notes)
+    finally:
+        srv.close()
+
+
+def test_bf16_weights_keep_a_stream_the_same_alone_and_among_others(long_context):
+    """Where the CPU has native bf16, bf16 weights decode with other numbers than fp32's but a
+    stream is still the same alone and among others; elsewhere they fall back to fp32 in one line."""
+    from trainlab.chat.repl import with_weights
+    from trainlab.engine.precision import cpu_has_native_bf16
+
+    cm = load_chat_model(resolve_checkpoint(long_context, "chat", "srv"), torch.device("cpu"))
+    said: list[str] = []
+    model = with_weights(cm.model, "bf16", torch.device("cpu"), said.append)
+    if not cpu_has_native_bf16():
+        assert model.tok.weight.dtype == torch.float32 and len(said) == 1 and "decoding in fp32" in said[0]
+        return
+    assert model.tok.weight.dtype == torch.bfloat16 and not said
+    bodies = [{"prompt": prompt_of(kind, random.Random(i)), "max_tokens": 40, "seed": i, "stream": True,
+               "stop_at": "none"} for i, kind in enumerate(["short", "context", "longer", "short"])]
+    for weights in ("fp32", "bf16"):
+        srv = Live(long_context, weights=weights)
+        try:
+            alone = [asyncio.run(ask(srv.url, b)) for b in bodies]
+
+            async def together():
+                return await asyncio.gather(*(ask(srv.url, b) for b in bodies))
+
+            assert asyncio.run(together()) == alone and all(len(a[1]) == 40 for a in alone)
+            assert srv.server.cm.model.tok.weight.dtype == (torch.bfloat16 if weights == "bf16" else torch.float32)
+            assert srv.server.engine.cache.k.dtype == srv.server.cm.model.tok.weight.dtype
+        finally:
+            srv.close()

@@ -206,6 +206,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+# what `<task> train` starts from when no preset is given (and a run is not resumed)
+DEFAULT_PRESETS = {"chat": "chatgot-14m"}
+
+
 def preset_names(task: str) -> list[str]:
     folder = resources.files("trainlab.presets") / task
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml")) if folder.is_dir() else []

@@ -35,7 +35,7 @@ from typing import Any, Callable
 from trainlab.chat.config import RESUMABLE_TASK_CHANGES as CHAT_RESUMABLE
 from trainlab.chat.config import TASK_NAME as CHAT_TASK
 from trainlab.chat.config import ChatDataConfig, ChatTaskConfig, GPTConfig
-from trainlab.config import ConfigError, build, check_known_keys, flag_name, load_preset, load_yaml
+from trainlab.config import DEFAULT_PRESETS, ConfigError, build, check_known_keys, flag_name, load_preset, load_yaml
 from trainlab.engine.errors import CheckpointError
 from trainlab.engine.train_config import RESUMABLE_CHANGES, TrainConfig
 from trainlab.multiply.config import RESUMABLE_TASK_CHANGES as MULTIPLY_RESUMABLE
@@ -50,8 +50,6 @@ from trainlab.multiply.config import (
 
 Echo = Callable[[str], None]
 
-# what `train` starts from when no preset is given (and a run is not resumed)
-DEFAULT_PRESETS = {"chat": "chatgot-14m"}
 
 
 def warn(line: str) -> None:
@@ -89,8 +87,12 @@ def _make_multiply(cfgs: dict[str, Any]):
     n = sequence_length(cfgs["data"])
     cfgs["model"] = replace(cfgs["model"], src_len=n, tgt_len=n)
     task = MultiplyTask(cfgs["data"], cfgs["model"], cfgs["loss"], cfgs["teacher_forcing"], cfgs["task"], cfgs["train"])
-    if task.dataset.split_counts()["train"] == 0:
+    counts = task.dataset.split_counts()
+    if counts["train"] == 0:
         raise ConfigError("min_digits", "this digit range leaves no training problems")
+    if counts["val"] == 0:  # the first evaluation would have nothing to score
+        raise ConfigError("val_fraction", f"this digit range and --val-fraction {cfgs['data'].val_fraction:g} leave "
+                                          f"no validation problems")
     return task
 
 
@@ -100,7 +102,8 @@ def _describe_multiply(cfgs: dict[str, Any], task) -> tuple[str, list[str]]:
     layers = f"{mc.num_layers}" if mc.n_dec == mc.num_layers else f"{mc.num_layers}+{mc.n_dec}"
     summary = (f"{d.min_digits}-{d.max_digits} digits, d_model {mc.d_model}, {layers} layers, "
                f"{mc.num_latent} latents, batch {tc.batch_size}, members {cfgs['task'].members}")
-    return summary, [f"problems: {counts['train']:,} train, {counts['val']:,} val, {counts['test']:,} test "
+    about = "" if task.dataset.counts_exact else "about "
+    return summary, [f"problems: {about}{counts['train']:,} train, {counts['val']:,} val, {counts['test']:,} test "
                      f"({d.min_digits}-{d.max_digits} digits, answers {d.answer_order})"]
 
 

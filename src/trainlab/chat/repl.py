@@ -40,6 +40,30 @@ class ChatModel:
     dialogue: dict  # {"style": ..., "speakers": [...]}, from corpus.json
 
 
+WEIGHTS = ("fp32", "bf16")
+
+
+def with_weights(model: GPT, weights: str, device: torch.device, warn: Callable[[str], None] | None = None) -> GPT:
+    """``model`` in the weights' precision for decoding: fp32 (the default: the numbers the
+    model trained to), or bf16 where the device computes it natively (half the bytes each
+    character's pass reads: about 1.6x faster on an AVX-512-BF16 CPU; the text differs from
+    fp32's, but a served stream is still the same alone, among others and on any thread
+    count, as the server checks at warm-up). Elsewhere bf16 falls back to fp32 in one line."""
+    if weights not in WEIGHTS:
+        raise ConfigError("weights", f"must be one of {'|'.join(WEIGHTS)}, got {weights!r}")
+    if weights == "fp32":
+        return model
+    from trainlab.engine.precision import cpu_has_native_bf16
+
+    native = cpu_has_native_bf16() if device.type == "cpu" else device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if not native:
+        if warn is not None:
+            warn(f"warning: --weights bf16: no native bf16 on this {device.type} (it would run 10-100x slower); "
+                 f"decoding in fp32")
+        return model
+    return model.to(torch.bfloat16)
+
+
 def load_chat_model(ckpt: Checkpoint, device: torch.device) -> ChatModel:
     """The model rebuilt from the checkpoint's own config and vocabulary."""
     try:

@@ -133,7 +133,7 @@ def generate(model, prompt: list[int], cfg: SamplingConfig, decode: Callable[[in
         logits, cache = model(torch.tensor([window], device=device))
         text, sent = "", 0
         for _ in range(cfg.max_new_tokens):
-            tok = next_token(logits[0, -1], torch.tensor(tokens[-cfg.repetition_window:] if cfg.repetition_window
+            tok = next_token(logits[0, -1].float(), torch.tensor(tokens[-cfg.repetition_window:] if cfg.repetition_window
                                                          else [], dtype=torch.long), cfg, generator)
             tokens.append(tok)
             text += decode(tok)

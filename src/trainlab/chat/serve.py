@@ -44,7 +44,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from trainlab.chat.model import PREFILL_CHUNK, SlotCache, decode_rows, prefill_row
+from trainlab.chat.model import PREFILL_CHUNK, SlotCache, check_exactness, decode_rows, prefill_row
 from trainlab.chat.repl import ChatModel, Dialogue
 from trainlab.chat.sampling import SamplingConfig, make_generator, next_token, stop_length
 from trainlab.config import ConfigError
@@ -180,7 +180,8 @@ class Engine:
         self.cm, self.limits = cm, limits
         device = next(cm.model.parameters()).device
         self.device = device
-        self.cache = SlotCache(cm.model.cfg, limits.slots, device)
+        self.cache = SlotCache(cm.model.cfg, limits.slots, device, dtype=next(cm.model.parameters()).dtype)
+        self.notes: list[str] = []  # what warm-up found about this machine's kernels
         self.rows: list[Job | None] = [None] * limits.slots
         self.waiting: deque[Job] = deque()
         self.lock = threading.Condition()
@@ -225,10 +226,22 @@ class Engine:
         return True, "ok"
 
     def warm_up(self) -> float:
-        """One prompt's pass and a few decoding passes on a scratch row, so that the first
-        request does not pay for first-call costs (and the thread count is chosen by timing)."""
+        """What this machine's kernels keep exact (``check_exactness``): trimmed passes are used
+        only where they give each row the whole pass's bits, and the thread count is tuned only
+        where it does not change them; then one prompt's pass and a few decoding passes on a
+        scratch row, so that the first request does not pay for first-call costs."""
         t0 = time.perf_counter()
         model = self.cm.model
+        if self.device.type == "cpu":
+            exact = check_exactness(model)
+            self.cache.trimmed = exact.trimmed
+            if not exact.trimmed:
+                self.notes.append("every pass computes all rows over the whole context: a trimmed pass rounds "
+                                  "differently on this CPU")
+            if not exact.threads:
+                self.tuner.enabled = False
+                self.notes.append(f"threads pinned at {torch.get_num_threads()}: 1 and 2 threads round differently "
+                                  f"on this CPU, and a stream must not change with them")
         logits = prefill_row(model, [0] * min(PREFILL_CHUNK, model.cfg.context_len - 1), self.cache, 0)
         last = torch.zeros(self.cache.slots, dtype=torch.long, device=self.device)
         for _ in range(8):
@@ -279,7 +292,7 @@ class Engine:
         """Sample row r's next character from ``logits`` and pass it to its job."""
         job = self.rows[r]
         window = job.tokens[-job.cfg.repetition_window:] if job.cfg.repetition_window else []
-        tok = next_token(logits, torch.tensor(window, dtype=torch.long), job.cfg, job.generator)
+        tok = next_token(logits.float(), torch.tensor(window, dtype=torch.long), job.cfg, job.generator)
         job.tokens.append(tok)
         finish = job.add(self.cm.vocab.chars[tok])
         if finish is not None:

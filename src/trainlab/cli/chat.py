@@ -7,7 +7,7 @@ import sys
 
 from trainlab.chat.config import SamplingConfig
 from trainlab.cli.common import Parser, train_command, train_flags, warn
-from trainlab.config import add_flags, build
+from trainlab.config import ConfigError, add_flags, build
 from trainlab.runs import chat_sections
 
 
@@ -35,12 +35,29 @@ def add_parser(sub) -> None:
     serve.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens accepted")
     serve.add_argument("--quiet", action="store_true", help="no access log (one line per request on stderr: "
                                                            "client, method, path, status, time; never a body)")
+    exp = csub.add_parser("export", help="a trained model as a Hugging Face folder (transformers loads it), or "
+                                         "its weights alone in safetensors")
+    exp.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist, or be empty)")
+    exp.add_argument("--format", choices=("hf", "safetensors"), default="hf",
+                     help="hf: config, safetensors weights, tokenizer, model card; safetensors: weights, "
+                          "model_config.json, vocab.json (default hf)")
+    exp.add_argument("--force", action="store_true", help="replace a non-empty --out folder (only once the new "
+                                                         "one is complete)")
     for p in (gen, repl, serve):
         p.add_argument("--checkpoint", required=True, metavar="RUN_OR_PATH",
-                       help="run id, run folder or checkpoint folder")
+                       help="run id, run folder, checkpoint folder, or a folder `chat export` wrote")
+    exp.add_argument("--checkpoint", required=True, metavar="RUN_OR_PATH", help="run id, run folder or checkpoint "
+                                                                               "folder")
+    for p in (gen, repl, serve, exp):
         p.add_argument("--best", action="store_true", help="use the run's best checkpoint (lowest val loss)")
         p.add_argument("--runs-dir", default="runs", help="root folder of all runs")
+    for p in (gen, repl, serve):
         p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
+    for p in (gen, repl, serve):
+        p.add_argument("--weights", choices=("fp32", "bf16"), default="fp32",
+                       help="precision of the weights while decoding: fp32 (the trained numbers) or bf16 (half the "
+                            "bytes a character reads: faster where the CPU has native bf16, other text; elsewhere "
+                            "fp32 with a warning)")
     for p in (gen, repl):
         add_flags(p, SamplingConfig, "sampling (in this order: repetition penalty, temperature, top-k, top-p)")
 
@@ -49,17 +66,63 @@ def chat_train(args: argparse.Namespace) -> int:
     return train_command(args, "chat")
 
 
-def _load_chat(args: argparse.Namespace):
-    from trainlab.chat.repl import load_chat_model
-    from trainlab.chat.sampling import make_generator
-    from trainlab.chat.task import TASK_NAME
-    from trainlab.engine.device import resolve_device
+def chat_checkpoint(args: argparse.Namespace):
+    """The chat checkpoint ``--checkpoint`` names; a multiplication run is told that this
+    command is for chat models."""
+    from trainlab.config import UsageError
+    from trainlab.engine.errors import CheckpointError
     from trainlab.engine.tracking import resolve_checkpoint
+    from trainlab.multiply.config import TASK_NAME as MULTIPLY
+
+    try:
+        return resolve_checkpoint(args.runs_dir, "chat", args.checkpoint, best=args.best)
+    except (UsageError, CheckpointError) as e:
+        try:
+            resolve_checkpoint(args.runs_dir, MULTIPLY, args.checkpoint, best=args.best)
+        except (UsageError, CheckpointError):
+            raise e from None
+        raise UsageError(f"--checkpoint: {args.checkpoint} is a multiplication run; chat {args.command} is for chat "
+                         f"models") from None
+
+
+def load_model(args: argparse.Namespace):
+    """(the chat model, what serve shows of it) from a run, a checkpoint or an exported folder."""
+    from dataclasses import replace
+
+    from trainlab.chat.export import is_export, load_exported
+    from trainlab.chat.repl import load_chat_model, with_weights
+    from trainlab.chat.serve import checkpoint_info
+    from trainlab.engine.device import resolve_device
+
+    device = resolve_device(args.device)
+    if is_export(args.checkpoint):
+        if args.best:
+            raise ConfigError("best", "takes a run, not an exported folder")
+        cm, info = load_exported(args.checkpoint, device)
+    else:
+        ckpt = chat_checkpoint(args)
+        cm, info = load_chat_model(ckpt, device), checkpoint_info(ckpt, run_name(ckpt.path))
+    return replace(cm, model=with_weights(cm.model, args.weights, device, warn)), info
+
+
+def _load_chat(args: argparse.Namespace):
+    from trainlab.chat.sampling import make_generator
 
     sampling = build(SamplingConfig, vars(args))
-    device = resolve_device(args.device)
-    cm = load_chat_model(resolve_checkpoint(args.runs_dir, TASK_NAME, args.checkpoint, best=args.best), device)
+    cm, _ = load_model(args)
     return cm, sampling, make_generator(sampling.seed)
+
+
+def chat_export(args: argparse.Namespace) -> int:
+    from trainlab.chat.export import export
+
+    ckpt = chat_checkpoint(args)
+    out = export(ckpt, args.out, args.format, force=args.force, run=run_name(ckpt.path))
+    print(f"exported {run_name(ckpt.path)} (step {ckpt.step}) as {args.format} to {out}")
+    if args.format == "hf":
+        print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}); share it with "
+              f"`huggingface-cli upload NAME {out}`")
+    return 0
 
 
 def chat_serve(args: argparse.Namespace) -> int:
@@ -68,12 +131,8 @@ def chat_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from trainlab.chat.repl import default_dialogue, load_chat_model
-    from trainlab.chat.serve import Limits, Server, checkpoint_info
-    from trainlab.chat.task import TASK_NAME
-    from trainlab.config import ConfigError
-    from trainlab.engine.device import resolve_device
-    from trainlab.engine.tracking import resolve_checkpoint
+    from trainlab.chat.repl import default_dialogue
+    from trainlab.chat.serve import Limits, Server
 
     for name in ("slots", "max_queue", "max_prompt_chars", "max_tokens_cap"):
         if getattr(args, name) < 1:
@@ -88,19 +147,21 @@ def chat_serve(args: argparse.Namespace) -> int:
     except OSError as e:
         sock.close()
         raise ConfigError("port", f"cannot listen on {args.host}:{args.port} ({e.strerror})") from None
-    ckpt = resolve_checkpoint(args.runs_dir, TASK_NAME, args.checkpoint, best=args.best)
-    cm = load_chat_model(ckpt, resolve_device(args.device))
+    cm, info = load_model(args)
     dialogue = default_dialogue(cm.dialogue, args.style, args.user_name, args.bot_name)
     where = f"http://{args.host if ':' not in args.host else f'[{args.host}]'}:{args.port}"
 
     def ready(engine) -> None:  # from the engine's thread, once its warm-up is done
-        print(f"ready: warm-up took {engine.warm_up_seconds:.2f} s; /health says ok", flush=True)
+        for note in engine.notes:
+            print(f"note: {note}", flush=True)
+        trimmed = "; passes trimmed to the rows and positions in use" if engine.cache.trimmed else ""
+        print(f"ready: warm-up took {engine.warm_up_seconds:.2f} s ({args.weights} weights{trimmed}); "
+              f"/health says ok", flush=True)
 
     def access(line: str) -> None:
         sys.stderr.write(line + "\n")
 
-    info = checkpoint_info(ckpt, run_name(ckpt.path))
-    print(f"serving {info['model']} (step {ckpt.step}) at {where}/ ; OpenAI API at {where}/v1 ; "
+    print(f"serving {info['model']} (step {info.get('step')}) at {where}/ ; OpenAI API at {where}/v1 ; "
           f"/health, /metrics" + ("; API key required" if api_key else "") + " (warming up)", flush=True)
     server = Server(cm, dialogue, info, api_key,
                     Limits(args.slots, args.max_queue, args.max_prompt_chars, args.max_tokens_cap),
@@ -156,4 +217,4 @@ def chat_repl(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {("chat", "train"): chat_train, ("chat", "generate"): chat_generate, ("chat", "repl"): chat_repl,
-            ("chat", "serve"): chat_serve}
+            ("chat", "serve"): chat_serve, ("chat", "export"): chat_export}

@@ -41,6 +41,7 @@ async function send(line) {
   controller = new AbortController();
   $("send").disabled = true; $("stop").disabled = false; $("status").textContent = "";
   let reply = "";
+  let first = null;  // when the first character arrived: the rate is of the answer's own streaming
   try {
     const response = await fetch("/v1/chat/completions", {method: "POST", headers: headers(), body: JSON.stringify(body),
                                                           signal: controller.signal});
@@ -65,6 +66,7 @@ async function send(line) {
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message);
         const piece = (chunk.choices[0].delta || {}).content || "";
+        if (piece && first === null) first = performance.now();
         reply += piece;
         said.textContent = reply;
         $("conversation").scrollTop = $("conversation").scrollHeight;  // follow the answer as it grows
@@ -78,6 +80,13 @@ async function send(line) {
     }
   } finally {
     messages.push({role: "assistant", content: reply});
+    const chars = [...reply].length;
+    const seconds = first === null ? 0 : (performance.now() - first) / 1000;
+    const speed = document.createElement("span");
+    speed.className = "speed";
+    speed.textContent = chars > 1 && seconds > 0 ? ` ${chars} characters, ${((chars - 1) / seconds).toFixed(0)}/s`
+                                                 : ` ${chars} characters`;
+    said.parentElement.append(speed);
     controller = null;
     $("send").disabled = false; $("stop").disabled = true;
     $("line").focus();

@@ -1,0 +1,101 @@
+"""Greedy decoding of an exported 14M model: transformers' ``model.generate`` (its key/value
+cache, greedy) against trainlab's own loop (what ``trainlab chat generate`` runs), on the
+same checkpoint, prompt and length, one after the other in alternating rounds, in
+characters per second over the whole call (the prompt's pass included).
+
+    python benchmarks/export_decode.py                  # a chatgot-14m trained for one step
+    python benchmarks/export_decode.py --checkpoint RUN --runs-dir runs
+
+Both run fp32 on the CPU with this process's threads. The model's quality does not change its
+speed, so an untrained model serves as well as a trained one. transformers is the peer here
+because it is what a user of the exported folder would otherwise run it with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import decoding_floor, print_machine
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "KING RICHARD III:\nNow is the winter of our discontent\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", help="a chat run (default: a chatgot-14m trained for one step)")
+    ap.add_argument("--runs-dir", default=None)
+    ap.add_argument("--chars", type=int, default=200, help="characters to generate (prompt + chars <= context)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainlab.chat.export import export
+    from trainlab.chat.repl import complete, load_chat_model
+    from trainlab.chat.sampling import SamplingConfig, make_generator
+    from trainlab.engine.threads import ThreadTuner
+    from trainlab.engine.tracking import resolve_checkpoint
+
+    print_machine()
+    runs = args.runs_dir or tempfile.mkdtemp(prefix="export-bench-")
+    if args.checkpoint is None:
+        subprocess.run([sys.executable, "-m", "trainlab", "chat", "train", "--text", str(args.text), "--runs-dir", runs,
+                        "--preset", "chatgot-14m", "--max-steps", "1", "--run-name", "bench", "--no-progress",
+                        "--eval-every", "1000", "--sample-every", "0", "--precision", "fp32", "--batch-size", "4"],
+                       check=True, capture_output=True)
+        args.checkpoint = "bench"
+    ckpt = resolve_checkpoint(runs, "chat", args.checkpoint)
+    folder = Path(tempfile.mkdtemp(prefix="export-bench-hf-")) / "model"
+    export(ckpt, folder)
+    cm = load_chat_model(ckpt, torch.device("cpu"))
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = cm.vocab.encode_known(PROMPT)[0].tolist()
+    if len(ids) + args.chars > cm.model.cfg.context_len:
+        raise SystemExit(f"--chars: the prompt ({len(ids)}) and {args.chars} characters exceed the context "
+                         f"({cm.model.cfg.context_len}), which transformers' GPT-2 cannot slide past")
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=args.chars)
+    tuner = ThreadTuner()
+
+    # characters over the whole call, the prompt's pass included, on both sides (trainlab's loop
+    # holds back trailing spaces, so the time between its pieces is not the time per character)
+    def ours() -> tuple[float, str]:
+        t0 = time.perf_counter()
+        text = "".join(complete(cm, ids, cfg, make_generator(0), tuner))
+        return len(text) / (time.perf_counter() - t0), text
+
+    def theirs() -> tuple[float, str]:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=args.chars, do_sample=False)
+        new = out[0, len(ids):].tolist()
+        return len(new) / (time.perf_counter() - t0), "".join(cm.vocab.chars[i] for i in new)
+
+    ours(), theirs()  # warm-up: first calls build kernels
+    rates: dict[str, list[float]] = {"trainlab": [], "transformers": []}
+    texts = {}
+    for _ in range(args.rounds):
+        for name, fn in (("trainlab", ours), ("transformers", theirs)):
+            rate, texts[name] = fn()
+            rates[name].append(rate)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"\n14M model ({args.checkpoint}), greedy, prompt {len(ids)} characters, {args.chars} characters, "
+          f"median of {args.rounds} alternating rounds, {torch.get_num_threads()} threads")
+    print(f"  trainlab chat generate's loop   {med['trainlab']:7.0f} characters/s")
+    print(f"  transformers model.generate     {med['transformers']:7.0f} characters/s")
+    print(f"  ratio trainlab / transformers   {med['trainlab'] / med['transformers']:7.2f}x")
+    print(f"  same text: {texts['trainlab'] == texts['transformers']}")
+    print("  " + decoding_floor(cm.model))
+
+
+if __name__ == "__main__":
+    main()
