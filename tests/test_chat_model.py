@@ -95,3 +95,65 @@ def test_gradient_checkpointing_same_loss_and_gradients_less_kept():
     assert kept1 < 0.25 * kept0 and cache1 == []
     with torch.no_grad():  # generation is untouched: the cache is built as always
         assert len(ckpt.eval()(x[:, :3])[1]) == 2
+
+
+# -- the modern block, piece by piece ---------------------------------------------------------
+MODERN = [dict(positions="rotary"), dict(norm="rmsnorm"), dict(positions="rotary", qk_norm=True),
+          dict(mlp="relu2"), dict(mlp="swiglu"), dict(zero_init=True), dict(logit_softcap=15.0),
+          dict(positions="rotary", norm="rmsnorm", mlp="swiglu", qk_norm=True, tie_weights=False)]
+
+
+@pytest.mark.parametrize("opts", MODERN, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_each_modern_piece_is_causal_and_its_cache_matches_a_full_pass(opts):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY, **opts})).eval()
+    if opts.get("zero_init"):  # zero output projections: every block starts as the identity
+        assert all(float(b.attn.proj.weight.abs().max()) == 0 and float(b.mlp.down.weight.abs().max()) == 0
+                   for b in model.blocks)
+        for b in model.blocks:
+            torch.nn.init.normal_(b.attn.proj.weight, std=0.02)  # so the checks below see attention at work
+    x = torch.randint(0, 11, (2, 16))
+    full, _ = model(x)
+    y = x.clone()
+    y[:, 9] = (y[:, 9] + 1) % 11
+    assert torch.equal(model(y)[0][:, :9], full[:, :9])  # causal
+    logits, cache = model(x[:, :5])
+    parts = [logits]
+    for t in range(5, 16):
+        logits, cache = model(x[:, t:t + 1], cache)
+        parts.append(logits)
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    if opts.get("logit_softcap"):
+        assert float(full.abs().max()) < opts["logit_softcap"]
+
+
+def test_rotary_attention_depends_on_relative_positions_only():
+    """RoPE: the same two tokens at positions (i, j) and (i + s, j + s) score alike."""
+    from trainlab.chat.model import rotary_tables, rotate
+
+    cfg = GPTConfig(**{**TINY, "positions": "rotary", "context_len": 64})
+    cos, sin = rotary_tables(cfg)
+    q, k = torch.randn(1, 1, 1, cfg.head_dim), torch.randn(1, 1, 1, cfg.head_dim)
+
+    def score(i, j):
+        return float((rotate(q, cos[i][None, None, None], sin[i][None, None, None]) *
+                      rotate(k, cos[j][None, None, None], sin[j][None, None, None])).sum())
+
+    assert score(10, 3) == pytest.approx(score(40, 33), rel=1e-4)
+    assert score(10, 3) != pytest.approx(score(10, 5), rel=1e-3)
+
+
+def test_modern_options_are_checked_and_old_configs_build_the_classic_block():
+    with pytest.raises(ConfigError, match="--positions.*even head width"):
+        GPTConfig(**{**TINY, "d_model": 36, "nhead": 4, "positions": "rotary"})  # head width 9
+    for field, value in (("positions", "absolute"), ("norm", "batchnorm"), ("mlp", "relu"),
+                         ("logit_softcap", -1.0), ("rope_base", 0.0)):
+        with pytest.raises(ConfigError, match="--" + field.replace("_", "-")):
+            GPTConfig(**{**TINY, field: value})
+    classic = GPT(GPTConfig(**TINY))
+    names = set(classic.state_dict())
+    assert "pos.weight" in names and not any("gate" in n or "q_norm" in n for n in names)
+    from trainlab.config import build
+
+    old = {k: v for k, v in TINY.items()}  # a model_config.json from before the options
+    assert build(GPTConfig, old) == GPTConfig(**TINY)

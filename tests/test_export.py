@@ -36,7 +36,15 @@ def runs(tmp_path_factory):
               "--precision", "fp32"]
     assert chat_train(runs, corpus, "--run-name", "tied", *common) == 0
     assert chat_train(runs, corpus, "--run-name", "untied", "--no-tie-weights", "--bias", *common) == 0
+    modern = ["--positions", "rotary", "--norm", "rmsnorm", "--mlp", "swiglu", "--zero-init"]
+    assert chat_train(runs, corpus, "--run-name", "llama", *modern, "--no-tie-weights", *common) == 0
+    assert chat_train(runs, corpus, "--run-name", "qwen3", *modern, "--qk-norm", *common) == 0
+    assert chat_train(runs, corpus, "--run-name", "relu2", "--positions", "rotary", "--mlp", "relu2", *common) == 0
     return runs
+
+
+ARCHITECTURES = {"tied": "GPT2LMHeadModel", "untied": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
 
 
 def export(runs, run, out, *flags) -> int:
@@ -52,9 +60,11 @@ def trainlab_greedy(runs, checkpoint, capsys, n: int = 200) -> str:
     return out[len(PROMPT):-1]
 
 
-@pytest.mark.parametrize("run", ["tied", "untied"])
+@pytest.mark.parametrize("run", sorted(ARCHITECTURES))
 def test_transformers_loads_the_folder_with_the_same_logits_and_greedy_text(runs, tmp_path, capsys, run):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerFast, pipeline
+    """Each block: the classic one (tied, and untied with biases) as GPT-2, the modern one as
+    Llama and (with QK-norm) Qwen3."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, pipeline
 
     out = tmp_path / "hf"
     assert export(runs, run, out) == 0
@@ -62,10 +72,10 @@ def test_transformers_loads_the_folder_with_the_same_logits_and_greedy_text(runs
             "trainlab.json"} <= {p.name for p in out.iterdir()}
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
-    assert isinstance(hf, GPT2LMHeadModel) and isinstance(tok, PreTrainedTokenizerFast)
+    assert type(hf).__name__ == ARCHITECTURES[run] and isinstance(tok, PreTrainedTokenizerFast)
     cm = load_chat_model(resolve_checkpoint(runs, "chat", run), torch.device("cpu"))
     V = cm.vocab.size
-    assert hf.config.tie_word_embeddings == (run == "tied")
+    assert hf.config.tie_word_embeddings == cm.model.cfg.tie_weights
 
     # logits of a batch of texts from the corpus, within 1e-5 in fp32
     text = made_up_text()
@@ -208,3 +218,12 @@ def test_export_refuses_what_it_cannot_do_and_touches_nothing(runs, tmp_path, ca
     (not_export / "trainlab.json").write_text('{"format": "trainlab-hf"}')
     assert main(["chat", "generate", "--checkpoint", str(not_export), "--runs-dir", str(runs)]) == 2
     assert "export" in error_line()
+
+
+def test_a_block_with_no_exact_mapping_is_refused_for_hf_and_exported_as_safetensors(runs, tmp_path, capsys):
+    assert export(runs, "relu2", tmp_path / "hf") == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("trainlab: error: --format hf: the model's mlp (relu2)") and "--format safetensors" in line
+    assert not (tmp_path / "hf").exists()
+    assert export(runs, "relu2", tmp_path / "st", "--format", "safetensors") == 0
+    assert trainlab_greedy(runs, tmp_path / "st", capsys) == trainlab_greedy(runs, "relu2", capsys)

@@ -364,3 +364,36 @@ def test_bf16_weights_keep_a_stream_the_same_alone_and_among_others(long_context
             assert srv.server.engine.cache.k.dtype == srv.server.cm.model.tok.weight.dtype
         finally:
             srv.close()
+
+
+@pytest.mark.parametrize("opts", [dict(positions="rotary", norm="rmsnorm", mlp="swiglu", qk_norm=True),
+                                  dict(positions="rotary", mlp="relu2", logit_softcap=10.0)])
+def test_the_modern_block_decodes_in_the_server_as_its_plain_forward(opts):
+    """Prefill and decoding passes rotate each row by its own positions: what a row gets equals
+    the model's own forward over the whole text, and the same bits alone or beside others."""
+    from trainlab.chat.config import GPTConfig
+    from trainlab.chat.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(d_model=32, nhead=2, num_layers=2, context_len=64, dropout=0.0, vocab_size=20,
+                          **opts)).eval()
+    seq = torch.randint(0, 20, (50,)).tolist()
+    with torch.no_grad():
+        plain = model(torch.tensor([seq]))[0][0]  # (50, V)
+    results = []
+    for others in (False, True):
+        cache = SlotCache(model.cfg, 8, trimmed=True)
+        if others:
+            for r in (0, 2):
+                prefill_row(model, torch.randint(0, 20, (7 + r,)).tolist(), cache, r)
+        got = [prefill_row(model, seq[:30], cache, 1)]  # predicts position 30
+        decoding = [others and r in (0, 2) or r == 1 for r in range(8)]
+        for t in range(30, 49):  # seq[t] goes in at position t and predicts position t + 1
+            out = decode_rows(model, torch.tensor([seq[t]] * 8), cache, decoding)
+            for r in range(8):
+                if decoding[r]:
+                    cache.lengths[r] += 1
+            got.append(out[1])
+        results.append(torch.stack(got))
+    torch.testing.assert_close(results[0], plain[29:49], rtol=1e-4, atol=1e-5)
+    assert torch.equal(results[0], results[1])

@@ -17,6 +17,9 @@ MEMBER = "gpt"
 RESUMABLE_TASK_CHANGES = frozenset({"text", "eval_batches", "sample_tokens", "sample_temperature", "prompt_chars",
                                     "grad_checkpointing"})
 STOP_AT = ("none", "line", "sentence", "paragraph")
+POSITIONS = ("learned", "rotary")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "relu2", "swiglu")
 
 
 @dataclass
@@ -48,6 +51,19 @@ class GPTConfig:
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute each block's activations in the "
                                                                      "backward pass instead of keeping them: less "
                                                                      "memory for about a third more compute"})
+    # the modern block, piece by piece; the defaults are GPT-2's block, so a model config saved
+    # before these existed builds the same model
+    positions: str = field(default="learned", metadata={"help": "learned (an embedding per position, GPT-2) or "
+                                                                "rotary (RoPE on queries and keys; an even head "
+                                                                "width)"})
+    rope_base: float = field(default=10000.0, metadata={"help": "base of the rotary frequencies"})
+    norm: str = field(default="layernorm", metadata={"help": "layernorm or rmsnorm"})
+    qk_norm: bool = field(default=False, metadata={"help": "RMSNorm on each head's queries and keys"})
+    mlp: str = field(default="gelu", metadata={"help": "gelu (exact), relu2 (ReLU squared) or swiglu (SiLU-gated; "
+                                                       "--dim-feedforward is its hidden width)"})
+    zero_init: bool = field(default=False, metadata={"help": "start each block's output projections (attention "
+                                                             "and MLP) at zero"})
+    logit_softcap: float = field(default=0.0, metadata={"help": "logits squashed as c * tanh(logits / c); 0: off"})
     vocab_size: int = field(default=65, metadata={"cli": False})
 
     def __post_init__(self) -> None:
@@ -56,6 +72,18 @@ class GPTConfig:
         non_negative("dim_feedforward", self.dim_feedforward)
         check_heads(self.d_model, self.nhead)
         in_range("dropout", self.dropout, 0, 1, high_open=True)
+        one_of("positions", self.positions, POSITIONS)
+        one_of("norm", self.norm, NORMS)
+        one_of("mlp", self.mlp, MLPS)
+        positive("rope_base", self.rope_base)
+        non_negative("logit_softcap", self.logit_softcap)
+        if self.positions == "rotary" and (self.d_model // self.nhead) % 2:
+            raise ConfigError("positions", f"rotary positions need an even head width; d_model {self.d_model} / "
+                                           f"nhead {self.nhead} = {self.d_model // self.nhead}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.nhead
 
     @property
     def d_ff(self) -> int:

@@ -1,9 +1,13 @@
 """A trained chat model as a folder other tools read, and back: ``trainlab chat export``.
 
 ``hf`` (the default) is a Hugging Face folder that ``AutoModelForCausalLM`` and
-``AutoTokenizer`` load offline, with the same logits as trainlab's: the classic block is
+``AutoTokenizer`` load offline, with the same logits as trainlab's. The classic block is
 GPT-2's own architecture (pre-LayerNorm, learned positions, exact GELU, 1/sqrt(head) scaled
-attention, LayerNorm eps 1e-5), so ``GPT2LMHeadModel`` runs it exactly. What maps where:
+attention, LayerNorm eps 1e-5), so ``GPT2LMHeadModel`` runs it exactly; the modern block with
+rotary positions, RMSNorm and a SwiGLU MLP and no biases is ``LlamaForCausalLM`` (q/k/v
+split out of the fused projection, gate/up/down as they are), and with QK-norm
+``Qwen3ForCausalLM``. Any other combination (ReLU squared, a logit cap, ...) is refused in
+one line naming the option (``architecture``). What maps where, for GPT-2:
 
     trainlab                         GPT2LMHeadModel
     tok.weight (V, D)                transformer.wte.weight (V+1, D): the last row is <unk>
@@ -47,7 +51,7 @@ import torch
 from trainlab import __version__
 from trainlab.chat.config import MEMBER, GPTConfig
 from trainlab.chat.data import CharVocab
-from trainlab.chat.model import GPT
+from trainlab.chat.model import GPT, RMS_EPS
 from trainlab.chat.repl import ChatModel
 from trainlab.config import UsageError
 from trainlab.engine.errors import CheckpointError
@@ -58,8 +62,42 @@ UNK = "<unk>"
 
 
 # -- the mapping, as plain functions -----------------------------------------------------------
+def architecture(cfg: GPTConfig) -> str:
+    """The transformers architecture that computes exactly what ``GPT(cfg)`` does: gpt2 for the
+    classic block, llama for rotary + RMSNorm + SwiGLU without biases, qwen3 for that with
+    QK-norm; anything else is refused in one line naming the option that has no mapping."""
+    classic = cfg.positions == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu" and not cfg.qk_norm
+    if classic and not cfg.logit_softcap:
+        return "gpt2"
+    if cfg.positions == "rotary" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.bias \
+            and not cfg.logit_softcap:
+        return "qwen3" if cfg.qk_norm else "llama"
+    for name, bad, why in (("logit_softcap", bool(cfg.logit_softcap), "no transformers family caps logits so"),
+                           ("mlp", cfg.mlp == "relu2", "ReLU squared is in no transformers family"),
+                           ("positions", cfg.positions == "learned", "learned positions with the modern pieces"),
+                           ("norm", cfg.norm == "layernorm", "LayerNorm with rotary positions"),
+                           ("mlp", cfg.mlp != "swiglu", f"a {cfg.mlp} MLP with rotary positions"),
+                           ("bias", cfg.bias, "biases with the Llama block")):
+        if bad:
+            raise UsageError(f"--format hf: the model's {name} ({getattr(cfg, name)}) has no exact transformers "
+                             f"mapping ({why}); --format safetensors exports it for trainlab")
+    raise UsageError("--format hf: this block has no exact transformers mapping; use --format safetensors")
+
+
 def hf_config(cfg: GPTConfig) -> dict[str, Any]:
-    """``config.json`` of the GPT2LMHeadModel that computes what ``GPT(cfg)`` does."""
+    """``config.json`` of the transformers model that computes what ``GPT(cfg)`` does."""
+    arch = architecture(cfg)
+    if arch != "gpt2":
+        return {
+            "architectures": ["Qwen3ForCausalLM" if arch == "qwen3" else "LlamaForCausalLM"], "model_type": arch,
+            "vocab_size": cfg.vocab_size + 1, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.nhead, "num_key_value_heads": cfg.nhead,
+            "head_dim": cfg.head_dim, "max_position_embeddings": cfg.context_len, "hidden_act": "silu",
+            "rms_norm_eps": RMS_EPS, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
+            "rope_theta": cfg.rope_base, "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+            "tie_word_embeddings": bool(cfg.tie_weights), "use_cache": True, "use_sliding_window": False,
+            "bos_token_id": None, "eos_token_id": None, "pad_token_id": cfg.vocab_size, "torch_dtype": "float32",
+        }
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": cfg.vocab_size + 1,  # + <unk>
@@ -75,14 +113,35 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
     }
 
 
+def with_unk(w: torch.Tensor) -> torch.Tensor:
+    """(V, D) -> (V+1, D): the <unk> row zero."""
+    return torch.cat([w, w.new_zeros(1, w.shape[1])])
+
+
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """trainlab weights under GPT2LMHeadModel's names (fp32, contiguous, none shared)."""
+    """trainlab weights under the names of ``architecture(model.cfg)`` (fp32, contiguous, none shared)."""
     cfg = model.cfg
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     D = cfg.d_model
-
-    def with_unk(w: torch.Tensor) -> torch.Tensor:  # (V, D) -> (V+1, D), the <unk> row zero
-        return torch.cat([w, w.new_zeros(1, w.shape[1])])
+    if architecture(cfg) != "gpt2":
+        out = {"model.embed_tokens.weight": with_unk(sd["tok.weight"]), "model.norm.weight": sd["ln_f.weight"].clone()}
+        for i in range(cfg.num_layers):
+            p, h = f"blocks.{i}.", f"model.layers.{i}."
+            q, k, v = sd[p + "attn.qkv.weight"].split(D, dim=0)
+            out.update({h + "input_layernorm.weight": sd[p + "ln1.weight"].clone(),
+                        h + "post_attention_layernorm.weight": sd[p + "ln2.weight"].clone(),
+                        h + "self_attn.q_proj.weight": q.contiguous(), h + "self_attn.k_proj.weight": k.contiguous(),
+                        h + "self_attn.v_proj.weight": v.contiguous(),
+                        h + "self_attn.o_proj.weight": sd[p + "attn.proj.weight"].clone(),
+                        h + "mlp.gate_proj.weight": sd[p + "mlp.gate.weight"].clone(),
+                        h + "mlp.up_proj.weight": sd[p + "mlp.up.weight"].clone(),
+                        h + "mlp.down_proj.weight": sd[p + "mlp.down.weight"].clone()})
+            if cfg.qk_norm:
+                out[h + "self_attn.q_norm.weight"] = sd[p + "attn.q_norm.weight"].clone()
+                out[h + "self_attn.k_norm.weight"] = sd[p + "attn.k_norm.weight"].clone()
+        if not cfg.tie_weights:
+            out["lm_head.weight"] = with_unk(sd["head.weight"])
+        return out
 
     def bias(name: str, n: int) -> torch.Tensor:
         return sd[name].clone() if name in sd else torch.zeros(n)
@@ -108,8 +167,10 @@ def from_hf(config: dict[str, Any], sd: dict[str, torch.Tensor], bias: bool | No
     """The trainlab model of an exported GPT-2 folder (its config.json and weights). ``bias``:
     whether the model has biases (default: whether any bias is not zero; an export writes the
     biases a model lacks as zeros)."""
+    if config.get("model_type") in ("llama", "qwen3"):
+        return _from_llama(config, sd)
     if config.get("model_type") != "gpt2" or config.get("activation_function") != "gelu":
-        raise CheckpointError("not a trainlab export: config.json is not an exact-GELU GPT-2")
+        raise CheckpointError("not a trainlab export: config.json is not an exact-GELU GPT-2, a Llama or a Qwen3")
     n = int(config["n_embd"])
     has_bias = any(float(sd[k].abs().max()) != 0.0 for k in sd if k.endswith(".bias")) if bias is None else bias
     cfg = GPTConfig(d_model=n, nhead=int(config["n_head"]), num_layers=int(config["n_layer"]),
@@ -136,6 +197,36 @@ def from_hf(config: dict[str, Any], sd: dict[str, torch.Tensor], bias: bool | No
     ours["head.weight"] = ours["tok.weight"] if cfg.tie_weights else sd["lm_head.weight"][:-1]
     missing, unexpected = model.load_state_dict(ours, strict=False)
     if [k for k in missing if k != "head.weight"] or unexpected:
+        raise CheckpointError(f"exported weights do not fit the model: missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}")
+    return model
+
+
+def _from_llama(config: dict[str, Any], sd: dict[str, torch.Tensor]) -> GPT:
+    rope = config.get("rope_parameters") or {}
+    cfg = GPTConfig(d_model=int(config["hidden_size"]), nhead=int(config["num_attention_heads"]),
+                    num_layers=int(config["num_hidden_layers"]), dim_feedforward=int(config["intermediate_size"]),
+                    context_len=int(config["max_position_embeddings"]), dropout=0.0,
+                    tie_weights=bool(config.get("tie_word_embeddings", False)), bias=False, positions="rotary",
+                    rope_base=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))), norm="rmsnorm",
+                    qk_norm=config["model_type"] == "qwen3", mlp="swiglu", vocab_size=int(config["vocab_size"]) - 1)
+    model = GPT(cfg)
+    ours = {"tok.weight": sd["model.embed_tokens.weight"][:-1], "ln_f.weight": sd["model.norm.weight"]}
+    for i in range(cfg.num_layers):
+        p, h = f"blocks.{i}.", f"model.layers.{i}."
+        ours.update({p + "ln1.weight": sd[h + "input_layernorm.weight"],
+                     p + "ln2.weight": sd[h + "post_attention_layernorm.weight"],
+                     p + "attn.qkv.weight": torch.cat([sd[h + f"self_attn.{x}_proj.weight"] for x in "qkv"]),
+                     p + "attn.proj.weight": sd[h + "self_attn.o_proj.weight"],
+                     p + "mlp.gate.weight": sd[h + "mlp.gate_proj.weight"],
+                     p + "mlp.up.weight": sd[h + "mlp.up_proj.weight"],
+                     p + "mlp.down.weight": sd[h + "mlp.down_proj.weight"]})
+        if cfg.qk_norm:
+            ours[p + "attn.q_norm.weight"] = sd[h + "self_attn.q_norm.weight"]
+            ours[p + "attn.k_norm.weight"] = sd[h + "self_attn.k_norm.weight"]
+    ours["head.weight"] = ours["tok.weight"] if cfg.tie_weights else sd["lm_head.weight"][:-1]
+    missing, unexpected = model.load_state_dict(ours, strict=False)
+    if missing or unexpected:
         raise CheckpointError(f"exported weights do not fit the model: missing {missing[:3]}, unexpected "
                               f"{unexpected[:3]}")
     return model
@@ -175,14 +266,14 @@ def model_card(meta: dict[str, Any], cfg: GPTConfig, fmt: str) -> str:
              f"{'n/a' if loss is None else f'{float(loss):.4f}'} nats per character on the last "
              f"{meta.get('val_fraction', '?')} of the text (a contiguous span: no window of it was trained on).", "",
              "## The model", "",
-             f"- Block: trainlab's classic GPT-2 block (pre-LayerNorm, learned positions, exact GELU), "
+             f"- Block: {block_words(cfg)}, "
              f"{cfg.num_layers} layers of width {cfg.d_model}, {cfg.nhead} heads, MLP {cfg.d_ff}, context "
              f"{cfg.context_len} characters, {'tied' if cfg.tie_weights else 'untied'} output head"
              + (f"; {params:,} parameters" if params else "") + ".",
              "- Tokens: one per character of the training text, ids as in the run's `vocab.json`; `<unk>` "
              f"(id {cfg.vocab_size}) stands for any other character: it has zero weights and generation "
              "suppresses it.",
-             "- Exported as " + ("`GPT2LMHeadModel`: the logits equal trainlab's within 1e-5 in fp32."
+             "- Exported as " + (f"`{HF_CLASSES[architecture(cfg)]}`: the logits equal trainlab's within 1e-5 in fp32."
                                  if fmt == "hf" else "safetensors under trainlab's own names (no transformers)."),
              "", "## Trained with", "", "```bash", meta.get("command", "trainlab chat train ..."), "```", "",
              "## Use", ""]
@@ -200,6 +291,22 @@ def model_card(meta: dict[str, Any], cfg: GPTConfig, fmt: str) -> str:
               "characters of one text, invents freely, and repeats whatever that text holds (its biases "
               "included). It has no safety tuning.", ""]
     return "\n".join(header + lines)
+
+
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def block_words(cfg: GPTConfig) -> str:
+    if cfg.positions == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu" and not cfg.qk_norm:
+        return "trainlab's classic GPT-2 block (pre-LayerNorm, learned positions, exact GELU)"
+    parts = [f"{cfg.positions} positions", cfg.norm, f"a {cfg.mlp} MLP"]
+    if cfg.qk_norm:
+        parts.append("QK-norm")
+    if cfg.zero_init:
+        parts.append("zero-initialised output projections")
+    if cfg.logit_softcap:
+        parts.append(f"logits capped at {cfg.logit_softcap:g}")
+    return "trainlab's modern block (" + ", ".join(parts) + ")"
 
 
 def _meta_from(ckpt: Any) -> dict[str, Any]:
@@ -257,6 +364,8 @@ def export(ckpt: Any, out: str | Path, fmt: str = "hf", force: bool = False, run
         raise UsageError(f"--out: {out} is not empty; pass --force to replace it (nothing in it was touched)")
     cm = load_chat_model(ckpt, torch.device("cpu"))
     cfg = cm.model.cfg
+    if fmt == "hf":
+        architecture(cfg)  # a block with no exact mapping is refused before anything is written
     meta = {**_meta_from(ckpt), "run": run or ckpt.path.name,
             "parameters": sum(p.numel() for p in cm.model.parameters())}
     out.parent.mkdir(parents=True, exist_ok=True)

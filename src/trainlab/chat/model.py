@@ -1,5 +1,15 @@
-"""A GPT decoder for characters: pre-LayerNorm blocks, causal self-attention through
-``scaled_dot_product_attention``, a GELU MLP, learned positions, optional weight tying.
+"""A GPT decoder for characters: pre-norm blocks, causal self-attention through
+``scaled_dot_product_attention``, an MLP, optional weight tying.
+
+Two blocks, by model options. The classic one (the defaults) is GPT-2's: learned
+positions, LayerNorm, an exact-GELU MLP. The modern pieces, each its own option:
+``positions rotary`` (RoPE: each head's queries and keys rotated by their position, pairs
+(i, i + hd/2) as Llama writes it), ``norm rmsnorm``, ``qk_norm`` (RMSNorm on each head's
+queries and keys before the rotation, as Qwen3), ``mlp relu2`` or ``swiglu``,
+``zero_init`` (output projections start at zero), ``logit_softcap`` (c * tanh(logits / c)),
+and ``tie_weights false`` for an untied head. Rotary, RMSNorm, SwiGLU and no biases are
+Llama's block, and with QK-norm Qwen3's, so ``chat/export.py`` hands such a model to
+transformers with the same logits.
 
 Generation keeps a key/value cache per block, so each new character costs one
 position's worth of compute instead of a whole window's.
@@ -22,6 +32,32 @@ from torch.utils.checkpoint import checkpoint
 from trainlab.chat.config import GPTConfig
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per block: keys and values, (B, H, T, hd) each
+RMS_EPS = 1e-6  # RMSNorm's epsilon (Llama's and Qwen3's default, which the export writes)
+
+
+def make_norm(cfg: GPTConfig, width: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(width, eps=RMS_EPS)
+    return nn.LayerNorm(width, bias=cfg.bias)
+
+
+def rotary_tables(cfg: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's angles, (context, hd): frequency base ** (-2i / hd) for
+    the pair (i, i + hd/2), each repeated for both halves."""
+    hd = cfg.head_dim
+    # in float32 and in this order, as transformers' Llama and Qwen3 compute them, so that an
+    # exported model rotates by the very same numbers
+    inv = 1.0 / (cfg.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))  # (hd/2,)
+    angles = torch.arange(cfg.context_len, dtype=torch.float)[:, None] * inv  # (ctx, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (ctx, hd)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, H, T, hd) rotated by its positions' ``cos``/``sin`` (B or 1, 1, T, hd)."""
+    half = x.shape[-1] // 2
+    turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # (B, H, T, hd)
+    return x * cos.to(x.dtype) + turned * sin.to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -30,14 +66,31 @@ class CausalSelfAttention(nn.Module):
         self.nhead = cfg.nhead
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=RMS_EPS)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=RMS_EPS)
+        self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def heads(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor] | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of ``x`` (B, T, D), (B, H, T, hd) each, normed and rotated
+        as the block says (``rot``: cos and sin of their positions, or None)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)  # (B, T, D) each
         q, k, v = (t.view(B, T, self.nhead, D // self.nhead).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rot is not None:
+            q, k = rotate(q, *rot), rotate(k, *rot)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                rot: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        B, T, D = x.shape
+        q, k, v = self.heads(x, rot)
         if cache is not None:
             k = torch.cat([cache[0], k], dim=2)  # (B, H, P+T, hd)
             v = torch.cat([cache[1], v], dim=2)
@@ -56,25 +109,35 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
+        self.kind = cfg.mlp
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        if cfg.mlp == "swiglu":
+            self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.down(F.gelu(self.up(x))))
+        if self.kind == "swiglu":
+            h = F.silu(self.gate(x)) * self.up(x)
+        elif self.kind == "relu2":
+            h = F.relu(self.up(x)).square()
+        else:
+            h = F.gelu(self.up(x))
+        return self.drop(self.down(h))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln1 = make_norm(cfg, cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln2 = make_norm(cfg, cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None
+    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                rot: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        a, kv = self.attn(self.ln1(x), cache)
+        a, kv = self.attn(self.ln1(x), cache, rot)
         x = x + a
         x = x + self.mlp(self.ln2(x))
         return x, kv
@@ -85,19 +148,27 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos = nn.Embedding(cfg.context_len, cfg.d_model)
+        if cfg.positions == "learned":
+            self.pos = nn.Embedding(cfg.context_len, cfg.d_model)
+        else:  # not saved: made from the config
+            cos, sin = rotary_tables(cfg)
+            self.register_buffer("rot_cos", cos, persistent=False)
+            self.register_buffer("rot_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_f = make_norm(cfg, cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.head.weight = self.tok.weight
         self.apply(self._init)
         # residual projections start smaller, so the residual stream's variance does
-        # not grow with depth (GPT-2's scheme)
+        # not grow with depth (GPT-2's scheme), or at zero (--zero-init)
         for name, p in self.named_parameters():
             if name.endswith(("attn.proj.weight", "mlp.down.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.num_layers))
+                if cfg.zero_init:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.num_layers))
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -105,6 +176,20 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
+
+    def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+        """Tokens ``idx`` (B, T) at ``positions`` (B or 1, T): the residual stream's start
+        (B, T, D), and the rotation of each position (cos, sin (B or 1, 1, T, hd)) or None."""
+        x = self.tok(idx)  # (B, T, D)
+        if self.cfg.positions == "learned":
+            return x + self.pos(positions), None
+        return x, (self.rot_cos[positions][:, None], self.rot_sin[positions][:, None])
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm and head on the residual stream (B, T, D) -> (B, T, V)."""
+        out = self.head(self.ln_f(x))
+        c = self.cfg.logit_softcap
+        return c * torch.tanh(out / c) if c else out
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         """Logits for every position of ``idx`` (B, T); with ``cache``, ``idx`` continues
@@ -114,23 +199,24 @@ class GPT(nn.Module):
         start = 0 if not cache else cache[0][0].shape[2]
         if start + T > self.cfg.context_len:
             raise ValueError(f"{start + T} positions exceed the context length {self.cfg.context_len}")
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.drop(self.tok(idx) + self.pos(pos))  # (B, T, D)
+        pos = torch.arange(start, start + T, device=idx.device)[None]  # (1, T)
+        x, rot = self.embed(idx, pos)
+        x = self.drop(x)  # (B, T, D)
         new_cache: KVCache = []
         if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled() and not cache:
             # no cache is built here: keeping every block's keys and values would hold on to
             # much of the memory checkpointing saves, and training never reads them
             for block in self.blocks:
-                x = checkpoint(_block_output, block, x, use_reentrant=False)
+                x = checkpoint(_block_output, block, x, rot, use_reentrant=False)
         else:
             for i, block in enumerate(self.blocks):
-                x, kv = block(x, cache[i] if cache else None)
+                x, kv = block(x, cache[i] if cache else None, rot)
                 new_cache.append(kv)
-        return self.head(self.ln_f(x)), new_cache  # (B, T, V)
+        return self.logits(x), new_cache  # (B, T, V)
 
 
-def _block_output(block: Block, x: torch.Tensor) -> torch.Tensor:
-    return block(x)[0]
+def _block_output(block: Block, x: torch.Tensor, rot) -> torch.Tensor:
+    return block(x, None, rot)[0]
 
 
 # -- decoding many sequences at once (trainlab chat serve) -------------------------------------
@@ -189,20 +275,20 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     return torch.softmax(att.masked_fill(~mask, float("-inf")), dim=-1) @ v  # (B, H, T, hd)
 
 
-def _serve_forward(model: GPT, x: torch.Tensor, store, mask: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, T, D), embedded, through every block, as ``GPT.forward`` does; ``store(i, k, v)``
-    keeps block i's new keys and values (B, H, T, hd) and returns all that its queries attend
-    to. Returns the logits (B, T, V)."""
+def _serve_forward(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, store, mask: torch.Tensor
+                   ) -> torch.Tensor:
+    """``tokens`` (B, T) at ``positions`` (B, T) through every block, as ``GPT.forward`` does;
+    ``store(i, k, v)`` keeps block i's new keys and values (B, H, T, hd) and returns all that
+    its queries attend to. Returns the logits (B, T, V)."""
+    x, rot = model.embed(tokens, positions)  # (B, T, D)
     B, T, D = x.shape
-    H = model.cfg.nhead
     for i, block in enumerate(model.blocks):
-        q, k, v = block.attn.qkv(block.ln1(x)).split(D, dim=2)  # (B, T, D) each
-        q, k, v = (t.view(B, T, H, D // H).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        q, k, v = block.attn.heads(block.ln1(x), rot)  # (B, H, T, hd) each
         keys, values = store(i, k, v)
         y = _attend(q, keys, values, mask).transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         x = x + block.attn.proj(y)
         x = x + block.mlp(block.ln2(x))
-    return model.head(model.ln_f(x))
+    return model.logits(x)
 
 
 PREFILL_CHUNK = 256  # most prompt positions in one pass (see prefill_row)
@@ -240,7 +326,6 @@ def prefill_row(model: GPT, tokens: list[int], cache: SlotCache, row: int) -> to
         keys = torch.arange(span, device=device)
         chunk = tokens[start:start + real] + [0] * (C - real)  # the padding is computed and never used
         pos = torch.arange(start, start + C, device=device).clamp(max=ctx - 1)  # (C,)
-        x = model.tok(torch.tensor([chunk], device=device)) + model.pos(pos)  # (1, C, D)
 
         def store(i, k, v, start=start, real=real, span=span):
             cache.k[i, row, :, start:start + real] = k[0, :, :real]
@@ -248,7 +333,7 @@ def prefill_row(model: GPT, tokens: list[int], cache: SlotCache, row: int) -> to
             return cache.k[i, row:row + 1, :, :span], cache.v[i, row:row + 1, :, :span]  # (1, H, span, hd)
 
         seen = keys[None, :] <= torch.arange(start, start + C, device=device)[:, None]  # (C, span): causal
-        logits = _serve_forward(model, x, store, seen)[0, real - 1]
+        logits = _serve_forward(model, torch.tensor([chunk], device=device), pos[None], store, seen)[0, real - 1]
     cache.lengths[row] = T
     return logits
 
@@ -276,7 +361,6 @@ def decode_rows(model: GPT, tokens: torch.Tensor, cache: SlotCache, decoding: li
     R, span = cache.shape_for(max(used, default=0) + 1, max((cache.lengths[r] + 1 for r in used), default=1))
     pos = torch.tensor([cache.lengths[r] if decoding[r] else 0 for r in range(R)], device=device)  # (R,)
     rows = torch.tensor(used, device=device, dtype=torch.long)  # (U,)
-    x = model.tok(tokens[:R, None]) + model.pos(pos)[:, None]  # (R, 1, D)
 
     def store(i, k, v):
         cache.k[i, rows, :, pos[rows]] = k[rows, :, 0]  # each decoding row's new key at its own position
@@ -284,7 +368,7 @@ def decode_rows(model: GPT, tokens: torch.Tensor, cache: SlotCache, decoding: li
         return cache.k[i, :R, :, :span], cache.v[i, :R, :, :span]  # (R, H, span, hd)
 
     seen = (torch.arange(span, device=device)[None, :] <= pos[:, None])[:, None, None, :]  # (R, 1, 1, span)
-    return _serve_forward(model, x, store, seen)[:, 0]  # (R, V)
+    return _serve_forward(model, tokens[:R, None], pos[:, None], store, seen)[:, 0]  # (R, V)
 
 
 @dataclass
