@@ -29,12 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from common import print_machine, seconds_per_step  # noqa: E402
+from common import fitted_seconds_per_step, print_machine, span_loss  # noqa: E402
 
-from trainlab.chat.data import TextCorpus  # noqa: E402
 from trainlab.chat.sampling import SamplingConfig, generate  # noqa: E402
 from trainlab.chat.task import make_chat_task  # noqa: E402
 from trainlab import runs  # noqa: E402
@@ -45,22 +42,6 @@ from trainlab.engine.loop import train  # noqa: E402
 from trainlab.engine.tracking import new_run  # noqa: E402
 
 NANOGPT_VAL_LOSS = 1.88  # nanoGPT README, shakespeare_char on CPU, 2000 iterations
-
-
-@torch.no_grad()
-def span_loss(model, corpus: TextCorpus, split: str, ctx: int, most: int | None = None) -> float:
-    """Mean loss over every non-overlapping window of a span (the first ``most`` of them):
-    the precise figure that a few sampled batches (nanoGPT's estimate, --eval-batches)
-    approximate."""
-    data = corpus.val if split == "val" else corpus.train
-    starts = np.arange(0, len(data) - ctx, ctx)[:most]
-    model.eval()
-    total = 0.0
-    for i in range(0, len(starts), 256):
-        b = corpus.windows(split, starts[i:i + 256], ctx)
-        logits, _ = model(b["x"])
-        total += float(F.cross_entropy(logits.flatten(0, 1), b["y"].flatten(), reduction="sum"))
-    return total / (len(starts) * ctx)
 
 
 def main() -> None:
@@ -80,12 +61,14 @@ def main() -> None:
     cfgs = {name: build(cls, values) for name, cls in runs.chat_sections()}
     task = make_chat_task(cfgs)
     if known.minutes:
-        sps = seconds_per_step(task, cfgs["train"])
+        # timed after warm-up steps, in the precision --precision auto will pick (its first
+        # steps time the candidates, and bf16's first steps are slow on some CPUs)
+        sps, precision = fitted_seconds_per_step(task, cfgs["train"])
         steps = max(10, int(known.minutes * 60 / sps))
         every = max(1, steps // known.evals)
         cfgs["train"] = replace(cfgs["train"], max_steps=steps, lr_decay_steps=steps, eval_every=every,
                                 sample_every=every, save_every=steps)
-        print(f"{sps:.2f} s/step -> {steps} steps in {known.minutes} min")
+        print(f"{sps:.3f} s/step ({precision}) -> {steps} steps in {known.minutes} min")
         task = make_chat_task(cfgs)  # with the train settings it will run under
     corpus = task.corpus
     config = {name: asdict(c) for name, c in cfgs.items()}

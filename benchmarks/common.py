@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from trainlab.engine.precision import cpu_summary
 
@@ -33,6 +35,22 @@ def tb_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
     acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def fitted_seconds_per_step(task, cfg, n: int = 10, warmup: int = 5) -> tuple[float, str]:
+    """(seconds a step, precision) as the run will train: timed after ``warmup`` steps, in the
+    precision ``--precision auto`` picks (each candidate timed, the same rule), else the one set."""
+    from dataclasses import replace
+
+    from trainlab.engine.device import resolve_device
+    from trainlab.engine.precision import pick_precision, precision_candidates
+
+    candidates = precision_candidates(cfg.precision, resolve_device(cfg.device))
+    if len(candidates) == 1:
+        return seconds_per_step(task, replace(cfg, precision=candidates[0]), n, warmup), candidates[0]
+    timings = {p: seconds_per_step(task, replace(cfg, precision=p), n, warmup) for p in candidates}
+    choice = pick_precision(timings)
+    return timings[choice], f"auto -> {choice} ({', '.join(f'{p} {t:.3f} s' for p, t in timings.items())})"
 
 
 def seconds_per_step(task, cfg, n: int = 12, warmup: int = 3) -> float:
@@ -83,3 +101,19 @@ def decoding_floor(model) -> str:
     return (f"floor: {weights / 1e6:.1f} MB of weights over {bw / 1e9:.1f} GB/s measured read bandwidth = "
             f"{1000 * per_pass:.2f} ms a pass ({1 / per_pass:,.0f} characters/s); fp32 matmul rate "
             f"{matmul_rate() / 1e9:.0f} GFLOP/s")
+
+
+@torch.no_grad()
+def span_loss(model, corpus, split: str, ctx: int, most: int | None = None) -> float:
+    """Mean loss over every non-overlapping window of a span (the first ``most`` of them):
+    the precise figure that a few sampled batches (nanoGPT's estimate, --eval-batches)
+    approximate."""
+    data = corpus.val if split == "val" else corpus.train
+    starts = np.arange(0, len(data) - ctx, ctx)[:most]
+    model.eval()
+    total = 0.0
+    for i in range(0, len(starts), 256):
+        b = corpus.windows(split, starts[i:i + 256], ctx)
+        logits, _ = model(b["x"])
+        total += float(F.cross_entropy(logits.flatten(0, 1), b["y"].flatten(), reduction="sum"))
+    return total / (len(starts) * ctx)

@@ -151,3 +151,21 @@ def test_a_failing_run_is_marked_failed_keeps_its_curves_and_frees_its_lock(runs
     assert json.loads((run.dir / "run.json").read_text())["status"] == "failed"
     assert [s for s, _ in tb_scalars(run.dir / "simple", "train/loss")] == [1, 2, 3]
     assert not run.in_use()
+
+
+def test_the_wsd_schedule_warms_up_holds_and_decays_linearly_at_the_end():
+    from trainlab.engine.loop import TrainConfig, lr_lambda
+
+    cfg = TrainConfig(max_steps=110, warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.1)
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert all(f(s) == 1.0 for s in range(10, 91))  # stable through 80% of the steps after warmup
+    assert f(100) == pytest.approx(0.1 + 0.9 * 0.5) and f(110) == pytest.approx(0.1)
+    assert f(95) > f(100) > f(105)
+    cosine = lr_lambda(TrainConfig(max_steps=110, warmup_steps=10, min_lr_ratio=0.1))
+    assert cosine(60) == pytest.approx(0.55) and cosine(30) < 1.0  # the cosine starts down at once
+    from trainlab.config import ConfigError
+
+    for bad in (dict(schedule="linear"), dict(decay_fraction=0.0), dict(decay_fraction=1.5)):
+        with pytest.raises(ConfigError):
+            TrainConfig(max_steps=10, **bad)

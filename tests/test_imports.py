@@ -199,3 +199,23 @@ def test_help_and_usage_errors_answer_without_loading_torch():
         assert code == rc, (argv, out)
         assert says in out, (argv, out)
         assert "torch" not in loaded, f"{argv} loaded torch"
+
+
+def test_every_import_of_a_trainlab_name_resolves():
+    """Function-local imports run only when their function does: a name moved to another
+    module (make_member, once, inside seconds_per_step) would fail only in that call."""
+    import importlib
+
+    root = SRC.parent
+    missing = []
+    for path in sorted([*SRC.rglob("*.py"), *(root / "benchmarks").glob("*.py"), *(root / "tests").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("trainlab"):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    if not hasattr(module, alias.name):
+                        try:
+                            importlib.import_module(f"{node.module}.{alias.name}")
+                        except ImportError:
+                            missing.append(f"{path.relative_to(root)}:{node.lineno}: {node.module}.{alias.name}")
+    assert not missing, missing

@@ -327,7 +327,7 @@ def seconds_per_step(task: Task, cfg: TrainConfig, device: torch.device | None =
     step (``member_step``) on freshly built models: what fits a step count to a time budget
     (``trainlab tune --budget-minutes``, the benchmarks' ``--minutes``). The task's state and
     the RNG are left as they were."""
-    from trainlab.engine.state import make_member
+    from trainlab.engine.member import make_member
 
     device = device or torch.device("cpu")
     rng, task_state = torch.get_rng_state(), task.state_dict()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from trainlab.config import ConfigError, check_seed, in_range, non_negative, one_of, positive
 
 SPIKE_ACTIONS = ("log", "skip", "rollback")
+SCHEDULES = ("cosine", "wsd")
 # defined here, not beside the optimizers and precisions they name, so that the flags (and
 # so `--help`) need no PyTorch: optim.py and precision.py import them from here
 OPTIMIZERS = ("adamw", "muon")
@@ -22,10 +23,15 @@ class TrainConfig:
     max_steps: int | None = field(default=None, metadata={"help": "optimizer updates to run; none: until Ctrl+C"})
     batch_size: int = field(default=128, metadata={"help": "examples per optimizer update"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "final LR of the cosine decay, as a fraction of --lr"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final LR of the decay, as a fraction of --lr"})
+    schedule: str = field(default="cosine", metadata={"help": "cosine (warmup, then a half cosine down to the final "
+                                                              "LR) or wsd (warmup, stable at --lr, then a linear "
+                                                              "decay over the last --decay-fraction of the steps)"})
+    decay_fraction: float = field(default=0.2, metadata={"help": "share of the steps after warmup that wsd spends "
+                                                                 "decaying"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
     lr_decay_steps: int | None = field(
-        default=None, metadata={"help": "end of the cosine decay; default --max-steps (constant LR if neither)"}
+        default=None, metadata={"help": "end of the decay; default --max-steps (constant LR if neither)"}
     )
     weight_decay: float = field(default=0.01, metadata={"help": "decoupled weight decay on matrices (either optimizer)"})
     optimizer: str = field(default="adamw", metadata={"help": "adamw|muon (muon: orthogonalised momentum for the hidden "
@@ -84,6 +90,8 @@ class TrainConfig:
             positive(name, getattr(self, name))
         positive("keep_checkpoints", self.keep_checkpoints)
         check_seed("seed", self.seed)
+        one_of("schedule", self.schedule, SCHEDULES)
+        in_range("decay_fraction", self.decay_fraction, 0, 1, low_open=True)
         for name in ("warmup_steps", "weight_decay", "grad_clip", "sample_every", "plateau_patience",
                      "plateau_min_lr"):
             non_negative(name, getattr(self, name))
@@ -116,7 +124,9 @@ RESUMABLE_CHANGES = frozenset({"max_steps", "lr_decay_steps", "eval_every", "sav
 
 
 def lr_lambda(cfg: TrainConfig):
-    """Linear warmup to 1, then cosine down to ``min_lr_ratio`` at ``lr_decay_steps``."""
+    """Linear warmup to 1, then down to ``min_lr_ratio`` at ``lr_decay_steps``: along a half
+    cosine, or (``wsd``: warmup-stable-decay) flat at 1 and then linearly over the last
+    ``decay_fraction`` of the steps after warmup, which keeps the LR high longest."""
     horizon = cfg.lr_decay_steps or cfg.max_steps
 
     def f(step: int) -> float:
@@ -125,6 +135,10 @@ def lr_lambda(cfg: TrainConfig):
         if horizon is None:
             return 1.0
         t = min(1.0, (step - cfg.warmup_steps) / max(1, horizon - cfg.warmup_steps))
+        if cfg.schedule == "wsd":
+            start = 1.0 - cfg.decay_fraction
+            frac = 1.0 if t <= start else 1.0 - (t - start) / cfg.decay_fraction
+            return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * frac
         return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
     return f
