@@ -55,7 +55,7 @@ VARIANTS = {
 
 def run_one(base: str, variant: str, seed: int, minutes: float, runs_dir: str, text: str) -> dict:
     flags = {"text": text, "runs_dir": runs_dir, "tag": "benchmark", "progress": False, "device": "cpu",
-             "precision": "fp32", "seed": seed, "sample_every": 0, "run_name": f"{variant}-s{seed}-{int(time.time())}",
+             "precision": "fp32", "seed": seed, "sample_every": 0, "run_name": f"{variant.replace('+', '-')}-s{seed}-{int(time.time())}",
              **VARIANTS[variant]}
     values = runs.settings("chat", base, flags=flags)
     cfgs, task = runs.checked_task("chat", values)

@@ -85,6 +85,27 @@ def test_resume_after_an_interrupt_equals_an_unbroken_run(runs_dir, corpus, monk
         assert straight == resumed, tag
 
 
+def test_the_modern_block_resumes_as_if_unbroken_and_keeps_its_block(runs_dir, corpus, monkeypatch, capsys):
+    flags = ["--max-steps", "8", "--eval-every", "4", "--save-every", "3", "--positions", "rotary", "--norm", "rmsnorm",
+             "--mlp", "swiglu", "--qk-norm", "--zero-init", "--schedule", "wsd", "--precision", "fp32"]
+    assert chat_train(runs_dir, corpus, "--run-name", "m-straight", *flags) == 0
+    monkeypatch.setenv(faults.ENV, "interrupt=5")
+    assert chat_train(runs_dir, corpus, "--run-name", "m-broken", *flags) == 130
+    monkeypatch.delenv(faults.ENV)
+    capsys.readouterr()
+    assert chat_resume(runs_dir, "m-broken", "--positions", "learned", "--mlp", "gelu") == 0
+    err = capsys.readouterr().err
+    assert "--positions learned ignored: run m-broken was made with 'rotary'" in err and "--mlp gelu ignored" in err
+    a, b = newest(runs_dir, "m-straight"), newest(runs_dir, "m-broken")
+    assert a.step == b.step == 8 and b.json("gpt/model_config.json")["positions"] == "rotary"
+    assert_same_tensors(a.tensors("gpt/model.pt"), b.tensors("gpt/model.pt"), "weights")
+    # it generates past its context, the window sliding (rotary positions restart with it)
+    capsys.readouterr()
+    assert main(["chat", "generate", "--checkpoint", "m-broken", "--runs-dir", str(runs_dir), "--max-new-tokens",
+                 "100", "--temperature", "0.8", "--seed", "1", "--device", "cpu"]) == 0
+    assert len(capsys.readouterr().out) > 90  # the tiny preset's context is 32
+
+
 def test_samples_reach_tensorboard_as_text(runs_dir, corpus):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
