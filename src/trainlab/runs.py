@@ -51,7 +51,6 @@ from trainlab.multiply.config import (
 Echo = Callable[[str], None]
 
 
-
 def warn(line: str) -> None:
     sys.stderr.write(line + "\n")
 
@@ -421,7 +420,6 @@ def run_to_end(command: str | TaskKind, values: dict[str, Any], name: str, extra
     """The run ``name`` trained to its ``max_steps``: made if it does not exist, resumed if it
     stopped early, left alone if it is done. Returns (the run, its summary or None when there
     was nothing to do). What ``multiply compare`` builds its seeds with."""
-    from trainlab.engine.loop import train as engine_train
     from trainlab.engine.tracking import Run
 
     kind = task_kind(command)
@@ -434,4 +432,4 @@ def run_to_end(command: str | TaskKind, values: dict[str, Any], name: str, extra
             return Run(name, kind.task_name, root), None
         resume = name
     p = prepare(kind, values, resume, extra=extra, echo=echo)
-    return p.run, engine_train(p.task, p.train, p.run, p.config, resume=p.ckpt, restart=p.restart, echo=echo)
+    return p.run, _train_prepared(p, echo)
