@@ -117,3 +117,16 @@ def span_loss(model, corpus, split: str, ctx: int, most: int | None = None) -> f
         logits, _ = model(b["x"])
         total += float(F.cross_entropy(logits.flatten(0, 1), b["y"].flatten(), reduction="sum"))
     return total / (len(starts) * ctx)
+
+
+def untrained_14m(runs_dir: str, text) -> str:
+    """A chatgot-14m run trained for one step in ``runs_dir`` (its id): decoding speed does not
+    depend on what the weights have learned, so the benchmarks of decoding serve it."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "trainlab", "chat", "train", "--text", str(text), "--runs-dir", runs_dir,
+                    "--preset", "chatgot-14m", "--max-steps", "1", "--run-name", "bench", "--no-progress",
+                    "--eval-every", "1000", "--sample-every", "0", "--precision", "fp32", "--batch-size", "4"],
+                   check=True, capture_output=True)
+    return "bench"

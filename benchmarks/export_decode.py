@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import decoding_floor, print_machine
+from common import decoding_floor, print_machine, untrained_14m
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "KING RICHARD III:\nNow is the winter of our discontent\n"
@@ -49,11 +47,7 @@ def main() -> None:
     print_machine()
     runs = args.runs_dir or tempfile.mkdtemp(prefix="export-bench-")
     if args.checkpoint is None:
-        subprocess.run([sys.executable, "-m", "trainlab", "chat", "train", "--text", str(args.text), "--runs-dir", runs,
-                        "--preset", "chatgot-14m", "--max-steps", "1", "--run-name", "bench", "--no-progress",
-                        "--eval-every", "1000", "--sample-every", "0", "--precision", "fp32", "--batch-size", "4"],
-                       check=True, capture_output=True)
-        args.checkpoint = "bench"
+        args.checkpoint = untrained_14m(runs, args.text)
     ckpt = resolve_checkpoint(runs, "chat", args.checkpoint)
     folder = Path(tempfile.mkdtemp(prefix="export-bench-hf-")) / "model"
     export(ckpt, folder)

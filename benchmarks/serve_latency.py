@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import decoding_floor, print_machine
+from common import decoding_floor, print_machine, untrained_14m
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = ("KING RICHARD III:\nNow is the winter of our discontent\nMade glorious summer by this sun of York;\n"
@@ -138,11 +138,7 @@ def main() -> None:
     print_machine()
     runs = args.runs_dir or tempfile.mkdtemp(prefix="serve-bench-")
     if args.checkpoint is None:
-        subprocess.run([sys.executable, "-m", "trainlab", "chat", "train", "--text", str(args.text), "--runs-dir", runs,
-                        "--preset", "chatgot-14m", "--max-steps", "1", "--run-name", "bench", "--no-progress",
-                        "--eval-every", "1000", "--sample-every", "0", "--precision", "fp32", "--batch-size", "4"],
-                       check=True, capture_output=True)
-        args.checkpoint = "bench"
+        args.checkpoint = untrained_14m(runs, args.text)
     MODEL = Path(args.checkpoint).name
     url = f"http://127.0.0.1:{args.port}"
     results = {}
