@@ -154,16 +154,12 @@ def settings(command: str | TaskKind, preset: str | None = None, config_file: st
     classes = [cls for _, cls in kind.sections()]
     values: dict[str, Any] = {}
     name = preset or (DEFAULT_PRESETS.get(kind.command) if default_preset else None)
-    if name:
-        values.update(checked_keys(load_preset(kind.command, name), classes, f"preset {name}"))
-    if config_file:
-        values.update(checked_keys(load_yaml(config_file), classes, str(config_file)))
+    for source, layer in ((f"preset {name}", load_preset(kind.command, name) if name else None),
+                          (str(config_file), load_yaml(config_file) if config_file else None)):
+        if layer is not None:
+            check_known_keys(layer, classes, source)
+            values.update(layer)
     values.update(flags or {})
-    return values
-
-
-def checked_keys(values: dict[str, Any], classes: list[type], source: str) -> dict[str, Any]:
-    check_known_keys(values, classes, source)
     return values
 
 

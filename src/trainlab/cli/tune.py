@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from trainlab.cli.common import EXIT_FAILED, Parser, settings_from, train_flags
 from trainlab.config import ConfigError, UsageError
-from trainlab.runs import chat_sections, checked_task, multiply_sections, task_kind
+from trainlab.runs import chat_sections, checked_task, known_settings, multiply_sections, task_kind
 
 TUNE_KEYS = ("space", "trials", "budget_steps", "budget_minutes", "study", "storage", "pruner", "objective", "workers",
              "worker_index", "argv")
@@ -57,9 +56,8 @@ def plan_from(args: argparse.Namespace):
 
     kind = task_kind(args.command)
     sections = kind.sections()
-    known = {f.name for _, cls in sections for f in dataclasses.fields(cls)}
     values = settings_from(args, args.command)
-    base = {k: v for k, v in values.items() if k in known}
+    base = known_settings(args.command, values)
     if args.trials < 1:
         raise ConfigError("trials", f"must be at least 1, got {args.trials}")
     if args.workers < 1:
