@@ -38,19 +38,11 @@ def tb_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
 
 
 def fitted_seconds_per_step(task, cfg, n: int = 10, warmup: int = 5) -> tuple[float, str]:
-    """(seconds a step, precision) as the run will train: timed after ``warmup`` steps, in the
-    precision ``--precision auto`` picks (each candidate timed, the same rule), else the one set."""
-    from dataclasses import replace
+    """(seconds a step, precision) as the run will train, on the CPU: the engine's own fitting
+    (``trainlab tune --budget-minutes`` uses the same)."""
+    from trainlab.engine.step import fitted_seconds_per_step as engine_fitted
 
-    from trainlab.engine.device import resolve_device
-    from trainlab.engine.precision import pick_precision, precision_candidates
-
-    candidates = precision_candidates(cfg.precision, resolve_device(cfg.device))
-    if len(candidates) == 1:
-        return seconds_per_step(task, replace(cfg, precision=candidates[0]), n, warmup), candidates[0]
-    timings = {p: seconds_per_step(task, replace(cfg, precision=p), n, warmup) for p in candidates}
-    choice = pick_precision(timings)
-    return timings[choice], f"auto -> {choice} ({', '.join(f'{p} {t:.3f} s' for p, t in timings.items())})"
+    return engine_fitted(task, cfg, None, n, warmup)
 
 
 def seconds_per_step(task, cfg, n: int = 12, warmup: int = 3) -> float:

@@ -14,7 +14,7 @@ import torch
 
 from trainlab.cli import main
 from trainlab.engine import faults
-from trainlab.stats import mcnemar_exact, over_seeds, paired, verdict, wilson_interval
+from trainlab.stats import agresti_min, mcnemar_exact, min_problems, over_seeds, paired, verdict, wilson_interval
 
 TINY = ["--min-digits", "1", "--max-digits", "1", "--d-model", "32", "--num-layers", "1", "--num-latent", "2",
         "--batch-size", "16", "--max-steps", "6", "--eval-every", "3", "--eval-samples", "20", "--save-every", "3",
@@ -26,6 +26,7 @@ def test_wilson_and_mcnemar_on_known_cases():
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)  # textbook value
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
     assert wilson_interval(0, 0) == (0.0, 1.0)
+    assert wilson_interval(3, 40) == pytest.approx((0.02582, 0.19861), abs=1e-4)  # Newcombe (1998), case 2
     # exact McNemar: all 10 discordant pairs one way: 2 * 0.5**10
     assert mcnemar_exact(0, 10) == pytest.approx(2 * 0.5**10)
     assert mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(0, 0) == 1.0
@@ -38,19 +39,65 @@ def test_paired_difference_counts_only_the_disagreements():
     p = paired(a, b)
     assert (p.n, p.b, p.c) == (8, 1, 2) and p.diff == pytest.approx(1 / 8)
     assert p.first == pytest.approx(5 / 8) and p.second == pytest.approx(6 / 8)
-    assert p.ci[0] < p.diff < p.ci[1] and p.p == mcnemar_exact(1, 2)
+    assert p.p == mcnemar_exact(1, 2)
+    # Agresti-Min: 1/2 added to each cell, so b 1.5, c 2.5 of 10: 0.1 +- 1.96 * sqrt(3.9) / 10
+    half = 1.96 * math.sqrt(3.9) / 10
+    assert p.ci == pytest.approx((0.1 - half, 0.1 + half))
     with pytest.raises(ValueError):
         paired(a, b[:3])
 
 
-def test_over_seeds_and_the_verdict_at_its_edges():
-    s = over_seeds([0.10, 0.12, 0.08])
-    assert s.mean == pytest.approx(0.10) and s.sd == pytest.approx(0.02)
-    assert s.p == pytest.approx(0.0131, abs=5e-4)  # t = 8.66, 2 degrees of freedom
-    assert s.ci[0] == pytest.approx(0.10 - 4.3027 * 0.02 / math.sqrt(3), abs=1e-4)
-    one = over_seeds([0.05])
-    assert math.isnan(one.p) and math.isnan(one.sd)
-    assert over_seeds([0.02, 0.02]).p == 0.0 and over_seeds([0.0, 0.0]).p == 1.0
+def test_the_paired_interval_stays_open_where_the_wald_one_collapses():
+    lo, hi = agresti_min(0, 0, 10)  # no disagreement among 10: Wald's interval is the point 0
+    assert lo < 0 < hi and hi == pytest.approx(1.96 * math.sqrt(1) / 12)
+    lo, hi = agresti_min(0, 10, 10)  # every one went the second's way
+    assert lo > 0 and hi == 1.0
+
+
+def seeds_of(*counts, n=1000):
+    """Paired results from (b, c) per seed, n problems each."""
+    out = []
+    for b, c in counts:
+        first = np.zeros(n, bool)
+        second = np.zeros(n, bool)
+        first[:b] = True
+        second[b:b + c] = True
+        out.append(paired(first, second))
+    return out
+
+
+def test_two_seeds_that_miss_the_same_problem_are_no_evidence():
+    """Issue 27: equal, non-zero differences on every seed made the t-test report p = 0."""
+    s = over_seeds(seeds_of((1, 0), (1, 0)))
+    assert s.diffs == [-0.001, -0.001] and s.sd == 0.0
+    assert (s.b, s.c) == (2, 0) and s.p == pytest.approx(0.5)  # two discordant pairs: a coin
+    assert "not distinguishable" in verdict("simple", "latent", s.p, s.mean, ci=s.ci, problems=1000)
+
+
+def test_seeds_that_agree_give_a_verdict_and_seeds_that_disagree_do_not():
+    agree = over_seeds(seeds_of((10, 40), (12, 38), (9, 45)))
+    assert agree.p < 1e-6 and 0 < agree.ci[0] < agree.mean < agree.ci[1]
+    assert verdict("simple", "latent", agree.p, agree.mean, ci=agree.ci).startswith("latent is better")
+    split = over_seeds(seeds_of((0, 100), (60, 0)))
+    assert split.p < 0.01 and split.ci[0] < 0 < split.ci[1]  # pooled, 100 against 60
+    said = verdict("simple", "latent", split.p, split.mean, ci=split.ci)
+    assert "not distinguishable" in said and "seeds disagree" in said
+    assert over_seeds(seeds_of((10, 40), (12, 38))).ci == over_seeds(seeds_of((10, 40), (12, 38))).ci  # seeded
+    one = over_seeds(seeds_of((3, 12), n=100))
+    assert math.isnan(one.sd) and one.p == mcnemar_exact(3, 12) and one.ci[0] < 0.09 < one.ci[1]
+    with pytest.raises(ValueError):
+        over_seeds([])
+
+
+def test_a_split_too_small_for_any_verdict_says_so():
+    assert min_problems(0.05) == 6 and min_problems(0.01) == 8  # 2 / 2**6 < 0.05 <= 2 / 2**5
+    assert mcnemar_exact(0, 5) >= 0.05 > mcnemar_exact(0, 6)
+    said = verdict("simple", "latent", 0.001, 0.5, problems=1)
+    assert said.startswith("no verdict: 1 test problem cannot tell latent and simple apart")
+    assert verdict("simple", "latent", 0.001, 0.5, problems=6).startswith("latent is better")
+
+
+def test_the_verdict_at_its_edges():
     assert verdict("simple", "latent", 0.049, 0.1).startswith("latent is better than simple at p < 0.05")
     assert verdict("simple", "latent", 0.049, -0.1).startswith("latent is worse than simple")
     assert "not distinguishable" in verdict("simple", "latent", 0.05, 0.1)  # p must be below 0.05
@@ -94,10 +141,13 @@ def test_a_comparison_interrupted_and_resumed_reports_what_an_unbroken_one_does(
     whole = json.loads((folder / "results.json").read_text())
     assert whole["n"] == 100 and len(whole["per_seed"]) == 2
     e = whole["effect"]
-    # the verdict printed is the one the saved p and mean difference give, and reads as they say
-    assert f"verdict: {verdict_of('simple', 'latent', e['p'], e['mean_diff'])}" in out
-    assert whole["verdict"] == verdict_of("simple", "latent", e["p"], e["mean_diff"])
-    word = ("not distinguishable" if not e["p"] < 0.05 or e["mean_diff"] == 0
+    # the verdict printed is the one the saved p, mean difference and interval give, and reads as they say
+    said = verdict_of("simple", "latent", e["p"], e["mean_diff"], ci=tuple(e["ci"]), problems=whole["n"])
+    assert f"verdict: {said}" in out and whole["verdict"] == said
+    assert (e["b"], e["c"]) == (sum(r["paired"]["b"] for r in whole["per_seed"]),
+                                sum(r["paired"]["c"] for r in whole["per_seed"]))
+    assert e["p"] == pytest.approx(mcnemar_exact(e["b"], e["c"]))
+    word = ("not distinguishable" if not e["p"] < 0.05 or e["mean_diff"] == 0 or e["ci"][0] <= 0 <= e["ci"][1]
             else "better" if e["mean_diff"] > 0 else "worse")
     assert word in whole["verdict"]
     assert e["mean_diff"] == pytest.approx(np.mean([r["paired"]["diff"] for r in whole["per_seed"]]))
@@ -177,3 +227,12 @@ def test_the_demo_preset_compares_in_a_tiny_form(runs_dir, capsys):
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1].startswith("verdict: ")
     assert "simple: test exact-match" in out and "latent: test exact-match" in out
+
+
+def test_a_one_digit_comparison_has_too_few_test_problems_for_a_verdict(runs_dir, capsys):
+    """1-digit operands split into 79 train, 1 val and 1 test problem: no verdict from one problem."""
+    assert compare(runs_dir, "--seeds", "2", "--id", "onedigit") == 0
+    results = json.loads((runs_dir / "compare" / "onedigit" / "results.json").read_text())
+    assert results["n"] == 1 and results["verdict"].startswith("no verdict: 1 test problem")
+    assert f"verdict: {results['verdict']}" in capsys.readouterr().out
+    assert "**Verdict: no verdict" in (runs_dir / "compare" / "onedigit" / "report.md").read_text()

@@ -339,3 +339,26 @@ def test_bf16_micro_batches_give_the_whole_batch_update_to_bf16_tolerance(runs_d
         assert len(a.losses) == len(b.losses) > 0  # zip would stop at the shorter one silently
         for (s1, l1), (s2, l2) in zip(a.losses, b.losses):
             assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-3)
+
+
+@pytest.mark.parametrize("bf16_seconds, picked", [(0.5, "bf16"), (0.97, "fp32")])
+def test_a_budget_is_fitted_in_the_precision_auto_will_pick(runs_dir, monkeypatch, bf16_seconds, picked):
+    """`tune --budget-minutes` and the benchmarks' --minutes fit steps to a time: under auto
+    both candidates are timed and the step time is the one of the precision the run will
+    keep, by the same rule as the loop's (bf16 only when faster by the margin)."""
+    monkeypatch.setenv(precision.AUTO_ENV, "measure")
+    timed = []
+
+    def fake(task, cfg, device=None, n=12, warmup=3):
+        timed.append(cfg.precision)
+        return {"fp32": 1.0, "bf16": bf16_seconds}[cfg.precision]
+
+    monkeypatch.setattr(engine_step, "seconds_per_step", fake)
+    cfg = tiny_train_config(runs_dir, precision="auto")
+    task, _ = tiny_multiply(cfg)
+    seconds, label = engine_step.fitted_seconds_per_step(task, cfg)
+    assert timed == ["fp32", "bf16"]
+    assert seconds == {"fp32": 1.0, "bf16": bf16_seconds}[picked] and label.startswith(f"auto -> {picked}")
+    monkeypatch.setenv(precision.AUTO_ENV, "fp32")
+    timed.clear()
+    assert engine_step.fitted_seconds_per_step(task, cfg) == (1.0, "fp32") and timed == ["fp32"]

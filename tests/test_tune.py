@@ -91,9 +91,9 @@ def test_a_budget_in_minutes_fits_each_trials_steps_from_its_step_time(runs_dir,
 
     def pinned(task, cfg, *args, **kwargs):
         timed.append(cfg.batch_size)
-        return 0.5
+        return 0.5, cfg.precision
 
-    monkeypatch.setattr(engine_step, "seconds_per_step", pinned)
+    monkeypatch.setattr(engine_step, "fitted_seconds_per_step", pinned)
     space = space_file(tmp_path)
     assert tune(runs_dir, "multiply", "--space", str(space), "--trials", "2", "--budget-minutes", "0.1",
                 "--study", "mins", "--pruner", "none", *MULTIPLY) == 0

@@ -1,15 +1,30 @@
 """What a comparison reports, as a reviewer would accept it: proportions with Wilson
-intervals, the paired difference of two models on the same problems (exact McNemar), and
-the difference over seeds (mean, sd, a paired t-test, a t interval).
+intervals, the paired difference of two models on the same problems (exact McNemar, the
+Agresti-Min interval), and over seeds a test that pools the paired problems of every seed
+with a bootstrap interval over seeds and problems.
 
-Why these. Exact-match is a proportion: Wilson's interval stays sound near 0% and 100%,
-where the textbook one collapses. Both models answer the same problems, so they are
-compared pairwise: only the problems they disagree on carry evidence (b: only the first
-right, c: only the second), and McNemar's exact test asks whether c and b differ more
-than a fair coin would make them. A single training run is one draw of seed noise, so the
-verdict rests on the difference over seeds (each seed's difference is one observation),
-tested with a paired t-test; with one seed only, McNemar's test is all there is, and the
-report says so. scipy provides the exact distributions.
+Why these. Exact-match is a proportion: Wilson's interval (scipy's ``binomtest``) stays
+sound near 0% and 100%, where the textbook one collapses. Both models answer the same
+problems, so they are compared pairwise: only the problems they disagree on carry evidence
+(b: only the first right, c: only the second), and McNemar's exact test asks whether c and
+b differ more than a fair coin would make them. The interval of a paired difference is
+Agresti and Min's (2005): the Wald interval of the matched pairs after adding 1/2 to each
+cell of the 2x2 table, which keeps its coverage at small counts and at 0 or n discordant.
+
+Over seeds. Each seed is one draw of training noise and a handful of seeds is all a CPU
+affords, so no test on the per-seed differences alone is sound: a t-test on two seeds
+that differ by the same amount has no spread and reports p = 0. The test here pools the
+paired problems of every seed (stratified by seed: a problem's answers are paired within
+its seed's two models) into one exact McNemar test on the summed discordant counts, which
+is exact under the null that neither model is better on any seed. The effect's interval
+is a two-stage bootstrap, as Agarwal et al. (2021) recommend for few runs: seeds drawn
+with replacement, then each drawn seed's problems with replacement (a multinomial of its
+b, c and agreeing counts). The verdict needs both: p < alpha, and an interval on one side
+of 0, so seeds that disagree in sign get no verdict however many problems they pool.
+
+A test split too small to tell the models apart gets no verdict either: with n problems,
+even every one going one way gives p = 2 / 2**n, so fewer than ``min_problems()`` (6 at
+alpha 0.05) can never reach significance, and more seeds re-ask the same problems.
 """
 
 from __future__ import annotations
@@ -22,15 +37,14 @@ import numpy as np
 ALPHA = 0.05
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (sound near 0% and 100%)."""
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (sound near 0% and 100%), from scipy."""
+    from scipy.stats import binomtest
+
     if n == 0:
         return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -66,46 +80,81 @@ def paired(first: np.ndarray, second: np.ndarray, z: float = 1.96) -> Paired:
     b = int((first & ~second).sum())
     c = int((~first & second).sum())
     diff = (c - b) / n
-    # the variance of a paired difference of proportions (Agresti & Caffo's Wald form)
-    se = math.sqrt(max(0.0, (b + c) - (c - b) ** 2 / n)) / n
-    return Paired(n, float(first.mean()), float(second.mean()), b, c, diff, (diff - z * se, diff + z * se),
+    return Paired(n, float(first.mean()), float(second.mean()), b, c, diff, agresti_min(b, c, n, z),
                   mcnemar_exact(b, c))
+
+
+def agresti_min(b: int, c: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% interval of a paired difference of proportions, (c - b) / n, by Agresti and Min
+    (2005): the Wald interval of matched pairs with 1/2 added to each of the four cells."""
+    b2, c2, n2 = b + 0.5, c + 0.5, n + 2.0
+    d = (c2 - b2) / n2
+    se = math.sqrt(max(0.0, (b2 + c2) - (c2 - b2) ** 2 / n2)) / n2
+    return max(-1.0, d - z * se), min(1.0, d + z * se)
+
+
+def min_problems(alpha: float = ALPHA) -> int:
+    """The fewest paired problems that can give an exact McNemar p < ``alpha``: n with every
+    one of them going one way has p = 2 / 2**n."""
+    n = 1
+    while 2 * 0.5**n >= alpha:
+        n += 1
+    return n
 
 
 @dataclass
 class OverSeeds:
-    """Per-seed differences (second minus first): mean, sd, a paired t-test and its 95% interval."""
+    """Paired problems pooled over seeds (second minus first): per-seed differences, their mean
+    and sd, the summed discordant counts, the pooled exact McNemar p, and the two-stage
+    bootstrap's 95% interval of the mean difference."""
 
     diffs: list[float]
     mean: float
     sd: float
+    b: int
+    c: int
     p: float
     ci: tuple[float, float]
 
 
-def over_seeds(diffs: list[float]) -> OverSeeds:
-    """The t-test over seeds. With one seed there is no spread to test: p is NaN. When every
-    seed gives the same difference the spread is 0: p is 0 if it is not 0, else 1."""
-    from scipy.stats import t as student
-
-    d = np.asarray(diffs, float)
-    mean = float(d.mean())
-    if d.size < 2:
-        return OverSeeds(list(diffs), mean, math.nan, math.nan, (math.nan, math.nan))
-    sd = float(d.std(ddof=1))
-    if sd == 0.0:
-        return OverSeeds(list(diffs), mean, 0.0, 1.0 if mean == 0 else 0.0, (mean, mean))
-    se = sd / math.sqrt(d.size)
-    tval = mean / se
-    p = float(2 * student.sf(abs(tval), d.size - 1))
-    half = float(student.ppf(0.975, d.size - 1)) * se
-    return OverSeeds(list(diffs), mean, sd, p, (mean - half, mean + half))
+def over_seeds(seeds: list[Paired], reps: int = 4000, seed: int = 0) -> OverSeeds:
+    """The test over seeds from each seed's paired counts (module docstring: why this one)."""
+    if not seeds:
+        raise ValueError("over_seeds needs at least one seed")
+    diffs = [s.diff for s in seeds]
+    b, c = sum(s.b for s in seeds), sum(s.c for s in seeds)
+    sd = float(np.std(diffs, ddof=1)) if len(seeds) > 1 else math.nan
+    return OverSeeds(diffs, float(np.mean(diffs)), sd, b, c, mcnemar_exact(b, c), bootstrap_interval(seeds, reps, seed))
 
 
-def verdict(first: str, second: str, p: float, diff: float, alpha: float = ALPHA) -> str:
-    """One sentence: is ``second`` better, worse, or not distinguishable from ``first``?"""
+def bootstrap_interval(seeds: list[Paired], reps: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean paired difference over seeds, resampling seeds and
+    then each drawn seed's problems (seeded: the same figures every time)."""
+    rng = np.random.default_rng(seed)
+    # each seed's problems as a multinomial over (only second right, only first right, agree)
+    probs = np.array([[s.c / s.n, s.b / s.n, 1 - (s.b + s.c) / s.n] for s in seeds])  # (S, 3)
+    sizes = np.array([s.n for s in seeds])  # (S,)
+    drawn = rng.integers(len(seeds), size=(reps, len(seeds)))  # (reps, S): seeds with replacement
+    counts = rng.multinomial(sizes[drawn], np.clip(probs[drawn], 0, 1))  # (reps, S, 3)
+    means = ((counts[..., 0] - counts[..., 1]) / sizes[drawn]).mean(axis=1)  # (reps,)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def verdict(first: str, second: str, p: float, diff: float, alpha: float = ALPHA, *,
+            ci: tuple[float, float] | None = None, problems: int | None = None) -> str:
+    """One sentence: is ``second`` better, worse, or not distinguishable from ``first``? With
+    ``problems`` (the distinct test problems) under ``min_problems``, no verdict: the split is
+    too small; with ``ci`` spanning 0, none either: the seeds disagree."""
+    if problems is not None and problems < min_problems(alpha):
+        return (f"no verdict: {problems} test problem{'s' if problems != 1 else ''} cannot tell {second} and "
+                f"{first} apart (even all going one way gives p >= {alpha:g}; at least {min_problems(alpha)} "
+                f"are needed, and far more to see a difference of a few points)")
     if math.isnan(p) or p >= alpha or diff == 0:
         return f"{second} and {first} are not distinguishable at p < {alpha:g} (p = {_p(p)})"
+    if ci is not None and ci[0] <= 0.0 <= ci[1]:
+        return (f"{second} and {first} are not distinguishable: the pooled test gives p = {_p(p)} but the seeds "
+                f"disagree (bootstrap 95% interval {ci[0] * 100:+.1f} to {ci[1] * 100:+.1f} points spans 0)")
     better = "better" if diff > 0 else "worse"
     return f"{second} is {better} than {first} at p < {alpha:g} (p = {_p(p)}; {diff * 100:+.1f} points)"
 

@@ -381,7 +381,7 @@ def run_trial(plan: StudyPlan, study, trial, kind, say: Callable[[str], None]) -
 
     from trainlab.runs import checked_task, new_run_from
     from trainlab.engine.loop import TrainingError, train
-    from trainlab.engine.step import seconds_per_step
+    from trainlab.engine.step import fitted_seconds_per_step
 
     values = {**plan.base, **trial.params, "run_name": f"{plan.name}-t{trial.number:04d}"}
     shown = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
@@ -390,7 +390,9 @@ def run_trial(plan: StudyPlan, study, trial, kind, say: Callable[[str], None]) -
             steps = plan.budget_steps
         else:
             cfgs, task = checked_task(kind, {**values, "max_steps": 1})
-            sps = seconds_per_step(task, cfgs["train"], None, n=5, warmup=2)
+            # in the precision the trial will train in: under --precision auto a trial that picks
+            # bf16 would otherwise be fitted to fp32's (or bf16's slow first) steps
+            sps, _ = fitted_seconds_per_step(task, cfgs["train"], None, n=5, warmup=3)
             steps = max(1, int(plan.budget_minutes * 60 / sps))
         values.update(max_steps=steps, lr_decay_steps=steps)
         cfgs, task = checked_task(kind, values)

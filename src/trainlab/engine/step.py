@@ -346,3 +346,24 @@ def seconds_per_step(task: Task, cfg: TrainConfig, device: torch.device | None =
     torch.set_rng_state(rng)
     task.load_state_dict(task_state)
     return seconds
+
+
+def fitted_seconds_per_step(task: Task, cfg: TrainConfig, device: torch.device | None = None, n: int = 10,
+                            warmup: int = 5) -> tuple[float, str]:
+    """(seconds a step, the precision it is for) as the run will train: timed after ``warmup``
+    steps, in the precision ``--precision auto`` will pick (every candidate timed and the same
+    rule applied), else the one set. What fits a step count to minutes: a plain
+    ``seconds_per_step`` under ``auto`` would time fp32, or bf16's slow first steps, and a
+    trial or benchmark that then trains in bf16 would use only part of its budget."""
+    from dataclasses import replace
+
+    from trainlab.engine.device import resolve_device
+    from trainlab.engine.precision import pick_precision, precision_candidates
+
+    device = device or resolve_device(cfg.device)
+    candidates = precision_candidates(cfg.precision, device)
+    if len(candidates) == 1:
+        return seconds_per_step(task, replace(cfg, precision=candidates[0]), device, n, warmup), candidates[0]
+    timings = {p: seconds_per_step(task, replace(cfg, precision=p), device, n, warmup) for p in candidates}
+    choice = pick_precision(timings)
+    return timings[choice], f"auto -> {choice} ({', '.join(f'{p} {t:.3f} s' for p, t in timings.items())})"

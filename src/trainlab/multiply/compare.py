@@ -12,8 +12,10 @@ seed trains to its ``--max-steps``; the comparison resumes where it stopped, see
 What is reported (``trainlab/stats.py`` says why): exact-match with Wilson intervals,
 overall and per operand-length class; per seed, the paired difference (latent minus
 simple) with McNemar's exact test; over seeds, the mean difference (the effect size, in
-points of exact-match) with its t interval and a paired t-test, on which the verdict
-rests (McNemar's test when there is one seed). ``--match-params`` widens the smaller
+points of exact-match) with a bootstrap interval over seeds and problems, and the exact
+McNemar test of every seed's paired problems pooled, on which the verdict rests (with the
+interval on one side of 0). A test split too small to tell the members apart gets no
+verdict. ``--match-params`` widens the smaller
 member's feed-forward layer until the parameter counts agree within 2%.
 """
 
@@ -175,12 +177,10 @@ def summarize(plan: Plan, scores: list[SeedScore], dataset, idx: np.ndarray) -> 
                                  "train_seconds": s.train_seconds[m], "parameters": s.parameters[m],
                                  "classes": {c: float(s.correct[m][classes == c].mean()) for c in sorted(set(classes))}}
         per_seed.append(row)
-    diffs = [r["paired"]["diff"] for r in per_seed]
-    seeds_test = over_seeds(diffs)
-    if len(scores) >= 2:
-        p, basis = seeds_test.p, f"paired t-test over {len(scores)} seeds"
-    else:
-        p, basis = per_seed[0]["paired"]["p"], "exact McNemar test (one seed: no test over seeds)"
+    seeds_test = over_seeds([paired(s.correct["simple"], s.correct["latent"]) for s in scores])
+    p = seeds_test.p
+    basis = (f"exact McNemar test on the paired problems of {len(scores)} seed{'s' if len(scores) > 1 else ''} "
+             f"pooled (only simple right {seeds_test.b}, only latent right {seeds_test.c})")
     pooled = {}
     for m in MEMBERS:
         k = sum(r["members"][m]["correct"] for r in per_seed)
@@ -188,15 +188,16 @@ def summarize(plan: Plan, scores: list[SeedScore], dataset, idx: np.ndarray) -> 
         pooled[m] = {"exact_match": k / n, "ci": wilson_interval(k, n),
                      "classes": {c: float(np.mean([r["members"][m]["classes"][c] for r in per_seed]))
                                  for c in sorted(set(classes))}}
-    effect_ci = seeds_test.ci if len(scores) >= 2 else tuple(per_seed[0]["paired"]["ci"])
     cfg = dataset.cfg
     protocol = {"min_digits": cfg.min_digits, "max_digits": cfg.max_digits, "test_n": plan.test_n,
                 "same_recipe": plan.same_recipe, "recipes": plan.recipe_files, "match_params": plan.match_params,
                 "batch_size": plan.base.get("batch_size"), "precision": plan.base.get("precision", "auto")}
     return {"id": plan.id, "n": int(len(idx)), "seeds": plan.seeds, "protocol": protocol, "per_seed": per_seed,
             "pooled": pooled,
-            "effect": {"mean_diff": seeds_test.mean, "sd": seeds_test.sd, "ci": effect_ci, "p": p, "basis": basis},
-            "verdict": verdict("simple", "latent", p, seeds_test.mean)}
+            "effect": {"mean_diff": seeds_test.mean, "sd": seeds_test.sd, "ci": seeds_test.ci, "p": p, "basis": basis,
+                       "b": seeds_test.b, "c": seeds_test.c,
+                       "interval": "two-stage bootstrap over seeds and problems (4,000 draws)"},
+            "verdict": verdict("simple", "latent", p, seeds_test.mean, ci=seeds_test.ci, problems=int(len(idx)))}
 
 
 # -- the command -------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ TOKENS = ["<pad>", "<bos>", "<eos>", "*"] + [str(d) for d in range(10)]
 VOCAB_SIZE = len(TOKENS)
 SPLITS = ("train", "val", "test")
 ANSWER_ORDERS = ("reversed", "natural")
+ANSWER_PLACES = ("none", "msd", "lsd")
 MAX_SUPPORTED_DIGITS = 9  # operands must fit the 32-bit halves of the hash key
 MODEL_KINDS = ("simple", "latent")
 TASK_NAME = "parallel_comparison"
@@ -78,6 +79,14 @@ class Seq2SeqConfig:
     bottleneck_factor: float = field(
         default=1.0, metadata={"help": "1: decoder sees latents only; below 1 it also sees (1-f) * encoder memory"}
     )
+    abacus: bool = field(default=False, metadata={
+        "help": "place-value embeddings (McLeish et al. 2024's Abacus): every operand digit and every answer "
+                "position also gets the embedding of its place value, one table shared by a, b and the answer; "
+                "needs --answer-pad or --answer-order reversed, where each answer position has one place"})
+    carry_loss: float = field(default=0.0, metadata={
+        "help": "weight of a training-only auxiliary loss: a linear head on the decoder's last states names "
+                "each answer column's running sum (its partial products plus the carry in; Bai et al. 2025); "
+                "0 is off. Inference and the answer format are unchanged"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute each block's activations in the "
                                                                      "backward pass instead of keeping them: less "
                                                                      "memory for about a third more compute"})
@@ -85,6 +94,9 @@ class Seq2SeqConfig:
     vocab_size: int = field(default=VOCAB_SIZE, metadata={"cli": False})
     src_len: int = field(default=7, metadata={"cli": False})
     tgt_len: int = field(default=7, metadata={"cli": False})
+    # what --abacus embeds at answer position k (set from the data settings, never a flag):
+    # none, msd (position k holds place 2W-1-k: natural order, padded) or lsd (place k: reversed)
+    answer_places: str = field(default="none", metadata={"cli": False})
 
     def __post_init__(self) -> None:
         for name in ("d_model", "nhead", "num_layers", "num_latent", "latent_layers", "vocab_size", "src_len", "tgt_len"):
@@ -96,6 +108,19 @@ class Seq2SeqConfig:
         in_range("dropout", self.dropout, 0, 1, high_open=True)
         in_range("bottleneck_factor", self.bottleneck_factor, 0, 1)
         one_of("kind", self.kind, MODEL_KINDS)
+        one_of("answer_places", self.answer_places, ANSWER_PLACES)
+        in_range("carry_loss", self.carry_loss, 0, 100)
+
+    @property
+    def operand_width(self) -> int:
+        """W: the digits of each operand in the source (``W * W``'s product has at most 2W)."""
+        return (self.src_len - 1) // 2
+
+    @property
+    def running_sum_classes(self) -> int:
+        """Values a column's running sum can take: at most 81 W from the partial products plus
+        a carry of at most 9 W."""
+        return 90 * self.operand_width + 1
 
     @property
     def d_ff(self) -> int:

@@ -218,7 +218,9 @@ def encode_pairs(a: torch.Tensor, b: torch.Tensor, max_digits: int, answer_order
     """Vectorised tokenisation of a batch of problems (see the module docstring);
     ``answer_pad`` writes every product with 2 * max_digits digits.
 
-    Returns ``src`` (B, 2W+1), ``tgt_in`` and ``tgt_out`` (B, 2W+1), ``a``, ``b``.
+    Returns ``src`` (B, 2W+1), ``tgt_in`` and ``tgt_out`` (B, 2W+1), ``a``, ``b``, and
+    ``running_sum`` (B, 2W+1): at each answer digit's position, the running sum of its
+    column (``running_sums``), 0 at <eos> and padding.
     """
     a = a.to(torch.int64)
     b = b.to(torch.int64)
@@ -234,15 +236,37 @@ def encode_pairs(a: torch.Tensor, b: torch.Tensor, max_digits: int, answer_order
     else:
         length = (p.unsqueeze(1) >= 10 ** torch.arange(n, dtype=torch.int64)).sum(1).clamp(min=1)  # (B,)
     k = torch.arange(n + 1).unsqueeze(0)  # (1, n+1)
+    sums = running_sums(a, b, w)  # (B, n), least significant first, like d
     if answer_order == "reversed":
-        ans = d
+        ans, col = d, sums
     else:
-        ans = d.gather(1, (length.unsqueeze(1) - 1 - k[:, :n]).clamp(min=0))
+        place = (length.unsqueeze(1) - 1 - k[:, :n]).clamp(min=0)  # (B, n): the place each position writes
+        ans, col = d.gather(1, place), sums.gather(1, place)
     ans = torch.cat([ans, torch.zeros_like(ans[:, :1])], 1) + DIGIT0  # (B, n+1)
+    col = torch.cat([col, torch.zeros_like(col[:, :1])], 1)  # (B, n+1)
     length = length.unsqueeze(1)
     tgt_out = torch.where(k < length, ans, torch.where(k == length, EOS, PAD))
     tgt_in = torch.cat([torch.full_like(tgt_out[:, :1], BOS), tgt_out[:, :-1]], 1)
-    return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out, "a": a, "b": b}
+    running_sum = torch.where(k < length, col, 0)
+    return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt_out, "a": a, "b": b, "running_sum": running_sum}
+
+
+def running_sums(a: torch.Tensor, b: torch.Tensor, w: int) -> torch.Tensor:
+    """Long multiplication's column sums, least significant place first (B, 2w): place p holds
+    the sum of the partial products a_i * b_j with i + j = p plus the carry into p, so its
+    last digit is the product's digit p and the rest (its tens) is the carry out. What the
+    ``--carry-loss`` head is trained to name."""
+    da, db = _digits_lsd_first(a, w), _digits_lsd_first(b, w)  # (B, w) each
+    partial = da.unsqueeze(2) * db.unsqueeze(1)  # (B, w, w): a_i * b_j
+    place = torch.arange(w).unsqueeze(1) + torch.arange(w).unsqueeze(0)  # (w, w): i + j
+    columns = torch.zeros(a.shape[0], 2 * w, dtype=torch.int64)
+    columns.index_add_(1, place.flatten(), partial.flatten(1))  # (B, 2w)
+    out = torch.empty_like(columns)
+    carry = torch.zeros_like(columns[:, 0])
+    for p in range(2 * w):  # at most 18 columns: a loop reads plainer than a scan
+        out[:, p] = columns[:, p] + carry
+        carry = out[:, p] // 10
+    return out
 
 
 def decode_answer(tokens: list[int] | torch.Tensor, answer_order: str) -> int | None:

@@ -18,6 +18,10 @@ class SequenceAccuracyLoss(nn.Module):
     a weighted mean, so its scale stays that of plain cross-entropy while sequences
     with wrong digits count up to (1 + seq_weight) times as much as solved ones.
 
+    ``extra`` (B,), optional: a per-sequence loss added to l_s before the weighting (the
+    ``--carry-loss`` term), so it is weighted like the token loss and a batch split into
+    micro-batches still gives the whole batch's loss.
+
     Returns ``(loss, stats)`` where stats holds detached tensors ``exact_match`` (the
     fraction of sequences with every non-PAD target right), ``token_accuracy`` and
     ``weight`` (sum(w_s), what combines micro-batches' losses into the whole batch's).
@@ -28,7 +32,8 @@ class SequenceAccuracyLoss(nn.Module):
         self.cfg = cfg
         self.pad_id = pad_id
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, extra: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         B, T, V = logits.shape
         mask = target != self.pad_id  # (B, T)
         tok_loss = F.cross_entropy(
@@ -40,6 +45,8 @@ class SequenceAccuracyLoss(nn.Module):
         ).view(B, T)  # (B, T), 0 at PAD
         n_tok = mask.sum(1).clamp(min=1)  # (B,)
         seq_loss = tok_loss.sum(1) / n_tok  # (B,)
+        if extra is not None:
+            seq_loss = seq_loss + extra
         with torch.no_grad():
             correct = (logits.argmax(-1) == target) & mask  # (B, T)
             seq_acc = correct.sum(1) / n_tok  # (B,)

@@ -11,6 +11,19 @@ the decoder's cross-attention reads ("memory"):
 
 so any difference in what they learn comes from the bottleneck alone.
 
+Two options, both off by default (so configs and checkpoints from before build the same
+models):
+
+- ``abacus``: a place-value embedding (McLeish et al. 2024), one table shared by both
+  operands and the answer, added to the token and position embeddings. Operand digit j
+  of a W-digit operand has place W-1-j; decoder position t gets the place of the answer
+  digit it writes there (``answer_places``: 2W-1-t in padded natural order, t in
+  reversed); ``*`` and ``<eos>`` get a place of their own ("none", index 2W). So the
+  10^k digits of a, b and the answer start from one shared vector.
+- ``carry_loss``: a linear head on the decoder's last states (``running_sums=True`` in
+  ``forward``) that names each answer column's running sum during training (Bai et al.
+  2025); the answer is still decoded by the token head alone.
+
 ``grad_checkpointing`` runs every block (encoder, latent, decoder) through
 ``torch.utils.checkpoint`` (non-reentrant) while training with gradients.
 """
@@ -117,6 +130,13 @@ class SimpleTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(D)
         self.head = nn.Linear(D, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied: digits read and written alike
+        if cfg.abacus:
+            W = cfg.operand_width
+            self.place_emb = nn.Embedding(2 * W + 1, D)  # places 0 .. 2W-1, and 2W: none
+            self.register_buffer("src_place", source_places(W), persistent=False)  # (S,)
+            self.register_buffer("tgt_place", target_places(W, cfg.answer_places, cfg.tgt_len), persistent=False)
+        if cfg.carry_loss > 0:
+            self.sum_head = nn.Linear(D, cfg.running_sum_classes)  # training only: each column's running sum
         self.apply(self._init)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):  # residual branches start small (GPT-2)
@@ -138,7 +158,10 @@ class SimpleTransformer(nn.Module):
         """Encoder output and its key mask: (B, S, D), (B, S) with True = a real token."""
         B, S = src.shape
         key_mask = src != PAD  # (B, S)
-        x = self.drop(self.tok_emb(src) + self.src_pos(torch.arange(S, device=src.device)))  # (B, S, D)
+        x = self.tok_emb(src) + self.src_pos(torch.arange(S, device=src.device))  # (B, S, D)
+        if self.cfg.abacus:
+            x = x + self.place_emb(self.src_place[:S])
+        x = self.drop(x)
         for block in self.encoder:
             x = self.run_block(block, x, key_mask)
         return self.ln_enc(x), key_mask
@@ -149,11 +172,19 @@ class SimpleTransformer(nn.Module):
 
     def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None) -> torch.Tensor:
         """Next-token logits (B, T, V) for every decoder position."""
+        return self.head(self.decode_states(tgt_in, memory, memory_mask))  # (B, T, V)
+
+    def decode_states(self, tgt_in: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None
+                      ) -> torch.Tensor:
+        """The decoder's last states (B, T, D), normalised: what the heads read."""
         B, T = tgt_in.shape
-        x = self.drop(self.tok_emb(tgt_in) + self.tgt_pos(torch.arange(T, device=tgt_in.device)))  # (B, T, D)
+        x = self.tok_emb(tgt_in) + self.tgt_pos(torch.arange(T, device=tgt_in.device))  # (B, T, D)
+        if self.cfg.abacus:
+            x = x + self.place_emb(self.tgt_place[:T])
+        x = self.drop(x)
         for block in self.decoder:
             x = self.run_block(block, x, memory, memory_mask)
-        return self.head(self.ln_f(x))  # (B, T, V)
+        return self.ln_f(x)  # (B, T, D)
 
     def run_block(self, block: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
         """``block(*args)``, through activation checkpointing when it is on and gradients flow."""
@@ -161,17 +192,24 @@ class SimpleTransformer(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, own_guesses: bool = False) -> torch.Tensor:
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, own_guesses: bool = False,
+                running_sums: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits (B, T, V). ``own_guesses``: scheduled sampling, parallel form:
         one teacher-forced pass without gradient gives the model's greedy guess at every
         position, and the decoder then reads those guesses (shifted right behind <bos>)
-        instead of the true digits. All in ``forward``, so DistributedDataParallel sees it."""
+        instead of the true digits. ``running_sums`` (with ``carry_loss``): also the running-sum
+        head's logits (B, T, C). All in ``forward``, so DistributedDataParallel sees it."""
         memory, memory_mask = self.memory(src)
         if own_guesses:
             with torch.no_grad():
                 guess = self.decode(tgt_in, memory.detach(), memory_mask).argmax(-1)  # (B, T)
             tgt_in = torch.cat([tgt_in[:, :1], guess[:, :-1]], 1)
-        return self.decode(tgt_in, memory, memory_mask)
+        states = self.decode_states(tgt_in, memory, memory_mask)  # (B, T, D)
+        if running_sums:
+            if not hasattr(self, "sum_head"):
+                raise ValueError("running_sums needs a model built with carry_loss > 0")
+            return self.head(states), self.sum_head(states)
+        return self.head(states)
 
 
 class LatentTransformer(SimpleTransformer):
@@ -196,6 +234,26 @@ class LatentTransformer(SimpleTransformer):
         leak = (1.0 - self.cfg.bottleneck_factor) * enc  # (B, S, D)
         ones = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
         return torch.cat([z, leak], 1), torch.cat([ones, enc_mask], 1)  # (B, K+S, D), (B, K+S)
+
+
+def source_places(w: int) -> torch.Tensor:
+    """Place value of each source position, ``a`` (w digits, most significant first), ``*``,
+    ``b``: e.g. w = 3: 2 1 0 none 2 1 0, with none = 2w."""
+    digits = torch.arange(w - 1, -1, -1)  # (w,)
+    return torch.cat([digits, torch.tensor([2 * w]), digits])  # (2w+1,)
+
+
+def target_places(w: int, answer_places: str, length: int) -> torch.Tensor:
+    """Place value of the answer digit each decoder position writes (``length`` positions; the
+    last one writes <eos>: none = 2w)."""
+    t = torch.arange(length)
+    if answer_places == "msd":
+        places = 2 * w - 1 - t
+    elif answer_places == "lsd":
+        places = t.clone()
+    else:
+        raise ValueError(f"abacus needs fixed answer places, got {answer_places!r}")
+    return torch.where((t < 2 * w) & (places >= 0), places, torch.tensor(2 * w))  # (length,)
 
 
 def build_model(cfg: Seq2SeqConfig) -> SimpleTransformer:

@@ -113,8 +113,10 @@ def write_comparison_report(folder: Path, results: dict[str, Any]) -> Path:
              f"- Recipes: {'one recipe for both members, trained in lockstep on the same batches' if pr['same_recipe'] else 'each member its own recipe: ' + ', '.join(f'{m} from {f}' for m, f in pr['recipes'].items())}.",
              f"- Parameters: simple {params['simple']:,}, latent {params['latent']:,}"
              + (" (matched with --match-params)" if pr["match_params"] else "") + ".",
-             f"- Statistics: Wilson 95% intervals; per seed, the paired difference latent - simple with McNemar's "
-             f"exact test; the verdict from the {results['effect']['basis']} at p < 0.05.", "",
+             f"- Statistics (`trainlab/stats.py`): Wilson 95% intervals; per seed, the paired difference latent - "
+             f"simple with McNemar's exact test and the Agresti-Min interval; over seeds, the "
+             f"{results['effect']['basis']}, and the effect's {results['effect'].get('interval', 'interval')}; "
+             f"a verdict needs p < 0.05 and that interval on one side of 0.", "",
              "## Result", "",
              "| | simple | latent |", "|---|---|---|"]
     cells = [f"{_pct(results['pooled'][m]['exact_match'])} ({_pct(results['pooled'][m]['ci'][0])}-"
@@ -124,7 +126,7 @@ def write_comparison_report(folder: Path, results: dict[str, Any]) -> Path:
         lines.append(f"| class {c} (mean over seeds) | {_pct(results['pooled']['simple']['classes'][c])} | "
                      f"{_pct(results['pooled']['latent']['classes'][c])} |")
     e = results["effect"]
-    lines += ["", f"Effect (latent - simple, points of exact-match): {100 * e['mean_diff']:+.2f}, 95% CI "
+    lines += ["", f"Effect (latent - simple, points of exact-match): {100 * e['mean_diff']:+.2f}, 95% interval "
                   f"{100 * e['ci'][0]:+.2f} to {100 * e['ci'][1]:+.2f}" + (f", sd over seeds {100 * e['sd']:.2f}"
                                                                            if not math.isnan(e['sd']) else "")
               + f"; p = {e['p']:.3g} ({e['basis']}).", "",

@@ -14,12 +14,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from trainlab.config import ConfigError
 from trainlab.engine.device import resolve_device
 from trainlab.engine.loop import Evaluation, StepLoss, Summary, TrainConfig
 from trainlab.engine.memory import check_model_fits
 from trainlab.engine.tracking import Run
 from trainlab.multiply.config import (  # noqa: F401  (task.py offers its settings too)
+    DIGIT0,
     TASK_NAME,
     LossConfig,
     MultiplyDataConfig,
@@ -42,7 +45,34 @@ def member_config(model: Seq2SeqConfig, kind: str, data: MultiplyDataConfig) -> 
     when ``--ff-simple`` or ``--ff-latent`` gives one."""
     ds_len = sequence_length(data)
     ff = (model.ff_simple if kind == "simple" else model.ff_latent) or model.dim_feedforward
-    return replace(model, kind=kind, src_len=ds_len, tgt_len=ds_len, dim_feedforward=ff)
+    return replace(model, kind=kind, src_len=ds_len, tgt_len=ds_len, dim_feedforward=ff,
+                   answer_places=answer_places(model, data))
+
+
+def answer_places(model: Seq2SeqConfig, data: MultiplyDataConfig) -> str:
+    """What ``--abacus`` embeds at each answer position (``none`` without it). Natural order
+    without padding has no fixed place per position: the place of the first digit is the
+    answer's length, which inference must not be told."""
+    if not model.abacus:
+        return "none"
+    if data.answer_order == "reversed":
+        return "lsd"
+    if data.answer_pad:
+        return "msd"
+    raise ConfigError("abacus", "needs --answer-pad or --answer-order reversed: in natural order without "
+                                "padding an answer position's place value is the answer's length, unknown "
+                                "until it is written")
+
+
+def running_sum_loss(logits: torch.Tensor, target: torch.Tensor, tgt_out: torch.Tensor) -> torch.Tensor:
+    """Per sequence (B,): the running-sum head's cross-entropy (logits (B, T, C)), the mean over
+    the answer's digit positions (not <eos> or padding). A classification, not a regression:
+    its scale is the token loss's, and a running sum is only of use when exact (its last
+    digit is the answer's, the rest is the carry out)."""
+    B, T, C = logits.shape
+    digit = (tgt_out >= DIGIT0) & (tgt_out < DIGIT0 + 10)  # (B, T)
+    ce = F.cross_entropy(logits.reshape(B * T, C).float(), target.reshape(B * T), reduction="none").view(B, T)
+    return (ce * digit).sum(1) / digit.sum(1).clamp(min=1)  # (B,)
 
 
 class MultiplyTask:
@@ -79,7 +109,10 @@ class MultiplyTask:
         rng = np.random.default_rng([self.train_cfg.seed, step])
         idx = self.dataset.sample("train", self.train_cfg.batch_size, rng, by_class=True)
         enc = self.dataset.encode(idx)
-        return {"src": enc["src"], "tgt_in": enc["tgt_in"], "tgt_out": enc["tgt_out"]}
+        batch = {"src": enc["src"], "tgt_in": enc["tgt_in"], "tgt_out": enc["tgt_out"]}
+        if any(cfg.carry_loss > 0 for cfg in self.model_cfgs.values()):
+            batch["running_sum"] = enc["running_sum"]  # (B, T): the auxiliary loss's targets
+        return batch
 
     def teacher_forced(self, step: int) -> bool:
         p = self.tf.prob(step)
@@ -94,10 +127,17 @@ class MultiplyTask:
         if member == next(iter(self.model_cfgs)):
             self.forced_batches += forced
             self.sampled_batches += not forced
-        logits = model(batch["src"], batch["tgt_in"], own_guesses=not forced)  # (B, T, V)
-        loss, stats = self.criterion(logits, batch["tgt_out"])
-        return StepLoss(loss, {"seq_accuracy": stats["exact_match"], "token_accuracy": stats["token_accuracy"]},
-                        stats["weight"])
+        weight = self.model_cfgs[member].carry_loss
+        if weight > 0:
+            logits, sums = model(batch["src"], batch["tgt_in"], own_guesses=not forced, running_sums=True)
+        else:
+            logits, sums = model(batch["src"], batch["tgt_in"], own_guesses=not forced), None  # (B, T, V)
+        aux = None if sums is None else running_sum_loss(sums, batch["running_sum"], batch["tgt_out"])  # (B,)
+        loss, stats = self.criterion(logits, batch["tgt_out"], None if aux is None else weight * aux)
+        shown = {"seq_accuracy": stats["exact_match"], "token_accuracy": stats["token_accuracy"]}
+        if aux is not None:
+            shown["running_sum_loss"] = aux.detach().mean()
+        return StepLoss(loss, shown, stats["weight"])
 
     def scalars(self, step: int) -> dict[str, float]:
         return {"teacher_forcing_prob": self.tf.prob(step)}

@@ -1,0 +1,1 @@
+trainlab tune chat --preset chat-20min --space budget --trials 20 --budget-minutes 0.15 --pruner none --study chat-9s --text ../shared/data/tinyshakespeare.txt --eval-every 100 --sample-every 100000 --save-every 100000 --no-progress --runs-dir runs-tune
