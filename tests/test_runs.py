@@ -163,3 +163,19 @@ def test_an_id_in_two_tasks_must_be_written_task_slash_id(runs_dir, capsys):
     code, _, err = cli(capsys, "runs", "rm", "same", "--runs-dir", str(runs_dir))
     assert code == 2 and "task/id" in err
     assert find_run(runs_dir, None, "other/same").task == "other"
+
+
+@pytest.mark.parametrize("task", ["multiply", "chat"])
+def test_every_shipped_preset_passes_every_check_of_its_task(task):
+    """A preset is read only when a user names it: a bad value in one would be that user's
+    first error. Each one's settings build every section (every __post_init__ check)."""
+    from trainlab import runs
+    from trainlab.config import build, preset_names
+
+    names = preset_names(task)
+    assert names
+    sections = runs.multiply_sections() if task == "multiply" else runs.chat_sections()
+    for name in names:
+        values = runs.settings(task, name, flags={"text": "corpus.txt"} if task == "chat" else {})
+        for _, cls in sections:
+            build(cls, values)

@@ -128,6 +128,9 @@ def test_a_tiny_chat_study_with_the_shipped_space(runs_dir, tmp_path):
     assert tune(runs_dir, "chat", "--space", "default", "--trials", "1", "--budget-steps", "1", "--study", "d",
                 "--text", str(corpus), "--preset", "fast-cpu", "--no-progress", "--tag", "test", "--device", "cpu",
                 "--sample-every", "0", "--eval-every", "1") == 0
+    assert tune(runs_dir, "chat", "--space", "budget", "--trials", "1", "--budget-steps", "1", "--study", "b",
+                "--text", str(corpus), "--preset", "chat-20min", "--no-progress", "--tag", "test", "--device", "cpu",
+                "--sample-every", "0", "--eval-every", "1") == 0
 
 
 def test_pruning_stops_unpromising_trials_at_an_evaluation(runs_dir, tmp_path, monkeypatch):

@@ -1,0 +1,1 @@
+trainlab tune chat --preset chat-20min --space budget --trials 24 --budget-minutes 1.3 --pruner none --study chat-93s --text ../shared/data/tinyshakespeare.txt --eval-every 250 --sample-every 100000 --save-every 100000 --no-progress --runs-dir runs-tune
