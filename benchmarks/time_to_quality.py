@@ -56,6 +56,7 @@ RECIPES = {
     "nanogpt-cpu": ["--preset", "nanogpt-cpu"],
     "fast": ["--preset", "fast-cpu"],
     "quick": ["--preset", "chat-quick"],  # the chat-9s study's best: 1 layer of the modern block
+    "90s": ["--preset", "chat-90s"],  # the chat-93s study's best (run it with --target 1.55)
     # what each ingredient of the fast recipe is worth: the same with AdamW (at the best
     # AdamW LR found), and with nanoGPT's 4 layers (fewer steps, to a similar time)
     "fast-adamw": ["--preset", "fast-cpu", "--optimizer", "adamw", "--lr", "0.006"],
