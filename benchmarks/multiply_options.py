@@ -41,6 +41,7 @@ VARIANTS = {
     "carry": {"carry_loss": 1.0},
     "abacus+carry": {"abacus": True, "carry_loss": 1.0},
     "reversed": {"answer_order": "reversed"},
+    "reversed+carry": {"answer_order": "reversed", "carry_loss": 1.0},
     "reversed+abacus+carry": {"answer_order": "reversed", "abacus": True, "carry_loss": 1.0},
 }
 

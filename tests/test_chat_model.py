@@ -38,10 +38,12 @@ def test_cached_generation_matches_a_full_forward_pass():
 
 
 def test_chatgot_14m_preset_has_about_14m_parameters():
+    from dataclasses import fields
+
     preset = load_preset("chat", "chatgot-14m")
-    keys = {"d_model", "nhead", "num_layers", "dim_feedforward", "context_len"}
-    cfg = GPTConfig(**{k: preset[k] for k in keys}, vocab_size=65)
-    assert (cfg.d_model, cfg.num_layers, cfg.nhead, cfg.d_ff, cfg.context_len) == (384, 8, 6, 1536, 256)
+    cfg = GPTConfig(**{f.name: preset[f.name] for f in fields(GPTConfig) if f.name in preset}, vocab_size=65)
+    assert (cfg.d_model, cfg.num_layers, cfg.nhead, cfg.context_len) == (384, 8, 6, 256)
+    assert (cfg.positions, cfg.norm, cfg.qk_norm, cfg.mlp, cfg.d_ff) == ("rotary", "rmsnorm", True, "swiglu", 1024)
     n = sum(p.numel() for p in GPT(cfg).parameters())
     assert 13.5e6 < n < 14.5e6, n
 
