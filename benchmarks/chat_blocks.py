@@ -27,10 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import fitted_seconds_per_step, print_machine, span_loss  # noqa: E402
+from common import print_machine, span_loss, train_for_minutes  # noqa: E402
 
-from trainlab import runs  # noqa: E402
-from trainlab.engine.loop import train  # noqa: E402
 from trainlab.engine.precision import cpu_summary  # noqa: E402
 
 # SwiGLU has three matrices where the others have two: 344 (~2/3 of 4 x 128, a multiple of
@@ -57,14 +55,7 @@ def run_one(base: str, variant: str, seed: int, minutes: float, runs_dir: str, t
     flags = {"text": text, "runs_dir": runs_dir, "tag": "benchmark", "progress": False, "device": "cpu",
              "precision": "fp32", "seed": seed, "sample_every": 0, "run_name": f"{variant.replace('+', '-')}-s{seed}-{int(time.time())}",
              **VARIANTS[variant]}
-    values = runs.settings("chat", base, flags=flags)
-    cfgs, task = runs.checked_task("chat", values)
-    sps, _ = fitted_seconds_per_step(task, cfgs["train"])
-    steps = max(10, int(minutes * 60 / sps))
-    values.update(max_steps=steps, lr_decay_steps=steps, eval_every=steps, save_every=steps)
-    cfgs, task = runs.checked_task("chat", values)
-    run, config = runs.new_run_from("chat", cfgs, task, quiet=True)
-    summary = train(task, cfgs["train"], run, config, echo=lambda line: None)
+    summary, cfgs, task, steps, sps = train_for_minutes("chat", base, flags, minutes)
     m = summary.members[0]
     mc = cfgs["model"]
     val = span_loss(m.model, task.corpus, "val", mc.context_len)

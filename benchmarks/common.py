@@ -111,6 +111,24 @@ def span_loss(model, corpus, split: str, ctx: int, most: int | None = None) -> f
     return total / (len(starts) * ctx)
 
 
+def train_for_minutes(kind: str, preset: str, flags: dict, minutes: float):
+    """An ordinary run of ``preset`` with ``flags`` for ``minutes`` of training steps: its step
+    count fitted from its own step time (``fitted_seconds_per_step``), the LR schedule ending
+    there, one evaluation and one checkpoint at the end. Returns (summary, configs, task,
+    steps, seconds per step)."""
+    from trainlab import runs
+    from trainlab.engine.loop import train
+
+    values = runs.settings(kind, preset, flags=flags)
+    cfgs, task = runs.checked_task(kind, values)
+    sps, _ = fitted_seconds_per_step(task, cfgs["train"])
+    steps = max(10, int(minutes * 60 / sps))
+    values.update(max_steps=steps, lr_decay_steps=steps, eval_every=steps, save_every=steps)
+    cfgs, task = runs.checked_task(kind, values)
+    run, config = runs.new_run_from(kind, cfgs, task, quiet=True)
+    return train(task, cfgs["train"], run, config, echo=lambda line: None), cfgs, task, steps, sps
+
+
 def untrained_14m(runs_dir: str, text) -> str:
     """A chatgot-14m run trained for one step in ``runs_dir`` (its id): decoding speed does not
     depend on what the weights have learned, so the benchmarks of decoding serve it."""

@@ -7,8 +7,10 @@ after warm-up), over seeds, and is scored free-running on held-out 3x3-digit tes
     python benchmarks/multiply_options.py --minutes 6 --variants base,abacus --seeds 0,1,2
     python benchmarks/multiply_options.py --members latent --out results/multiply-options-latent
 
-Variants change only the options named (``VARIANTS``): place-value embeddings
-(``--abacus``), the running-sum loss (``--carry-loss``), and the answer order with them.
+Every variant starts from the preset as it was before the probes (``BEFORE``: natural
+order, neither option; the preset now turns all three on) and changes only the options
+named (``VARIANTS``): place-value embeddings (``--abacus``), the running-sum loss
+(``--carry-loss``), and the answer order with them.
 fp32 on every side, so the figures mean the same on every CPU. Each result is appended to
 ``OUT/results.json`` as it comes: the same command again skips what is there, so an
 interrupted probe continues where it stopped.
@@ -28,13 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import fitted_seconds_per_step, print_machine  # noqa: E402
+from common import print_machine, train_for_minutes  # noqa: E402
 
-from trainlab import runs  # noqa: E402
-from trainlab.engine.loop import train  # noqa: E402
 from trainlab.engine.precision import cpu_summary  # noqa: E402
 from trainlab.multiply.inference import evaluate_members, evaluation_dataset  # noqa: E402
 
+# the preset as it was before these probes (it now turns all three on), so that every
+# variant names the whole of what it changes and the table can be made again
+BEFORE = {"answer_order": "natural", "abacus": False, "carry_loss": 0.0}
 VARIANTS = {
     "base": {},
     "abacus": {"abacus": True},
@@ -49,15 +52,8 @@ VARIANTS = {
 def run_one(variant: str, member: str, seed: int, minutes: float, runs_dir: str, test_n: int) -> dict:
     flags = {"runs_dir": runs_dir, "tag": "benchmark", "progress": False, "device": "cpu", "precision": "fp32",
              "seed": seed, "members": member, "run_name": f"{variant.replace('+', '-')}-{member}-s{seed}-{int(time.time())}",
-             **VARIANTS[variant]}
-    values = runs.settings("multiply", "multiply-3digit", flags=flags)
-    cfgs, task = runs.checked_task("multiply", values)
-    sps, _ = fitted_seconds_per_step(task, cfgs["train"])
-    steps = max(10, int(minutes * 60 / sps))
-    values.update(max_steps=steps, lr_decay_steps=steps, eval_every=steps, save_every=steps)
-    cfgs, task = runs.checked_task("multiply", values)
-    run, config = runs.new_run_from("multiply", cfgs, task, quiet=True)
-    summary = train(task, cfgs["train"], run, config, echo=lambda line: None)
+             **BEFORE, **VARIANTS[variant]}
+    summary, cfgs, _, steps, sps = train_for_minutes("multiply", "multiply-3digit", flags, minutes)
     m = summary.members[0]
     top = cfgs["data"].max_digits
     score = evaluate_members({m.name: m.model.eval()}, evaluation_dataset(cfgs["data"], top, top), "test",

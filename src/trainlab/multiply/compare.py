@@ -166,9 +166,10 @@ def classes_of(dataset, idx: np.ndarray) -> np.ndarray:
 def summarize(plan: Plan, scores: list[SeedScore], dataset, idx: np.ndarray) -> dict[str, Any]:
     """Every figure of the report, as data (also written to results.json)."""
     classes = classes_of(dataset, idx)
-    per_seed = []
+    per_seed, pairs = [], []
     for s in scores:
         pr = paired(s.correct["simple"], s.correct["latent"])
+        pairs.append(pr)
         row = {"seed": s.seed, "steps": s.steps, "n": pr.n, "paired": asdict(pr), "members": {},
                "curves": {m: [list(point) for point in s.curves.get(m, [])] for m in MEMBERS}}
         for m in MEMBERS:
@@ -177,7 +178,7 @@ def summarize(plan: Plan, scores: list[SeedScore], dataset, idx: np.ndarray) -> 
                                  "train_seconds": s.train_seconds[m], "parameters": s.parameters[m],
                                  "classes": {c: float(s.correct[m][classes == c].mean()) for c in sorted(set(classes))}}
         per_seed.append(row)
-    seeds_test = over_seeds([paired(s.correct["simple"], s.correct["latent"]) for s in scores])
+    seeds_test = over_seeds(pairs)
     p = seeds_test.p
     basis = (f"exact McNemar test on the paired problems of {len(scores)} seed{'s' if len(scores) > 1 else ''} "
              f"pooled (only simple right {seeds_test.b}, only latent right {seeds_test.c})")
