@@ -70,11 +70,11 @@ def memory_bandwidth() -> float:
     return src.numel() * 4 / best  # the read; the write moves as much again
 
 
-def matmul_rate(n: int = 1024) -> float:
-    """fp32 FLOP/s of an n x n matmul on this machine, the fastest of 10."""
+def matmul_rate(n: int = 1024, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of an n x n matmul in ``dtype`` on this machine, the fastest of 10."""
     import time
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(10):

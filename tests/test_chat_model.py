@@ -159,3 +159,46 @@ def test_modern_options_are_checked_and_old_configs_build_the_classic_block():
 
     old = {k: v for k, v in TINY.items()}  # a model_config.json from before the options
     assert build(GPTConfig, old) == GPTConfig(**TINY)
+
+
+# -- the written-out attention of CPU half-precision training ----------------------------------
+def test_written_out_attention_matches_the_fused_kernel_and_its_gradients():
+    import torch.nn.functional as F
+
+    from trainlab.chat.model import causal_attend
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 8, requires_grad=True) for _ in range(3))
+    g = torch.randn(2, 3, 9, 8)
+    ours = causal_attend(q, k, v, 0.0)
+    grads = torch.autograd.grad(ours, (q, k, v), g)
+    fused = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(ours, fused, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, torch.autograd.grad(fused, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    y = k.detach().clone()
+    y[:, :, 6] += 1.0  # a later key never changes an earlier output
+    assert torch.equal(causal_attend(q, y, v, 0.0)[:, :, :6], ours[:, :, :6])
+    torch.manual_seed(1)
+    dropped = causal_attend(q, k, v, 0.5)
+    assert not torch.allclose(dropped, ours)  # dropout acts on the attention weights
+
+
+def test_cpu_half_precision_training_takes_the_written_out_path_with_the_same_loss():
+    from trainlab.chat import model as chat_model
+
+    q = torch.zeros(1, 1, 2, 4)
+    assert not chat_model.written_out_is_faster(q)  # fp32: the fused kernel is the faster
+    assert chat_model.written_out_is_faster(q.bfloat16()) and chat_model.written_out_is_faster(q.half())
+    with torch.no_grad():
+        assert not chat_model.written_out_is_faster(q.bfloat16())  # forward only: fused is faster
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY, **MODERN[-1]}))
+    x = torch.randint(0, 11, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        written, _ = model(x)  # grad enabled: the written-out path
+        with torch.no_grad():
+            fused, _ = model(x)
+    torch.testing.assert_close(written.float(), fused.float(), atol=0.05, rtol=0.05)
+    written.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -236,3 +236,24 @@ def test_a_one_digit_comparison_has_too_few_test_problems_for_a_verdict(runs_dir
     assert results["n"] == 1 and results["verdict"].startswith("no verdict: 1 test problem")
     assert f"verdict: {results['verdict']}" in capsys.readouterr().out
     assert "**Verdict: no verdict" in (runs_dir / "compare" / "onedigit" / "report.md").read_text()
+
+
+def test_match_params_leaves_out_the_training_only_running_sum_head():
+    import torch
+
+    from trainlab.config import build
+    from trainlab.multiply.compare import member_parameters
+    from trainlab.multiply.config import MultiplyDataConfig, Seq2SeqConfig
+    from trainlab.multiply.models import build_model
+    from trainlab.multiply.task import member_config
+
+    values = {"d_model": 32, "nhead": 2, "num_layers": 1, "num_latent": 4, "latent_layers": 1, "min_digits": 1,
+              "max_digits": 2, "answer_order": "reversed"}
+    for m in ("simple", "latent"):
+        plain = member_parameters(values, m)
+        assert member_parameters({**values, "carry_loss": 1.0}, m) == plain
+        torch.manual_seed(0)
+        model = build_model(member_config(build(Seq2SeqConfig, {**values, "carry_loss": 1.0}), m,
+                                          build(MultiplyDataConfig, values)))
+        head = sum(p.numel() for p in model.sum_head.parameters())
+        assert head > 0 and sum(p.numel() for p in model.parameters()) == plain + head

@@ -60,6 +60,29 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos.to(x.dtype) + turned * sin.to(x.dtype)
 
 
+def written_out_is_faster(q: torch.Tensor) -> bool:
+    """Whether a training pass should attend through ``causal_attend`` rather than
+    ``scaled_dot_product_attention``: on a CPU in bf16 or fp16 with gradients on. There the
+    flash kernel's backward is far slower than plain matmuls at the chat presets' sizes: a
+    forward and backward took 23.9 ms against 4.8 ms at chat-90s's (batch 64, 4 heads, context
+    64, head width 48), 12.2 against 3.7 at chat-quick's, 28.9 against 26.1 at context 256 (an
+    AMX Xeon, benchmarks/attention_paths.py). In fp32 (0.7-0.9x) and without gradients the
+    fused kernel is the faster, so it stays there."""
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
+
+
+def causal_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+    """Causal attention written out: (B, H, T, hd) queries over as many keys. The softmax is
+    taken in fp32, as the fused kernels accumulate it, and cast back for the product with v."""
+    T = q.shape[2]
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, T)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)  # (T, T)
+    att = torch.softmax(att.masked_fill(future, float("-inf")), dim=-1, dtype=torch.float32).to(v.dtype)
+    if dropout > 0:
+        att = F.dropout(att, dropout)
+    return att @ v  # (B, H, T, hd)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -95,7 +118,9 @@ class CausalSelfAttention(nn.Module):
             k = torch.cat([cache[0], k], dim=2)  # (B, H, P+T, hd)
             v = torch.cat([cache[1], v], dim=2)
         P = k.shape[2] - T  # positions already cached
-        if P == 0:
+        if P == 0 and written_out_is_faster(q):
+            y = causal_attend(q, k, v, self.dropout if self.training else 0.0)
+        elif P == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:  # new queries see every cached position and the new ones up to themselves

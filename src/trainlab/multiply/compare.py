@@ -84,17 +84,21 @@ def read_recipe(path: str, sections: list[tuple[str, type]]) -> dict[str, Any]:
 
 # -- --match-params ----------------------------------------------------------------------------
 def member_parameters(values: dict[str, Any], member: str) -> int:
-    """Parameters of ``member`` as ``values`` would build it (counted without allocating)."""
-    from trainlab.engine.memory import parameter_count
+    """Parameters of ``member`` as ``values`` would build it, the ones inference uses (the
+    training-only running-sum head of --carry-loss does not count); built on the meta device,
+    where nothing is allocated."""
+    import torch
+
     from trainlab.multiply.config import MultiplyDataConfig, Seq2SeqConfig
     from trainlab.multiply.models import build_model
     from trainlab.multiply.task import member_config
 
     cfg = member_config(build(Seq2SeqConfig, values), member, build(MultiplyDataConfig, values))
-    n = parameter_count(lambda: build_model(cfg))
-    if n is None:
-        raise UsageError("--match-params: cannot count the members' parameters")
-    return n
+    try:
+        with torch.device("meta"):
+            return build_model(cfg).num_parameters()
+    except (RuntimeError, NotImplementedError):
+        raise UsageError("--match-params: cannot count the members' parameters") from None
 
 
 def match_parameters(values_of: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, int], str]:
@@ -151,7 +155,7 @@ def score_seed(plan: Plan, seed: int, runs: list[tuple[str, list[str]]], dataset
             correct[m] = decode_problems(models[m], dataset, idx).correct
             state = ckpt.tensors(f"{m}/train_state.pt")
             secs[m] = float(state["train_seconds"])
-            params[m] = sum(p.numel() for p in models[m].parameters())
+            params[m] = models[m].num_parameters()
             curves[m] = [(int(e["step"]), float(e.get("exact_match", math.nan))) for e in state["evals"]]
     return SeedScore(seed, steps, secs, params, correct, curves)
 

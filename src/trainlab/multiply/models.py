@@ -152,7 +152,9 @@ class SimpleTransformer(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Parameters that answer a problem: the training-only running-sum head is left out, so
+        --carry-loss does not make a member look bigger than the model it leaves behind."""
+        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith("sum_head."))
 
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder output and its key mask: (B, S, D), (B, S) with True = a real token."""
