@@ -133,6 +133,28 @@ def test_a_tiny_chat_study_with_the_shipped_space(runs_dir, tmp_path):
                 "--sample-every", "0", "--eval-every", "1") == 0
 
 
+
+@pytest.mark.parametrize("member", ["simple", "latent"])
+def test_the_shipped_3digit_space_holds_the_options_and_latents_settings(runs_dir, member):
+    """Issue 27's equal footing: one space for both members, every edge accepted by the
+    3-digit preset, and a trial draws the options into an ordinary run's config."""
+    import optuna
+
+    from trainlab.tune import read_space
+
+    _, space = read_space("3digit", "multiply")
+    assert {"abacus", "carry_loss", "answer_order", "num_latent", "latent_layers", "bottleneck_factor"} <= set(space)
+    assert tune(runs_dir, "multiply", "--space", "3digit", "--trials", "2", "--budget-steps", "1", "--study", member,
+                "--preset", "multiply-3digit", "--members", member, "--pruner", "none", "--eval-every", "1",
+                "--save-every", "1000", "--eval-samples", "20", "--test-n", "20", "--no-progress", "--tag", "test",
+                "--device", "cpu", "--seed", "0") == 0
+    study = load(runs_dir, member)
+    assert states(study) == ["COMPLETE"] * 2
+    for t in study.trials:
+        model = json.loads((runs_dir / t.user_attrs["run"] / "run.json").read_text())["config"]["model"]
+        assert model["abacus"] == t.params["abacus"] and model["carry_loss"] == t.params["carry_loss"]
+        assert model["num_latent"] == t.params["num_latent"]
+
 def test_pruning_stops_unpromising_trials_at_an_evaluation(runs_dir, tmp_path, monkeypatch):
     """The median pruner against trials whose objective is 0 at every evaluation after 3
     better ones: a trial reports, is pruned, and its run ends saved with status pruned."""
