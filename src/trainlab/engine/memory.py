@@ -154,10 +154,11 @@ def memory_figures(device: torch.device) -> dict[str, float]:
 BYTES_PER_PARAMETER = 16  # fp32 weights and gradients, and AdamW's two moments
 
 
-def parameter_count(build: Callable[[], torch.nn.Module]) -> int | None:
-    """Parameters of the model ``build()`` makes, counted on the meta device, where nothing is
-    allocated; None if the model cannot be built there. A tensor whose byte size overflows
-    64 bits counts as more than any machine holds."""
+def parameter_count(build: Callable[[], torch.nn.Module],
+                    count: Callable[[torch.nn.Module], int] | None = None) -> int | None:
+    """Parameters of the model ``build()`` makes (all of them, or what ``count`` says of it),
+    counted on the meta device, where nothing is allocated; None if the model cannot be built
+    there. A tensor whose byte size overflows 64 bits counts as more than any machine holds."""
     try:
         with torch.device("meta"):
             model = build()
@@ -165,7 +166,7 @@ def parameter_count(build: Callable[[], torch.nn.Module]) -> int | None:
         return 2**63 if "overflow" in str(e).lower() else None
     except NotImplementedError:
         return None
-    return sum(p.numel() for p in model.parameters())
+    return count(model) if count else sum(p.numel() for p in model.parameters())
 
 
 def device_memory_bytes(device: torch.device) -> int | None:

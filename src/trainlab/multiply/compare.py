@@ -85,20 +85,17 @@ def read_recipe(path: str, sections: list[tuple[str, type]]) -> dict[str, Any]:
 # -- --match-params ----------------------------------------------------------------------------
 def member_parameters(values: dict[str, Any], member: str) -> int:
     """Parameters of ``member`` as ``values`` would build it, the ones inference uses (the
-    training-only running-sum head of --carry-loss does not count); built on the meta device,
-    where nothing is allocated."""
-    import torch
-
+    training-only running-sum head of --carry-loss does not count), counted without allocating."""
+    from trainlab.engine.memory import parameter_count
     from trainlab.multiply.config import MultiplyDataConfig, Seq2SeqConfig
     from trainlab.multiply.models import build_model
     from trainlab.multiply.task import member_config
 
     cfg = member_config(build(Seq2SeqConfig, values), member, build(MultiplyDataConfig, values))
-    try:
-        with torch.device("meta"):
-            return build_model(cfg).num_parameters()
-    except (RuntimeError, NotImplementedError):
-        raise UsageError("--match-params: cannot count the members' parameters") from None
+    n = parameter_count(lambda: build_model(cfg), lambda model: model.num_parameters())
+    if n is None:
+        raise UsageError("--match-params: cannot count the members' parameters")
+    return n
 
 
 def match_parameters(values_of: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, int], str]:
