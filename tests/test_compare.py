@@ -257,3 +257,49 @@ def test_match_params_leaves_out_the_training_only_running_sum_head():
                                           build(MultiplyDataConfig, values)))
         head = sum(p.numel() for p in model.sum_head.parameters())
         assert head > 0 and sum(p.numel() for p in model.parameters()) == plain + head
+
+
+def test_budget_minutes_gives_each_member_its_own_fitted_steps_once(runs_dir, tmp_path, monkeypatch, capsys):
+    """Own recipes at equal time: each member's steps come from its own timing (faked here so
+    the counts are known), are recorded once, and a resumed or repeated comparison reuses them."""
+    import trainlab.engine.step as step
+
+    timed = []
+
+    def fake_timing(task, cfg, device=None, n=10, warmup=5):
+        timed.append(cfg.batch_size)
+        return cfg.batch_size / 400, "fp32"  # batch 16: 0.04 s a step, batch 32: 0.08 s
+
+    monkeypatch.setattr(step, "fitted_seconds_per_step", fake_timing)
+    simple, latent = tmp_path / "simple.yaml", tmp_path / "latent.yaml"
+    simple.write_text("batch_size: 16\nmax_steps: 999\n")
+    latent.write_text("batch_size: 32\nmax_steps: 999\n")
+    flags = ["--min-digits", "2", "--max-digits", "2", "--test-n", "50", "--seeds", "2", "--id", "timed",
+             "--recipe-simple", str(simple), "--recipe-latent", str(latent), "--budget-minutes", "0.01"]
+    monkeypatch.setenv(faults.ENV, "interrupt=4")  # the first run stops early: the fit must survive that
+    assert compare(runs_dir, *flags) == 130
+    monkeypatch.delenv(faults.ENV)
+    assert timed == [16]
+    assert compare(runs_dir, *flags) == 0
+    assert timed == [16, 32]  # each member timed once, not once a seed or once a resume
+    folder = runs_dir / "compare" / "timed"
+    fitted = json.loads((folder / "compare.json").read_text())["fitted_steps"]
+    assert {k: v["steps"] for k, v in fitted.items()} == {"simple": 15, "latent": 7}  # 0.6 s / 0.04, / 0.08
+    results = json.loads((folder / "results.json").read_text())
+    for r in results["per_seed"]:
+        assert (r["members"]["simple"]["steps"], r["members"]["latent"]["steps"]) == (15, 7)
+    assert results["protocol"]["budget_minutes"] == 0.01
+    assert results["protocol"]["members"]["latent"]["batch_size"] == 32
+    report = (folder / "report.md").read_text()
+    assert "0.01 minutes of each member's own training" in report and "simple 15 steps of batch 16" in report
+    capsys.readouterr()
+    assert compare(runs_dir, *flags) == 0 and timed == [16, 32]  # done: nothing timed or trained again
+    assert f"verdict: {results['verdict']}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_a_budget_that_is_not_a_positive_number_is_refused(runs_dir, capsys, value):
+    assert compare(runs_dir, "--budget-minutes", value) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--budget-minutes" in err[0], err
+    assert not (runs_dir / "compare").exists()

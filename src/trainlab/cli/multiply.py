@@ -29,6 +29,10 @@ def add_parser(sub) -> None:
     cmp.add_argument("--recipe-simple", metavar="FILE", help="settings of the simple member only (a config file, "
                                                             "e.g. a tune study's best.yaml); needs --recipe-latent")
     cmp.add_argument("--recipe-latent", metavar="FILE", help="settings of the latent member only")
+    cmp.add_argument("--budget-minutes", type=float, metavar="M",
+                     help="train each member M minutes of its own training instead of --max-steps: its step count "
+                          "is fitted once from a short timing and kept for every seed (equal time, not equal steps, "
+                          "for members with recipes of their own)")
     train_flags(cmp, "multiply", multiply_sections(), resume=False)
 
     ev = msub.add_parser("evaluate", help="free-running exact-match with a 95%% confidence interval")
@@ -97,6 +101,7 @@ def multiply_evaluate(args: argparse.Namespace) -> int:
 def multiply_compare(args: argparse.Namespace) -> int:
     import hashlib
     import json
+    import math
     from pathlib import Path
 
     from trainlab.engine.tracking import RUN_NAME, check_runs_dir
@@ -122,24 +127,30 @@ def multiply_compare(args: argparse.Namespace) -> int:
         files = {"simple": str(Path(args.recipe_simple).resolve()), "latent": str(Path(args.recipe_latent).resolve())}
         recipes = {m: {k: v for k, v in read_recipe(f, sections).items()
                        if k not in ("members", "seed", "run_name", "runs_dir", "tag")} for m, f in files.items()}
-    if values.get("max_steps") is None:
+    budget = args.budget_minutes
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise ConfigError("budget_minutes", f"must be a positive number of minutes, got {budget}")
+    if budget is None and values.get("max_steps") is None:
         raise ConfigError("max_steps", "a comparison trains every seed to a fixed step count: set --max-steps "
-                                       "(or a preset that does)")
+                                       "(or a preset that does), or --budget-minutes")
     base, recipes, counts, note = plan_members(values, recipes, args.match_params)
     seed0 = int(values.get("seed", 0))
     seeds = list(range(seed0, seed0 + args.seeds))
+    fixed = {"max_steps": 1} if budget is not None else {}
     for m in MEMBERS:  # every run's settings pass the flags' own checks before anything is written
-        checked_task("multiply", {**base, **recipes.get(m, {}), "members": ",".join(MEMBERS) if not recipes else m})
-    digest = hashlib.sha256(json.dumps([base, recipes, seeds, args.match_params], sort_keys=True,
-                                       default=str).encode()).hexdigest()[:8]
+        checked_task("multiply", {**base, **recipes.get(m, {}), **fixed,
+                                  "members": ",".join(MEMBERS) if not recipes else m})
+    digest = hashlib.sha256(json.dumps([base, recipes, seeds, args.match_params] + ([budget] if budget else []),
+                                       sort_keys=True, default=str).encode()).hexdigest()[:8]
     cid = args.id or f"cmp-{values.get('min_digits', 1)}-{values.get('max_digits', 3)}d-{digest}"
     if not RUN_NAME.fullmatch(cid) or len(cid) > 48:
         raise ConfigError("id", f"{cid!r} must be 1-48 letters, digits, '.', '_' or '-', not starting with a symbol")
     runs_dir = Path(base.get("runs_dir", "runs"))
     check_runs_dir(runs_dir)
     plan = Plan(cid, seeds, base, recipes, files, args.match_params, int(values.get("test_n", 10000)),
-                runs_dir / "compare" / cid)
-    print(f"comparison {cid}: {len(seeds)} seed(s), {'one recipe for both' if not recipes else 'own recipes'}; "
+                runs_dir / "compare" / cid, budget)
+    print(f"comparison {cid}: {len(seeds)} seed(s), {'one recipe for both' if not recipes else 'own recipes'}"
+          + (f", {budget:g} minutes of each member's training" if budget is not None else "") + "; "
           f"parameters simple {counts['simple']:,}, latent {counts['latent']:,}" + (f" ({note})" if note else ""))
     out = run(plan)
     if out is None:

@@ -6,7 +6,11 @@ members in lockstep on the same batches (one recipe for both), or, with ``--reci
 and ``--recipe-latent``, each member in a run of its own with its own recipe (found, say,
 by ``trainlab tune --members ...`` with equal budgets; the report names the files). Every
 seed trains to its ``--max-steps``; the comparison resumes where it stopped, seed by seed
-(a finished seed is not trained again). Then each seed's final models answer the same
+(a finished seed is not trained again). ``--budget-minutes M`` instead gives every member M
+minutes of its own training: its step count is fitted once from a short timing (as a tune
+trial's is), recorded in ``compare.json`` and reused by every seed and by a resumed
+comparison, so members with different recipes (a wider batch, a deeper model) get equal
+time rather than equal steps. Then each seed's final models answer the same
 ``--test-n`` held-out test problems (all of them when the range has fewer), free-running.
 
 What is reported (``trainlab/stats.py`` says why): exact-match with Wilson intervals,
@@ -49,6 +53,7 @@ class Plan:
     match_params: bool
     test_n: int
     folder: Path
+    budget_minutes: float | None = None  # each member's training minutes (its steps fitted once)
 
     @property
     def same_recipe(self) -> bool:
@@ -70,6 +75,7 @@ class Plan:
     def identity(self) -> dict[str, Any]:
         return {"task": "multiply", "seeds": self.seeds, "mode": "same recipe" if self.same_recipe else "own recipes",
                 "recipes": self.recipe_files, "match_params": self.match_params,
+                "budget_minutes": self.budget_minutes,
                 "settings": {k: v for k, v in sorted(self.base.items()) if k not in ("progress", "run_name")},
                 "recipe_settings": self.recipes}
 
@@ -127,6 +133,7 @@ class SeedScore:
     parameters: dict[str, int]
     correct: dict[str, np.ndarray]  # member -> bool per test problem
     curves: dict[str, list[tuple[int, float]]]  # member -> (step, val exact-match)
+    member_steps: dict[str, int]  # member -> the steps it trained (they differ under --budget-minutes)
 
 
 def score_seed(plan: Plan, seed: int, runs: list[tuple[str, list[str]]], dataset, idx: np.ndarray) -> SeedScore:
@@ -140,7 +147,7 @@ def score_seed(plan: Plan, seed: int, runs: list[tuple[str, list[str]]], dataset
     from trainlab.multiply.evaluation import decode_problems
 
     runs_dir = plan.base.get("runs_dir", "runs")
-    correct, secs, params, curves, steps = {}, {}, {}, {}, 0
+    correct, secs, params, curves, steps, member_steps = {}, {}, {}, {}, 0, {}
     for name, members in runs:
         run = find_run(runs_dir, TASK_NAME, name)
         ckpt = latest_checkpoint(run.checkpoints, TASK_NAME)
@@ -152,9 +159,10 @@ def score_seed(plan: Plan, seed: int, runs: list[tuple[str, list[str]]], dataset
             correct[m] = decode_problems(models[m], dataset, idx).correct
             state = ckpt.tensors(f"{m}/train_state.pt")
             secs[m] = float(state["train_seconds"])
+            member_steps[m] = int(ckpt.step)
             params[m] = models[m].num_parameters()
             curves[m] = [(int(e["step"]), float(e.get("exact_match", math.nan))) for e in state["evals"]]
-    return SeedScore(seed, steps, secs, params, correct, curves)
+    return SeedScore(seed, steps, secs, params, correct, curves, member_steps)
 
 
 def classes_of(dataset, idx: np.ndarray) -> np.ndarray:
@@ -176,7 +184,8 @@ def summarize(plan: Plan, scores: list[SeedScore], dataset, idx: np.ndarray) -> 
         for m in MEMBERS:
             k = int(s.correct[m].sum())
             row["members"][m] = {"exact_match": k / pr.n, "ci": wilson_interval(k, pr.n), "correct": k,
-                                 "train_seconds": s.train_seconds[m], "parameters": s.parameters[m],
+                                 "steps": s.member_steps[m], "train_seconds": s.train_seconds[m],
+                                 "parameters": s.parameters[m],
                                  "classes": {c: float(s.correct[m][classes == c].mean()) for c in sorted(set(classes))}}
         per_seed.append(row)
     seeds_test = over_seeds(pairs)
@@ -193,7 +202,12 @@ def summarize(plan: Plan, scores: list[SeedScore], dataset, idx: np.ndarray) -> 
     cfg = dataset.cfg
     protocol = {"min_digits": cfg.min_digits, "max_digits": cfg.max_digits, "test_n": plan.test_n,
                 "same_recipe": plan.same_recipe, "recipes": plan.recipe_files, "match_params": plan.match_params,
-                "batch_size": plan.base.get("batch_size"), "precision": plan.base.get("precision", "auto")}
+                "batch_size": plan.base.get("batch_size"), "precision": plan.base.get("precision", "auto"),
+                "budget_minutes": plan.budget_minutes,
+                "members": {m: {"batch_size": plan.recipes.get(m, {}).get("batch_size", plan.base.get("batch_size")),
+                                "precision": plan.recipes.get(m, {}).get("precision",
+                                                                         plan.base.get("precision", "auto"))}
+                            for m in MEMBERS}}
     return {"id": plan.id, "n": int(len(idx)), "seeds": plan.seeds, "protocol": protocol, "per_seed": per_seed,
             "pooled": pooled,
             "effect": {"mean_diff": seeds_test.mean, "sd": seeds_test.sd, "ci": seeds_test.ci, "p": p, "basis": basis,
@@ -223,6 +237,30 @@ def check_or_record(plan: Plan) -> None:
                     encoding="utf-8")
 
 
+def budget_steps(plan: Plan, members: list[str], values: dict[str, Any], say=print) -> int:
+    """The step count that fills ``plan.budget_minutes`` of training for the run of ``members``
+    with ``values``: fitted from a short timing the first time (in the precision the run will
+    train in) and recorded in ``compare.json``, so every seed and a resumed comparison train the
+    same steps; the seeds' paired test needs them equal."""
+    from trainlab.engine.step import fitted_seconds_per_step
+    from trainlab.engine.tracking import write_json_atomic
+    from trainlab.runs import checked_task
+
+    path = plan.folder / "compare.json"
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    key = "+".join(members)
+    fitted = saved.get("fitted_steps") or {}
+    if key not in fitted:
+        cfgs, task = checked_task("multiply", {**values, "max_steps": 1})
+        sps, how = fitted_seconds_per_step(task, cfgs["train"], None, n=5, warmup=3)
+        steps = max(1, int(plan.budget_minutes * 60 / sps))
+        fitted[key] = {"steps": steps, "seconds_per_step": sps, "precision": how}
+        write_json_atomic(path, {**saved, "fitted_steps": fitted})
+        say(f"comparison {plan.id}: {key} timed at {sps:.3f} s a step ({how}): {steps:,} steps fill "
+            f"{plan.budget_minutes:g} minutes")
+    return int(fitted[key]["steps"])
+
+
 def run(plan: Plan, say=print) -> tuple[dict[str, Any], Path] | None:
     """Train (or resume) every seed, then score and report; None when a stop signal ended a run."""
     from trainlab.runs import run_to_end
@@ -232,6 +270,9 @@ def run(plan: Plan, say=print) -> tuple[dict[str, Any], Path] | None:
     check_or_record(plan)
     by_seed: dict[int, list[tuple[str, list[str]]]] = {}
     for seed, name, members, values in plan.runs():
+        if plan.budget_minutes is not None:
+            steps = budget_steps(plan, members, values, say)
+            values = {**values, "max_steps": steps, "lr_decay_steps": steps}
         say(f"comparison {plan.id}: seed {seed}, run {name} ({'+'.join(members)})")
         _, summary = run_to_end("multiply", values, name, extra={"comparison": plan.id, "seed": seed}, echo=say)
         if summary is not None and summary.interrupted:

@@ -96,6 +96,23 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
+def _training_line(results: dict[str, Any]) -> str:
+    """How long each member trained: one step count for lockstep runs, each member's own under
+    --budget-minutes (older results.json files have no per-member steps)."""
+    r0, pr = results["per_seed"][0], results["protocol"]
+    steps = {m: r0["members"][m].get("steps", r0["steps"]) for m in MEMBERS}
+    own = pr.get("members") or {}
+    if pr.get("budget_minutes") is None and len(set(steps.values())) == 1 and not own:
+        return (f"each an ordinary run of {r0['steps']:,} steps (batch {pr['batch_size']}, precision "
+                f"{pr['precision']}).")
+    per = "; ".join(f"{m} {steps[m]:,} steps of batch {own.get(m, {}).get('batch_size', pr['batch_size'])} in "
+                    f"{own.get(m, {}).get('precision', pr['precision'])} "
+                    f"({r0['members'][m]['train_seconds'] / 60:.1f} minutes of training)" for m in MEMBERS)
+    budget = (f"{pr['budget_minutes']:g} minutes of each member's own training, its step count fitted once from "
+              f"a short timing: " if pr.get("budget_minutes") is not None else "")
+    return f"{budget}{per} (seed {r0['seed']}'s figures)."
+
+
 def write_comparison_report(folder: Path, results: dict[str, Any]) -> Path:
     """``report.md`` and its plots in ``folder``, from the comparison's ``results.json`` data
     alone (``multiply/compare.py``'s ``summarize``), so a committed results.json remakes them."""
@@ -108,8 +125,7 @@ def write_comparison_report(folder: Path, results: dict[str, Any]) -> Path:
              f"- Problems: {pr['min_digits']}-{pr['max_digits']} digit operands; scored on {results['n']:,} held-out "
              f"test problems{' (all of them)' if results['n'] < pr['test_n'] else ''}, the same ones for every "
              f"seed and member, answered free-running (greedy, no teacher forcing).",
-             f"- Seeds: {', '.join(map(str, results['seeds']))}; each an ordinary run of {r0['steps']:,} steps "
-             f"(batch {pr['batch_size']}, precision {pr['precision']}).",
+             f"- Seeds: {', '.join(map(str, results['seeds']))}; " + _training_line(results),
              f"- Recipes: {'one recipe for both members, trained in lockstep on the same batches' if pr['same_recipe'] else 'each member its own recipe: ' + ', '.join(f'{m} from {f}' for m, f in pr['recipes'].items())}.",
              f"- Parameters: simple {params['simple']:,}, latent {params['latent']:,}"
              + (" (matched with --match-params)" if pr["match_params"] else "") + ".",
@@ -168,7 +184,8 @@ def plot_curves(folder: Path, results: dict[str, Any]) -> list[str]:
             steps = np.array([step for step, _ in curves[0][:n]], float)
             ys = np.array([[v for _, v in c[:n]] for c in curves]) * 100  # (seeds, points)
             if by_time:
-                per_step = np.mean([r["members"][m]["train_seconds"] / max(1, r["steps"]) for r in seeds])
+                per_step = np.mean([r["members"][m]["train_seconds"] / max(1, r["members"][m].get("steps", r["steps"]))
+                                    for r in seeds])
                 xs = steps * per_step / 60
             else:
                 xs = steps
