@@ -73,6 +73,18 @@ def test_a_tiny_multiply_study_trains_ordinary_runs_and_shows_its_best(runs_dir,
     assert trained["train"]["batch_size"] == study.best_params["batch_size"]
 
 
+
+def test_best_yaml_keeps_a_searched_value_that_equals_the_default(runs_dir, tmp_path, capsys):
+    """The study's flags turn --answer-pad on and the space can only turn it off: best.yaml
+    must say `answer_pad: false`, or laid over the study's settings (compare --preset P
+    --recipe-simple best.yaml) it would train the preset's value instead of the best trial's."""
+    space = space_file(tmp_path, {"answer_pad": {"choices": [False]}, "lr": {"low": 0.001, "high": 0.002}})
+    assert tune(runs_dir, "multiply", "--space", str(space), "--trials", "1", "--budget-steps", "2",
+                "--study", "pad", "--pruner", "none", "--answer-pad", *MULTIPLY) == 0
+    assert main(["tune", "show", "pad", "--runs-dir", str(runs_dir)]) == 0
+    best = yaml.safe_load((runs_dir / "tune" / "pad" / "best.yaml").read_text())
+    assert best["answer_pad"] is False and best["max_steps"] == 2 and best["max_digits"] == 1
+
 def trial_evals(runs_dir, trial, member: str) -> list[dict[str, float]]:
     """The evaluations saved in the trial's run, from its newest checkpoint."""
     from trainlab.engine.checkpoint import latest_checkpoint

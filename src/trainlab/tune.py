@@ -487,8 +487,12 @@ def default_settings(sections: list[tuple[str, type]]) -> dict[str, Any]:
 
 
 def best_settings(study, sections: list[tuple[str, type]]) -> dict[str, Any]:
-    """The best trial's settings as a config file: what differs from the defaults, the searched
-    values, and its step count. Paths, names and tags are left to the command line."""
+    """The best trial's settings as a config file: the study's own settings (its preset and
+    flags) that differ from the defaults, every searched value, and its step count. A searched
+    value is kept even where it equals the default: the file is also laid over the study's
+    preset (``multiply compare --preset P --recipe-simple best.yaml``), and a dropped
+    ``abacus: false`` there would come back as the preset's ``true``. Paths, names and tags
+    are left to the command line."""
     base = json.loads(study.user_attrs.get("trainlab_base", "{}"))
     best = study.best_trial
     settings = {**base, **best.params}
@@ -497,7 +501,8 @@ def best_settings(study, sections: list[tuple[str, type]]) -> dict[str, Any]:
         settings.update(max_steps=steps)
     defaults = default_settings(sections)
     out = {k: v for k, v in settings.items()
-           if k not in ("runs_dir", "run_name", "tag", "progress", "device", "lr_decay_steps") and defaults.get(k, object()) != v}
+           if k not in ("runs_dir", "run_name", "tag", "progress", "device", "lr_decay_steps")
+           and (k in best.params or defaults.get(k, object()) != v)}
     return dict(sorted(out.items()))
 
 
