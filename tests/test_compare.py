@@ -303,3 +303,13 @@ def test_a_budget_that_is_not_a_positive_number_is_refused(runs_dir, capsys, val
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--budget-minutes" in err[0], err
     assert not (runs_dir / "compare").exists()
+
+
+def test_a_p_value_below_the_smallest_double_prints_as_a_bound_not_as_zero():
+    from trainlab.stats import format_p
+
+    p = mcnemar_exact(6413, 874)  # the 3-digit comparison's pooled disagreements
+    assert p == 0.0  # it underflows
+    said = verdict("simple", "latent", p, -0.18, ci=(-0.22, -0.13), problems=10000)
+    assert "p < 1e-300" in said and "p = 0" not in said and "worse" in said
+    assert format_p(0.0123) == "0.012" and format_p(2e-7) == "2.0e-07" and format_p(math.nan) == "n/a"

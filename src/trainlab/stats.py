@@ -151,15 +151,25 @@ def verdict(first: str, second: str, p: float, diff: float, alpha: float = ALPHA
                 f"{first} apart (even all going one way gives p >= {alpha:g}; at least {min_problems(alpha)} "
                 f"are needed, and far more to see a difference of a few points)")
     if math.isnan(p) or p >= alpha or diff == 0:
-        return f"{second} and {first} are not distinguishable at p < {alpha:g} (p = {_p(p)})"
+        return f"{second} and {first} are not distinguishable at p < {alpha:g} (p {p_relation(p)})"
     if ci is not None and ci[0] <= 0.0 <= ci[1]:
-        return (f"{second} and {first} are not distinguishable: the pooled test gives p = {_p(p)} but the seeds "
+        return (f"{second} and {first} are not distinguishable: the pooled test gives p {p_relation(p)} but the seeds "
                 f"disagree (bootstrap 95% interval {ci[0] * 100:+.1f} to {ci[1] * 100:+.1f} points spans 0)")
     better = "better" if diff > 0 else "worse"
-    return f"{second} is {better} than {first} at p < {alpha:g} (p = {_p(p)}; {diff * 100:+.1f} points)"
+    return f"{second} is {better} than {first} at p < {alpha:g} (p {p_relation(p)}; {diff * 100:+.1f} points)"
 
 
-def _p(p: float) -> str:
+def format_p(p: float) -> str:
+    """A p-value as text. An exact test of thousands of one-sided disagreements gives a p below
+    the smallest double, which comes back as 0.0: that prints as a bound, never as "p = 0"."""
     if math.isnan(p):
         return "n/a"
+    if p < 1e-300:
+        return "< 1e-300"
     return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def p_relation(p: float) -> str:
+    """What follows "p" in a sentence: "= 0.012", or "< 1e-300" for an underflowed one."""
+    text = format_p(p)
+    return text if text.startswith("<") else f"= {text}"

@@ -15,6 +15,7 @@ from trainlab.engine.monitor import format_duration
 from trainlab.engine.plots import plot_lines
 from trainlab.engine.tracking import Run
 from trainlab.multiply.config import MODEL_KINDS as MEMBERS  # a comparison's members, in its tables' order
+from trainlab.stats import format_p, p_relation
 
 THRESHOLDS = (0.5, 0.9, 0.99)
 
@@ -145,7 +146,7 @@ def write_comparison_report(folder: Path, results: dict[str, Any]) -> Path:
     lines += ["", f"Effect (latent - simple, points of exact-match): {100 * e['mean_diff']:+.2f}, 95% interval "
                   f"{100 * e['ci'][0]:+.2f} to {100 * e['ci'][1]:+.2f}" + (f", sd over seeds {100 * e['sd']:.2f}"
                                                                            if not math.isnan(e['sd']) else "")
-              + f"; p = {e['p']:.3g} ({e['basis']}).", "",
+              + f"; p {p_relation(e['p'])} ({e['basis']}).", "",
               "## Per seed", "",
               "| seed | simple (95% CI) | latent (95% CI) | latent - simple (95% CI) | only simple right | only latent right | McNemar p | train time simple / latent |",
               "|---|---|---|---|---|---|---|---|"]
@@ -154,7 +155,7 @@ def write_comparison_report(folder: Path, results: dict[str, Any]) -> Path:
         lines.append(f"| {r['seed']} | {_pct(s['exact_match'])} ({_pct(s['ci'][0])}-{_pct(s['ci'][1])}) | "
                      f"{_pct(la['exact_match'])} ({_pct(la['ci'][0])}-{_pct(la['ci'][1])}) | "
                      f"{100 * p['diff']:+.2f} ({100 * p['ci'][0]:+.2f} to {100 * p['ci'][1]:+.2f}) | {p['b']} | "
-                     f"{p['c']} | {p['p']:.3g} | {s['train_seconds']:.0f} s / {la['train_seconds']:.0f} s |")
+                     f"{p['c']} | {format_p(p['p'])} | {s['train_seconds']:.0f} s / {la['train_seconds']:.0f} s |")
     pngs = plot_curves(folder, results)
     lines += [""] + [f"![{name}]({name})" for name in pngs]
     path = folder / "report.md"
