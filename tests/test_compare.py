@@ -313,3 +313,45 @@ def test_a_p_value_below_the_smallest_double_prints_as_a_bound_not_as_zero():
     said = verdict("simple", "latent", p, -0.18, ci=(-0.22, -0.13), problems=10000)
     assert "p < 1e-300" in said and "p = 0" not in said and "worse" in said
     assert format_p(0.0123) == "0.012" and format_p(2e-7) == "2.0e-07" and format_p(math.nan) == "n/a"
+
+
+def test_score_digits_rescores_the_same_runs_on_one_class_each_in_its_own_answer_order(runs_dir, tmp_path,
+                                                                                       monkeypatch, capsys):
+    import sys
+
+    import trainlab.multiply.evaluation as evaluation
+
+    seen = []
+    decode = evaluation.decode_problems
+
+    def watching(model, dataset, idx, *a, **k):
+        if sys._getframe(1).f_code.co_name == "score_seed":  # the comparison's scoring, not a run's own
+            seen.append((dataset.cfg.answer_order, dataset.cfg.min_digits, dataset.cfg.max_digits, len(idx)))
+        return decode(model, dataset, idx, *a, **k)
+
+    monkeypatch.setattr(evaluation, "decode_problems", watching)
+    simple, latent = tmp_path / "simple.yaml", tmp_path / "latent.yaml"
+    simple.write_text("answer_order: reversed\n")
+    latent.write_text("answer_order: natural\n")
+    flags = ["--min-digits", "1", "--max-digits", "2", "--test-n", "40", "--seeds", "1", "--id", "rescored",
+             "--recipe-simple", str(simple), "--recipe-latent", str(latent)]
+    assert compare(runs_dir, *flags) == 0
+    folder = runs_dir / "compare" / "rescored"
+    whole = json.loads((folder / "results.json").read_text())
+    assert seen == [("reversed", 1, 2, 40), ("natural", 1, 2, 40)]  # each run read in its own format
+    assert {"1x2", "2x2"} <= set(whole["pooled"]["simple"]["classes"])
+    runs = sorted(p.name for p in (runs_dir / "parallel_comparison").iterdir())
+    stamps = {r: (runs_dir / "parallel_comparison" / r / "run.json").stat().st_mtime_ns for r in runs}
+    seen.clear()
+    capsys.readouterr()
+    assert compare(runs_dir, *flags, "--score-digits", "2") == 0  # the same comparison, scored on 2x2 only
+    two = json.loads((folder / "results.json").read_text())
+    assert set(two["pooled"]["simple"]["classes"]) == {"2x2"} and two["protocol"]["score_digits"] == 2
+    assert two["protocol"]["min_digits"] == 1 and two["protocol"]["max_digits"] == 2
+    assert [s[:3] for s in seen] == [("reversed", 2, 2), ("natural", 2, 2)] and seen[0][3] == two["n"] <= 40
+    assert sorted(p.name for p in (runs_dir / "parallel_comparison").iterdir()) == runs  # nothing trained again
+    assert {r: (runs_dir / "parallel_comparison" / r / "run.json").stat().st_mtime_ns for r in runs} == stamps
+    assert "2x2-digit test problems" in (folder / "report.md").read_text()
+    assert compare(runs_dir, *flags, "--score-digits", "3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--score-digits" in err[0] and "1-2" in err[0], err

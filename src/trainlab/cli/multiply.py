@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
                      help="train each member M minutes of its own training instead of --max-steps: its step count "
                           "is fitted once from a short timing and kept for every seed (equal time, not equal steps, "
                           "for members with recipes of their own)")
+    cmp.add_argument("--score-digits", type=int, metavar="D",
+                     help="score only the DxD-digit problems of the held-out test split (default: the whole trained "
+                          "range); the same runs can be scored again with another D")
     train_flags(cmp, "multiply", multiply_sections(), resume=False)
 
     ev = msub.add_parser("evaluate", help="free-running exact-match with a 95%% confidence interval")
@@ -133,6 +136,12 @@ def multiply_compare(args: argparse.Namespace) -> int:
     if budget is None and values.get("max_steps") is None:
         raise ConfigError("max_steps", "a comparison trains every seed to a fixed step count: set --max-steps "
                                        "(or a preset that does), or --budget-minutes")
+    score = args.score_digits
+    if score is not None:
+        lo = max(int({**values, **r}.get("min_digits", 1)) for r in [{}, *recipes.values()])
+        hi = min(int({**values, **r}.get("max_digits", 3)) for r in [{}, *recipes.values()])
+        if not lo <= score <= hi:
+            raise ConfigError("score_digits", f"must be within the trained digit range {lo}-{hi}, got {score}")
     base, recipes, counts, note = plan_members(values, recipes, args.match_params)
     seed0 = int(values.get("seed", 0))
     seeds = list(range(seed0, seed0 + args.seeds))
@@ -148,7 +157,7 @@ def multiply_compare(args: argparse.Namespace) -> int:
     runs_dir = Path(base.get("runs_dir", "runs"))
     check_runs_dir(runs_dir)
     plan = Plan(cid, seeds, base, recipes, files, args.match_params, int(values.get("test_n", 10000)),
-                runs_dir / "compare" / cid, budget)
+                runs_dir / "compare" / cid, budget, score)
     print(f"comparison {cid}: {len(seeds)} seed(s), {'one recipe for both' if not recipes else 'own recipes'}"
           + (f", {budget:g} minutes of each member's training" if budget is not None else "") + "; "
           f"parameters simple {counts['simple']:,}, latent {counts['latent']:,}" + (f" ({note})" if note else ""))

@@ -6,7 +6,9 @@ members in lockstep on the same batches (one recipe for both), or, with ``--reci
 and ``--recipe-latent``, each member in a run of its own with its own recipe (found, say,
 by ``trainlab tune --members ...`` with equal budgets; the report names the files). Every
 seed trains to its ``--max-steps``; the comparison resumes where it stopped, seed by seed
-(a finished seed is not trained again). ``--budget-minutes M`` instead gives every member M
+(a finished seed is not trained again). ``--score-digits D`` scores only the DxD problems of
+the held-out test split; it is not part of what the comparison is, so the same runs can be
+scored again that way. ``--budget-minutes M`` instead gives every member M
 minutes of its own training: its step count is fitted once from a short timing (as a tune
 trial's is), recorded in ``compare.json`` and reused by every seed and by a resumed
 comparison, so members with different recipes (a wider batch, a deeper model) get equal
@@ -35,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from trainlab.config import UsageError, build, load_yaml
-from trainlab.multiply.config import MODEL_KINDS
+from trainlab.multiply.config import MODEL_KINDS, MultiplyDataConfig
 from trainlab.multiply.report import write_comparison_report
 from trainlab.stats import over_seeds, paired, verdict, wilson_interval
 
@@ -54,6 +56,7 @@ class Plan:
     test_n: int
     folder: Path
     budget_minutes: float | None = None  # each member's training minutes (its steps fitted once)
+    score_digits: int | None = None  # score only DxD test problems (None: the whole trained range)
 
     @property
     def same_recipe(self) -> bool:
@@ -142,7 +145,7 @@ def score_seed(plan: Plan, seed: int, runs: list[tuple[str, list[str]]], dataset
 
     from trainlab.engine.checkpoint import latest_checkpoint
     from trainlab.engine.tracking import find_run
-    from trainlab.multiply.inference import load_members
+    from trainlab.multiply.inference import evaluation_dataset, load_members, trained_data_config
     from trainlab.multiply.config import TASK_NAME
     from trainlab.multiply.evaluation import decode_problems
 
@@ -155,8 +158,14 @@ def score_seed(plan: Plan, seed: int, runs: list[tuple[str, list[str]]], dataset
             raise UsageError(f"run {name} has no checkpoint to score")
         models = load_members(ckpt, torch.device("cpu"))
         steps = max(steps, ckpt.step)
+        # the problems are the same for every run; how they are written (answer order, padding)
+        # is each run's own, as own recipes may differ there
+        trained = trained_data_config(ckpt)
+        if (trained.val_fraction, trained.test_fraction) != (dataset.cfg.val_fraction, dataset.cfg.test_fraction):
+            raise UsageError(f"run {name} was trained on other val/test fractions than the comparison scores with")
+        mine = evaluation_dataset(trained, dataset.cfg.min_digits, dataset.cfg.max_digits)
         for m in members:
-            correct[m] = decode_problems(models[m], dataset, idx).correct
+            correct[m] = decode_problems(models[m], mine, idx).correct
             state = ckpt.tensors(f"{m}/train_state.pt")
             secs[m] = float(state["train_seconds"])
             member_steps[m] = int(ckpt.step)
@@ -199,11 +208,11 @@ def summarize(plan: Plan, scores: list[SeedScore], dataset, idx: np.ndarray) -> 
         pooled[m] = {"exact_match": k / n, "ci": wilson_interval(k, n),
                      "classes": {c: float(np.mean([r["members"][m]["classes"][c] for r in per_seed]))
                                  for c in sorted(set(classes))}}
-    cfg = dataset.cfg
+    cfg = build(MultiplyDataConfig, plan.base)  # the range trained on; dataset's may be --score-digits' DxD
     protocol = {"min_digits": cfg.min_digits, "max_digits": cfg.max_digits, "test_n": plan.test_n,
                 "same_recipe": plan.same_recipe, "recipes": plan.recipe_files, "match_params": plan.match_params,
                 "batch_size": plan.base.get("batch_size"), "precision": plan.base.get("precision", "auto"),
-                "budget_minutes": plan.budget_minutes,
+                "budget_minutes": plan.budget_minutes, "score_digits": plan.score_digits,
                 "members": {m: {"batch_size": plan.recipes.get(m, {}).get("batch_size", plan.base.get("batch_size")),
                                 "precision": plan.recipes.get(m, {}).get("precision",
                                                                          plan.base.get("precision", "auto"))}
@@ -266,6 +275,7 @@ def run(plan: Plan, say=print) -> tuple[dict[str, Any], Path] | None:
     from trainlab.runs import run_to_end
     from trainlab.multiply.config import MultiplyDataConfig
     from trainlab.multiply.data import MultiplicationDataset
+    from trainlab.multiply.inference import evaluation_dataset
 
     check_or_record(plan)
     by_seed: dict[int, list[tuple[str, list[str]]]] = {}
@@ -279,7 +289,10 @@ def run(plan: Plan, say=print) -> tuple[dict[str, Any], Path] | None:
             return None
         by_seed.setdefault(seed, []).append((name, members))
     data = build(MultiplyDataConfig, plan.base)
-    dataset = MultiplicationDataset(data)
+    if plan.score_digits is None:
+        dataset = MultiplicationDataset(data)
+    else:  # the DxD problems of the same held-out test split
+        dataset = evaluation_dataset(data, plan.score_digits, plan.score_digits)
     idx = dataset.subset("test", plan.test_n, seed=0)
     if len(idx) == 0:
         raise UsageError("this digit range has no test problems to score")

@@ -124,7 +124,8 @@ def write_comparison_report(folder: Path, results: dict[str, Any]) -> Path:
              f"**Verdict: {results['verdict']}.**", "",
              "## Protocol", "",
              f"- Problems: {pr['min_digits']}-{pr['max_digits']} digit operands; scored on {results['n']:,} held-out "
-             f"test problems{' (all of them)' if results['n'] < pr['test_n'] else ''}, the same ones for every "
+             + (f"{pr['score_digits']}x{pr['score_digits']}-digit " if pr.get("score_digits") else "")
+             + f"test problems{' (all of them)' if results['n'] < pr['test_n'] else ''}, the same ones for every "
              f"seed and member, answered free-running (greedy, no teacher forcing).",
              f"- Seeds: {', '.join(map(str, results['seeds']))}; " + _training_line(results),
              f"- Recipes: {'one recipe for both members, trained in lockstep on the same batches' if pr['same_recipe'] else 'each member its own recipe: ' + ', '.join(f'{m} from {f}' for m, f in pr['recipes'].items())}.",
