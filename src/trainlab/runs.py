@@ -220,6 +220,17 @@ def checked_task(command: str | TaskKind, values: dict[str, Any], world: int = 1
     return cfgs, kind.make_task(cfgs)
 
 
+def steps_for_minutes(command: str | TaskKind, values: dict[str, Any], minutes: float) -> tuple[int, float, str]:
+    """(steps, seconds a step, the precision timed) that fill ``minutes`` of training with
+    ``values``: a few steps timed after warm-up, in the precision the run will train in. What a
+    tune trial's and a comparison's time budget become."""
+    from trainlab.engine.step import fitted_seconds_per_step
+
+    cfgs, task = checked_task(command, {**values, "max_steps": 1})
+    sps, how = fitted_seconds_per_step(task, cfgs["train"], None, n=5, warmup=3)
+    return max(1, int(minutes * 60 / sps)), sps, how
+
+
 def new_run_from(command: str | TaskKind, cfgs: dict[str, Any], task: Any, extra: dict[str, Any] | None = None,
                  quiet: bool = False, echo: Echo = print):
     """A new run of ``task`` in the runs index (``extra``: more fields for its run.json, such as

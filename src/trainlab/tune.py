@@ -379,9 +379,8 @@ def run_trial(plan: StudyPlan, study, trial, kind, say: Callable[[str], None]) -
     """Train one trial as an ordinary run and tell Optuna how it went; returns its state name."""
     from optuna.trial import TrialState
 
-    from trainlab.runs import checked_task, new_run_from
+    from trainlab.runs import checked_task, new_run_from, steps_for_minutes
     from trainlab.engine.loop import TrainingError, train
-    from trainlab.engine.step import fitted_seconds_per_step
 
     values = {**plan.base, **trial.params, "run_name": f"{plan.name}-t{trial.number:04d}"}
     shown = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
@@ -389,11 +388,9 @@ def run_trial(plan: StudyPlan, study, trial, kind, say: Callable[[str], None]) -
         if plan.budget_steps is not None:
             steps = plan.budget_steps
         else:
-            cfgs, task = checked_task(kind, {**values, "max_steps": 1})
             # in the precision the trial will train in: under --precision auto a trial that picks
             # bf16 would otherwise be fitted to fp32's (or bf16's slow first) steps
-            sps, _ = fitted_seconds_per_step(task, cfgs["train"], None, n=5, warmup=3)
-            steps = max(1, int(plan.budget_minutes * 60 / sps))
+            steps, _, _ = steps_for_minutes(kind, values, plan.budget_minutes)
         values.update(max_steps=steps, lr_decay_steps=steps)
         cfgs, task = checked_task(kind, values)
     except (ConfigError, UsageError) as e:  # a combination the flags refuse (say d_model and nhead)

@@ -131,12 +131,15 @@ def match_parameters(values_of: dict[str, dict[str, Any]]) -> tuple[dict[str, di
 @dataclass
 class SeedScore:
     seed: int
-    steps: int
     train_seconds: dict[str, float]
     parameters: dict[str, int]
     correct: dict[str, np.ndarray]  # member -> bool per test problem
     curves: dict[str, list[tuple[int, float]]]  # member -> (step, val exact-match)
     member_steps: dict[str, int]  # member -> the steps it trained (they differ under --budget-minutes)
+
+    @property
+    def steps(self) -> int:
+        return max(self.member_steps.values())
 
 
 def score_seed(plan: Plan, seed: int, runs: list[tuple[str, list[str]]], dataset, idx: np.ndarray) -> SeedScore:
@@ -150,14 +153,13 @@ def score_seed(plan: Plan, seed: int, runs: list[tuple[str, list[str]]], dataset
     from trainlab.multiply.evaluation import decode_problems
 
     runs_dir = plan.base.get("runs_dir", "runs")
-    correct, secs, params, curves, steps, member_steps = {}, {}, {}, {}, 0, {}
+    correct, secs, params, curves, member_steps = {}, {}, {}, {}, {}
     for name, members in runs:
         run = find_run(runs_dir, TASK_NAME, name)
         ckpt = latest_checkpoint(run.checkpoints, TASK_NAME)
         if ckpt is None:
             raise UsageError(f"run {name} has no checkpoint to score")
         models = load_members(ckpt, torch.device("cpu"))
-        steps = max(steps, ckpt.step)
         # the problems are the same for every run; how they are written (answer order, padding)
         # is each run's own, as own recipes may differ there
         trained = trained_data_config(ckpt)
@@ -171,7 +173,7 @@ def score_seed(plan: Plan, seed: int, runs: list[tuple[str, list[str]]], dataset
             member_steps[m] = int(ckpt.step)
             params[m] = models[m].num_parameters()
             curves[m] = [(int(e["step"]), float(e.get("exact_match", math.nan))) for e in state["evals"]]
-    return SeedScore(seed, steps, secs, params, correct, curves, member_steps)
+    return SeedScore(seed, secs, params, correct, curves, member_steps)
 
 
 def classes_of(dataset, idx: np.ndarray) -> np.ndarray:
@@ -251,18 +253,15 @@ def budget_steps(plan: Plan, members: list[str], values: dict[str, Any], say=pri
     with ``values``: fitted from a short timing the first time (in the precision the run will
     train in) and recorded in ``compare.json``, so every seed and a resumed comparison train the
     same steps; the seeds' paired test needs them equal."""
-    from trainlab.engine.step import fitted_seconds_per_step
     from trainlab.engine.tracking import write_json_atomic
-    from trainlab.runs import checked_task
+    from trainlab.runs import steps_for_minutes
 
     path = plan.folder / "compare.json"
     saved = json.loads(path.read_text(encoding="utf-8"))
     key = "+".join(members)
     fitted = saved.get("fitted_steps") or {}
     if key not in fitted:
-        cfgs, task = checked_task("multiply", {**values, "max_steps": 1})
-        sps, how = fitted_seconds_per_step(task, cfgs["train"], None, n=5, warmup=3)
-        steps = max(1, int(plan.budget_minutes * 60 / sps))
+        steps, sps, how = steps_for_minutes("multiply", values, plan.budget_minutes)
         fitted[key] = {"steps": steps, "seconds_per_step": sps, "precision": how}
         write_json_atomic(path, {**saved, "fitted_steps": fitted})
         say(f"comparison {plan.id}: {key} timed at {sps:.3f} s a step ({how}): {steps:,} steps fill "
