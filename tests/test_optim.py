@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from trainlab.chat.model import GPT, GPTConfig
-from trainlab.engine.optim import Muon, hidden_matrices, make_optimizer, orthogonalize
+from trainlab.engine.optim import Muon, follow_precision, hidden_matrices, make_optimizer, orthogonalize
 from trainlab.multiply.models import LatentTransformer, Seq2SeqConfig, SimpleTransformer
 
 
@@ -85,10 +85,12 @@ def test_a_muon_step_is_the_scaled_orthogonalised_nesterov_momentum():
 
 
 def test_muon_steps_on_matrices_of_shared_and_own_shapes():
-    """Same-shaped matrices are orthogonalised as one stack: each must still get its own
-    momentum and its own update, over several steps."""
+    """Same-shaped matrices are orthogonalised as one stack, and a tall matrix joins the stack
+    of its transpose's shape (the (5, 8) and (8, 5) weights here): each must still get its own
+    momentum and its own update, the right way round, over several steps."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False), nn.Linear(8, 5, bias=False))
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False), nn.Linear(8, 5, bias=False),
+                          nn.Linear(5, 8, bias=False), nn.Linear(8, 3, bias=False))
     w = [m.weight.detach().clone() for m in model]
     bufs = [torch.zeros_like(x) for x in w]
     opt = make_optimizer(model, "muon", 0.03, 0.0, (0.9, 0.99), momentum=0.8)
@@ -107,3 +109,43 @@ def test_muon_steps_on_matrices_of_shared_and_own_shapes():
 def test_muon_refuses_a_vector():
     with pytest.raises(ValueError, match="2-D"):
         Muon([{"params": [nn.Parameter(torch.zeros(3))], "muon": True}], lr=0.1)
+
+
+def test_bf16_iterations_give_the_same_update_as_fp32_roughly_and_in_the_weights_dtype():
+    g = torch.randn(2, 48, 128, generator=torch.Generator().manual_seed(3))
+    exact, fast = orthogonalize(g), orthogonalize(g, dtype=torch.bfloat16)
+    assert fast.dtype == torch.float32 and fast.shape == g.shape
+    assert float(torch.nn.functional.cosine_similarity(fast.flatten(), exact.flatten(), dim=0)) > 0.99
+    assert not torch.equal(fast, exact)  # it did iterate in bf16
+
+
+def test_muon_iterates_in_the_members_training_dtype():
+    """The engine hands the member's autocast dtype to Muon before each update: bf16 only
+    for bf16 (fp16's range is too small for the Gram matrices), fp32 for the rest."""
+    model = nn.Sequential(nn.Linear(8, 8, bias=False))
+    opt = make_optimizer(model, "muon", 0.01, 0.0, (0.9, 0.99))
+    assert opt.matmul_dtype == torch.float32
+    for dtype, expected in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32), (None, torch.float32)):
+        follow_precision(opt, dtype)
+        assert opt.matmul_dtype == expected
+    follow_precision(make_optimizer(model, "adamw", 0.01, 0.0, (0.9, 0.99)), torch.bfloat16)  # a no-op there
+
+
+def test_a_bf16_step_of_the_engine_iterates_muon_in_bf16():
+    from trainlab.engine.member import make_member
+    from trainlab.engine.step import member_step
+    from trainlab.engine.task import StepLoss
+    from trainlab.engine.train_config import TrainConfig
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 1, bias=False))
+
+    class Task:
+        def loss(self, member, model, batch, step):
+            return StepLoss(model(batch["x"]).square().mean())
+
+    for precision, expected in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        cfg = TrainConfig(optimizer="muon", precision=precision, lr=0.01)
+        m = make_member("m", model, cfg)
+        member_step(m, Task(), {"x": torch.randn(4, 8)}, 0, cfg, {}, torch.device("cpu"), lambda *a: None, 4)
+        assert m.optimizer.matmul_dtype == expected and m.step == 1

@@ -18,6 +18,7 @@ from trainlab.engine.distributed import Dist, all_sum, broadcast
 from trainlab.engine.memory import fastest, free_memory, is_out_of_memory, micro_batch_counts, split_batch
 from trainlab.engine.precision import BF16_MARGIN
 from trainlab.engine.member import Member
+from trainlab.engine.optim import follow_precision
 from trainlab.engine.state import LoopState
 from trainlab.engine.task import Evaluation, Task, TrainingError
 from trainlab.engine.train_config import TrainConfig
@@ -178,6 +179,7 @@ def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int
     if action == "update":
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(m.params, cfg.grad_clip, norm)
+        follow_precision(m.optimizer, m.precision.dtype)
         scaler.step(m.optimizer)
         m.scheduler.step()
         m.step += 1
