@@ -149,3 +149,46 @@ def test_a_bf16_step_of_the_engine_iterates_muon_in_bf16():
         m = make_member("m", model, cfg)
         member_step(m, Task(), {"x": torch.randn(4, 8)}, 0, cfg, {}, torch.device("cpu"), lambda *a: None, 4)
         assert m.optimizer.matmul_dtype == expected and m.step == 1
+
+
+def group_of(opt, p):
+    return next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+
+
+@pytest.mark.parametrize("name", ["muon", "adamw"])
+def test_embeddings_and_an_untied_head_take_their_own_lrs(name):
+    gpt = GPT(GPTConfig(d_model=32, nhead=2, num_layers=1, context_len=16, vocab_size=20, tie_weights=False))
+    plain = make_optimizer(gpt, name, 0.01, 0.1, (0.9, 0.99))
+    opt = make_optimizer(gpt, name, 0.01, 0.1, (0.9, 0.99), embed_lr=0.05, head_lr=0.002)
+    assert len(opt.param_groups) == len(plain.param_groups) + 2
+    emb, head = group_of(opt, gpt.tok.weight), group_of(opt, gpt.head.weight)
+    assert emb["lr"] == 0.05 and emb["weight_decay"] == 0.0 and group_of(opt, gpt.pos.weight) is emb
+    assert head["lr"] == 0.002 and head["weight_decay"] == 0.1
+    body = group_of(opt, gpt.blocks[0].mlp.up.weight)
+    assert body["lr"] == 0.01 and body["weight_decay"] == 0.1
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(gpt.parameters()))
+    # the schedule scales every group from its own peak
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    assert (emb["lr"], head["lr"], body["lr"]) == (0.025, 0.001, 0.005)
+    del sched
+
+
+def test_unset_lrs_keep_the_old_group_layout_and_a_tied_head_goes_with_the_embeddings():
+    gpt = GPT(GPTConfig(d_model=32, nhead=2, num_layers=1, context_len=16, vocab_size=20, tie_weights=True))
+    plain = make_optimizer(gpt, "muon", 0.01, 0.1, (0.9, 0.99))
+    layout = [[id(p) for p in g["params"]] for g in plain.param_groups]
+    assert [len(ids) for ids in layout] == [4, 2, 3]  # muon; the embeddings (one tied); the norms
+    head_only = make_optimizer(gpt, "muon", 0.01, 0.1, (0.9, 0.99), head_lr=0.002)
+    assert [[id(p) for p in g["params"]] for g in head_only.param_groups] == layout  # a tied head is no head
+    opt = make_optimizer(gpt, "muon", 0.01, 0.1, (0.9, 0.99), embed_lr=0.05, head_lr=0.002)
+    assert group_of(opt, gpt.head.weight)["lr"] == 0.05
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, float("nan"), float("inf")])
+def test_bad_group_lrs_are_refused(bad):
+    from trainlab.config import ConfigError
+    from trainlab.engine.train_config import TrainConfig
+
+    for name in ("embed_lr", "head_lr"):
+        with pytest.raises(ConfigError, match=name.replace("_", "-")):
+            TrainConfig(**{name: bad})

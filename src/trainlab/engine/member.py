@@ -150,7 +150,8 @@ def make_member(name: str, model: nn.Module, cfg: TrainConfig, device: torch.dev
     """``model`` (already on ``device``) with its optimizer, the warmup/cosine schedule scaled by
     plateau cuts, and its precision, micro-batching and loss-trend state."""
     device = device or torch.device("cpu")
-    opt = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.muon_momentum)
+    opt = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.muon_momentum,
+                         cfg.embed_lr, cfg.head_lr)
     plateau = Plateau(cfg.plateau_patience, cfg.plateau_factor, cfg.plateau_min_lr)
     schedule = lr_lambda(cfg)
     return Member(name, model, opt, LambdaLR(opt, lambda step: schedule(step) * plateau.scale),

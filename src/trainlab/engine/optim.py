@@ -161,13 +161,35 @@ def follow_precision(optimizer: torch.optim.Optimizer, dtype: torch.dtype | None
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas: tuple[float, float],
-                   momentum: float = 0.95) -> torch.optim.Optimizer:
+                   momentum: float = 0.95, embed_lr: float | None = None, head_lr: float | None = None
+                   ) -> torch.optim.Optimizer:
     """``name`` (one of train_config.OPTIMIZERS) over ``model``'s trainable parameters; weight decay
-    on matrices only (not on biases, norms or other vectors)."""
+    on matrices only (not on biases, norms or other vectors).
+
+    ``embed_lr`` and ``head_lr`` give the embeddings (every ``nn.Embedding``, and so a head tied
+    to one) and an untied output layer (a module named ``head``) their own peak LR, in groups
+    of their own that the schedule scales like the others (embeddings then without weight
+    decay): a char model's 65-row tables see each row in nearly every batch and move fastest
+    at a higher LR, its head at a lower one (README, "Recipes for a time budget"). Unset, the
+    groups are laid out as before they existed, so an older checkpoint's optimizer state loads."""
     params = [p for p in model.parameters() if p.requires_grad]
     muon = {id(p) for p in hidden_matrices(model)} if name == "muon" else set()
-    groups = [{"params": [p for p in params if id(p) not in muon and p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    own: dict[int, tuple[str, float, float]] = {}  # parameter -> (its group, peak LR, weight decay)
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    if head_lr is not None:  # a head tied to an embedding is an embedding
+        own.update({id(m.weight): ("head", head_lr, weight_decay) for n, m in model.named_modules()
+                    if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] == "head" and id(m.weight) not in embedded})
+    if embed_lr is not None:  # not decayed: the decay would grow with the higher LR and pull
+        # the rows of rare characters to zero
+        own.update({id(m.weight): ("embed", embed_lr, 0.0) for m in model.modules() if isinstance(m, nn.Embedding)})
+    own = {k: v for k, v in own.items() if k not in muon}
+    groups = [{"params": [p for p in params if id(p) not in muon and id(p) not in own and p.dim() >= 2],
+               "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) not in own and p.dim() < 2], "weight_decay": 0.0}]
+    for kind in ("embed", "head"):
+        mine = [p for p in params if id(p) in own and own[id(p)][0] == kind]
+        if mine:
+            groups.append({"params": mine, "lr": own[id(mine[0])][1], "weight_decay": own[id(mine[0])][2]})
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas)
     muon_group = {"params": [p for p in params if id(p) in muon], "weight_decay": weight_decay, "muon": True}
