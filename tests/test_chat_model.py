@@ -202,3 +202,94 @@ def test_cpu_half_precision_training_takes_the_written_out_path_with_the_same_lo
     torch.testing.assert_close(written.float(), fused.float(), atol=0.05, rtol=0.05)
     written.float().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def pair_model(**kw) -> GPT:
+    """A pair-embedding model whose pair table is random (it starts at zero), so pairs matter."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY, "positions": "rotary", "norm": "rmsnorm", "mlp": "swiglu",
+                             "pair_embedding": True, **kw})).eval()
+    assert torch.count_nonzero(model.pair.weight) == 0  # a fresh table says nothing yet
+    torch.nn.init.normal_(model.pair.weight)
+    return model
+
+
+def test_pair_rows_read_the_previous_character_and_none_at_a_windows_start():
+    from trainlab.chat.model import pair_ids, pair_rows
+
+    cfg = GPTConfig(**{**TINY, "pair_embedding": True})
+    V = cfg.vocab_size
+    assert pair_rows(cfg) == V * (V + 1)
+    idx = torch.tensor([[1, 2, 3]])
+    assert pair_ids(cfg, idx, None).tolist() == [[V * V + 1, 1 * V + 2, 2 * V + 3]]
+    assert pair_ids(cfg, idx, torch.tensor([7])).tolist() == [[7 * V + 1, 1 * V + 2, 2 * V + 3]]
+    big = GPTConfig(**{**TINY, "pair_embedding": True, "vocab_size": 3000})  # 9M pairs: hashed into the cap
+    assert pair_rows(big) == 2**16
+    ids = pair_ids(big, torch.randint(0, 3000, (4, 16)), None)
+    assert ids.min() >= 0 and ids.max() < 2**16
+
+
+def test_the_previous_character_changes_the_next_logits_only_through_the_pair_table():
+    model = pair_model()
+    x = torch.randint(0, 11, (1, 16))
+    base, _ = model(x)
+    y = x.clone()
+    y[0, 6] = (y[0, 6] + 1) % 11
+    with torch.no_grad():
+        out, _ = model(y)
+        assert torch.equal(out[:, :6], base[:, :6])
+        model.pair.weight.zero_()  # without the table, position 7 sees position 6 only through attention
+        again, _ = model(y)
+    assert not torch.allclose(out[:, 7], again[:, 7])
+
+
+def test_a_pair_model_continues_its_cache_from_the_token_before():
+    model = pair_model()
+    x = torch.randint(0, 11, (1, 12))
+    with torch.no_grad():
+        full, _ = model(x)
+        logits, cache = model(x[:, :5])
+        parts = [logits]
+        for t in range(5, 12):
+            logits, cache = model(x[:, t:t + 1], cache, before=x[:, t - 1])
+            parts.append(logits)
+        torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="before"):
+            model(x[:, :1], model(x[:, :5])[1])
+
+
+def test_a_pair_model_generates_greedily_as_its_plain_forward_and_past_its_context():
+    from trainlab.chat.sampling import SamplingConfig, generate
+
+    model = pair_model()
+    prompt = [1, 4, 2]
+    out = list(generate(model, prompt, SamplingConfig(temperature=0.0, max_new_tokens=10), str, torch.Generator()))
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(10):  # within the context of 16: the plain forward of everything so far
+            tokens.append(int(model(torch.tensor([tokens]))[0][0, -1].argmax()))
+    assert "".join(out) == "".join(str(t) for t in tokens[3:])
+    longer = "".join(generate(model, prompt, SamplingConfig(temperature=0.0, max_new_tokens=60), str,
+                              torch.Generator()))
+    assert len(longer) >= 60  # the window slid (at least one digit per character)
+
+
+def test_a_pair_model_prefills_in_chunks_and_decodes_in_the_server_as_its_plain_forward():
+    from trainlab.chat.model import PREFILL_CHUNK, SlotCache, decode_rows, prefill_row
+
+    ctx = PREFILL_CHUNK + 40
+    model = pair_model(context_len=ctx)
+    seq = torch.randint(0, 11, (ctx - 2,)).tolist()
+    with torch.no_grad():
+        plain = model(torch.tensor([seq]))[0][0]
+    cache = SlotCache(model.cfg, 8)
+    prefill_row(model, [3, 1, 4], cache, 0)  # another row, at another position
+    # two chunks, the second of one position: its pair is the first chunk's last character and its own
+    got = [prefill_row(model, seq[:PREFILL_CHUNK + 1], cache, 1)]
+    for t in range(PREFILL_CHUNK + 1, ctx - 2):
+        tokens = torch.tensor([5] * 8)
+        tokens[1] = seq[t]
+        got.append(decode_rows(model, tokens, cache, [r in (0, 1) for r in range(8)])[1])
+        cache.lengths[0] += 1
+        cache.lengths[1] += 1
+    torch.testing.assert_close(torch.stack(got[:-1]), plain[PREFILL_CHUNK:ctx - 3], rtol=1e-4, atol=1e-5)

@@ -40,6 +40,7 @@ def runs(tmp_path_factory):
     assert chat_train(runs, corpus, "--run-name", "llama", *modern, "--no-tie-weights", *common) == 0
     assert chat_train(runs, corpus, "--run-name", "qwen3", *modern, "--qk-norm", *common) == 0
     assert chat_train(runs, corpus, "--run-name", "relu2", "--positions", "rotary", "--mlp", "relu2", *common) == 0
+    assert chat_train(runs, corpus, "--run-name", "pair", *modern, "--pair-embedding", *common) == 0
     return runs
 
 
@@ -220,10 +221,12 @@ def test_export_refuses_what_it_cannot_do_and_touches_nothing(runs, tmp_path, ca
     assert "export" in error_line()
 
 
-def test_a_block_with_no_exact_mapping_is_refused_for_hf_and_exported_as_safetensors(runs, tmp_path, capsys):
-    assert export(runs, "relu2", tmp_path / "hf") == 2
+@pytest.mark.parametrize("run,named", [("relu2", "mlp (relu2)"), ("pair", "pair_embedding (True)")])
+def test_a_block_with_no_exact_mapping_is_refused_for_hf_and_exported_as_safetensors(runs, tmp_path, capsys, run,
+                                                                                      named):
+    assert export(runs, run, tmp_path / "hf") == 2
     line = capsys.readouterr().err.strip()
-    assert line.startswith("trainlab: error: --format hf: the model's mlp (relu2)") and "--format safetensors" in line
+    assert line.startswith(f"trainlab: error: --format hf: the model's {named}") and "--format safetensors" in line
     assert not (tmp_path / "hf").exists()
-    assert export(runs, "relu2", tmp_path / "st", "--format", "safetensors") == 0
-    assert trainlab_greedy(runs, tmp_path / "st", capsys) == trainlab_greedy(runs, "relu2", capsys)
+    assert export(runs, run, tmp_path / "st", "--format", "safetensors") == 0
+    assert trainlab_greedy(runs, tmp_path / "st", capsys) == trainlab_greedy(runs, run, capsys)

@@ -64,6 +64,9 @@ class GPTConfig:
     zero_init: bool = field(default=False, metadata={"help": "start each block's output projections (attention "
                                                              "and MLP) at zero"})
     logit_softcap: float = field(default=0.0, metadata={"help": "logits squashed as c * tanh(logits / c); 0: off"})
+    pair_embedding: bool = field(default=False, metadata={"help": "add a learned vector for each (previous, "
+                                                                  "current) character pair to the input; in no "
+                                                                  "transformers family, so --format hf refuses it"})
     vocab_size: int = field(default=65, metadata={"cli": False})
 
     def __post_init__(self) -> None:

@@ -67,12 +67,13 @@ def architecture(cfg: GPTConfig) -> str:
     classic block, llama for rotary + RMSNorm + SwiGLU without biases, qwen3 for that with
     QK-norm; anything else is refused in one line naming the option that has no mapping."""
     classic = cfg.positions == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu" and not cfg.qk_norm
-    if classic and not cfg.logit_softcap:
+    extras = bool(cfg.logit_softcap) or cfg.pair_embedding  # pieces no family has
+    if classic and not extras:
         return "gpt2"
-    if cfg.positions == "rotary" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.bias \
-            and not cfg.logit_softcap:
+    if cfg.positions == "rotary" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.bias and not extras:
         return "qwen3" if cfg.qk_norm else "llama"
     for name, bad, why in (("logit_softcap", bool(cfg.logit_softcap), "no transformers family caps logits so"),
+                           ("pair_embedding", cfg.pair_embedding, "no transformers family embeds token pairs"),
                            ("mlp", cfg.mlp == "relu2", "ReLU squared is in no transformers family"),
                            ("positions", cfg.positions == "learned", "learned positions with the modern pieces"),
                            ("norm", cfg.norm == "layernorm", "LayerNorm with rotary positions"),
@@ -298,7 +299,8 @@ HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "
 
 def block_words(cfg: GPTConfig) -> str:
     if cfg.positions == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu" and not cfg.qk_norm:
-        return "trainlab's classic GPT-2 block (pre-LayerNorm, learned positions, exact GELU)"
+        return "trainlab's classic GPT-2 block (pre-LayerNorm, learned positions, exact GELU" + \
+            (", character-pair embeddings)" if cfg.pair_embedding else ")")
     parts = [f"{cfg.positions} positions", cfg.norm, f"a {cfg.mlp} MLP"]
     if cfg.qk_norm:
         parts.append("QK-norm")
@@ -306,6 +308,8 @@ def block_words(cfg: GPTConfig) -> str:
         parts.append("zero-initialised output projections")
     if cfg.logit_softcap:
         parts.append(f"logits capped at {cfg.logit_softcap:g}")
+    if cfg.pair_embedding:
+        parts.append("character-pair embeddings")
     return "trainlab's modern block (" + ", ".join(parts) + ")"
 
 

@@ -7,9 +7,18 @@ positions, LayerNorm, an exact-GELU MLP. The modern pieces, each its own option:
 (i, i + hd/2) as Llama writes it), ``norm rmsnorm``, ``qk_norm`` (RMSNorm on each head's
 queries and keys before the rotation, as Qwen3), ``mlp relu2`` or ``swiglu``,
 ``zero_init`` (output projections start at zero), ``logit_softcap`` (c * tanh(logits / c)),
-and ``tie_weights false`` for an untied head. Rotary, RMSNorm, SwiGLU and no biases are
+``tie_weights false`` for an untied head, and ``pair_embedding`` (below). Rotary, RMSNorm, SwiGLU and no biases are
 Llama's block, and with QK-norm Qwen3's, so ``chat/export.py`` hands such a model to
 transformers with the same logits.
+
+``pair_embedding`` adds to each position's input a learned vector for the pair (previous
+character, this character), read from a table of vocab * (vocab + 1) rows (hashed into
+``PAIR_ROWS_MAX`` past that): the first position of a window has no previous character
+(the extra "none" row), as in training, where windows start anywhere. The model sees
+character bigrams from its first layer instead of assembling them through attention,
+which a small model trained for a minute learns much from (README, "Recipes for a time
+budget"). A pass that continues a cache needs the character before its first one
+(``before``). The table starts at zero, so the model starts as it would without it.
 
 Generation keeps a key/value cache per block, so each new character costs one
 position's worth of compute instead of a whole window's.
@@ -33,6 +42,21 @@ from trainlab.chat.config import GPTConfig
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per block: keys and values, (B, H, T, hd) each
 RMS_EPS = 1e-6  # RMSNorm's epsilon (Llama's and Qwen3's default, which the export writes)
+PAIR_ROWS_MAX = 2**16  # past this the pair table is hashed: a 3,000-character vocabulary would need 9M rows
+
+
+def pair_rows(cfg: GPTConfig) -> int:
+    """Rows of the pair embedding: one per (previous or none, current) pair, at most ``PAIR_ROWS_MAX``."""
+    return min(cfg.vocab_size * (cfg.vocab_size + 1), PAIR_ROWS_MAX)
+
+
+def pair_ids(cfg: GPTConfig, idx: torch.Tensor, before: torch.Tensor | None) -> torch.Tensor:
+    """The pair-table row of every position of ``idx`` (B, T): its character and the one before,
+    ``before`` (B,) for the first position (``vocab_size``, or None: none, a window's start)."""
+    V = cfg.vocab_size
+    first = torch.full_like(idx[:, :1], V) if before is None else before.reshape(-1, 1).to(idx.dtype)  # (B, 1)
+    prev = torch.cat([first, idx[:, :-1]], dim=1)  # (B, T), V where there is none
+    return (prev * V + idx) % pair_rows(cfg)  # (B, T)
 
 
 def make_norm(cfg: GPTConfig, width: int) -> nn.Module:
@@ -173,6 +197,8 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.pair_embedding:
+            self.pair = nn.Embedding(pair_rows(cfg), cfg.d_model)
         if cfg.positions == "learned":
             self.pos = nn.Embedding(cfg.context_len, cfg.d_model)
         else:  # not saved: made from the config
@@ -186,6 +212,8 @@ class GPT(nn.Module):
         if cfg.tie_weights:
             self.head.weight = self.tok.weight
         self.apply(self._init)
+        if cfg.pair_embedding:
+            nn.init.zeros_(self.pair.weight)  # no pair says anything yet
         # residual projections start smaller, so the residual stream's variance does
         # not grow with depth (GPT-2's scheme), or at zero (--zero-init)
         for name, p in self.named_parameters():
@@ -202,10 +230,14 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
-        """Tokens ``idx`` (B, T) at ``positions`` (B or 1, T): the residual stream's start
-        (B, T, D), and the rotation of each position (cos, sin (B or 1, 1, T, hd)) or None."""
+    def embed(self, idx: torch.Tensor, positions: torch.Tensor, before: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, tuple | None]:
+        """Tokens ``idx`` (B, T) at ``positions`` (B or 1, T), after the tokens ``before`` (B,;
+        ``vocab_size`` or None: none): the residual stream's start (B, T, D), and the rotation
+        of each position (cos, sin (B or 1, 1, T, hd)) or None."""
         x = self.tok(idx)  # (B, T, D)
+        if self.cfg.pair_embedding:
+            x = x + self.pair(pair_ids(self.cfg, idx, before))  # (B, T, D)
         if self.cfg.positions == "learned":
             return x + self.pos(positions), None
         return x, (self.rot_cos[positions][:, None], self.rot_sin[positions][:, None])
@@ -216,16 +248,20 @@ class GPT(nn.Module):
         c = self.cfg.logit_softcap
         return c * torch.tanh(out / c) if c else out
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, before: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, KVCache]:
         """Logits for every position of ``idx`` (B, T); with ``cache``, ``idx`` continues
-        the cached positions. Returns (logits (B, T, V), the cache including ``idx``; empty
+        the cached positions, and ``before`` (B,) is the token before ``idx`` (a pair-embedding
+        model needs it there). Returns (logits (B, T, V), the cache including ``idx``; empty
         when gradient checkpointing is at work)."""
         B, T = idx.shape
         start = 0 if not cache else cache[0][0].shape[2]
         if start + T > self.cfg.context_len:
             raise ValueError(f"{start + T} positions exceed the context length {self.cfg.context_len}")
+        if start and before is None and self.cfg.pair_embedding:
+            raise ValueError("a pair-embedding model continuing a cache needs the token before idx (before=)")
         pos = torch.arange(start, start + T, device=idx.device)[None]  # (1, T)
-        x, rot = self.embed(idx, pos)
+        x, rot = self.embed(idx, pos, before if start else None)
         x = self.drop(x)  # (B, T, D)
         new_cache: KVCache = []
         if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled() and not cache:
@@ -275,6 +311,8 @@ class SlotCache:
         shape = (cfg.num_layers, slots, cfg.nhead, cfg.context_len, cfg.d_model // cfg.nhead)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, S, H, ctx, hd)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # each row's tokens at their positions: a pair-embedding model's next pass reads the one before
+        self.tokens = torch.zeros(slots, cfg.context_len, device=device, dtype=torch.long)  # (S, ctx)
         self.lengths = [0] * slots
         self.trimmed = trimmed
 
@@ -300,12 +338,12 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     return torch.softmax(att.masked_fill(~mask, float("-inf")), dim=-1) @ v  # (B, H, T, hd)
 
 
-def _serve_forward(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, store, mask: torch.Tensor
-                   ) -> torch.Tensor:
-    """``tokens`` (B, T) at ``positions`` (B, T) through every block, as ``GPT.forward`` does;
-    ``store(i, k, v)`` keeps block i's new keys and values (B, H, T, hd) and returns all that
-    its queries attend to. Returns the logits (B, T, V)."""
-    x, rot = model.embed(tokens, positions)  # (B, T, D)
+def _serve_forward(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, store, mask: torch.Tensor,
+                   before: torch.Tensor | None) -> torch.Tensor:
+    """``tokens`` (B, T) at ``positions`` (B, T), after ``before`` (B,; see ``GPT.embed``), through
+    every block, as ``GPT.forward`` does; ``store(i, k, v)`` keeps block i's new keys and values
+    (B, H, T, hd) and returns all that its queries attend to. Returns the logits (B, T, V)."""
+    x, rot = model.embed(tokens, positions, before)  # (B, T, D)
     B, T, D = x.shape
     for i, block in enumerate(model.blocks):
         q, k, v = block.attn.heads(block.ln1(x), rot)  # (B, H, T, hd) each
@@ -358,7 +396,10 @@ def prefill_row(model: GPT, tokens: list[int], cache: SlotCache, row: int) -> to
             return cache.k[i, row:row + 1, :, :span], cache.v[i, row:row + 1, :, :span]  # (1, H, span, hd)
 
         seen = keys[None, :] <= torch.arange(start, start + C, device=device)[:, None]  # (C, span): causal
-        logits = _serve_forward(model, torch.tensor([chunk], device=device), pos[None], store, seen)[0, real - 1]
+        before = torch.tensor([tokens[start - 1]], device=device) if start else None
+        logits = _serve_forward(model, torch.tensor([chunk], device=device), pos[None], store, seen,
+                                before)[0, real - 1]
+    cache.tokens[row, :T] = torch.tensor(tokens, device=device)
     cache.lengths[row] = T
     return logits
 
@@ -393,7 +434,11 @@ def decode_rows(model: GPT, tokens: torch.Tensor, cache: SlotCache, decoding: li
         return cache.k[i, :R, :, :span], cache.v[i, :R, :, :span]  # (R, H, span, hd)
 
     seen = (torch.arange(span, device=device)[None, :] <= pos[:, None])[:, None, None, :]  # (R, 1, 1, span)
-    return _serve_forward(model, tokens[:R, None], pos[:, None], store, seen)[:, 0]  # (R, V)
+    # the token before each row's new one (none at position 0: a row that is not decoding)
+    before = torch.where(pos > 0, cache.tokens[:R].gather(1, (pos - 1).clamp(min=0)[:, None])[:, 0],
+                         model.cfg.vocab_size)  # (R,)
+    cache.tokens[rows, pos[rows]] = tokens[rows]
+    return _serve_forward(model, tokens[:R, None], pos[:, None], store, seen, before)[:, 0]  # (R, V)
 
 
 @dataclass
