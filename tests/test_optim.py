@@ -192,3 +192,18 @@ def test_bad_group_lrs_are_refused(bad):
     for name in ("embed_lr", "head_lr"):
         with pytest.raises(ConfigError, match=name.replace("_", "-")):
             TrainConfig(**{name: bad})
+
+
+def test_none_takes_back_a_presets_group_lr_on_the_command_line():
+    import argparse
+
+    from trainlab.config import add_flags
+    from trainlab.engine.train_config import TrainConfig
+
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_flags(parser, TrainConfig, "train")
+    assert vars(parser.parse_args(["--embed-lr", "none", "--head-lr", "0.003"])) == {"embed_lr": None,
+                                                                                       "head_lr": 0.003}
+    for bad in ("fast", "nan"):
+        with pytest.raises(argparse.ArgumentError):
+            parser.parse_args(["--embed-lr", bad])

@@ -79,6 +79,12 @@ def _parse_float(text: str) -> float:
     return value
 
 
+def _parse_optional_float(text: str) -> float | None:
+    if text.strip().lower() in ("none", "null"):
+        return None
+    return _parse_float(text)
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
     """One flag per field of ``cls``; defaults are SUPPRESSed so only given flags show up."""
     group = parser.add_argument_group(title)
@@ -93,6 +99,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
         elif f.default is None and t is int:
             kwargs["type"] = _parse_optional_int
             kwargs["metavar"] = "N|none"
+        elif f.default is None and t is float:  # "none" takes back a preset's value
+            kwargs["type"] = _parse_optional_float
+            kwargs["metavar"] = "X|none"
         elif t is int:
             kwargs["type"] = _parse_int
         elif t is float:
