@@ -3,6 +3,7 @@
     python benchmarks/time_to_quality.py --nanogpt /path/to/nanoGPT
     python benchmarks/time_to_quality.py --nanogpt /path/to/nanoGPT --rounds 2
     python benchmarks/time_to_quality.py --recipe nanogpt-cpu          # trainlab only, another recipe
+    python benchmarks/time_to_quality.py --nanogpt /path/to/nanoGPT --recipe 1min --target 1.55 --rounds 2
 
 Contenders, one after another (never two torch jobs at once on a small machine):
 
@@ -57,6 +58,8 @@ RECIPES = {
     "fast": ["--preset", "fast-cpu"],
     "quick": ["--preset", "chat-quick"],  # the chat-9s study's best: 1 layer of the modern block
     "90s": ["--preset", "chat-90s"],  # the chat-93s study's best (run it with --target 1.55)
+    "1min": ["--preset", "chat-1min"],  # chat-90s with pair embeddings and own LRs, 470 steps (--target 1.55)
+    "1min-fp32": ["--preset", "chat-1min", "--precision", "fp32"],  # the same as a CPU without native bf16 runs it
     # what each ingredient of the fast recipe is worth: the same with AdamW (at the best
     # AdamW LR found), and with nanoGPT's 4 layers (fewer steps, to a similar time)
     "fast-adamw": ["--preset", "fast-cpu", "--optimizer", "adamw", "--lr", "0.006"],
@@ -151,13 +154,18 @@ def main() -> None:
         print(f"  round {r} {name:28s} {got} (process {total:.1f} s){extra}\n      precision {mode}\n"
               f"      step:val@time {trail}")
     # nanoGPT's README figure, "1.88", is its last evaluation (1.886 here), so its time
-    # to quality is its whole run; trainlab's is the first evaluation at or under target
+    # to quality is its whole run; trainlab's is the first evaluation at or under target.
+    # The issue's targets are stated over the whole val span, which is only known at a
+    # run's end: so also whether the whole run fit nanoGPT's time with that loss at target
     for r in range(args.rounds):
         base, *ours = [row for row in rows if row[1] == r]
         for row in ours if base[0].startswith("nanoGPT") else []:
             if row[2] is not None:
-                print(f"  round {r}: {row[0]} reached {args.target} in {row[2] / base[4]:.2f}x the wall time of "
-                      f"nanoGPT's run to {base[3][-1][2]:.3f} (target, issue 25: at most 0.15x)")
+                print(f"  round {r}: {row[0]} reached {args.target} (fixed val batches) in {row[2] / base[4]:.2f}x "
+                      f"the wall time of nanoGPT's run to {base[3][-1][2]:.3f}")
+            met = "at or under" if row[5] <= args.target else "above"
+            print(f"  round {r}: {row[0]}'s whole run took {row[4] / base[4]:.2f}x nanoGPT's and ended {met} "
+                  f"{args.target} over the whole val span ({row[5]:.4f})")
 
 
 if __name__ == "__main__":

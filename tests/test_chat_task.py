@@ -87,7 +87,8 @@ def test_resume_after_an_interrupt_equals_an_unbroken_run(runs_dir, corpus, monk
 
 def test_the_modern_block_resumes_as_if_unbroken_and_keeps_its_block(runs_dir, corpus, monkeypatch, capsys):
     flags = ["--max-steps", "8", "--eval-every", "4", "--save-every", "3", "--positions", "rotary", "--norm", "rmsnorm",
-             "--mlp", "swiglu", "--qk-norm", "--zero-init", "--schedule", "wsd", "--precision", "fp32"]
+             "--mlp", "swiglu", "--qk-norm", "--zero-init", "--schedule", "wsd", "--precision", "fp32",
+             "--pair-embedding", "--no-tie-weights", "--embed-lr", "0.02", "--head-lr", "0.003"]
     assert chat_train(runs_dir, corpus, "--run-name", "m-straight", *flags) == 0
     monkeypatch.setenv(faults.ENV, "interrupt=5")
     assert chat_train(runs_dir, corpus, "--run-name", "m-broken", *flags) == 130
@@ -98,6 +99,8 @@ def test_the_modern_block_resumes_as_if_unbroken_and_keeps_its_block(runs_dir, c
     assert "--positions learned ignored: run m-broken was made with 'rotary'" in err and "--mlp gelu ignored" in err
     a, b = newest(runs_dir, "m-straight"), newest(runs_dir, "m-broken")
     assert a.step == b.step == 8 and b.json("gpt/model_config.json")["positions"] == "rotary"
+    assert b.json("gpt/model_config.json")["pair_embedding"] is True
+    assert (b.json("config.json")["train"]["embed_lr"], b.json("config.json")["train"]["head_lr"]) == (0.02, 0.003)
     assert_same_tensors(a.tensors("gpt/model.pt"), b.tensors("gpt/model.pt"), "weights")
     # it generates past its context, the window sliding (rotary positions restart with it)
     capsys.readouterr()
