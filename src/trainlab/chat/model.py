@@ -7,9 +7,9 @@ positions, LayerNorm, an exact-GELU MLP. The modern pieces, each its own option:
 (i, i + hd/2) as Llama writes it), ``norm rmsnorm``, ``qk_norm`` (RMSNorm on each head's
 queries and keys before the rotation, as Qwen3), ``mlp relu2`` or ``swiglu``,
 ``zero_init`` (output projections start at zero), ``logit_softcap`` (c * tanh(logits / c)),
-``tie_weights false`` for an untied head, and ``pair_embedding`` (below). Rotary, RMSNorm, SwiGLU and no biases are
-Llama's block, and with QK-norm Qwen3's, so ``chat/export.py`` hands such a model to
-transformers with the same logits.
+``tie_weights false`` for an untied head, and ``pair_embedding`` (below). Rotary, RMSNorm,
+SwiGLU and no biases are Llama's block, and with QK-norm Qwen3's, so ``chat/export.py``
+hands such a model to transformers with the same logits.
 
 ``pair_embedding`` adds to each position's input a learned vector for the pair (previous
 character, this character), read from a table of vocab * (vocab + 1) rows (hashed into
