@@ -111,7 +111,7 @@ class Scripted(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(1))
         self.seen = 0
 
-    def forward(self, idx, cache=None):
+    def forward(self, idx, cache=None, before=None):
         n = (cache[0][0].shape[2] if cache else 0) + idx.shape[1]
         self.seen += idx.shape[1]
         logits = torch.full((1, idx.shape[1], len(self.chars)), -10.0)

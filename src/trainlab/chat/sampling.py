@@ -148,10 +148,8 @@ def generate(model, prompt: list[int], cfg: SamplingConfig, decode: Callable[[in
             if cache[0][0].shape[2] >= ctx:
                 logits, cache = model(torch.tensor([tokens[-keep:]], device=device))
             else:
-                # a pair-embedding model reads the character before this one too
-                before = {"before": torch.tensor([tokens[-2]], device=device)} \
-                    if getattr(model.cfg, "pair_embedding", False) else {}
-                logits, cache = step(lambda: model(torch.tensor([[tok]], device=device), cache, **before))
+                before = torch.tensor([tokens[-2]], device=device)  # what a pair-embedding model reads too
+                logits, cache = step(lambda: model(torch.tensor([[tok]], device=device), cache, before))
         if len(text) > sent:
             yield text[sent:]
     finally:

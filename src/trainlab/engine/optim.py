@@ -64,8 +64,13 @@ def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     (a module named ``head``) and any weight shared with an embedding."""
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     return [m.weight for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] != "head" and id(m.weight) not in embedded
+            if isinstance(m, nn.Linear) and not _is_head(name) and id(m.weight) not in embedded
             and m.weight.requires_grad]
+
+
+def _is_head(module_name: str) -> bool:
+    """Whether a module is the output layer: by name (``head``, at any depth)."""
+    return module_name.rsplit(".", 1)[-1] == "head"
 
 
 class Muon(torch.optim.Optimizer):
@@ -173,23 +178,21 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, 
     at a higher LR, its head at a lower one (README, "Recipes for a time budget"). Unset, the
     groups are laid out as before they existed, so an older checkpoint's optimizer state loads."""
     params = [p for p in model.parameters() if p.requires_grad]
-    muon = {id(p) for p in hidden_matrices(model)} if name == "muon" else set()
-    own: dict[int, tuple[str, float, float]] = {}  # parameter -> (its group, peak LR, weight decay)
+    muon = {id(p) for p in hidden_matrices(model)} if name == "muon" else set()  # never an embedding or the head
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    if head_lr is not None:  # a head tied to an embedding is an embedding
-        own.update({id(m.weight): ("head", head_lr, weight_decay) for n, m in model.named_modules()
-                    if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] == "head" and id(m.weight) not in embedded})
-    if embed_lr is not None:  # not decayed: the decay would grow with the higher LR and pull
-        # the rows of rare characters to zero
-        own.update({id(m.weight): ("embed", embed_lr, 0.0) for m in model.modules() if isinstance(m, nn.Embedding)})
-    own = {k: v for k, v in own.items() if k not in muon}
-    groups = [{"params": [p for p in params if id(p) not in muon and id(p) not in own and p.dim() >= 2],
-               "weight_decay": weight_decay},
-              {"params": [p for p in params if id(p) not in own and p.dim() < 2], "weight_decay": 0.0}]
-    for kind in ("embed", "head"):
-        mine = [p for p in params if id(p) in own and own[id(p)][0] == kind]
+    head = {id(m.weight) for n, m in model.named_modules() if isinstance(m, nn.Linear) and _is_head(n)} - embedded
+    own: list[dict[str, Any]] = []  # the groups of their own LR
+    taken: set[int] = set()
+    # embeddings not decayed: the decay would grow with the higher LR and pull the rows of
+    # rare characters to zero; a head tied to an embedding is an embedding
+    for ids, group_lr, decay in ((embedded, embed_lr, 0.0), (head, head_lr, weight_decay)):
+        mine = [p for p in params if id(p) in ids] if group_lr is not None else []
         if mine:
-            groups.append({"params": mine, "lr": own[id(mine[0])][1], "weight_decay": own[id(mine[0])][2]})
+            own.append({"params": mine, "lr": group_lr, "weight_decay": decay})
+            taken |= ids
+    rest = [p for p in params if id(p) not in muon and id(p) not in taken]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}, *own]
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas)
     muon_group = {"params": [p for p in params if id(p) in muon], "weight_decay": weight_decay, "muon": True}
