@@ -130,6 +130,21 @@ def test_the_model_card_says_what_was_trained_and_how(runs, tmp_path):
     assert f"value: {round(loss, 4)}" in head
 
 
+def test_a_checkpoint_without_corpus_json_exports_with_its_count_unknown(runs, tmp_path):
+    """Checkpoints written before corpus.json existed: the card says the count is unknown."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(resolve_checkpoint(runs, "chat", "tied").path, old)
+    (old / "corpus.json").unlink()
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["sha256"]["corpus.json"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    assert export(runs, str(old), tmp_path / "hf") == 0
+    body = (tmp_path / "hf" / "README.md").read_text()
+    assert "an unknown number of characters" in body and "for 40 steps" in body
+
+
 def test_the_safetensors_format_and_exported_folders_back_in_generate(runs, tmp_path, capsys):
     from safetensors.torch import load_file
 
@@ -177,13 +192,33 @@ def test_export_refuses_what_it_cannot_do_and_touches_nothing(runs, tmp_path, ca
         assert len(err) == 1 and err[0].startswith("trainlab: error: "), err
         return err[0]
 
+    # a folder of the user's own is never replaced, --force or not, '.' included
     taken = tmp_path / "taken"
     taken.mkdir()
-    (taken / "mine.txt").write_text("keep me")
-    assert export(runs, "tied", taken) == 2
-    assert "--force" in error_line() and (taken / "mine.txt").read_text() == "keep me"
-    assert export(runs, "tied", taken, "--force") == 0
-    assert not (taken / "mine.txt").exists() and (taken / "config.json").is_file()
+    mine = bytes(range(256)) * 3
+    (taken / "mine.txt").write_bytes(mine)
+    for flags in ((), ("--force",)):
+        assert export(runs, "tied", taken, *flags) == 2
+        assert "not an earlier export" in error_line()
+        assert sorted(p.name for p in taken.iterdir()) == ["mine.txt"] and (taken / "mine.txt").read_bytes() == mine
+    monkeypatch.chdir(taken)
+    assert export(runs, "tied", ".", "--force") == 2
+    assert "not an earlier export" in error_line() and (taken / "mine.txt").read_bytes() == mine
+    monkeypatch.chdir(tmp_path)
+    assert not list(tmp_path.glob(".taken*"))
+
+    # an earlier export is replaced with --force only, and only while it holds nothing of the user's
+    earlier = tmp_path / "earlier"
+    assert export(runs, "tied", earlier) == 0
+    capsys.readouterr()
+    assert export(runs, "tied", earlier) == 2 and "--force" in error_line()
+    assert export(runs, "tied", earlier, "--force", "--format", "safetensors") == 0
+    capsys.readouterr()
+    assert (earlier / "model_config.json").is_file() and not (earlier / "config.json").exists()
+    (earlier / "notes.txt").write_bytes(mine)
+    assert export(runs, "tied", earlier, "--force") == 2
+    assert "notes.txt" in error_line() and (earlier / "notes.txt").read_bytes() == mine
+    assert (earlier / "model_config.json").is_file()  # the earlier export is untouched too
 
     # a failed export leaves nothing half-written, and no temporary folder
     import safetensors.torch

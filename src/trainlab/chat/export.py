@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -247,6 +248,12 @@ def tokenizer_json(vocab: CharVocab) -> str:
 
 
 # -- the folders -------------------------------------------------------------------------------
+def count(n: Any) -> str:
+    """A count with thousands separators, or 'an unknown number of' where the run did not record
+    it (a checkpoint written before ``corpus.json`` existed)."""
+    return f"{n:,}" if isinstance(n, int) and not isinstance(n, bool) else "an unknown number of"
+
+
 def model_card(meta: dict[str, Any], cfg: GPTConfig, fmt: str) -> str:
     """README.md with the Hub's YAML metadata header: what it was trained on and how, what it
     is for and what it is not."""
@@ -262,8 +269,8 @@ def model_card(meta: dict[str, Any], cfg: GPTConfig, fmt: str) -> str:
               f"{'null' if loss is None else round(float(loss), 4)}}}]", "---", ""]
     lines = [f"# {meta.get('run', 'trainlab chat model')}: a character-level GPT", "",
              f"Trained with trainlab {__version__} on **{name}** "
-             f"({meta.get('corpus_characters', '?'):,} characters, {cfg.vocab_size} distinct), "
-             f"for {meta.get('step', '?'):,} steps; validation loss "
+             f"({count(meta.get('corpus_characters'))} characters, {cfg.vocab_size} distinct), "
+             f"for {count(meta.get('step'))} steps; validation loss "
              f"{'n/a' if loss is None else f'{float(loss):.4f}'} nats per character on the last "
              f"{meta.get('val_fraction', '?')} of the text (a contiguous span: no window of it was trained on).", "",
              "## The model", "",
@@ -351,21 +358,49 @@ def _meta_from(ckpt: Any) -> dict[str, Any]:
     return meta
 
 
+# every entry an export writes, in either format: a folder holding anything else holds a
+# user's files, and --force never replaces it
+EXPORT_FILES = frozenset({MARKER, "README.md", "model.safetensors", "config.json", "generation_config.json",
+                          "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                          "model_config.json", "vocab.json"})
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an ``--out`` that export may not replace: anything but a folder; a non-empty
+    folder that is not an earlier export (its marker present), ``--force`` or not; an earlier
+    export holding an entry export does not write (a user's file); an earlier export without
+    ``--force``. Nothing is touched."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} exists and is not a folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    if not is_export(out):
+        raise UsageError(f"--out: {out} is not empty and is not an earlier export (no {MARKER}); export writes "
+                         "only into a new or empty folder or over an earlier export (nothing in it was touched)")
+    foreign = [name for name in entries if name not in EXPORT_FILES]
+    if foreign:
+        raise UsageError(f"--out: {out} is an earlier export holding files export did not write "
+                         f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); move them out or choose "
+                         "another folder (nothing in it was touched)")
+    if not force:
+        raise UsageError(f"--out: {out} holds an earlier export; pass --force to replace it (nothing in it was "
+                         "touched)")
+
+
 def export(ckpt: Any, out: str | Path, fmt: str = "hf", force: bool = False, run: str | None = None) -> Path:
     """Write the checkpoint's model to the folder ``out`` as ``fmt``; returns the folder.
-    ``out`` must not be a non-empty folder unless ``force``; nothing in it is touched until the
-    new folder is complete, then it replaces it in one rename."""
+    ``out`` is new, empty, or (with ``force``) an earlier export holding only what export
+    writes (``check_out``); nothing in it is touched until the new folder is complete, then it
+    replaces it in one rename."""
     from safetensors.torch import save_file
 
     from trainlab.chat.repl import load_chat_model
 
     if fmt not in FORMATS:
         raise UsageError(f"--format: one of {', '.join(FORMATS)}, got {fmt!r}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out: {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UsageError(f"--out: {out} is not empty; pass --force to replace it (nothing in it was touched)")
+    out = Path(out).resolve()  # '.' has no name to put a temporary folder beside
+    check_out(out, force)
     cm = load_chat_model(ckpt, torch.device("cpu"))
     cfg = cm.model.cfg
     if fmt == "hf":
@@ -402,11 +437,17 @@ def export(ckpt: Any, out: str | Path, fmt: str = "hf", force: bool = False, run
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if out.exists():  # --force: the old folder goes only once the new one is whole
+        if out.exists():  # an empty folder, or (--force) an earlier export: it goes only once the new one is whole
+            check_out(out, force)  # again: a user may have put a file there while the model was written
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
             tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+            for name in EXPORT_FILES:  # only what an export writes; whatever else arrived since stays
+                (old / name).unlink(missing_ok=True)
+            try:
+                old.rmdir()
+            except OSError:
+                print(f"trainlab: warning: {old} kept: it gained files while the export was written", file=sys.stderr)
         else:
             tmp.rename(out)
     except BaseException:
