@@ -85,6 +85,44 @@ def test_resume_after_an_interrupt_equals_an_unbroken_run(runs_dir, corpus, monk
         assert straight == resumed, tag
 
 
+def test_the_best_checkpoint_belongs_to_the_run_as_it_now_stands(runs_dir, corpus, capsys):
+    """A best saved after the step training goes on from is from a history that no longer
+    exists. A resume from an older checkpoint (the newer ones lost) and a restart from step 0
+    each end with the best of the run as it now stands, where the old best would win by step."""
+    import shutil
+
+    from trainlab.engine.checkpoint import Checkpoint, list_checkpoints
+
+    flags = ["--max-steps", "12", "--eval-every", "2", "--save-every", "2", "--keep-checkpoints", "10",
+             "--sample-every", "0", "--lr", "0.01"]
+    assert chat_train(runs_dir, corpus, "--run-name", "b", *flags) == 0
+    ckpts = runs_dir / "chat" / "b" / "checkpoints"
+
+    def best_and_evals():
+        (path,) = list_checkpoints(ckpts / "best")  # one best, never two
+        evals = newest(runs_dir, "b").tensors("gpt/train_state.pt")["evals"]
+        return Checkpoint(path), {e["step"]: e["val_loss"] for e in evals}
+
+    best, losses = best_and_evals()
+    assert best.step == 12 and best.meta["best"]["value"] == pytest.approx(min(losses.values()))
+    for old in ("step_0000008", "step_0000010", "step_0000012"):
+        shutil.rmtree(ckpts / old)
+    capsys.readouterr()
+    assert chat_resume(runs_dir, "b", "--max-steps", "8") == 0
+    best, losses = best_and_evals()
+    assert max(losses) == 8 and best.step <= 8
+    assert best.meta["best"]["value"] == pytest.approx(min(losses.values()))
+    assert "best checkpoint step_0000012 removed" in capsys.readouterr().out
+    assert best.tensors("gpt/model.pt")  # a whole checkpoint, verified
+
+    for old in list_checkpoints(ckpts):  # every step checkpoint lost: the run starts over from step 0
+        shutil.rmtree(old)
+    assert chat_resume(runs_dir, "b", "--max-steps", "4") == 0
+    best, losses = best_and_evals()
+    assert sorted(losses) == [2, 4] and best.step <= 4
+    assert best.meta["best"]["value"] == pytest.approx(min(losses.values()))
+
+
 def test_the_modern_block_resumes_as_if_unbroken_and_keeps_its_block(runs_dir, corpus, monkeypatch, capsys):
     flags = ["--max-steps", "8", "--eval-every", "4", "--save-every", "3", "--positions", "rotary", "--norm", "rmsnorm",
              "--mlp", "swiglu", "--qk-norm", "--zero-init", "--schedule", "wsd", "--precision", "fp32",

@@ -124,11 +124,14 @@ def test_killed_anywhere_even_mid_save_resumes_to_the_same_weights_and_curves(st
 def test_resume_without_any_checkpoint_starts_the_run_over(straight, runs_dir, capsys):
     copy_straight(straight, runs_dir)
     assert cli_train(runs_dir, *FLAGS, "--max-steps", "14", "--run-name", "lost") == 0
-    shutil.rmtree(run_dir(runs_dir, "lost") / "checkpoints")
+    for ckpt in list_checkpoints(run_dir(runs_dir, "lost") / "checkpoints"):  # best/ stays: the restart settles it
+        shutil.rmtree(ckpt)
     assert cli_train(runs_dir, "--resume", "lost") == 0
     assert "starting it over from step 0" in capsys.readouterr().out
     same_training(runs_dir, "straight", "lost")
     same_curves(runs_dir, "straight", "lost")  # the first attempt's events are purged, not doubled
+    (a,), (b,) = (list_checkpoints(run_dir(runs_dir, r) / "checkpoints" / "best") for r in ("straight", "lost"))
+    assert a.name == b.name and Checkpoint(a).meta["best"] == Checkpoint(b).meta["best"]
 
 
 def test_a_conflicting_dimension_is_named_and_the_checkpoint_wins(runs_dir, capsys):

@@ -65,7 +65,8 @@ def save_checkpoint(
     root: Path, step: int, tensors: dict[str, Any], texts: dict[str, str], task: str, keep: int = 3,
     extra_meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Write one checkpoint folder atomically and prune all but the newest ``keep``.
+    """Write one checkpoint folder atomically and prune all but the newest ``keep`` (by step;
+    ``keep`` < 0: all but this one; 0: none).
 
     ``tensors`` maps relative file names to objects for ``torch.save`` (state dicts of
     tensors, numbers, strings, lists); ``texts`` maps relative names to file contents.
@@ -97,11 +98,15 @@ def save_checkpoint(
     _fsync_dir(root)
     if keep > 0:
         for old in list_checkpoints(root)[:-keep]:
-            _remove_dir(old)
+            remove_checkpoint(old)
+    elif keep < 0:  # this one alone: an older step's folder may be the newer one of a run's own history
+        for old in list_checkpoints(root):
+            if old != final:
+                remove_checkpoint(old)
     return final
 
 
-def _remove_dir(path: Path) -> None:
+def remove_checkpoint(path: Path) -> None:
     """Rename out of the checkpoint namespace first (atomic), then delete: a crash
     mid-delete never leaves a half-deleted folder that still looks like a checkpoint."""
     doomed = path.with_name(f".del-{path.name}-{os.getpid()}")

@@ -43,7 +43,7 @@ from trainlab.engine.device import resolve_device, synchronize
 from trainlab.engine.distributed import Dist, all_sum, broadcast, current, device_for, shard, wrap
 from trainlab.engine.periodic import Session, checkpoint, evaluate_all, log_scalars, sample_all, timed
 from trainlab.engine.member import Member, Summary, make_member
-from trainlab.engine.state import LoopState, check_compatible, restore, seed_everything
+from trainlab.engine.state import LoopState, check_compatible, restore, seed_everything, settle_best
 from trainlab.engine.step import batch_rows, accumulate, choose_speed, member_step
 from trainlab.engine.stopping import StopSignals
 from trainlab.engine.task import Evaluation, StepLoss, Task, TrainingError
@@ -124,6 +124,9 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
 
     device = device_for(resolve_device(cfg.device), d)
     members, state = set_up(task, cfg, resume, device, d, echo)
+    if d.main:
+        settle_best(run, state, echo)
+    state.best_score = broadcast(state.best_score if d.main else None, d)  # every rank decides the best alike
     start_step = state.step
     if stop.requested and resume is None and state.step == 0:  # a stop signal during set-up
         return Summary(run, members, 0, 0.0, True, config, stop.signum, stop.reason)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainlab.engine.checkpoint import Checkpoint, CheckpointError, save_checkpoint
+from trainlab.engine.checkpoint import Checkpoint, CheckpointError, list_checkpoints, remove_checkpoint, save_checkpoint
 from trainlab.engine.distributed import Dist, gather
 from trainlab.engine.member import Member
 from trainlab.engine.task import Task
@@ -101,8 +101,32 @@ def save(run: Run, task: Task, members: list[Member], state: LoopState, cfg: Tra
     if best is None:
         save_checkpoint(run.checkpoints, state.step, tensors, texts, task=task.name, keep=cfg.keep_checkpoints)
     else:
-        save_checkpoint(run.checkpoints / "best", state.step, tensors, texts, task=task.name, keep=1,
+        # the best of the run as it stands is the one just written, whatever step others carry
+        save_checkpoint(run.checkpoints / "best", state.step, tensors, texts, task=task.name, keep=-1,
                         extra_meta={"best": best})
+
+
+def settle_best(run: Run, state: LoopState, echo) -> None:
+    """Before training (on), make ``checkpoints/best`` belong to the run as it now stands: a
+    best saved after the step training starts from (an attempt that restarted from step 0, or
+    resumed from an older checkpoint after newer ones were moved aside) is from a history that
+    no longer exists, and is removed. Where that leaves no best while the loop state remembers
+    a best score, the score is forgotten, so the next evaluation saves the best again."""
+    root = run.checkpoints / "best"
+    dead = []
+    for path in list_checkpoints(root):
+        try:
+            step = Checkpoint(path).step
+        except CheckpointError:
+            step = None  # unreadable: nothing --best could serve
+        if step is None or step > state.step:
+            dead.append((path, step))
+    for path, step in dead:
+        remove_checkpoint(path)
+        echo(f"best checkpoint {path.name} removed: it belongs to an attempt that no longer exists (training "
+             f"goes on from step {state.step})")
+    if dead and state.best_score is not None and not list_checkpoints(root):
+        state.best_score = None
 
 
 def check_compatible(ckpt: Checkpoint, task: Task, member_names: list[str]) -> None:
