@@ -32,3 +32,12 @@ def test_no_checkpoint_or_run_output_is_tracked():
     bad = [n for n in tracked() if n.endswith(run_files) or "/step_" in n or n.startswith("runs")
            or "events.out.tfevents" in n]
     assert not bad, f"run output tracked (it belongs under runs/, which is ignored): {bad[:5]}"
+
+
+def test_the_license_is_mit_in_the_file_and_the_package_metadata():
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert meta["license"] == "MIT" and meta["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert text.startswith("MIT License") and "the trainlab authors" in text
