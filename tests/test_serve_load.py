@@ -234,13 +234,108 @@ def test_chat_messages_are_checked_by_type(busy):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (messages, r.text)
 
 
-def test_a_plain_request_whose_client_leaves_frees_its_row(busy):
-    engine = busy.server.engine
-    idle(busy)
-    status = asyncio.run(ask(busy.url, {"prompt": "ANNA:\n", "max_tokens": 4000, "stop_at": "none"}, leave_after=20))
-    assert status[2] == "left"
-    idle(busy, timeout=10)  # long before its 4,000 characters would have been decoded
-    assert engine.busy == 0
+def pending_tasks(srv) -> int:
+    """The asyncio tasks alive in the server's event loop, this count's own aside."""
+    async def count() -> int:
+        return len(asyncio.all_tasks()) - 1
+
+    return asyncio.run_coroutine_threadsafe(count(), srv.server.loop).result(10)
+
+
+def test_plain_requests_whose_clients_leave_end_their_handlers_and_are_counted(long_context):
+    """20 plain requests abandoned mid-answer (8 decoding, 12 waiting): every row is freed,
+    every handler ends (the event loop holds no more tasks than before) and each is counted as
+    nginx counts a client that left, 499."""
+    srv = Live(long_context, slots=8, max_queue=20, max_tokens_cap=10 ** 6)
+    try:
+        idle(srv)
+        before = pending_tasks(srv)
+        body = {"prompt": "ANNA:\n", "max_tokens": 10 ** 6, "stop_at": "none"}
+
+        async def leave_all():
+            return await asyncio.gather(*(ask(srv.url, body, leave_after=40) for _ in range(20)))
+
+        results = asyncio.run(leave_all())
+        assert all(r[2] == "left" for r in results), [r for r in results if r[2] != "left"]
+        idle(srv, timeout=10)  # long before 20 x 1,000,000 characters would have been decoded
+        deadline = time.monotonic() + 10
+        while pending_tasks(srv) > before:
+            assert time.monotonic() < deadline, f"handlers still waiting: {pending_tasks(srv) - before} tasks"
+            time.sleep(0.05)
+        text = raw(srv.url, "/metrics").text
+        assert 'trainlab_requests_total{endpoint="/v1/completions",status="499"} 20.0' in text
+        assert "trainlab_busy_rows 0.0" in text and "trainlab_queue_length 0.0" in text
+        r = raw(srv.url, "/v1/completions", {"prompt": "ANNA:\n", "max_tokens": 5})  # and it still serves
+        assert r.status_code == 200 and len(r.json()["choices"][0]["text"]) == 5
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("grace", ["-1", "nan", "inf", "soon"])
+def test_a_bad_grace_period_is_one_line(long_context, capsys, grace):
+    from trainlab.cli import main
+
+    assert main(["chat", "serve", "--checkpoint", "srv", "--runs-dir", str(long_context), "--grace", grace]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--grace" in err[0], err
+
+
+def test_sigterm_gives_streams_a_grace_period_then_a_final_event_and_exits(long_context, tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    grace = 1.5
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "trainlab", "chat", "serve", "--checkpoint", "srv", "--runs-dir",
+                             str(long_context), "--port", str(port), "--grace", str(grace), "--quiet",
+                             "--max-tokens-cap", "1000000", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        for line in proc.stdout:
+            if line.startswith("ready:"):
+                break
+        else:
+            raise AssertionError(f"the server did not start (exit {proc.wait()})")
+        url = f"http://127.0.0.1:{port}"
+        streams: list[list[str]] = [[], []]
+        started = [threading.Event(), threading.Event()]
+
+        def read(i: int) -> None:
+            body = {"prompt": "ANNA:\n", "max_tokens": 1000000, "stop_at": "none", "stream": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        streams[i].append(line[6:])
+                        started[i].set()
+
+        readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(2)]
+        for t in readers:
+            t.start()
+        assert all(e.wait(30) for e in started)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=grace + 10)
+        took = time.monotonic() - t0
+        for t in readers:
+            t.join(5)
+        assert code == 0 and took <= grace + 1.0, (code, took)
+        assert took >= grace - 0.2  # the streams did get their grace period
+        for events in streams:
+            assert events[-1] == "[DONE]"
+            final = json.loads(events[-2])
+            assert "shutting down" in final["error"]["message"], final
+            assert len(events) > 3  # text came before the end
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_health_is_503_while_warming_up_then_ok(long_context, monkeypatch):

@@ -51,6 +51,7 @@ from trainlab.config import ConfigError
 from trainlab.engine.threads import ThreadTuner
 
 MAX_BODY = 1 << 20
+CLIENT_LEFT = 499  # nginx's status for a request whose client closed the connection before the answer
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/static/app.js": ("app.js", "text/javascript"),
           "/static/style.css": ("style.css", "text/css")}
 
@@ -115,7 +116,10 @@ class Job:
     ended_at: float | None = None
 
     def emit(self, kind: str, value: Any = None) -> None:
-        self.loop.call_soon_threadsafe(self.out.put, (kind, value))
+        try:
+            self.loop.call_soon_threadsafe(self.out.put, (kind, value))
+        except RuntimeError:  # the event loop is closed: nobody is waiting any more
+            pass
 
     def add(self, piece: str) -> str | None:
         """Take one more character; returns the finish reason when the completion is done.
@@ -158,6 +162,10 @@ class QueueFull(Exception):
     pass
 
 
+class Closing(Exception):
+    """The server is shutting down and takes no more requests."""
+
+
 def failure_line(e: BaseException) -> str:
     """One line for a failure, whatever its message (an empty one included)."""
     first = (str(e).strip().splitlines() or [""])[0][:200]
@@ -186,6 +194,7 @@ class Engine:
         self.waiting: deque[Job] = deque()
         self.lock = threading.Condition()
         self.running = True
+        self.closing: str | None = None  # set: every job ends with this error (the server is shutting down)
         self.ready = threading.Event()
         self.warm_up_seconds = 0.0
         self.heartbeat = time.monotonic()
@@ -196,9 +205,18 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         with self.lock:
+            if self.closing is not None:
+                raise Closing(self.closing)
             if len(self.waiting) >= self.limits.max_queue:
                 raise QueueFull
             self.waiting.append(job)
+            self.lock.notify()
+
+    def close_all(self, why: str) -> None:
+        """End every job, decoding or waiting, with the error ``why``, and admit no more: what a
+        shutdown's grace period ends with (each stream gets a final event, each handler returns)."""
+        with self.lock:
+            self.closing = why
             self.lock.notify()
 
     def stop(self) -> None:
@@ -206,6 +224,9 @@ class Engine:
             self.running = False
             self.lock.notify()
         self.thread.join(timeout=10)
+        for job in [*self.rows, *self.waiting]:  # the thread is gone: nobody else will end them
+            if job is not None:
+                job.emit("error", "the server stopped")
 
     @property
     def busy(self) -> int:
@@ -267,6 +288,14 @@ class Engine:
                     self.lock.wait()
                 if not self.running:
                     return
+                if self.closing is not None:
+                    for r, job in enumerate(self.rows):
+                        if job is not None:
+                            self._free(r)
+                            job.emit("error", self.closing)
+                    while self.waiting:
+                        self.waiting.popleft().emit("error", self.closing)
+                    continue
                 for r in range(len(self.rows)):
                     if self.rows[r] is None and self.waiting:
                         self.rows[r] = self.waiting.popleft()  # no tokens yet: started at the next tick
@@ -306,8 +335,9 @@ class Engine:
         for r, job in enumerate(self.rows):
             if job is None:
                 continue
-            if job.cancelled:
+            if job.cancelled:  # its client left: the row is freed and its handler told, so it ends too
                 self._free(r)
+                job.emit("cancelled")
                 continue
             try:
                 if not job.tokens:  # new: its prompt (its last window of it) goes in alone
@@ -446,6 +476,7 @@ class Server:
         self.cm, self.dialogue, self.info, self.api_key = cm, dialogue, info, api_key
         self.limits = limits or Limits()
         self.model_id = str(info.get("model", "trainlab-chat"))
+        self.loop: asyncio.AbstractEventLoop | None = None  # the event loop serving it, once started
         self.engine = Engine(cm, self.limits, tune_threads, on_ready=on_ready)
         self.metrics = Metrics(self.engine)
         self.access_log = access_log  # one line per request (method, path, status, time), never a body
@@ -460,8 +491,16 @@ class Server:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):
+        self.loop = asyncio.get_running_loop()
         yield
         self.engine.stop()
+
+    def shut_down(self, grace: float) -> None:
+        """A graceful shutdown began (uvicorn takes no new connections): running requests get
+        ``grace`` seconds to finish, then every one still open ends with a final error event.
+        Called in the event loop."""
+        asyncio.get_running_loop().call_later(max(0.0, grace), self.engine.close_all,
+                                              f"the server is shutting down (its {grace:g} s grace period is over)")
 
     def _logged(self, app):
         """The app, counting and logging every request by its status when its response starts."""
@@ -610,6 +649,8 @@ class Server:
         except QueueFull:
             raise ApiError(429, "too many requests waiting; try again shortly", kind="rate_limit_error",
                            code="queue_full") from None
+        except Closing as e:
+            raise ApiError(503, str(e), kind="unavailable", code="shutting_down") from None
         return job, req, dropped
 
     async def _serve(self, request, chat: bool):
@@ -637,8 +678,13 @@ class Server:
                         text += value
                     elif kind == "end":
                         finish = value
+                    elif kind == "cancelled":  # the client left: counted as nginx counts it, 499
+                        return self._json(ApiError(CLIENT_LEFT, "the client closed the connection",
+                                                   code="client_closed_request").body(), CLIENT_LEFT)
                     else:
-                        return self._json(ApiError(500, value, kind="server_error").body(), 500)
+                        status = 503 if self.engine.closing is not None else 500
+                        return self._json(ApiError(status, value, kind="unavailable" if status == 503
+                                                   else "server_error").body(), status)
         finally:
             job.cancelled = True  # a client that left (or a handler cancelled) frees its row at the next tick
             watcher.cancel()
@@ -655,12 +701,14 @@ class Server:
 
     @staticmethod
     async def _watch_disconnect(request, job: Job) -> None:
-        """Mark the job cancelled when its client goes away (the body is read: what comes next
-        on the connection is its end)."""
+        """When its client goes away (the body is read: what comes next on the connection is
+        its end), the job is cancelled, which frees its row at the engine's next tick, and its
+        handler is told at once."""
         while True:
             message = await request.receive()
             if message.get("type") == "http.disconnect":
                 job.cancelled = True
+                job.out.put(("cancelled", None))
                 return
 
     def _stream(self, job: Job, rid: str, created: int, chat: bool, usage):
@@ -693,6 +741,8 @@ class Server:
                         if kind == "end":
                             finish = value
                             yield chunk(None, value, with_usage=True)
+                        elif kind == "cancelled":
+                            finish = "cancelled"
                         elif kind == "error":
                             finish = "error"
                             yield f"data: {json.dumps(ApiError(500, value, kind='server_error').body())}\n\n"
@@ -717,3 +767,17 @@ def checkpoint_info(ckpt, run_id: str) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 (the page can do without it)
         pass
     return info
+
+
+def uvicorn_server(server: Server, grace: float = 5.0, **config: Any):
+    """The uvicorn server that runs ``server.app``. On SIGTERM or Ctrl+C it stops taking
+    connections, gives running requests ``grace`` seconds (``Server.shut_down``), then ends
+    them with a final event; uvicorn's own forced cancel is a backstop a second later."""
+    import uvicorn
+
+    class Graceful(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            server.shut_down(grace)
+            await super().shutdown(sockets)
+
+    return Graceful(uvicorn.Config(server.app, timeout_graceful_shutdown=max(1, math.ceil(grace + 1)), **config))

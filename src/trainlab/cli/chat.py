@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
     serve.add_argument("--max-queue", type=int, default=16, help="requests that may wait for a slot; past that, 429")
     serve.add_argument("--max-prompt-chars", type=int, default=16384, help="longest prompt accepted")
     serve.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens accepted")
+    serve.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
+                       help="on SIGTERM or Ctrl+C, how long running requests may go on before they end with a "
+                            "final event and the server exits (default 5)")
     serve.add_argument("--quiet", action="store_true", help="no access log (one line per request on stderr: "
                                                            "client, method, path, status, time; never a body)")
     exp = csub.add_parser("export", help="a trained model as a Hugging Face folder (transformers loads it), or "
@@ -129,14 +132,14 @@ def chat_serve(args: argparse.Namespace) -> int:
     import os
     import socket
 
-    import uvicorn
-
     from trainlab.chat.repl import default_dialogue
-    from trainlab.chat.serve import Limits, Server
+    from trainlab.chat.serve import Limits, Server, uvicorn_server
 
     for name in ("slots", "max_queue", "max_prompt_chars", "max_tokens_cap"):
         if getattr(args, name) < 1:
             raise ConfigError(name, f"must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.grace <= 3600:  # NaN fails this too
+        raise ConfigError("grace", f"must be 0..3600 seconds, got {args.grace}")
     if not 0 < args.port < 65536:
         raise ConfigError("port", f"must be 1..65535, got {args.port}")
     api_key = args.api_key or os.environ.get("TRAINLAB_API_KEY") or None
@@ -169,11 +172,25 @@ def chat_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         warn(f"warning: listening on {args.host}: other machines can reach this server"
              + ("" if api_key else " and no --api-key is set"))
+    # uvicorn takes SIGTERM for a graceful shutdown, then raises it again for the handler it
+    # found: this one notes it, so the process ends with a line and exit 0, not killed by it
+    import signal
+
+    noted: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(signum))
     try:
-        uvicorn.Server(uvicorn.Config(server.app, log_level="warning")).run(sockets=[sock])
+        uvicorn_server(server, args.grace, log_level="warning").run(sockets=[sock])
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.engine.stop()
         sock.close()
+    if noted:
+        print(f"stopped on SIGTERM (running requests had {args.grace:g} s to finish)", flush=True)
+    # the interpreter's last garbage collection walks every object the server made (over a
+    # second measured after serving): frozen objects are left to the process's end instead
+    import gc
+
+    gc.freeze()
     return 0
 
 
