@@ -81,3 +81,45 @@ def test_chat_on_two_processes_matches_one_across_a_resume(runs_dir, tmp_path):
     assert "resuming run two from step 5" in p.stdout
     one, two = (latest_checkpoint(runs_dir / "chat" / n / "checkpoints") for n in ("one", "two"))
     assert_same_training(one, two, ["gpt"])
+
+
+def test_saved_cuda_rng_states_go_to_the_devices_present(monkeypatch):
+    """A run saved with two GPUs visible resumes with one (or three): each present device gets
+    its own saved state, none raises (set_rng_state_all would, with fewer devices)."""
+    from trainlab.engine import state as st
+
+    saved = [torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)]
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: list(saved))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((int(state[0]), device)))
+
+    def all_or_nothing(states):
+        raise RuntimeError("set_rng_state_all needs a state for each device present")
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", all_or_nothing)
+    state = st.rng_state()
+    assert [int(s[0]) for s in state["cuda"]] == [1, 2]
+    for present, expected in ((1, [(1, 0)]), (3, [(1, 0), (2, 1)]), (2, [(1, 0), (2, 1)])):
+        calls.clear()
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: present)
+        st.set_rng_state(state)
+        assert calls == expected, present
+
+
+def test_a_retried_or_timed_pass_rewinds_the_gpu_rng_too(monkeypatch):
+    """What step.py rewinds before an out-of-memory retry or after the start-of-run timing:
+    the CPU RNG and, on CUDA, the device's own, so dropout draws the same masks there too."""
+    from trainlab.engine.device import rewind_rng, rng_point
+
+    gpu = {"state": torch.tensor([7], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: gpu["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: gpu.update(state=state, device=device))
+    cuda = torch.device("cuda", 0)
+    point = rng_point(cuda)
+    first = torch.rand(4)
+    gpu["state"] = torch.tensor([9], dtype=torch.uint8)  # the pass drew from the device's generator
+    rewind_rng(point, cuda)
+    assert torch.equal(torch.rand(4), first)
+    assert int(gpu["state"][0]) == 7 and gpu["device"] == cuda
+    assert rng_point(torch.device("cpu"))[1] is None  # a CPU run has no device generator to keep

@@ -36,3 +36,33 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def cuda_rng_states() -> list[torch.Tensor] | None:
+    """The RNG state of every CUDA device present (None without CUDA)."""
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def set_cuda_rng_states(states: list[torch.Tensor] | None) -> None:
+    """Restore saved CUDA RNG states to the devices present: a run saved with more devices
+    visible than there are now (a resume with fewer GPUs, or another process count) gives
+    each present device its own saved state and leaves the rest unused; with fewer saved
+    than present, the extra devices keep their fresh seeding."""
+    if not states or not torch.cuda.is_available():
+        return
+    for index, state in enumerate(states[:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, index)
+
+
+def rng_point(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The CPU RNG and, on a CUDA device, that device's: what dropout draws from."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def rewind_rng(point: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    """Back to ``rng_point(device)``: a retried or timed pass draws the same dropout masks
+    as the pass it repeats, on a GPU as on a CPU."""
+    cpu, accelerator = point
+    torch.set_rng_state(cpu)
+    if accelerator is not None:
+        torch.cuda.set_rng_state(accelerator, device)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from trainlab.engine.checkpoint import Checkpoint, CheckpointError, list_checkpoints, remove_checkpoint, save_checkpoint
+from trainlab.engine.device import cuda_rng_states, set_cuda_rng_states
 from trainlab.engine.distributed import Dist, gather
 from trainlab.engine.member import Member
 from trainlab.engine.task import Task
@@ -37,8 +38,9 @@ def rng_state() -> dict[str, Any]:
                   "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    cuda = cuda_rng_states()
+    if cuda is not None:
+        state["cuda"] = cuda
     return state
 
 
@@ -48,8 +50,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
                          "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    set_cuda_rng_states(state.get("cuda"))
 
 
 

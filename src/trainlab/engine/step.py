@@ -13,7 +13,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from trainlab.engine import faults
-from trainlab.engine.device import synchronize
+from trainlab.engine.device import rewind_rng, rng_point, synchronize
 from trainlab.engine.distributed import Dist, all_sum, broadcast
 from trainlab.engine.memory import fastest, free_memory, is_out_of_memory, micro_batch_counts, split_batch
 from trainlab.engine.precision import BF16_MARGIN
@@ -138,7 +138,7 @@ def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int
     rank's slice ``batch`` of a global batch of ``n_global``; what went wrong, if anything,
     is said through ``echo``."""
     n_local = batch_rows(batch)
-    rng = torch.get_rng_state()  # a retry after an out-of-memory draws the same dropout masks
+    rng = rng_point(device)  # a retry after an out-of-memory draws the same dropout masks
     first_try = True
     while True:
         failed = False
@@ -159,7 +159,7 @@ def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int
             raise TrainingError(f"{m.name}: {e}") from None
         where = f" on one of the {d.world} processes; each one's slice" if d.active else "; the batch"
         echo(f"[step {step + 1}] {m.name}: out of memory{where} of {n_local} now runs as {m.micro.count} micro-batches")
-        torch.set_rng_state(rng)
+        rewind_rng(rng, device)
         first_try = False
     m.micro.on_success()
 
@@ -261,7 +261,7 @@ def choose_speed(m: Member, task: Task, batch: dict[str, torch.Tensor], step: in
     if len(counts) * len(modes) == 1:
         m.micro.tuned = m.micro.tuned or time_counts
         return
-    rng, task_state, before = torch.get_rng_state(), task.state_dict(), m.micro.count
+    rng, task_state, before = rng_point(device), task.state_dict(), m.micro.count
 
     def timed_pass() -> float:
         return time_pass(lambda: forward_backward(m, task, batch, step, n_global, {}, True, d, device), device)
@@ -290,7 +290,7 @@ def choose_speed(m: Member, task: Task, batch: dict[str, torch.Tensor], step: in
     timings = {pair: min(seen) for pair, seen in tries.items()}  # noise only ever adds time
     free_memory(device)
     timings = broadcast(timings, d)
-    torch.set_rng_state(rng)
+    rewind_rng(rng, device)
     task.load_state_dict(task_state)
     m.micro.count = before
     if len(modes) > 1:
@@ -332,7 +332,7 @@ def seconds_per_step(task: Task, cfg: TrainConfig, device: torch.device | None =
     from trainlab.engine.member import make_member
 
     device = device or torch.device("cpu")
-    rng, task_state = torch.get_rng_state(), task.state_dict()
+    rng, task_state = rng_point(device), task.state_dict()
     members = [make_member(name, model.to(device), cfg, device) for name, model in task.build_models().items()]
     t0 = time.perf_counter()
     for i in range(n + warmup):
@@ -345,7 +345,7 @@ def seconds_per_step(task: Task, cfg: TrainConfig, device: torch.device | None =
             member_step(m, task, batch, i, cfg, {}, device, lambda *a: None, batch_rows(full))
     synchronize(device)
     seconds = (time.perf_counter() - t0) / n
-    torch.set_rng_state(rng)
+    rewind_rng(rng, device)
     task.load_state_dict(task_state)
     return seconds
 
