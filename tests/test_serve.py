@@ -230,7 +230,20 @@ def test_errors_of_paths_bodies_keys_and_queues(trained, live):
         guarded.close()
 
 
-def test_eight_concurrent_streams_each_get_their_text_alone(live):
+def test_eight_concurrent_streams_each_get_their_text_alone(live, monkeypatch):
+    """The same text alone and among others, and "among others" is real: the streams shared
+    decoding passes (a server answering one request at a time would pass the first part)."""
+    from trainlab.chat import serve as serve_module
+
+    rows_per_pass: list[int] = []
+    real = serve_module.decode_rows
+
+    def counted(model, last, cache, decoding):
+        rows_per_pass.append(sum(decoding))
+        return real(model, last, cache, decoding)
+
+    monkeypatch.setattr(serve_module, "decode_rows", counted)
+
     async def stream(seed: int) -> str:
         async with httpx.AsyncClient(timeout=120) as http:
             text = ""
@@ -247,12 +260,17 @@ def test_eight_concurrent_streams_each_get_their_text_alone(live):
 
     alone = [asyncio.run(stream(seed)) for seed in range(8)]
     assert len(set(alone)) == 8 and all(len(t) == 150 for t in alone)
+    assert max(rows_per_pass) == 1  # one at a time: every pass decoded one row
+    rows_per_pass.clear()
     assert asyncio.run(together()) == alone
+    assert max(rows_per_pass) >= 2, "the streams never shared a decoding pass"
 
 
 def test_the_page_streams_and_stops_in_a_real_browser(live, tmp_path):
     browser, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
     if not (browser and driver):
+        if os.environ.get("CI"):  # .ci/run installs Chromium: in CI a missing browser is a failure, never a skip
+            pytest.fail("CI has no Chromium: .ci/run should have installed chromium and chromium-driver")
         pytest.skip("no Chromium here: `apt-get install chromium chromium-driver` enables the browser test")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
