@@ -276,3 +276,37 @@ def test_a_bad_flag_on_resume_changes_nothing_on_disk(runs_dir, capsys):
                                   "--max-steps", "-3"])
     assert code == 2 and "--max-steps" in err and len(err.splitlines()) == 1
     assert sorted(str(p.relative_to(runs_dir)) for p in runs_dir.rglob("*")) == before
+
+
+def test_an_option_the_saved_run_lacks_applies_if_resumable_else_is_named(runs_dir, capsys):
+    """A run saved before an option existed: a resumable one applies, any other is named in
+    one warning and the run keeps what it was built with (the option's default)."""
+    assert cli_train(runs_dir, "--max-digits", "1", "--max-steps", "2", "--run-name", "old") == 0
+    ck = latest_checkpoint(run_dir(runs_dir, "old") / "checkpoints")
+    config = ck.json("config.json")
+    del config["train"]["embed_lr"], config["train"]["micro_batch"]
+    forge(ck.path, "config.json", json.dumps(config).encode())
+    capsys.readouterr()
+    assert cli_train(runs_dir, "--resume", "old", "--max-steps", "3", "--embed-lr", "0.5", "--micro-batch", "off") == 0
+    out, err = capsys.readouterr()
+    (warning,) = [line for line in err.splitlines() if "--embed-lr" in line]
+    assert "0.5 ignored" in warning and "before the option existed" in warning
+    assert any(line.startswith("--micro-batch: off from here on") for line in out.splitlines()), out
+    saved = latest_checkpoint(run_dir(runs_dir, "old") / "checkpoints").json("config.json")["train"]
+    assert saved["micro_batch"] == "off" and saved["embed_lr"] is None
+
+
+def test_an_open_ended_run_given_max_steps_on_resume_keeps_its_lr(runs_dir, monkeypatch, capsys):
+    """Started without --max-steps, the LR is constant after warm-up; a resume that sets
+    --max-steps says where to stop and does not start a decay mid-run (the LR would drop at once)."""
+    monkeypatch.setenv("TRAINLAB_FAULTS", "interrupt=6")
+    assert cli_train(runs_dir, "--max-digits", "1", "--run-name", "open", "--log-every", "1", "--warmup-steps", "2",
+                     "--lr", "0.002") == 130
+    monkeypatch.delenv("TRAINLAB_FAULTS")
+    capsys.readouterr()
+    assert cli_train(runs_dir, "--resume", "open", "--max-steps", "10") == 0
+    assert "started without --max-steps" in capsys.readouterr().out
+    lrs = dict(tb_scalars(run_dir(runs_dir, "open") / "simple", "train/lr"))
+    assert sorted(lrs) == list(range(1, 11))
+    assert all(lrs[s] == pytest.approx(0.002) for s in range(3, 11)), lrs
+    assert latest_checkpoint(run_dir(runs_dir, "open") / "checkpoints").step == 10

@@ -164,13 +164,25 @@ def settings(command: str | TaskKind, preset: str | None = None, config_file: st
 
 
 def resume_settings(run_values: dict[str, Any], given: dict[str, Any], free: frozenset[str] | set[str],
-                    run_id: str, warn: Echo = warn, echo: Echo = print) -> dict[str, Any]:
+                    run_id: str, warn: Echo = warn, echo: Echo = print, known: set[str] | frozenset[str] = frozenset()
+                    ) -> dict[str, Any]:
     """The settings of a resumed run: the run's own, with ``given`` (flags, file, preset)
     applied only where ``free`` allows. Every other given value that differs is reported
-    in one line naming both values, and the run's value is kept."""
+    in one line naming both values, and the run's value is kept. A setting of the task
+    (``known``) that the run's saved settings lack (an option added since it started) applies
+    where ``free`` allows and is otherwise named in one warning: the run keeps what it was
+    built with (the option's default)."""
     values = dict(run_values)
     for key, new in given.items():
         if key not in values:
+            if key not in known:  # not a setting of this task: the namespace's other entries
+                continue
+            if key in free:
+                values[key] = new
+                echo(f"{flag_name(key)}: {new} from here on (run {run_id} was saved before the option existed)")
+            else:
+                warn(f"warning: {flag_name(key)} {new} ignored: run {run_id} was saved before the option existed, "
+                     f"and a resumed run keeps what it was built with")
             continue
         old = values[key]
         if new == old:
@@ -250,6 +262,21 @@ def new_run_from(command: str | TaskKind, cfgs: dict[str, Any], task: Any, extra
         for line in lines:
             echo(line)
     return run, config
+
+
+def _keep_an_open_schedule(saved: dict[str, Any], given: dict[str, Any], values: dict[str, Any], run_id: str,
+                           echo: Echo) -> dict[str, Any]:
+    """A run started without --max-steps (or --lr-decay-steps) has no horizon: its LR stays
+    at --lr after warm-up. A resume that sets --max-steps only says where it stops; fitting a
+    decay to it now would drop the LR at once to where that schedule would be mid-run, so the
+    LR stays constant (``schedule: constant``), unless --lr-decay-steps is given too."""
+    open_ended = saved.get("max_steps") is None and saved.get("lr_decay_steps") is None
+    if not open_ended or values.get("max_steps") is None or "lr_decay_steps" in given \
+            or saved.get("schedule") == "constant":
+        return values
+    echo(f"note: run {run_id} started without --max-steps, so its LR has no decay to end at step "
+         f"{values['max_steps']}: it stays at --lr to the end (schedule constant)")
+    return {**values, "schedule": "constant"}
 
 
 def _note_extension(tc: TrainConfig, echo: Echo) -> None:
@@ -340,8 +367,11 @@ def prepare(command: str | TaskKind, values: dict[str, Any], resume: str | None 
         if resuming is None and fresh is not None:  # auto found nothing: a new run, on the usual defaults
             values = fresh()
     if resuming is not None:
-        values = resume_settings(flat(resuming.config), values, RESUMABLE_CHANGES | kind.free, resuming.run.id,
-                                 warn=warn, echo=echo)
+        saved = flat(resuming.config)
+        given = values
+        values = resume_settings(saved, given, RESUMABLE_CHANGES | kind.free, resuming.run.id, warn=warn, echo=echo,
+                                 known=set(known_settings(kind, given)))
+        values = _keep_an_open_schedule(saved, given, values, resuming.run.id, echo)
     try:
         cfgs, task = checked_task(kind, values, world, warn=warn)
         if resuming is not None and resuming.ckpt is not None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from trainlab.config import ConfigError, check_seed, in_range, non_negative, one_of, positive
 
 SPIKE_ACTIONS = ("log", "skip", "rollback")
-SCHEDULES = ("cosine", "wsd")
+SCHEDULES = ("cosine", "wsd", "constant")
 # defined here, not beside the optimizers and precisions they name, so that the flags (and
 # so `--help`) need no PyTorch: optim.py and precision.py import them from here
 OPTIMIZERS = ("adamw", "muon")
@@ -26,7 +26,8 @@ class TrainConfig:
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final LR of the decay, as a fraction of --lr"})
     schedule: str = field(default="cosine", metadata={"help": "cosine (warmup, then a half cosine down to the final "
                                                               "LR) or wsd (warmup, stable at --lr, then a linear "
-                                                              "decay over the last --decay-fraction of the steps)"})
+                                                              "decay over the last --decay-fraction of the steps) or "
+                                                              "constant (warmup, then --lr throughout)"})
     decay_fraction: float = field(default=0.2, metadata={"help": "share of the steps after warmup that wsd spends "
                                                                  "decaying"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
@@ -139,7 +140,7 @@ def lr_lambda(cfg: TrainConfig):
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        if horizon is None:
+        if horizon is None or cfg.schedule == "constant":
             return 1.0
         t = min(1.0, (step - cfg.warmup_steps) / max(1, horizon - cfg.warmup_steps))
         if cfg.schedule == "wsd":
