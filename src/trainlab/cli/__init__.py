@@ -1,5 +1,6 @@
-"""Command line: ``trainlab multiply train|ask|evaluate``, ``trainlab chat train|generate|repl``,
-``trainlab runs list|clean|rm``, ``trainlab tune multiply|chat|show``.
+"""Command line: ``trainlab multiply train|ask|evaluate|compare``,
+``trainlab chat train|generate|repl|serve|export``, ``trainlab runs list|clean|rm``,
+``trainlab tune multiply|chat|show`` (each group's ``COMMANDS`` is the list the parser is built from).
 
 Argv in, calls of the run path (``trainlab.runs``) and of the tasks' own functions, lines
 out: one module per command group (multiply.py, chat.py, runs.py, tune.py) and what all of

@@ -7,9 +7,11 @@ count is right for both, so ``ThreadTuner`` times the step it wraps under each c
 count now and then, and keeps the fastest: at the start, every ``every`` steps, and at
 once when steps turn three times slower than usual (another job started).
 
-Thread counts do not change the numbers here: each output of the small matmuls is
-computed whole by one thread, so a stream's text is the same whichever count runs it
-(tests check this for the serving path).
+Thread counts can change the numbers: some kernels split a reduction across threads for
+some shapes, so 1 and 2 threads may round a row differently. The server checks this at
+warm-up (``chat.model.check_exactness``) and pins the thread count where they differ, so a
+stream's text never depends on the count it was given; ``generate`` and ``repl`` promise
+no such thing.
 """
 
 from __future__ import annotations
