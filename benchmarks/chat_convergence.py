@@ -32,9 +32,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from common import fitted_seconds_per_step, print_machine, span_loss  # noqa: E402
 
-from trainlab.chat.sampling import SamplingConfig, generate  # noqa: E402
-from trainlab.chat.task import make_chat_task  # noqa: E402
 from trainlab import runs  # noqa: E402
+from trainlab.chat.config import SamplingConfig
+from trainlab.chat.sampling import generate  # noqa: E402
+from trainlab.chat.task import make_chat_task  # noqa: E402
 from trainlab.cli import build_parser  # noqa: E402
 from trainlab.cli.common import flags_of  # noqa: E402
 from trainlab.config import build  # noqa: E402

@@ -30,14 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
+from common import print_machine  # noqa: E402
 
 from trainlab import runs  # noqa: E402
 from trainlab.cli import build_parser  # noqa: E402
 from trainlab.cli.common import flags_of  # noqa: E402
 from trainlab.config import build  # noqa: E402
-from trainlab.engine.loop import make_member, train  # noqa: E402
+from trainlab.engine.loop import train  # noqa: E402
+from trainlab.engine.member import make_member
 from trainlab.engine.tracking import clean_test_runs, new_run  # noqa: E402
-from common import print_machine  # noqa: E402
 
 WARMUP = 10
 

@@ -38,9 +38,10 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from trainlab.chat.config import SamplingConfig
     from trainlab.chat.export import export
     from trainlab.chat.repl import complete, load_chat_model
-    from trainlab.chat.sampling import SamplingConfig, make_generator
+    from trainlab.chat.sampling import make_generator
     from trainlab.engine.threads import ThreadTuner
     from trainlab.engine.tracking import resolve_checkpoint
 

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
 from common import print_machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,9 +38,11 @@ def child(checkpointing: bool, device_name: str, batch: int, context: int) -> di
     import torch
     import torch.nn.functional as F
 
-    from trainlab.chat.model import GPT, GPTConfig
+    from trainlab.chat.config import GPTConfig
+    from trainlab.chat.model import GPT
     from trainlab.config import load_preset
-    from trainlab.engine.loop import TrainConfig, make_member
+    from trainlab.engine.member import make_member
+    from trainlab.engine.train_config import TrainConfig
 
     device = torch.device(device_name)
     before = status_kib("VmRSS") * 1024 if device.type == "cpu" else 0

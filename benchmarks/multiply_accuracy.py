@@ -31,7 +31,8 @@ from trainlab.cli.common import flags_of  # noqa: E402
 from trainlab.config import build  # noqa: E402
 from trainlab.engine.loop import train  # noqa: E402
 from trainlab.engine.tracking import new_run  # noqa: E402
-from trainlab.multiply.inference import evaluate_members, evaluation_dataset  # noqa: E402
+from trainlab.multiply.evaluation import evaluate_members
+from trainlab.multiply.inference import evaluation_dataset  # noqa: E402
 from trainlab.multiply.task import MultiplyTask  # noqa: E402
 
 

@@ -16,13 +16,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from trainlab.engine.loop import TrainConfig, train  # noqa: E402
-from trainlab.engine.tracking import new_run  # noqa: E402
-from trainlab.multiply.data import MultiplyDataConfig  # noqa: E402
-from trainlab.multiply.loss import LossConfig  # noqa: E402
-from trainlab.multiply.models import Seq2SeqConfig  # noqa: E402
-from trainlab.multiply.task import MultiplyTask, MultiplyTaskConfig, TeacherForcingConfig  # noqa: E402
 from common import print_machine  # noqa: E402
+
+from trainlab.engine.loop import train  # noqa: E402
+from trainlab.engine.tracking import new_run  # noqa: E402
+from trainlab.engine.train_config import TrainConfig
+from trainlab.multiply.config import (  # noqa: E402
+    LossConfig,  # noqa: E402
+    MultiplyDataConfig,  # noqa: E402
+    MultiplyTaskConfig,
+    Seq2SeqConfig,  # noqa: E402
+    TeacherForcingConfig,
+)
+from trainlab.multiply.task import MultiplyTask
 
 
 def main() -> None:

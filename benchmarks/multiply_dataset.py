@@ -14,9 +14,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import numpy as np  # noqa: E402
-
-from trainlab.multiply.data import MultiplicationDataset, MultiplyDataConfig  # noqa: E402
 from common import print_machine  # noqa: E402
+
+from trainlab.multiply.config import MultiplyDataConfig  # noqa: E402
+from trainlab.multiply.data import MultiplicationDataset
 
 
 def main() -> None:

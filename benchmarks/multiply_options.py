@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import print_machine, train_for_minutes  # noqa: E402
 
 from trainlab.engine.precision import cpu_summary  # noqa: E402
-from trainlab.multiply.inference import evaluate_members, evaluation_dataset  # noqa: E402
+from trainlab.multiply.evaluation import evaluate_members
+from trainlab.multiply.inference import evaluation_dataset  # noqa: E402
 
 # the preset as it was before these probes (it now turns all three on), so that every
 # variant names the whole of what it changes and the table can be made again

@@ -76,16 +76,15 @@ MODEL = "?"
 
 def bare_loop(runs: str, checkpoint: str, chars: int, weights: str = "fp32") -> tuple[float, float]:
     """(seconds to the first character, characters/s after it) of `chat generate`'s own loop."""
-    import torch
-
-    from trainlab.chat.repl import complete, load_chat_model
-    from trainlab.chat.sampling import SamplingConfig, make_generator
-    from trainlab.engine.threads import ThreadTuner
-    from trainlab.engine.tracking import resolve_checkpoint
-
     from dataclasses import replace
 
-    from trainlab.chat.repl import with_weights
+    import torch
+
+    from trainlab.chat.config import SamplingConfig
+    from trainlab.chat.repl import complete, load_chat_model, with_weights
+    from trainlab.chat.sampling import make_generator
+    from trainlab.engine.threads import ThreadTuner
+    from trainlab.engine.tracking import resolve_checkpoint
 
     cm = load_chat_model(resolve_checkpoint(runs, "chat", checkpoint), torch.device("cpu"))
     cm = replace(cm, model=with_weights(cm.model, weights, torch.device("cpu"), print))

@@ -30,7 +30,7 @@ from trainlab.engine.precision import AUTO_ENV
 os.environ.setdefault(AUTO_ENV, "fp32")  # before any run; subprocesses (torchrun) inherit it
 SESSION_AUTO = os.environ[AUTO_ENV]  # a test that sets its own (the timing tests) is not the pass's business
 
-from trainlab.engine.loop import TrainConfig  # noqa: E402
+from trainlab.engine.train_config import TrainConfig  # noqa: E402
 
 # the members each test built in this process that took auto as the session forces it: what it gave
 BUILT: list[str] = []

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from trainlab.engine.loop import TrainConfig
-from trainlab.multiply.data import MultiplyDataConfig
-from trainlab.multiply.loss import LossConfig
-from trainlab.multiply.models import Seq2SeqConfig
-from trainlab.multiply.task import MultiplyTask, MultiplyTaskConfig, TeacherForcingConfig
+from trainlab.engine.train_config import TrainConfig
+from trainlab.multiply.config import (
+    LossConfig,
+    MultiplyDataConfig,
+    MultiplyTaskConfig,
+    Seq2SeqConfig,
+    TeacherForcingConfig,
+)
+from trainlab.multiply.task import MultiplyTask
 
 
 def tiny_multiply(train: TrainConfig, min_digits=1, max_digits=1, tf=None, **model_kw):

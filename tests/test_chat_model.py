@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainlab.chat.model import GPT, GPTConfig
+from trainlab.chat.config import GPTConfig
+from trainlab.chat.model import GPT
 from trainlab.config import ConfigError, load_preset
 
 TINY = dict(d_model=32, nhead=4, num_layers=2, context_len=16, dropout=0.0, vocab_size=11)
@@ -273,7 +274,8 @@ def test_a_pair_model_continues_its_cache_from_the_token_before():
 
 
 def test_a_pair_model_generates_greedily_as_its_plain_forward_and_past_its_context():
-    from trainlab.chat.sampling import SamplingConfig, generate
+    from trainlab.chat.config import SamplingConfig
+    from trainlab.chat.sampling import generate
 
     model = pair_model()
     prompt = [1, 4, 2]

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from trainlab.chat.config import GPTConfig, SamplingConfig
 from trainlab.chat.metrics import distinct_n, diversity, repeat_rate, words
-from trainlab.chat.model import GPT, GPTConfig
+from trainlab.chat.model import GPT
 from trainlab.chat.sampling import (
-    SamplingConfig,
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from trainlab.engine.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, list_checkpoints, save_checkpoint
+from trainlab.engine.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, save_checkpoint
+from trainlab.engine.errors import CheckpointError
 
 
 def save(root, step, keep=3, value=1.0):

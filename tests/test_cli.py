@@ -4,10 +4,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from trainlab.cli import main
 from conftest import register_runs_dir
 from helpers import TINY
+
+from trainlab.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,8 +180,8 @@ def test_padded_answers_are_recorded_and_read_back(tmp_path, capsys):
     import torch
 
     from trainlab.engine.checkpoint import latest_checkpoint
+    from trainlab.multiply.evaluation import decode_problems
     from trainlab.multiply.inference import evaluation_dataset, load_members, trained_data_config
-    from trainlab.multiply.task import decode_problems
 
     runs = register_runs_dir(tmp_path / "runs")
     assert main(["multiply", "train", "--runs-dir", str(runs), *TINY, "--max-digits", "2", "--max-steps", "2",

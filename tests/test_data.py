@@ -3,10 +3,8 @@ import pytest
 import torch
 
 from trainlab.config import ConfigError
-from trainlab.multiply.data import (
-    BOS, DIGIT0, EOS, PAD, SPLITS, TIMES, TOKENS, MultiplicationDataset, MultiplyDataConfig, decode_answer,
-    digit_count, encode_pairs, split_ids,
-)
+from trainlab.multiply.config import BOS, DIGIT0, EOS, PAD, SPLITS, TIMES, TOKENS, MultiplyDataConfig
+from trainlab.multiply.data import MultiplicationDataset, decode_answer, digit_count, encode_pairs, split_ids
 
 
 def ds(lo=1, hi=3, **kw):

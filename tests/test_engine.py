@@ -4,13 +4,14 @@ import signal
 
 import pytest
 import torch
-
-from trainlab.engine.checkpoint import latest_checkpoint, list_checkpoints
-from trainlab.engine.loop import TrainConfig, lr_lambda, train
-from trainlab.engine.monitor import Eta
-from trainlab.engine.tracking import new_run
 from conftest import tiny_train_config
 from helpers import tiny_multiply
+
+from trainlab.engine.checkpoint import latest_checkpoint, list_checkpoints
+from trainlab.engine.loop import train
+from trainlab.engine.monitor import Eta
+from trainlab.engine.tracking import new_run
+from trainlab.engine.train_config import TrainConfig, lr_lambda
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
@@ -61,7 +62,7 @@ def test_members_see_the_same_batches_and_teacher_forcing_coins(runs_dir):
     task, _ = tiny_multiply(cfg)
     assert torch.equal(task.batch(5)["src"], task.batch(5)["src"])
     assert not torch.equal(task.batch(5)["src"], task.batch(6)["src"])
-    from trainlab.multiply.task import TeacherForcingConfig
+    from trainlab.multiply.config import TeacherForcingConfig
     task2, _ = tiny_multiply(cfg, tf=TeacherForcingConfig("linear", tf_floor=0.0, tf_decay_steps=10))
     coins = [task2.teacher_forced(s) for s in range(40)]
     assert coins == [task2.teacher_forced(s) for s in range(40)]
@@ -69,7 +70,7 @@ def test_members_see_the_same_batches_and_teacher_forcing_coins(runs_dir):
 
 
 def test_scheduled_sampling_batches_train(runs_dir):
-    from trainlab.multiply.task import TeacherForcingConfig
+    from trainlab.multiply.config import TeacherForcingConfig
     cfg = tiny_train_config(runs_dir, max_steps=4)
     task, config = tiny_multiply(cfg, tf=TeacherForcingConfig("linear", tf_floor=0.0, tf_decay_steps=1))
     run = new_run(cfg.runs_dir, task.name, "", "test", config)
@@ -108,7 +109,7 @@ def test_step_timer_ignores_stalls():
 
 def test_training_on_from_a_checkpoint_matches_an_unbroken_run(runs_dir):
     """The engine's restore(): N steps, then N more from the checkpoint == 2N straight."""
-    from trainlab.multiply.task import TeacherForcingConfig
+    from trainlab.multiply.config import TeacherForcingConfig
 
     tf = TeacherForcingConfig("linear", tf_floor=0.3, tf_decay_steps=6)
     straight_cfg = tiny_train_config(runs_dir, max_steps=8, save_every=4, lr_decay_steps=8)
@@ -154,7 +155,7 @@ def test_a_failing_run_is_marked_failed_keeps_its_curves_and_frees_its_lock(runs
 
 
 def test_the_wsd_schedule_warms_up_holds_and_decays_linearly_at_the_end():
-    from trainlab.engine.loop import TrainConfig, lr_lambda
+    from trainlab.engine.train_config import TrainConfig, lr_lambda
 
     cfg = TrainConfig(max_steps=110, warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.1)
     f = lr_lambda(cfg)

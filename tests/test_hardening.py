@@ -392,7 +392,8 @@ def test_an_empty_val_split_is_refused_before_anything_is_written(runs_dir, caps
 def test_large_digit_ranges_start_within_seconds(runs_dir, capsys):
     """5-digit operands are 8.1e9 problems: their splits are not counted one by one (that took
     over a minute before the first step); the counts shown are the expected ones."""
-    from trainlab.multiply.data import EXACT_COUNT_LIMIT, MultiplicationDataset, MultiplyDataConfig
+    from trainlab.multiply.config import MultiplyDataConfig
+    from trainlab.multiply.data import EXACT_COUNT_LIMIT, MultiplicationDataset
 
     t = time.monotonic()
     assert cli_train(runs_dir, "--min-digits", "5", "--max-digits", "5", "--max-steps", "2", "--eval-every", "2",

@@ -201,21 +201,52 @@ def test_help_and_usage_errors_answer_without_loading_torch():
         assert "torch" not in loaded, f"{argv} loaded torch"
 
 
-def test_every_import_of_a_trainlab_name_resolves():
+def defined_at_top(path: Path) -> set[str]:
+    """The names a module defines itself at its top level (functions, classes, assignments,
+    also inside top-level ``if`` and ``try``), not the ones it imports."""
+    names: set[str] = set()
+
+    def visit(body) -> None:
+        for n in body:
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(n.name)
+            elif isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                for target in (n.targets if isinstance(n, ast.Assign) else [n.target]):
+                    names.update(x.id for x in ast.walk(target) if isinstance(x, ast.Name))
+            elif isinstance(n, (ast.If, ast.Try)):
+                for block in (n.body, n.orelse, getattr(n, "finalbody", []), *(h.body for h in getattr(n, "handlers", []))):
+                    visit(block)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")).body)
+    return names
+
+
+def test_every_import_of_a_trainlab_name_names_the_module_that_defines_it():
     """Function-local imports run only when their function does: a name moved to another
-    module (make_member, once, inside seconds_per_step) would fail only in that call."""
+    module (make_member, once, inside seconds_per_step) would fail only in that call. And a
+    name is imported from where it is defined, never through a module that re-exports it, so
+    a reader who follows an import finds the definition (and no shim outlives a refactor)."""
     import importlib
 
     root = SRC.parent
-    missing = []
+    missing, indirect = [], []
     for path in sorted([*SRC.rglob("*.py"), *(root / "benchmarks").glob("*.py"), *(root / "tests").glob("*.py")]):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("trainlab"):
                 module = importlib.import_module(node.module)
+                own = defined_at_top(Path(module.__file__))
                 for alias in node.names:
+                    where = f"{path.relative_to(root)}:{node.lineno}: {node.module}.{alias.name}"
+                    try:
+                        importlib.import_module(f"{node.module}.{alias.name}")
+                        continue  # a submodule
+                    except ImportError:
+                        pass
                     if not hasattr(module, alias.name):
-                        try:
-                            importlib.import_module(f"{node.module}.{alias.name}")
-                        except ImportError:
-                            missing.append(f"{path.relative_to(root)}:{node.lineno}: {node.module}.{alias.name}")
+                        missing.append(where)
+                    elif alias.name not in own:
+                        obj = getattr(module, alias.name)
+                        home = getattr(obj, "__module__", None) if callable(obj) else None
+                        indirect.append(f"{where} (defined in {home or 'another module'})")
     assert not missing, missing
+    assert not indirect, indirect

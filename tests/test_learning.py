@@ -1,11 +1,11 @@
 """A short run that clearly learns 1-digit multiplication (both models)."""
 
-from trainlab.engine.loop import train
-from trainlab.engine.tracking import new_run
-from trainlab.multiply.task import decode_problems
-
 from conftest import tiny_train_config
 from helpers import tiny_multiply
+
+from trainlab.engine.loop import train
+from trainlab.engine.tracking import new_run
+from trainlab.multiply.evaluation import decode_problems
 
 
 def test_both_models_learn_one_digit_multiplication(runs_dir):

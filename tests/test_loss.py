@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from trainlab.config import ConfigError
-from trainlab.multiply.data import PAD
-from trainlab.multiply.loss import LossConfig, SequenceAccuracyLoss
+from trainlab.multiply.config import PAD, LossConfig
+from trainlab.multiply.loss import SequenceAccuracyLoss
 
 V = 6
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from trainlab.config import ConfigError
-from trainlab.multiply.data import BOS, DIGIT0, EOS, PAD, TIMES, VOCAB_SIZE
-from trainlab.multiply.models import LatentTransformer, Seq2SeqConfig, SimpleTransformer, build_model, greedy_decode
+from trainlab.multiply.config import BOS, DIGIT0, EOS, PAD, TIMES, VOCAB_SIZE, Seq2SeqConfig
+from trainlab.multiply.models import LatentTransformer, SimpleTransformer, build_model, greedy_decode
 
 
 def cfg(kind="simple", **kw):

@@ -111,7 +111,7 @@ def test_plateau_cuts_after_patience_down_to_the_floor():
 
 def test_plateau_scales_the_schedule_in_the_loop(runs_dir, capsys):
     """A model whose LR is too small to move the val loss: cuts at evaluations 3 and 5."""
-    from trainlab.engine.loop import lr_lambda
+    from trainlab.engine.train_config import lr_lambda
 
     cfg = tiny_train_config(runs_dir, max_steps=6, eval_every=1, lr=1e-9, plateau_patience=2, plateau_min_lr=0.0,
                             log_every=1, warmup_steps=2, lr_decay_steps=12)

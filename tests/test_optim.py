@@ -8,9 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from trainlab.chat.model import GPT, GPTConfig
+from trainlab.chat.config import GPTConfig
+from trainlab.chat.model import GPT
 from trainlab.engine.optim import Muon, follow_precision, hidden_matrices, make_optimizer, orthogonalize
-from trainlab.multiply.models import LatentTransformer, Seq2SeqConfig, SimpleTransformer
+from trainlab.multiply.config import Seq2SeqConfig
+from trainlab.multiply.models import LatentTransformer, SimpleTransformer
 
 
 @pytest.mark.parametrize("shape", [(48, 16), (16, 48), (32, 32)])

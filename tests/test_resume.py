@@ -9,14 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from trainlab.cli import main
-from trainlab.engine.faults import DAMAGE_KINDS, damage_checkpoint, forge
-from trainlab.engine.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, list_checkpoints
-from trainlab.engine.loop import restore, train, make_member
-from trainlab.engine.tracking import Run, new_run
 from conftest import tiny_train_config
 from helpers import TINY, assert_same_tensors, cli_train, final_state, run_dir, tb_scalars, tiny_multiply
+
+from trainlab.cli import main
+from trainlab.engine.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints
+from trainlab.engine.errors import CheckpointError
+from trainlab.engine.faults import DAMAGE_KINDS, damage_checkpoint, forge
+from trainlab.engine.loop import train
+from trainlab.engine.member import make_member
+from trainlab.engine.state import restore
+from trainlab.engine.tracking import Run, new_run
 
 ROOT = Path(__file__).resolve().parents[1]
 # dropout, scheduled sampling, a warmup and a log interval that interruptions fall inside of

@@ -315,7 +315,8 @@ def test_the_page_streams_and_stops_in_a_real_browser(live, tmp_path):
 
 def test_repl_ctrl_c_stops_the_answer_and_at_the_prompt_leaves(trained, monkeypatch):
     from trainlab.chat import repl as repl_module
-    from trainlab.chat.sampling import SamplingConfig, make_generator
+    from trainlab.chat.config import SamplingConfig
+    from trainlab.chat.sampling import make_generator
 
     cm = load_chat_model(resolve_checkpoint(trained, "chat", "srv"), torch.device("cpu"))
 

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from trainlab.config import ConfigError
-from trainlab.multiply.task import TeacherForcingConfig
+from trainlab.multiply.config import TeacherForcingConfig
 
 
 def test_none_always_forces():

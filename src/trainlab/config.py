@@ -231,10 +231,6 @@ def load_preset(task: str, name: str) -> dict[str, Any]:
         return load_yaml(p)
 
 
-def to_dict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
-
-
 def finite(field: str, value: float | int) -> None:
     """nan and inf compare False with everything, so every range check below starts here."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -379,8 +379,9 @@ def run_trial(plan: StudyPlan, study, trial, kind, say: Callable[[str], None]) -
     """Train one trial as an ordinary run and tell Optuna how it went; returns its state name."""
     from optuna.trial import TrialState
 
+    from trainlab.engine.errors import TrainingError
+    from trainlab.engine.loop import train
     from trainlab.runs import checked_task, new_run_from, steps_for_minutes
-    from trainlab.engine.loop import TrainingError, train
 
     values = {**plan.base, **trial.params, "run_name": f"{plan.name}-t{trial.number:04d}"}
     shown = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())

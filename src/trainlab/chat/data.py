@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainlab.chat.config import ChatDataConfig  # noqa: F401  (offered here too)
 from trainlab.config import UsageError
 
 MMAP_BYTES = 64 * 2**20

@@ -20,12 +20,13 @@ from typing import Callable, Iterator, TextIO
 
 import torch
 
+from trainlab.chat.config import MEMBER, GPTConfig, SamplingConfig
 from trainlab.chat.data import CharVocab
-from trainlab.chat.model import GPT, GPTConfig
-from trainlab.chat.sampling import SamplingConfig, generate
-from trainlab.chat.task import MEMBER
+from trainlab.chat.model import GPT
+from trainlab.chat.sampling import generate
 from trainlab.config import ConfigError
-from trainlab.engine.checkpoint import Checkpoint, CheckpointError
+from trainlab.engine.checkpoint import Checkpoint
+from trainlab.engine.errors import CheckpointError
 from trainlab.engine.memory import check_model_fits
 from trainlab.engine.stopping import Aborted
 from trainlab.engine.threads import ThreadTuner

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainlab.engine.loop import Summary
+from trainlab.engine.member import Summary
 from trainlab.engine.monitor import format_duration
 from trainlab.engine.plots import plot_lines
 from trainlab.engine.tracking import Run

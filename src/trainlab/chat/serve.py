@@ -1,8 +1,9 @@
 """``trainlab chat serve``: a chat page at ``/`` and an OpenAI-compatible API under ``/v1``.
 
 Stack: Starlette, served by uvicorn. Starlette gives routing, streaming responses and a
-test client in a small, well-kept package; FastAPI would add request models we do not
-need, since the OpenAI shapes are checked here by hand to return OpenAI's own errors.
+test client in a small, well-kept package. Request bodies are pydantic models in strict
+mode (``parse_request``), whose first error becomes a 400 in OpenAI's own shape; FastAPI
+would add its own error shape on top, which OpenAI's clients do not expect.
 
 One thread owns the model (``Engine``). Requests wait in a queue (at most ``max_queue``;
 past that, 429) for one of ``slots`` rows of a shared key/value cache. A new request's
@@ -44,9 +45,10 @@ from typing import Annotated, Any, Literal, Optional, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
+from trainlab.chat.config import SamplingConfig
 from trainlab.chat.model import PREFILL_CHUNK, SlotCache, check_exactness, decode_rows, prefill_row
 from trainlab.chat.repl import ChatModel, Dialogue
-from trainlab.chat.sampling import SamplingConfig, make_generator, next_token, stop_length
+from trainlab.chat.sampling import make_generator, next_token, stop_length
 from trainlab.config import ConfigError
 from trainlab.engine.threads import ThreadTuner
 

@@ -22,15 +22,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainlab.chat.config import MEMBER, TASK_NAME, ChatTaskConfig
+from trainlab.chat.config import MEMBER, TASK_NAME, ChatTaskConfig, GPTConfig, SamplingConfig
 from trainlab.chat.data import TextCorpus
 from trainlab.chat.metrics import diversity
-from trainlab.chat.model import GPT, GPTConfig
-from trainlab.chat.sampling import SamplingConfig, generate
+from trainlab.chat.model import GPT
+from trainlab.chat.sampling import generate
 from trainlab.engine.device import resolve_device
-from trainlab.engine.loop import Evaluation, StepLoss, Summary, TrainConfig
+from trainlab.engine.member import Summary
 from trainlab.engine.memory import check_model_fits
+from trainlab.engine.task import Evaluation, StepLoss
 from trainlab.engine.tracking import Run
+from trainlab.engine.train_config import TrainConfig
 
 EVAL_SEED = 0xE7A1
 

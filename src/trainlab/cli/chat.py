@@ -6,9 +6,9 @@ import argparse
 import sys
 
 from trainlab.chat.config import SamplingConfig
-from trainlab.cli.common import Parser, train_command, train_flags, warn
+from trainlab.cli.common import Parser, train_command, train_flags
 from trainlab.config import ConfigError, add_flags, build
-from trainlab.runs import chat_sections
+from trainlab.runs import chat_sections, warn
 
 
 def add_parser(sub) -> None:

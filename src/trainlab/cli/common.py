@@ -9,7 +9,6 @@ from typing import Any
 
 from trainlab import runs
 from trainlab.config import DEFAULT_PRESETS, add_flags, preset_names
-from trainlab.runs import warn  # noqa: F401  (warn: every command's one-line warnings)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

@@ -54,8 +54,8 @@ def multiply_train(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace):
     from trainlab.engine.device import resolve_device
     from trainlab.engine.tracking import resolve_checkpoint
+    from trainlab.multiply.config import TASK_NAME
     from trainlab.multiply.inference import load_members, trained_data_config
-    from trainlab.multiply.task import TASK_NAME
 
     device = resolve_device(args.device)
     ckpt = resolve_checkpoint(args.runs_dir, TASK_NAME, args.run, best=args.best)
@@ -80,7 +80,7 @@ def multiply_ask(args: argparse.Namespace) -> int:
 
 
 def multiply_evaluate(args: argparse.Namespace) -> int:
-    from trainlab.multiply.data import SPLITS
+    from trainlab.multiply.config import SPLITS
     from trainlab.multiply.evaluation import evaluate_members
     from trainlab.multiply.inference import evaluation_dataset
 

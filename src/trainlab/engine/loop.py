@@ -41,21 +41,17 @@ from trainlab.engine import faults
 from trainlab.engine.checkpoint import Checkpoint, latest_checkpoint
 from trainlab.engine.device import resolve_device, synchronize
 from trainlab.engine.distributed import Dist, all_sum, broadcast, current, device_for, shard, wrap
-from trainlab.engine.periodic import Session, checkpoint, evaluate_all, log_scalars, sample_all, timed
 from trainlab.engine.member import Member, Summary, make_member
-from trainlab.engine.state import LoopState, check_compatible, restore, seed_everything, settle_best
-from trainlab.engine.step import batch_rows, accumulate, choose_speed, member_step
+from trainlab.engine.periodic import Session, checkpoint, evaluate_all, log_scalars, sample_all, timed
+from trainlab.engine.state import LoopState, restore, seed_everything, settle_best
+from trainlab.engine.step import accumulate, batch_rows, choose_speed, member_step
 from trainlab.engine.stopping import StopSignals
-from trainlab.engine.task import Evaluation, StepLoss, Task, TrainingError
+from trainlab.engine.task import Task
 from trainlab.engine.tracking import ReadOnlyRun, Run, remove_runs
-from trainlab.engine.train_config import RESUMABLE_CHANGES, SPIKE_ACTIONS, TrainConfig, lr_lambda
+from trainlab.engine.train_config import TrainConfig
 
 # after each scheduled evaluation: (step, {member: its metrics}) -> stop the run there?
 Prune = Callable[[int, dict[str, dict[str, float]]], bool]
-
-# the names other modules import from here, as before the loop was split into modules
-__all__ = ["Evaluation", "Member", "RESUMABLE_CHANGES", "SPIKE_ACTIONS", "StepLoss", "Summary", "Task",
-           "TrainConfig", "TrainingError", "check_compatible", "lr_lambda", "make_member", "restore", "train"]
 
 
 def train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume: Checkpoint | None = None,

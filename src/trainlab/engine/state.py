@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainlab.engine.checkpoint import Checkpoint, CheckpointError, list_checkpoints, remove_checkpoint, save_checkpoint
+from trainlab.engine.checkpoint import Checkpoint, list_checkpoints, remove_checkpoint, save_checkpoint
 from trainlab.engine.device import cuda_rng_states, set_cuda_rng_states
 from trainlab.engine.distributed import Dist, gather
+from trainlab.engine.errors import CheckpointError
 from trainlab.engine.member import Member
 from trainlab.engine.task import Task
 from trainlab.engine.tracking import Run

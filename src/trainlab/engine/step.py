@@ -15,13 +15,15 @@ import torch
 from trainlab.engine import faults
 from trainlab.engine.device import rewind_rng, rng_point, synchronize
 from trainlab.engine.distributed import Dist, all_sum, broadcast
-from trainlab.engine.memory import fastest, free_memory, is_out_of_memory, micro_batch_counts, split_batch
-from trainlab.engine.precision import BF16_MARGIN
+from trainlab.engine.errors import TrainingError
 from trainlab.engine.member import Member
+from trainlab.engine.memory import fastest, free_memory, is_out_of_memory, micro_batch_counts, split_batch
 from trainlab.engine.optim import follow_precision
+from trainlab.engine.precision import BF16_MARGIN
 from trainlab.engine.state import LoopState
-from trainlab.engine.task import Evaluation, Task, TrainingError
+from trainlab.engine.task import Evaluation, Task
 from trainlab.engine.train_config import TrainConfig
+
 
 class StepResult(NamedTuple):
     loss: float  # the whole batch's loss (nan or inf when it was not finite)

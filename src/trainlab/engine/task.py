@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import torch
 import torch.nn as nn
 
-from trainlab.engine.errors import TrainingError  # noqa: F401  (offered here, beside the contract)
 
 if TYPE_CHECKING:
     from trainlab.engine.member import Summary

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from trainlab.config import UsageError
-from trainlab.engine.checkpoint import Checkpoint, CheckpointError, latest_checkpoint
+from trainlab.engine.checkpoint import Checkpoint, latest_checkpoint
+from trainlab.engine.errors import CheckpointError
 
 try:
     import fcntl

@@ -65,15 +65,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from trainlab.multiply.config import (  # noqa: F401  (data.py offers the format's names too)
+from trainlab.multiply.config import (
     BOS,
     DIGIT0,
     EOS,
     PAD,
     SPLITS,
     TIMES,
-    TOKENS,
-    VOCAB_SIZE,
     MultiplyDataConfig,
 )
 
@@ -292,11 +290,6 @@ def decode_answer(tokens: list[int] | torch.Tensor, answer_order: str) -> int | 
     if answer_order == "reversed":
         digits.reverse()
     return int("".join(map(str, digits)))
-
-
-def tokens_to_text(tokens: list[int] | torch.Tensor) -> str:
-    ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
-    return " ".join(TOKENS[t] if 0 <= t < VOCAB_SIZE else f"?{t}" for t in ids)
 
 
 def digit_count(x: np.ndarray | torch.Tensor) -> np.ndarray:

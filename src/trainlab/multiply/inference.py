@@ -8,11 +8,13 @@ import numpy as np
 import torch
 
 from trainlab.config import ConfigError, UsageError
-from trainlab.engine.checkpoint import Checkpoint, CheckpointError
+from trainlab.engine.checkpoint import Checkpoint
+from trainlab.engine.errors import CheckpointError
 from trainlab.engine.memory import check_model_fits
-from trainlab.multiply.data import MultiplicationDataset, MultiplyDataConfig
-from trainlab.multiply.models import Seq2SeqConfig, SimpleTransformer, build_model
-from trainlab.multiply.evaluation import decode_problems, evaluate_members  # noqa: F401  (offered here too)
+from trainlab.multiply.config import MultiplyDataConfig, Seq2SeqConfig
+from trainlab.multiply.data import MultiplicationDataset
+from trainlab.multiply.evaluation import decode_problems
+from trainlab.multiply.models import SimpleTransformer, build_model
 
 # ASCII digits only: Python's int() also reads other scripts' digits ("٣" is 3), which would
 # make "٣*٤" a problem the model never saw written that way

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainlab.multiply.config import PAD, LossConfig  # noqa: F401  (LossConfig: offered here too)
+from trainlab.multiply.config import PAD, LossConfig
 
 
 class SequenceAccuracyLoss(nn.Module):

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from trainlab.multiply.config import BOS, EOS, PAD, Seq2SeqConfig  # noqa: F401  (Seq2SeqConfig: offered here too)
+from trainlab.multiply.config import BOS, EOS, PAD, Seq2SeqConfig
 
 
 class Attention(nn.Module):

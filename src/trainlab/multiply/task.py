@@ -18,22 +18,27 @@ import torch.nn.functional as F
 
 from trainlab.config import ConfigError
 from trainlab.engine.device import resolve_device
-from trainlab.engine.loop import Evaluation, StepLoss, Summary, TrainConfig
+from trainlab.engine.member import Summary
 from trainlab.engine.memory import check_model_fits
+from trainlab.engine.task import Evaluation, StepLoss
 from trainlab.engine.tracking import Run
-from trainlab.multiply.config import (  # noqa: F401  (task.py offers its settings too)
+from trainlab.engine.train_config import TrainConfig
+from trainlab.multiply.config import (
+    BOS,
     DIGIT0,
     TASK_NAME,
+    TOKENS,
     LossConfig,
     MultiplyDataConfig,
     MultiplyTaskConfig,
     Seq2SeqConfig,
     TeacherForcingConfig,
 )
-from trainlab.multiply.data import BOS, TOKENS, MultiplicationDataset
+from trainlab.multiply.data import MultiplicationDataset
 from trainlab.multiply.evaluation import decode_problems, evaluate_members, summarize
 from trainlab.multiply.loss import SequenceAccuracyLoss
 from trainlab.multiply.models import build_model
+
 
 def sequence_length(data: MultiplyDataConfig) -> int:
     """Source and target length of every problem of the range (operands or answer, and a marker)."""
