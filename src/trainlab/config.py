@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import stat
 import typing
@@ -43,10 +44,16 @@ def cli_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    # evaluated once per class: the string annotations (``from __future__ import annotations``)
+    # cost about a millisecond a call, and building the parser asked once per field
+    return typing.get_type_hints(cls)
+
+
 def field_type(cls: type, f: dataclasses.Field) -> Any:
     """The type a field holds, ``X | None`` read as ``X``."""
-    hints = typing.get_type_hints(cls)
-    t = hints[f.name]
+    t = _type_hints(cls)[f.name]
     args = [a for a in typing.get_args(t) if a is not type(None)]
     if typing.get_origin(t) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
         return args[0]
