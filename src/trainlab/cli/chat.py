@@ -40,12 +40,14 @@ def add_parser(sub) -> None:
                                                            "client, method, path, status, time; never a body)")
     exp = csub.add_parser("export", help="a trained model as a Hugging Face folder (transformers loads it), or "
                                          "its weights alone in safetensors")
-    exp.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist, or be empty)")
+    exp.add_argument("--out", required=True, metavar="DIR", help="the folder to write: new, empty, or (with --force) "
+                                                                 "an earlier export")
     exp.add_argument("--format", choices=("hf", "safetensors"), default="hf",
                      help="hf: config, safetensors weights, tokenizer, model card; safetensors: weights, "
                           "model_config.json, vocab.json (default hf)")
-    exp.add_argument("--force", action="store_true", help="replace a non-empty --out folder (only once the new "
-                                                         "one is complete)")
+    exp.add_argument("--force", action="store_true", help="replace an earlier export at --out (only once the new one "
+                                                         "is complete); a folder holding anything else is never "
+                                                         "replaced")
     for p in (gen, repl, serve):
         p.add_argument("--checkpoint", required=True, metavar="RUN_OR_PATH",
                        help="run id, run folder, checkpoint folder, or a folder `chat export` wrote")
