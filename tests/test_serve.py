@@ -285,10 +285,12 @@ def test_the_page_streams_and_stops_in_a_real_browser(live, tmp_path):
     web.set_window_size(900, 600)
     try:
         web.get(live.url + "/")
-        wait = WebDriverWait(web, 30)
+        wait = WebDriverWait(web, 30, poll_frequency=0.05)
         wait.until(lambda w: "run srv, step 30" in w.find_element(By.ID, "model").text)
         web.find_element(By.ID, "max_tokens").clear()
-        web.find_element(By.ID, "max_tokens").send_keys("2000")
+        # long enough (the server's cap) that the answer is still streaming when Stop is clicked:
+        # at 2,000 characters a fast machine sometimes finished first, and no "[stopped]" came
+        web.find_element(By.ID, "max_tokens").send_keys("4096")
         web.find_element(By.ID, "stop_at").send_keys("none")
         web.find_element(By.ID, "line").send_keys("Is the door shut?\n")
         bot = lambda w: w.find_elements(By.CSS_SELECTOR, ".turn.bot .said")  # noqa: E731
