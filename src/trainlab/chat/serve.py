@@ -226,9 +226,7 @@ class Engine:
             self.running = False
             self.lock.notify()
         self.thread.join(timeout=10)
-        for job in [*self.rows, *self.waiting]:  # the thread is gone: nobody else will end them
-            if job is not None:
-                job.emit("error", "the server stopped")
+        self._end_all("the server stopped")  # the thread is gone: nobody else will end them
 
     @property
     def busy(self) -> int:
@@ -291,12 +289,7 @@ class Engine:
                 if not self.running:
                     return
                 if self.closing is not None:
-                    for r, job in enumerate(self.rows):
-                        if job is not None:
-                            self._free(r)
-                            job.emit("error", self.closing)
-                    while self.waiting:
-                        self.waiting.popleft().emit("error", self.closing)
+                    self._end_all(self.closing)
                     continue
                 for r in range(len(self.rows)):
                     if self.rows[r] is None and self.waiting:
@@ -308,6 +301,15 @@ class Engine:
                     if job is not None:
                         self._fail(r, e)
             self.heartbeat = time.monotonic()
+
+    def _end_all(self, why: str) -> None:
+        """Every job, decoding or waiting, ended with the error ``why``; its row freed."""
+        for r, job in enumerate(self.rows):
+            if job is not None:
+                self._free(r)
+                job.emit("error", why)
+        while self.waiting:
+            self.waiting.popleft().emit("error", why)
 
     def _free(self, r: int) -> None:
         self.rows[r] = None

@@ -118,12 +118,11 @@ def settle_best(run: Run, state: LoopState, echo) -> None:
     dead = []
     for path in list_checkpoints(root):
         try:
-            step = Checkpoint(path).step
-        except CheckpointError:
-            step = None  # unreadable: nothing --best could serve
-        if step is None or step > state.step:
-            dead.append((path, step))
-    for path, step in dead:
+            if Checkpoint(path).step > state.step:
+                dead.append(path)
+        except CheckpointError:  # unreadable: nothing --best could serve
+            dead.append(path)
+    for path in dead:
         remove_checkpoint(path)
         echo(f"best checkpoint {path.name} removed: it belongs to an attempt that no longer exists (training "
              f"goes on from step {state.step})")
