@@ -19,6 +19,11 @@ demo: setup
 # The second pass runs the tests whose runs took --precision auto (the first pass records
 # them) as a CPU whose auto picks bf16 (AMX, say) would: this machine's CPU need not be one
 # (tests/conftest.py says more).
+# Two pytest-xdist workers of one torch thread each: most of a test is Python, start-up and
+# small tensors, so two single-threaded workers finish the suite about 1.5x sooner than one
+# process with two threads (and never put two multi-threaded torch jobs on the same cores).
+TEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS)
 test: setup
-	$(PY) -m pytest tests --record-auto-tests=$(VENV)/auto-tests
-	TRAINLAB_AUTO_PRECISION=bf16 $(PY) -m pytest tests --only-auto-tests=$(VENV)/auto-tests
+	$(PYTEST) tests --record-auto-tests=$(VENV)/auto-tests
+	TRAINLAB_AUTO_PRECISION=bf16 $(PYTEST) tests --only-auto-tests=$(VENV)/auto-tests

@@ -44,7 +44,8 @@ def _recording_init(self, requested, device):  # an observer for the two passes,
 
 
 engine_precision.Precision.__init__ = _recording_init
-AUTO_TESTS: list[str] = []
+AUTO_TESTS: set[str] = set()  # filled from the reports: under pytest-xdist the tests run in workers
+AUTO_MARK = "trained_under_auto"
 
 
 def pytest_addoption(parser):
@@ -70,16 +71,21 @@ def pytest_collection_modifyitems(config, items):
 def _precision_pass(request):
     BUILT.clear()
     yield
-    if BUILT:
-        AUTO_TESTS.append(request.node.nodeid)
+    if BUILT:  # on the report, so the controller of `pytest -n` sees it too
+        request.node.user_properties.append((AUTO_MARK, True))
     if request.config.getoption("--only-auto-tests"):
         assert "bf16" in BUILT, f"in the bf16 pass, but no member ran bf16 under auto: {BUILT}"
 
 
+def pytest_runtest_logreport(report):
+    if (AUTO_MARK, True) in report.user_properties:
+        AUTO_TESTS.add(report.nodeid)
+
+
 def pytest_sessionfinish(session):
     path = session.config.getoption("--record-auto-tests")
-    if path:  # NUL-separated: parametrised ids may hold any other character
-        Path(path).write_text("\0".join(AUTO_TESTS), encoding="utf-8")
+    if path and not hasattr(session.config, "workerinput"):  # the controller, or a run without workers  # NUL-separated: parametrised ids may hold any other character
+        Path(path).write_text("\0".join(sorted(AUTO_TESTS)), encoding="utf-8")
 
 
 RUNS_DIRS: list[Path] = []
