@@ -47,6 +47,19 @@ def final_state(runs, name):
     return ck.step, {n: ck.tensors(n) for n in ck.sums if n.endswith(".pt") and n != "trainer.pt"}
 
 
+def same_training(runs, a, b):
+    """Weights, optimizer and scheduler state and loss history identical (wall times aside)."""
+    step_a, state_a = final_state(runs, a)
+    step_b, state_b = final_state(runs, b)
+    assert step_a == step_b
+    for name in state_a:
+        x, y = state_a[name], state_b[name]
+        if name.endswith("train_state.pt"):
+            x = {k: v for k, v in x.items() if k in ("optimizer", "scheduler", "step", "examples", "losses")}
+            y = {k: v for k, v in y.items() if k in ("optimizer", "scheduler", "step", "examples", "losses")}
+        assert_same_tensors(x, y, name)
+
+
 def assert_same_tensors(a, b, where=""):
     import torch
 

@@ -61,7 +61,7 @@ def test_a_sigterm_at_a_random_step_then_resume_is_bit_identical(runs_dir, monke
     assert latest_checkpoint(run_dir(runs_dir, "halves") / "checkpoints").step == s
     monkeypatch.delenv(faults.ENV)
     assert cli_train(runs_dir, "--resume", "halves") == 0
-    from test_resume import same_training
+    from helpers import same_training
 
     same_training(runs_dir, "whole", "halves")  # weights, optimizer, schedule, losses: wall times aside
     assert final_state(runs_dir, "halves")[0] == 12

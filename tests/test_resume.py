@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_train_config
-from helpers import TINY, assert_same_tensors, cli_train, final_state, run_dir, tb_scalars, tiny_multiply
+from helpers import TINY, cli_train, run_dir, same_training, tb_scalars, tiny_multiply
 
 from trainlab.cli import main
 from trainlab.engine.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints
@@ -26,19 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--max-digits", "2", "--dropout", "0.1", "--tf-schedule", "linear", "--tf-floor", "0.3",
          "--tf-decay-steps", "8", "--warmup-steps", "3", "--log-every", "3", "--eval-every", "4", "--save-every", "5"]
 TAGS = ["train/loss", "train/seq_accuracy", "train/lr", "train/teacher_forcing_prob", "val/exact_match"]
-
-
-def same_training(runs, a, b):
-    """Weights, optimizer and scheduler state and loss history identical (wall times aside)."""
-    step_a, state_a = final_state(runs, a)
-    step_b, state_b = final_state(runs, b)
-    assert step_a == step_b
-    for name in state_a:
-        x, y = state_a[name], state_b[name]
-        if name.endswith("train_state.pt"):
-            x = {k: v for k, v in x.items() if k in ("optimizer", "scheduler", "step", "examples", "losses")}
-            y = {k: v for k, v in y.items() if k in ("optimizer", "scheduler", "step", "examples", "losses")}
-        assert_same_tensors(x, y, name)
 
 
 def same_curves(runs, a, b, tags=TAGS):

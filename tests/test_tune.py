@@ -150,7 +150,6 @@ def test_a_tiny_chat_study_with_the_shipped_space(runs_dir, tmp_path):
 def test_the_shipped_3digit_space_holds_the_options_and_latents_settings(runs_dir, member):
     """Issue 27's equal footing: one space for both members, every edge accepted by the
     3-digit preset, and a trial draws the options into an ordinary run's config."""
-    import optuna
 
     from trainlab.tune import read_space
 

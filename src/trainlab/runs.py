@@ -155,12 +155,28 @@ def settings(command: str | TaskKind, preset: str | None = None, config_file: st
     values: dict[str, Any] = {}
     name = preset or (DEFAULT_PRESETS.get(kind.command) if default_preset else None)
     for source, layer in ((f"preset {name}", load_preset(kind.command, name) if name else None),
-                          (str(config_file), load_yaml(config_file) if config_file else None)):
-        if layer is not None:
-            check_known_keys(layer, classes, source)
-            values.update(layer)
-    values.update(flags or {})
+                          (str(config_file), load_yaml(config_file) if config_file else None),
+                          ("the command line", flags)):
+        if layer:
+            if source != "the command line":
+                check_known_keys(layer, classes, source)
+            values.update(_one_length(layer, values, source))
     return values
+
+
+def _one_length(layer: dict[str, Any], below: dict[str, Any], source: str) -> dict[str, Any]:
+    """How long to train is said once: a layer giving both --max-steps and --minutes is refused;
+    one giving either replaces the other from the layers below (a flag's --max-steps over a
+    preset's budget, a flag's --minutes over a preset's step count)."""
+    steps, minutes = layer.get("max_steps"), layer.get("minutes")
+    if steps is not None and minutes is not None:
+        raise ConfigError("minutes", f"{source} gives both --max-steps and --minutes: give one (steps, or a time "
+                                     f"budget that fits the steps)")
+    if steps is not None and below.get("minutes") is not None:
+        return {**layer, "minutes": None}
+    if minutes is not None and below.get("max_steps") is not None:
+        return {**layer, "max_steps": None}
+    return layer
 
 
 def resume_settings(run_values: dict[str, Any], given: dict[str, Any], free: frozenset[str] | set[str],
@@ -238,9 +254,11 @@ def steps_for_minutes(command: str | TaskKind, values: dict[str, Any], minutes: 
     tune trial's and a comparison's time budget become."""
     from trainlab.engine.step import fitted_seconds_per_step
 
-    cfgs, task = checked_task(command, {**values, "max_steps": 1})
+    from trainlab.engine.budget import fit_steps
+
+    cfgs, task = checked_task(command, {**values, "max_steps": 1, "minutes": None})
     sps, how = fitted_seconds_per_step(task, cfgs["train"], None, n=5, warmup=3)
-    return max(1, int(minutes * 60 / sps)), sps, how
+    return fit_steps(minutes * 60, sps), sps, how
 
 
 def new_run_from(command: str | TaskKind, cfgs: dict[str, Any], task: Any, extra: dict[str, Any] | None = None,
@@ -277,6 +295,21 @@ def _keep_an_open_schedule(saved: dict[str, Any], given: dict[str, Any], values:
     echo(f"note: run {run_id} started without --max-steps, so its LR has no decay to end at step "
          f"{values['max_steps']}: it stays at --lr to the end (schedule constant)")
     return {**values, "schedule": "constant"}
+
+
+def _extends_finished(r: "Resumption", saved: dict[str, Any], given: dict[str, Any], echo: Echo) -> bool:
+    """New --minutes for a resumed run: an extension of a finished run (fitted as new minutes
+    from where it ended); any other resumed run keeps its own budget (``resume_settings``
+    says so in one warning)."""
+    new = given.get("minutes")
+    if new is None or new == saved.get("minutes"):
+        return False
+    done = r.ckpt is not None and r.run.info().get("status") == "finished" and \
+        saved.get("max_steps") is not None and r.ckpt.step >= int(saved["max_steps"])
+    if done:
+        echo(f"run {r.run.id} finished at step {r.ckpt.step}: {new:g} more minutes are fitted from there, at the "
+             f"LR its schedule ended at")
+    return done
 
 
 def _note_extension(tc: TrainConfig, echo: Echo) -> None:
@@ -369,7 +402,10 @@ def prepare(command: str | TaskKind, values: dict[str, Any], resume: str | None 
     if resuming is not None:
         saved = flat(resuming.config)
         given = values
-        values = resume_settings(saved, given, RESUMABLE_CHANGES | kind.free, resuming.run.id, warn=warn, echo=echo,
+        free = RESUMABLE_CHANGES | kind.free
+        if _extends_finished(resuming, saved, given, echo):
+            free = free | {"minutes"}
+        values = resume_settings(saved, given, free, resuming.run.id, warn=warn, echo=echo,
                                  known=set(known_settings(kind, given)))
         values = _keep_an_open_schedule(saved, given, values, resuming.run.id, echo)
     try:
@@ -393,7 +429,8 @@ def prepare(command: str | TaskKind, values: dict[str, Any], resume: str | None 
 
 
 def train(command: str | TaskKind, values: dict[str, Any], resume: str | None = None,
-          fresh: Callable[[], dict[str, Any]] | None = None, echo: Echo = print, warn: Echo = warn):
+          fresh: Callable[[], dict[str, Any]] | None = None, echo: Echo = print, warn: Echo = warn,
+          started: float | None = None):
     """Train a run to its end (``max_steps``, a stop signal, a prune): a new run from ``values``,
     or the run ``resume`` names (an id, a folder, or ``auto``), kept to its own settings except
     where a resume may change them. Returns the loop's ``Summary`` (``summary.run`` is the run,
@@ -401,8 +438,15 @@ def train(command: str | TaskKind, values: dict[str, Any], resume: str | None = 
 
     Under torchrun, rank 0 does the checks and makes (or locks) the run, and tells the other
     ranks which run to train with which settings; they only read. A rank past 0 whose rank 0
-    refused the settings returns None (rank 0 raised, saying why)."""
+    refused the settings returns None (rank 0 raised, saying why).
+
+    ``started``: the ``time.monotonic()`` a ``--minutes`` budget counts from (the command line
+    passes its process's start); default the moment of this call."""
+    import time
+
     from trainlab.engine import distributed
+
+    started = time.monotonic() if started is None else started
 
     kind = task_kind(command)
     d = distributed.setup(str(values.get("device", "auto")))
@@ -420,16 +464,17 @@ def train(command: str | TaskKind, values: dict[str, Any], resume: str | None = 
         distributed.broadcast({"run": [p.run.id, p.run.task, str(p.run.dir)],
                                "checkpoint": p.ckpt and str(p.ckpt.path), "config": p.config,
                                "restart": p.restart}, d)
-        return _train_prepared(p, echo)
+        return _train_prepared(p, echo, started)
     finally:
         distributed.teardown()
 
 
-def _train_prepared(p: Prepared, echo: Echo):
+def _train_prepared(p: Prepared, echo: Echo, started: float | None = None):
     from trainlab.engine import distributed
     from trainlab.engine.loop import train as engine_train
 
-    summary = engine_train(p.task, p.train, p.run, p.config, resume=p.ckpt, restart=p.restart, echo=echo)
+    summary = engine_train(p.task, p.train, p.run, p.config, resume=p.ckpt, restart=p.restart, echo=echo,
+                           started=started)
     distributed.barrier(distributed.current())
     return summary
 

@@ -131,6 +131,30 @@ class ChatTask:
             total += float(F.cross_entropy(logits.flatten(0, 1), b["y"].to(device).flatten(), reduction="sum"))
         return total / (len(starts) * ctx)
 
+    @torch.no_grad()
+    def span_loss(self, model: nn.Module, split: str = "val", batch: int = 64) -> float:
+        """Mean loss over every non-overlapping window of the span: the precise figure the
+        fixed evaluation batches (nanoGPT's kind of estimate) approximate, and what the
+        report ends with."""
+        device = next(model.parameters()).device
+        ctx = self.model_cfg.context_len
+        starts = self.span_starts(split)
+        total = 0.0
+        for i in range(0, len(starts), batch):
+            b = self.corpus.windows(split, starts[i:i + batch], ctx)
+            logits, _ = model(b["x"].to(device))
+            total += float(F.cross_entropy(logits.flatten(0, 1), b["y"].to(device).flatten(), reduction="sum"))
+        return total / (len(starts) * ctx)
+
+    def span_starts(self, split: str) -> np.ndarray:
+        data = self.corpus.val if split == "val" else self.corpus.train
+        return np.arange(0, len(data) - self.model_cfg.context_len, self.model_cfg.context_len)
+
+    def report_cost(self) -> float:
+        """The report's whole-val-span loss in units of one evaluation (the fixed val and train
+        batches): what a time budget keeps for it at the end."""
+        return len(self.span_starts("val")) / (2 * len(self.fixed_starts("val")))
+
     def evaluate(self, member: str, model: nn.Module, step: int, batch_limit: int | None = None) -> Evaluation:
         val = self.mean_loss(model, "val", batch_limit)
         self.last_val_loss = val
@@ -181,4 +205,9 @@ class ChatTask:
     def report(self, run: Run, summary: Summary) -> None:
         from trainlab.chat.report import write_report
 
-        print(f"report: {write_report(run, summary)}")
+        m = summary.members[0]
+        was = m.model.training
+        m.model.eval()
+        span = self.span_loss(m.model) if summary.step > 0 and not summary.interrupted else None
+        m.model.train(was)
+        print(f"report: {write_report(run, summary, span, len(self.span_starts('val')), self.model_cfg.context_len)}")

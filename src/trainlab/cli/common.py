@@ -60,15 +60,30 @@ def settings_from(args: argparse.Namespace, command: str, default_preset: bool =
                          default_preset=default_preset)
 
 
+def without_budget(args: argparse.Namespace, values: dict[str, Any], instead: str) -> dict[str, Any]:
+    """The settings of a command with a budget of its own (``tune``, ``multiply compare``):
+    a preset's ``minutes`` left out (as if absent, so the ids of studies and comparisons made
+    before presets had budgets stay the same); ``--minutes`` on its command line refused."""
+    from trainlab.config import ConfigError
+
+    if getattr(args, "minutes", None) is not None:
+        raise ConfigError("minutes", f"is a train command's budget; {instead}")
+    return {k: v for k, v in values.items() if k != "minutes"}
+
+
 def train_command(args: argparse.Namespace, command: str) -> int:
     """Every task's ``train``: a new run, or ``--resume`` of an existing one (whose own settings
     win: the default preset is not read against them), trained to its end; the exit status."""
+    import time
+
+    from trainlab.engine.budget import process_age
     from trainlab.engine.stopping import exit_status
 
+    started = time.monotonic() - process_age()  # a --minutes budget counts from the command's start
     flags = flags_of(args)
     values = runs.settings(command, args.preset, args.config, flags, default_preset=not args.resume)
     fresh = (lambda: runs.settings(command, args.preset, args.config, flags)) if args.resume else None
-    summary = runs.train(command, values, resume=args.resume, fresh=fresh)
+    summary = runs.train(command, values, resume=args.resume, fresh=fresh, started=started)
     if summary is None:  # a rank past 0 whose rank 0 refused the settings (and said why)
         return EXIT_USAGE
     return exit_status(summary.stop_signal) if summary.interrupted else 0

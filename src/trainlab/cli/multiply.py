@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from trainlab.cli.common import Parser, common_flags, settings_from, train_command, train_flags
+from trainlab.cli.common import Parser, common_flags, settings_from, train_command, train_flags, without_budget
 from trainlab.config import ConfigError, check_seed
 from trainlab.runs import multiply_sections
 
@@ -112,7 +112,8 @@ def multiply_compare(args: argparse.Namespace) -> int:
     from trainlab.runs import checked_task, known_settings
 
     sections = multiply_sections()
-    values = known_settings("multiply", settings_from(args, "multiply"))
+    values = known_settings("multiply", without_budget(args, settings_from(args, "multiply"),
+                                                       "a comparison takes --budget-minutes (each member's training)"))
     if args.seeds < 1:
         raise ConfigError("seeds", f"must be at least 1, got {args.seeds}")
     members = [m.strip() for m in str(values.get("members", "simple,latent")).split(",") if m.strip()]

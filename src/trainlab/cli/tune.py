@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainlab.cli.common import EXIT_FAILED, Parser, settings_from, train_flags
+from trainlab.cli.common import EXIT_FAILED, Parser, settings_from, train_flags, without_budget
 from trainlab.config import ConfigError, UsageError
 from trainlab.runs import chat_sections, checked_task, known_settings, multiply_sections, task_kind
 
@@ -56,7 +56,7 @@ def plan_from(args: argparse.Namespace):
 
     kind = task_kind(args.command)
     sections = kind.sections()
-    values = settings_from(args, args.command)
+    values = without_budget(args, settings_from(args, args.command), "a study's trials take --budget-minutes")
     base = known_settings(args.command, values)
     if args.trials < 1:
         raise ConfigError("trials", f"must be at least 1, got {args.trials}")

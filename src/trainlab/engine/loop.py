@@ -38,11 +38,28 @@ from typing import Any, Callable
 import torch
 
 from trainlab.engine import faults
+from trainlab.engine.budget import Budget, BudgetTooSmall
 from trainlab.engine.checkpoint import Checkpoint, latest_checkpoint
 from trainlab.engine.device import resolve_device, synchronize
-from trainlab.engine.distributed import Dist, all_sum, broadcast, current, device_for, shard, wrap
+from trainlab.engine.distributed import (
+    Dist,
+    all_sum,
+    broadcast,
+    current,
+    device_for,
+    shard,
+    wrap,
+)
 from trainlab.engine.member import Member, Summary, make_member
-from trainlab.engine.periodic import Session, checkpoint, evaluate_all, log_scalars, sample_all, timed
+from trainlab.engine.periodic import (
+    Session,
+    checkpoint,
+    evaluate_all,
+    fit_budget,
+    log_scalars,
+    sample_all,
+    timed,
+)
 from trainlab.engine.state import LoopState, restore, seed_everything, settle_best
 from trainlab.engine.step import accumulate, batch_rows, choose_speed, member_step
 from trainlab.engine.stopping import StopSignals
@@ -55,7 +72,7 @@ Prune = Callable[[int, dict[str, dict[str, float]]], bool]
 
 
 def train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume: Checkpoint | None = None,
-          echo=print, restart: bool = False, prune: Prune | None = None) -> Summary:
+          echo=print, restart: bool = False, prune: Prune | None = None, started: float | None = None) -> Summary:
     """Train every member of ``task`` in lockstep; returns what the report needs.
 
     ``resume``: continue from this checkpoint exactly as if the run had never stopped.
@@ -63,26 +80,36 @@ def train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume
     checkpoint); they are purged from the step training starts at.
     ``prune``: called after every scheduled evaluation with the step and each member's
     metrics; True stops the run there, saved, with status ``pruned`` (``trainlab tune``).
+    ``started``: the ``time.monotonic()`` a ``--minutes`` budget counts from (the CLI passes
+    its process's start, ``budget.process_age``); default now.
     The run's status in run.json and the runs index follows: running, then finished,
     interrupted (a stop signal, ``engine/stopping.py``), pruned, or failed (an exception,
     re-raised). A new run stopped before its first step holds nothing and is removed.
     Under torchrun (``engine/distributed.py``) every rank calls this; only rank 0 speaks,
     locks the run and writes anything."""
     d = current()
+    started = time.monotonic() if started is None else started
     if not d.main:
         with StopSignals(lambda line: None) as stop:
             return _train(task, cfg, ReadOnlyRun(run.id, run.task, run.dir), config, resume, lambda *a, **k: None,
-                          False, contextlib.ExitStack(), stop, prune, d)
+                          False, contextlib.ExitStack(), stop, prune, d, started)
     run.acquire()
     fresh = resume is None and not restart
     try:
         # the handlers are held through set-up and the final save: a signal at any moment is a
         # stop (or, the second time, an abort), never Python's default
         with StopSignals(echo) as stop, contextlib.ExitStack() as cleanup:  # writers closed however it ends
-            summary = _train(task, cfg, run, config, resume, echo, not fresh, cleanup, stop, prune, d)
+            summary = _train(task, cfg, run, config, resume, echo, not fresh, cleanup, stop, prune, d, started)
     except KeyboardInterrupt:
         if fresh and latest_checkpoint(run.checkpoints) is None:
             _remove_empty(run, echo)
+        else:
+            _mark(run, "interrupted")
+        raise
+    except BudgetTooSmall:
+        if fresh:  # a few timed steps are all it holds
+            run.release()
+            remove_runs(run.root, [run])
         else:
             _mark(run, "interrupted")
         raise
@@ -94,8 +121,20 @@ def train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume
     if summary.step == 0 and summary.interrupted and fresh:
         _remove_empty(run, echo)
         return summary
+    if summary.budget is not None:
+        summary.budget["to_report"] = round(time.monotonic() - started, 3)
     task.report(run, summary)
+    if summary.budget is not None:  # from the command's start (this attempt's) to the report written
+        summary.budget["wall_seconds"] = round(time.monotonic() - started, 3)
+        _mark_budget(run, summary.budget)
     return summary
+
+
+def _mark_budget(run: Run, budget: dict[str, Any]) -> None:
+    try:
+        run.update(budget=budget)
+    except OSError:
+        pass
 
 
 def _mark(run: Run, status: str) -> None:
@@ -115,11 +154,15 @@ def _remove_empty(run: Run, echo) -> None:
 
 def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume: Checkpoint | None,
            echo, purge: bool, cleanup: contextlib.ExitStack, stop: StopSignals, prune: Prune | None,
-           d: Dist = Dist()) -> Summary:
+           d: Dist = Dist(), started: float = 0.0) -> Summary:
     from tqdm import tqdm
 
     device = device_for(resolve_device(cfg.device), d)
-    members, state = set_up(task, cfg, resume, device, d, echo)
+    if cfg.minutes is not None and cfg.max_steps is not None and resume is None:
+        # a new run given both (a caller that set max_steps over a preset's budget): steps win, and
+        # the run's record says so
+        cfg.minutes = config["train"]["minutes"] = None
+    members, state, budget = set_up(task, cfg, resume, device, d, echo, started)
     if d.main:
         settle_best(run, state, echo)
     state.best_score = broadcast(state.best_score if d.main else None, d)  # every rank decides the best alike
@@ -135,7 +178,8 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
                members=[m.name for m in members], config=config, pid=os.getpid())
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (cfg.progress and d.main), dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]" if cfg.max_steps else None)
-    s = Session(task, cfg, run, config, members, state, device, d, bar.write if d.main else echo, writers)
+    s = Session(task, cfg, run, config, members, state, device, d, bar.write if d.main else echo, writers,
+                budget=budget, started=started)
     s.eta.load_state_dict(state.eta)
     s.interval = {m.name: (m.train_seconds, m.examples) for m in members}
     s.last_eval = s.last_save = s.last_sample = state.step
@@ -159,6 +203,8 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
         state.acc_steps += 1
         s.eta.add_step(time.perf_counter() - t0)
         bar.update(1)
+        if budget is not None and budget.due(state.step):
+            fit_budget(s, budget.due(state.step), bar)
         if state.step in planned.get("interrupt", ()):
             stop.request("interrupt")
         faults.signal_if(planned, state.step)
@@ -178,7 +224,7 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
                 stop.request("pruned")
         if cfg.sample_every and state.step % cfg.sample_every == 0:
             timed(s, "sample", sample_all, s)
-        if state.step % cfg.save_every == 0 or save_now:
+        if (state.step % cfg.save_every == 0 or save_now) and s.last_save != state.step:
             timed(s, "save", checkpoint, s)
         if state.step in planned.get("kill", ()):
             faults.kill_now()
@@ -186,14 +232,16 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
     return finish(s, bar, stop, start_step, resume is None, t_start, echo)
 
 
-def set_up(task: Task, cfg: TrainConfig, resume: Checkpoint | None, device: torch.device, d: Dist, echo
-           ) -> tuple[list[Member], LoopState]:
+def set_up(task: Task, cfg: TrainConfig, resume: Checkpoint | None, device: torch.device, d: Dist, echo,
+           started: float) -> tuple[list[Member], LoopState, Budget | None]:
     """The members built (and restored from ``resume``), wrapped for DDP and compile, and with
-    their micro-batching and precision settled; the loop state to start from."""
+    their micro-batching and precision settled; the loop state to start from; a ``--minutes``
+    run's budget."""
     models = task.build_models()  # the task seeds each member alike, so shared parts start equal
     members = [make_member(name, model.to(device), cfg, device) for name, model in models.items()]
     seed_everything(cfg.seed + 1 + 7919 * d.rank)  # dropout and anything else random in training
     state = restore(resume, task, members, device, d) if resume is not None else LoopState()
+    budget = open_budget(cfg, state, started) if cfg.minutes is not None else None
     for m in members:  # after the restore: DDP starts every rank from rank 0's weights
         m.ddp = wrap(m.model, device, d)
         if cfg.compile:  # training only; evaluation, sampling and checkpoints use the plain module
@@ -219,7 +267,7 @@ def set_up(task: Task, cfg: TrainConfig, resume: Checkpoint | None, device: torc
         first = {k: v.to(device) for k, v in shard(full, d).items()}
         for m in members:
             choose_speed(m, task, first, state.step, batch_rows(full), cfg, device, d, echo)
-    return members, state
+    return members, state, budget
 
 
 def finish(s: Session, bar, stop: StopSignals, start_step: int, fresh: bool, t_start: float, echo) -> Summary:
@@ -254,4 +302,25 @@ def finish(s: Session, bar, stop: StopSignals, start_step: int, fresh: bool, t_s
         why = f" ({stop.reason})" if stop.reason else ""
         echo(f"{'pruned' if status == 'pruned' else 'interrupted'} at step {state.step}{why}; checkpoint saved "
              f"in {s.run.checkpoints} ({saved_in:.1f} s); continue with --resume {s.run.id}")
-    return Summary(s.run, s.members, state.step, wall, interrupted, s.config, stop.signum, stop.reason)
+    budget = None
+    if s.budget is not None:
+        budget = s.budget.state_dict(s.started)
+        budget["steps"] = state.step
+    return Summary(s.run, s.members, state.step, wall, interrupted, s.config, stop.signum, stop.reason, budget)
+
+
+def open_budget(cfg: TrainConfig, state: LoopState, started: float) -> Budget:
+    """The budget of a ``--minutes`` run at the step it starts from: new, continued from the
+    checkpoint, or (new minutes given to a finished run; ``runs.prepare`` lets them through
+    only then) an extension. Until its first fit the run has no end step."""
+    saved = state.budget
+    if (saved and float(saved["minutes"]) != cfg.minutes) or (not saved and state.step > 0):  # a finished run's
+        b = Budget.start(float(saved["minutes"]), state.step, saved, started) if saved else \
+            Budget.start(cfg.minutes, state.step, None, started)
+        b.extend(cfg.minutes, state.step, started)
+        cfg.max_steps = None  # the schedule ended where the run did: it stays at its final LR
+        return b
+    b = Budget.start(cfg.minutes, state.step, saved, started)
+    if b.fit_at is not None:
+        cfg.max_steps = cfg.lr_decay_steps = None
+    return b

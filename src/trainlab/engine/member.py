@@ -143,6 +143,7 @@ class Summary:
     config: dict[str, Any]
     stop_signal: int | None = None  # the signal that stopped it, if one did
     stop_reason: str = ""  # why it stopped early: SIGINT, SIGTERM, pruned, interrupt (a planned fault), ...
+    budget: dict[str, Any] | None = None  # a --minutes run: its budget, fits and time spent so far
 
 
 

@@ -180,3 +180,20 @@ def format_duration(seconds: float | None) -> str:
     h, rem = divmod(s, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def budget_lines(budget: dict[str, Any] | None) -> list[str]:
+    """A --minutes run's budget for its report: the minutes, each fit, the time it took."""
+    if not budget:
+        return []
+    fits = []
+    for f in budget.get("fits", []):
+        if f.get("kind") == "extension":
+            fits.append(f"extended by {f['minutes']:g} minutes at step {f['at_step']:,}")
+        elif f.get("kind") == "refit" and not f.get("refitted"):
+            fits.append(f"checked at step {f['at_step']:,} ({f['pace']:.3g} s a step): kept")
+        else:
+            fits.append(f"{f['kind']} at step {f['at_step']:,}: {f['steps']:,} steps at {f['pace']:.3g} s a step")
+    wall = budget.get("to_report")
+    took = f"; {wall:.1f} s from the command's start to this report" if wall else ""
+    return [f"Time budget: {budget['minutes']:g} minutes{took}. Fits: " + "; ".join(fits) + "."]

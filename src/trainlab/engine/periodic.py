@@ -1,6 +1,7 @@
 """What the loop does every so often, besides stepping: log the interval's scalars, evaluate
-every member (plateau cuts, the best checkpoint), show samples, save a checkpoint. Each
-is a function of the ``Session``, the things one call of ``train()`` works with."""
+every member (plateau cuts, the best checkpoint), show samples, save a checkpoint, and (a
+``--minutes`` run) fit the step count to the time left. Each is a function of the
+``Session``, the things one call of ``train()`` works with."""
 
 from __future__ import annotations
 
@@ -11,11 +12,19 @@ from typing import Any, Callable
 
 import torch
 
+from trainlab.engine.budget import DRIFT, END_SECONDS, Budget, BudgetTooSmall
 from trainlab.engine.distributed import Dist, all_sum, broadcast
+from trainlab.engine.member import Member
 from trainlab.engine.memory import memory_figures
 from trainlab.engine.monitor import Eta, due, format_duration
-from trainlab.engine.member import Member
-from trainlab.engine.state import LoopState, as_float, is_better, rng_state, save, set_rng_state
+from trainlab.engine.state import (
+    LoopState,
+    as_float,
+    is_better,
+    rng_state,
+    save,
+    set_rng_state,
+)
 from trainlab.engine.step import evaluate_member
 from trainlab.engine.task import Evaluation, Task
 from trainlab.engine.tracking import Run
@@ -42,6 +51,8 @@ class Session:
     last_save: int = 0
     last_sample: int = 0
     t_saved: float = 0.0
+    budget: Budget | None = None  # a --minutes run
+    started: float = 0.0  # time.monotonic() the budget's clock counts from (the command's start)
 
 
 def log_scalars(s: Session, bar) -> None:
@@ -83,7 +94,9 @@ def log_scalars(s: Session, bar) -> None:
             post[m.name] = f"{values['loss']:.3f}"
         if cfg.on_spike == "rollback":
             m.take_snapshot()  # every update since the last one passed the spike check
-    if cfg.max_steps is None:
+    if s.budget is not None:
+        post["left"] = format_duration(max(0.0, s.budget.left()))
+    elif cfg.max_steps is None:
         post["rate"] = s.eta.rate()
     else:
         pauses = {"eval": due(step, cfg.max_steps, cfg.eval_every), "save": due(step, cfg.max_steps, cfg.save_every),
@@ -155,6 +168,8 @@ def sample_all(s: Session) -> None:
 def checkpoint(s: Session) -> None:
     """Everything to a new checkpoint folder, after the events up to this step reach the disk."""
     s.state.eta = s.eta.state_dict()
+    if s.budget is not None:
+        s.state.budget = s.budget.state_dict(s.started)
     for w in s.writers.values():
         w.flush()
     save(s.run, s.task, s.members, s.state, s.cfg, s.config, d=s.d)
@@ -167,3 +182,90 @@ def timed(s: Session, kind: str, action: Callable[..., None], *args: Any) -> Non
     t = time.perf_counter()
     action(*args)
     s.eta.add_pause(kind, time.perf_counter() - t)
+
+
+def mean_pause(s: Session, kind: str) -> float | None:
+    total = s.eta.pauses.get(kind)
+    return total[0] / total[1] if total and total[1] else None
+
+
+def _probe(s: Session, kind: str) -> None:
+    """Time one evaluation or sample of every member for the budget, its results thrown away:
+    no log, no best checkpoint, no plateau count, the RNG as it was."""
+    if not s.d.main:
+        return
+    rng = rng_state()
+    t = time.perf_counter()
+    for m in s.members:
+        m.model.eval()
+        if kind == "eval":
+            evaluate_member(s.task, m, s.state.step, s.cfg.batch_size, s.device, lambda line: None)
+        else:
+            with m.precision.autocast():
+                s.task.sample(m.name, m.model, s.state.step)
+        m.model.train()
+    s.eta.add_pause(kind, time.perf_counter() - t)
+    set_rng_state(rng)
+
+
+def fit_budget(s: Session, kind: str, bar) -> None:
+    """Fit (or check) the step count and the cadence of pauses to the time left: see
+    ``engine/budget.py``. Every rank calls it at the same step; rank 0's clock decides."""
+    b, cfg = s.budget, s.cfg
+    asked = b.asked or {"eval": cfg.eval_every, "sample": cfg.sample_every, "save": cfg.save_every}
+    b.asked = asked
+    if kind == "fit":  # every pause measured before the plan depends on it
+        for pause in ("eval", "sample"):
+            if mean_pause(s, pause) is None and (pause == "eval" or cfg.sample_every):
+                _probe(s, pause)
+        timed(s, "save", checkpoint, s)
+    plan = None
+    if s.d.main:
+        costs = {k: mean_pause(s, k) or 0.0 for k in ("eval", "sample", "save")}
+        report = float(getattr(s.task, "report_cost", lambda: 0.0)())
+        end = costs["eval"] * (1 + report) + (costs["sample"] if cfg.sample_every else 0.0) + costs["save"] + END_SECONDS
+        wsd = cfg.schedule == "wsd"
+
+        def decay_from(steps: int) -> float:
+            return cfg.warmup_steps + (1 - cfg.decay_fraction) * (steps - cfg.warmup_steps) if wsd else math.inf
+
+        try:
+            p = b.fit(kind, s.state.step, s.eta.seconds_per_step() or 0.0, costs, asked, end, cfg.max_steps,
+                      cfg.warmup_steps, decay_from)
+        except BudgetTooSmall as e:
+            broadcast({"refused": str(e)}, s.d)  # every rank stops alike; this one says why
+            raise
+        plan = None if p is None else {"steps": p.steps, **{f"{k}_every": n for k, n in p.every.items()}}
+        fit = b.fits[-1]
+        shown = ", ".join(f"{k} {v:.2g} s" for k, v in costs.items() if v)
+        if p is None:
+            s.say(f"[step {s.state.step}] budget: pace {fit['pace']:.3g} s a step, within {100 * DRIFT:g}% of the "
+                  f"fit: {cfg.max_steps:,} steps stand")
+        else:
+            s.say(f"[step {s.state.step}] budget {b.minutes:g} min: {'refitted' if kind == 'refit' else 'fitted'} "
+                  f"to {p.steps:,} steps at {fit['pace']:.3g} s a step ({shown}; evaluate every "
+                  f"{p.every['eval']:,}); {format_duration(b.left())} left")
+    plan = broadcast(plan, s.d)
+    if plan is not None and "refused" in plan:
+        raise BudgetTooSmall(plan["refused"].split(": ", 1)[-1])
+    if plan is not None:
+        apply_plan(s, plan, extension=b.extension)
+        bar.total = cfg.max_steps
+        bar.refresh()
+    if s.d.main:
+        s.run.update(max_steps=cfg.max_steps, budget=b.state_dict(s.started), config=s.config)
+
+
+def apply_plan(s: Session, plan: dict[str, int], extension: bool) -> None:
+    """The fitted numbers become the run's settings (so a resume continues to them), and the
+    LR schedule ends at the last step (an extension keeps the schedule it finished, at its
+    final LR)."""
+    values = {"max_steps": plan["steps"], "eval_every": plan["eval_every"], "save_every": plan["save_every"],
+              "sample_every": plan["sample_every"]}
+    if not extension:  # the last step (index steps - 1) runs at the schedule's final LR
+        values["lr_decay_steps"] = max(plan["steps"] - 1, s.cfg.warmup_steps + 1)
+    for k, v in values.items():
+        setattr(s.cfg, k, v)
+        s.config["train"][k] = v
+    for m in s.members:
+        m.set_lr()  # the next step's LR under the new horizon

@@ -65,11 +65,12 @@ class LoopState:
     acc_steps: int = 0
     eta: dict[str, Any] = field(default_factory=dict)  # Eta.state_dict() at the last save
     best_score: float | None = None
+    budget: dict[str, Any] | None = None  # Budget.state_dict() at the last save (a --minutes run)
 
     def state_dict(self) -> dict[str, Any]:
         acc = {m: {k: as_float(v) for k, v in d.items()} for m, d in self.acc.items()}
         return {"step": self.step, "acc": acc, "acc_steps": self.acc_steps, "eta": self.eta,
-                "best_score": self.best_score}
+                "best_score": self.best_score, "budget": self.budget}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "LoopState":
@@ -77,7 +78,8 @@ class LoopState:
         for d in acc.values():  # checkpoints written before "n" existed: every step counted
             d.setdefault("n", int(state.get("acc_steps", 0)))
         eta = state.get("eta") or {"times": state.get("step_times", [])}
-        return cls(int(state["step"]), acc, int(state.get("acc_steps", 0)), eta, state.get("best_score"))
+        return cls(int(state["step"]), acc, int(state.get("acc_steps", 0)), eta, state.get("best_score"),
+                   state.get("budget"))
 
 
 

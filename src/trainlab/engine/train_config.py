@@ -20,7 +20,13 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 class TrainConfig:
     """Settings of the loop itself, shared by every task."""
 
-    max_steps: int | None = field(default=None, metadata={"help": "optimizer updates to run; none: until Ctrl+C"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer updates to run; none: until Ctrl+C "
+                                                                  "(with --minutes: the count the budget fitted)"})
+    minutes: float | None = field(default=None, metadata={
+        "help": "a time budget: the whole command, from its start to the final checkpoint and report, ends within "
+                "this many minutes; the step count (and the LR schedule's end) is fitted from this machine's "
+                "measured pace (engine/budget.py); instead of --max-steps (a new run given both trains "
+                "--max-steps)"})
     batch_size: int = field(default=128, metadata={"help": "examples per optimizer update"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final LR of the decay, as a fraction of --lr"})
@@ -85,6 +91,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive("max_steps", self.max_steps, allow_none=True)
+        if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
+            raise ConfigError("minutes", f"must be a positive number of minutes, got {self.minutes}")
         positive("lr_decay_steps", self.lr_decay_steps, allow_none=True)
         positive("save_every_minutes", self.save_every_minutes, allow_none=True)
         positive("embed_lr", self.embed_lr, allow_none=True)
@@ -135,9 +143,9 @@ def lr_lambda(cfg: TrainConfig):
     """Linear warmup to 1, then down to ``min_lr_ratio`` at ``lr_decay_steps``: along a half
     cosine, or (``wsd``: warmup-stable-decay) flat at 1 and then linearly over the last
     ``decay_fraction`` of the steps after warmup, which keeps the LR high longest."""
-    horizon = cfg.lr_decay_steps or cfg.max_steps
-
     def f(step: int) -> float:
+        # read when asked, not when built: a time budget fits the horizon after the first steps
+        horizon = cfg.lr_decay_steps or cfg.max_steps
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if horizon is None or cfg.schedule == "constant":

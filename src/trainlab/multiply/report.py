@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from trainlab.engine.member import Member, Summary
-from trainlab.engine.monitor import format_duration
+from trainlab.engine.monitor import budget_lines, format_duration
 from trainlab.engine.plots import plot_lines
 from trainlab.engine.tracking import Run
 from trainlab.multiply.config import MODEL_KINDS as MEMBERS  # a comparison's members, in its tables' order
@@ -72,6 +72,7 @@ def write_report(run: Run, summary: Summary, test: dict[str, dict[str, float]] |
         "",
         f"Status: {'interrupted' if summary.interrupted else 'finished'} at step {summary.step}; "
         f"wall time of this session {format_duration(summary.wall_seconds)}.",
+        *budget_lines(summary.budget),
         "",
         "| " + " | ".join(["", *[r["model"] for r in rows]]) + " |",
         "|" + "---|" * (len(rows) + 1),

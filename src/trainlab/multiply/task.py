@@ -210,6 +210,12 @@ class MultiplyTask:
     def member_texts(self, member: str) -> dict[str, str]:
         return {"model_config.json": json.dumps(asdict(self.model_cfgs[member]), indent=2)}
 
+    def report_cost(self) -> float:
+        """The report's test scoring in units of one evaluation (which decodes the val and the
+        train slice): what a time budget keeps for it at the end."""
+        test = min(self.task_cfg.test_n, self.dataset.split_counts()["test"])
+        return test / max(1, len(self.val_indices()) + len(self.train_indices()))
+
     def report(self, run: Run, summary: Summary) -> None:
         from trainlab.multiply.report import write_report
 

@@ -1,0 +1,139 @@
+"""--minutes: a run whose step count is fitted to a wall-clock budget (engine/budget.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from helpers import cli_train, run_dir, same_training, tb_scalars
+
+from trainlab import runs
+from trainlab.config import ConfigError
+from trainlab.engine import budget as engine_budget
+from trainlab.engine.budget import SHARES, Budget, BudgetTooSmall, fit_steps, plan
+
+
+@pytest.fixture
+def clock_from_now(monkeypatch):
+    """The CLI counts a budget from its process's start; a test's process started long ago."""
+    monkeypatch.setattr(engine_budget, "process_age", lambda: 0.0)
+
+
+def test_plan_fills_the_time_left_and_keeps_pauses_to_their_share():
+    costs = {"eval": 1.0, "sample": 0.2, "save": 0.1}
+    asked = {"eval": 10, "sample": 0, "save": 1000}
+    p = plan(5, 100.0, 0.1, costs, asked, 120.0, 2.0)
+    evals = (p.steps - 1) // p.every["eval"] - 5 // p.every["eval"]
+    assert evals * 1.0 <= SHARES["eval"] * 120  # asked every 10 steps: made rarer to stay in its share
+    assert p.every["eval"] > 10 and p.every["sample"] == 0
+    assert p.seconds <= 100.0  # never over
+    later = plan(5, 100.0, 0.1, costs, asked, 120.0, 2.0)
+    assert later == p  # a pure function of what was measured
+    assert plan(5, 100.0, 0.1, costs, asked, 120.0, 2.0 + p.seconds - 100.0 + 0.1).steps < p.steps  # no room left
+    assert fit_steps(60, 0.25) == 240 and fit_steps(0.1, 1.0) == 1
+    with pytest.raises(ValueError):
+        fit_steps(60, 0.0)
+
+
+def test_a_check_within_the_drift_keeps_the_plan_and_a_budget_too_small_is_refused():
+    b = Budget(1.0, time.monotonic() + 50, fit_at=5)
+    asked = {"eval": 100, "sample": 0, "save": 1000}
+    p = b.fit("fit", 5, 0.1, {"eval": 0.5}, asked, 1.0, None, 10, lambda n: float("inf"))
+    assert p is not None and b.refit_at is not None and b.fit_at is None
+    assert b.fit("refit", b.refit_at, 0.102, {"eval": 0.5}, asked, 1.0, p.steps, 10, lambda n: float("inf")) is None
+    assert b.fits[-1]["refitted"] is False and b.refit_at is None
+    tight = Budget(0.05, time.monotonic() + 1, fit_at=5)
+    with pytest.raises(BudgetTooSmall, match="need at least"):
+        tight.fit("fit", 5, 0.5, {"eval": 0.5}, asked, 1.0, None, 100, lambda n: float("inf"))
+
+
+def test_how_long_is_said_once():
+    with pytest.raises(ConfigError, match="both --max-steps and --minutes"):
+        runs.settings("chat", "chat-20min", flags={"max_steps": 10, "minutes": 1.0})
+    assert runs.settings("chat", "chatgot-14m", flags={"minutes": 2.0})["max_steps"] is None
+    with pytest.raises(ConfigError, match="positive number of minutes"):
+        runs.checked_task("multiply", {"minutes": -1.0, "min_digits": 1, "max_digits": 1})
+
+
+def test_a_budgeted_run_ends_in_time_decayed_and_records_its_fits(runs_dir, clock_from_now):
+    t = time.monotonic()
+    assert cli_train(runs_dir, "--minutes", "0.1", "--run-name", "b", "--warmup-steps", "3", "--eval-every", "5",
+                     "--log-every", "1") == 0
+    took = time.monotonic() - t
+    info = json.loads((run_dir(runs_dir, "b") / "run.json").read_text())
+    b, steps = info["budget"], info["max_steps"]
+    # in-process (no interpreter start-up), beside another test worker: loose bounds here; the
+    # accuracy itself (within 3%, from outside the process) is benchmarks/minutes_accuracy.py's
+    assert 6 * 0.6 <= took <= 6 * 1.25, took
+    assert info["status"] == "finished" and info["step"] == steps and b["steps"] == steps > 20
+    assert b["fits"][0]["kind"] == "fit" and b["fits"][0]["at_step"] == 5 and b["fits"][1]["kind"] == "refit"
+    assert info["config"]["train"]["max_steps"] == steps and info["config"]["train"]["minutes"] == 0.1
+    assert info["config"]["train"]["eval_every"] > 5  # evaluations made rarer to fit their share
+    lrs = dict(tb_scalars(run_dir(runs_dir, "b") / "simple", "train/lr"))
+    assert lrs[steps] == pytest.approx(1e-3 * 0.1)  # decayed to the final LR by the end, not cut
+    assert lrs[steps // 2] > 2 * lrs[steps]
+    report = (run_dir(runs_dir, "b") / "report.md").read_text()
+    assert "Time budget: 0.1 minutes" in report and "fit at step 5" in report
+
+
+def test_a_budgeted_run_resumed_after_its_check_ends_as_the_same_steps_would(runs_dir, clock_from_now, monkeypatch):
+    # the first fit inside the warm-up (whose LR needs no horizon) and a check that keeps the count:
+    # then the budget's run is exactly a run by steps with what the budget chose
+    monkeypatch.setattr(engine_budget, "DRIFT", 10.0)
+    monkeypatch.setenv("TRAINLAB_FAULTS", "interrupt=120")  # a tiny model takes ~7 ms a step: ~700 steps
+    assert cli_train(runs_dir, "--minutes", "0.1", "--run-name", "cut", "--warmup-steps", "10") == 130
+    monkeypatch.delenv("TRAINLAB_FAULTS")
+    saved = json.loads((run_dir(runs_dir, "cut") / "run.json").read_text())
+    steps = saved["max_steps"]
+    assert steps > 120 and saved["budget"]["refit_at"] is None  # checked before the cut: the count stands
+    assert cli_train(runs_dir, "--resume", "cut", "--minutes", "0.1") == 0  # the same budget: no extension
+    info = json.loads((run_dir(runs_dir, "cut") / "run.json").read_text())
+    assert info["step"] == steps and info["status"] == "finished"
+    # the same run by steps, with what the budget chose: bit for bit
+    tc = info["config"]["train"]
+    assert cli_train(runs_dir, "--max-steps", str(steps), "--lr-decay-steps", str(tc["lr_decay_steps"]),
+                     "--eval-every", str(tc["eval_every"]), "--save-every", str(tc["save_every"]),
+                     "--run-name", "steps", "--warmup-steps", "10") == 0
+    same_training(runs_dir, "cut", "steps")
+
+
+def test_a_budgeted_run_cut_before_its_check_checks_on_resume(runs_dir, clock_from_now, monkeypatch):
+    monkeypatch.setenv("TRAINLAB_FAULTS", "interrupt=7")
+    assert cli_train(runs_dir, "--minutes", "0.05", "--run-name", "early", "--warmup-steps", "3") == 130
+    monkeypatch.delenv("TRAINLAB_FAULTS")
+    saved = json.loads((run_dir(runs_dir, "early") / "run.json").read_text())["budget"]
+    assert saved["refit_at"] is not None and [f["kind"] for f in saved["fits"]] == ["fit"]
+    assert cli_train(runs_dir, "--resume", "early") == 0
+    info = json.loads((run_dir(runs_dir, "early") / "run.json").read_text())
+    kinds = [(f["kind"], f["at_step"]) for f in info["budget"]["fits"]]
+    assert kinds[0] == ("fit", 5) and kinds[1][0] == "refit" and kinds[1][1] >= 12  # measured again after the resume
+    assert info["status"] == "finished" and info["step"] == info["max_steps"]
+
+
+def test_a_finished_budget_extends_by_new_minutes_at_its_final_lr(runs_dir, clock_from_now, capsys):
+    assert cli_train(runs_dir, "--minutes", "0.05", "--run-name", "ext", "--warmup-steps", "2", "--log-every", "1") == 0
+    first = json.loads((run_dir(runs_dir, "ext") / "run.json").read_text())["max_steps"]
+    capsys.readouterr()
+    assert cli_train(runs_dir, "--resume", "ext", "--minutes", "0.05", "--log-every", "1") == 0
+    assert "already at step" in capsys.readouterr().out  # the same minutes: nothing more to do
+    assert cli_train(runs_dir, "--resume", "ext", "--minutes", "0.04", "--log-every", "1") == 0
+    info = json.loads((run_dir(runs_dir, "ext") / "run.json").read_text())
+    assert info["step"] > first and any(f.get("kind") == "extension" for f in info["budget"]["fits"])
+    lrs = dict(tb_scalars(run_dir(runs_dir, "ext") / "simple", "train/lr"))
+    assert all(lrs[s] == pytest.approx(1e-4) for s in range(first, info["step"] + 1))
+
+
+def test_budget_refusals_are_one_line(runs_dir, clock_from_now, capsys):
+    from trainlab.cli import main
+
+    assert cli_train(runs_dir, "--minutes", "1", "--max-steps", "5") == 2
+    assert "both --max-steps and --minutes" in capsys.readouterr().err
+    assert cli_train(runs_dir, "--minutes", "-1") == 2
+    assert "--minutes: must be a positive number" in capsys.readouterr().err
+    assert cli_train(runs_dir, "--minutes", "0.001", "--run-name", "small", "--warmup-steps", "50") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "need at least" in err, err
+    assert not run_dir(runs_dir, "small").exists()  # a few timed steps: nothing worth keeping
+    assert main(["multiply", "compare", "--runs-dir", str(runs_dir), "--preset", "demo", "--minutes", "1"]) == 2
+    assert "--budget-minutes" in capsys.readouterr().err
