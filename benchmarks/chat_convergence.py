@@ -8,9 +8,10 @@ Targets (issue 4):
     python benchmarks/chat_convergence.py --preset chatgot-14m --minutes 20 --batch-size 8 --lr 0.0015 \
         --dropout 0 --warmup-steps 50 --eval-batches 8
 
-Any `trainlab chat train` flag passes through. With ``--minutes`` the script times a few
-steps first and sets --max-steps (and so the end of the cosine decay) to fit the budget
-of training steps (evaluation and sampling excluded). The corpus is read from
+Any `trainlab chat train` flag passes through. ``--minutes`` is trainlab's own time budget
+(engine/budget.py), counted from this script's launch to the run's report: the step count
+(and so the end of the LR schedule) is fitted from the run's measured pace, evaluations
+included. The corpus is read from
 ``../shared/data/tinyshakespeare.txt`` unless --text says otherwise; runs go to a
 temporary folder unless --runs-dir says otherwise.
 """
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
-from common import fitted_seconds_per_step, print_machine, span_loss  # noqa: E402
+from common import print_machine, span_loss  # noqa: E402
 
 from trainlab import runs  # noqa: E402
 from trainlab.chat.config import SamplingConfig
@@ -39,6 +40,7 @@ from trainlab.chat.task import make_chat_task  # noqa: E402
 from trainlab.cli import build_parser  # noqa: E402
 from trainlab.cli.common import flags_of  # noqa: E402
 from trainlab.config import build  # noqa: E402
+from trainlab.engine.budget import process_age  # noqa: E402
 from trainlab.engine.loop import train  # noqa: E402
 from trainlab.engine.tracking import new_run  # noqa: E402
 
@@ -47,10 +49,10 @@ NANOGPT_VAL_LOSS = 1.88  # nanoGPT README, shakespeare_char on CPU, 2000 iterati
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--minutes", type=float, help="budget of training time; sets --max-steps")
+    ap.add_argument("--minutes", type=float, help="a time budget from this script's launch to the report "
+                                                  "(trainlab's --minutes); replaces --max-steps")
     ap.add_argument("--samples", type=int, default=3, help="samples printed at the end")
     ap.add_argument("--sample-chars", type=int, default=300)
-    ap.add_argument("--evals", type=int, default=10, help="evaluations over a --minutes run")
     known, rest = ap.parse_known_args()
     print_machine()
     if "--text" not in rest:
@@ -61,23 +63,17 @@ def main() -> None:
     values = runs.settings("chat", args.preset, args.config, flags_of(args))  # default preset: chatgot-14m
     cfgs = {name: build(cls, values) for name, cls in runs.chat_sections()}
     task = make_chat_task(cfgs)
-    if known.minutes:
-        # timed after warm-up steps, in the precision --precision auto will pick (its first
-        # steps time the candidates, and bf16's first steps are slow on some CPUs)
-        sps, precision = fitted_seconds_per_step(task, cfgs["train"])
-        steps = max(10, int(known.minutes * 60 / sps))
-        every = max(1, steps // known.evals)
-        cfgs["train"] = replace(cfgs["train"], max_steps=steps, lr_decay_steps=steps, eval_every=every,
-                                sample_every=every, save_every=steps)
-        print(f"{sps:.3f} s/step ({precision}) -> {steps} steps in {known.minutes} min")
-        task = make_chat_task(cfgs)  # with the train settings it will run under
+    if known.minutes:  # the engine's own budget: launch to report in that many minutes (engine/budget.py)
+        # evaluations as often as the budget's share for them allows (engine/budget.py: SHARES)
+        cfgs["train"] = replace(cfgs["train"], minutes=known.minutes, max_steps=None, lr_decay_steps=None,
+                                eval_every=1, sample_every=0)
     corpus = task.corpus
     config = {name: asdict(c) for name, c in cfgs.items()}
     tc, mc = cfgs["train"], cfgs["model"]
     run = new_run(tc.runs_dir, task.name, tc.run_name, tc.tag, config)
     print(f"run {run.dir}; torch threads {torch.get_num_threads()}")
     t0 = time.perf_counter()
-    summary = train(task, tc, run, config)
+    summary = train(task, tc, run, config, started=time.monotonic() - process_age())
     wall = time.perf_counter() - t0
     m = summary.members[0]
 

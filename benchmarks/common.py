@@ -112,21 +112,20 @@ def span_loss(model, corpus, split: str, ctx: int, most: int | None = None) -> f
 
 
 def train_for_minutes(kind: str, preset: str, flags: dict, minutes: float):
-    """An ordinary run of ``preset`` with ``flags`` for ``minutes`` of training steps: its step
-    count fitted from its own step time (``fitted_seconds_per_step``), the LR schedule ending
-    there, one evaluation and one checkpoint at the end. Returns (summary, configs, task,
-    steps, seconds per step)."""
-    from trainlab import runs
-    from trainlab.engine.loop import train
+    """An ordinary run of ``preset`` with ``flags`` under the engine's own time budget
+    (``--minutes``, engine/budget.py): ``minutes`` of wall time from this call to its report,
+    the step count fitted from the run's own measured pace, the schedule ending at the last
+    step. Returns (summary, configs, task, steps, seconds per step of its last fit)."""
+    import time
 
-    values = runs.settings(kind, preset, flags=flags)
-    cfgs, task = runs.checked_task(kind, values)
-    sps, _ = fitted_seconds_per_step(task, cfgs["train"])
-    steps = max(10, int(minutes * 60 / sps))
-    values.update(max_steps=steps, lr_decay_steps=steps, eval_every=steps, save_every=steps)
-    cfgs, task = runs.checked_task(kind, values)
-    run, config = runs.new_run_from(kind, cfgs, task, quiet=True)
-    return train(task, cfgs["train"], run, config, echo=lambda line: None), cfgs, task, steps, sps
+    from trainlab import runs
+
+    started = time.monotonic()
+    values = runs.settings(kind, preset, flags={**flags, "minutes": minutes, "max_steps": None})
+    summary = runs.train(kind, values, echo=lambda line: None, started=started)
+    cfgs, task = runs.checked_task(kind, runs.flat(summary.config))
+    pace = next(f["pace"] for f in reversed(summary.budget["fits"]) if "pace" in f)
+    return summary, cfgs, task, summary.step, pace
 
 
 def untrained_14m(runs_dir: str, text) -> str:

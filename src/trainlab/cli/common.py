@@ -84,6 +84,11 @@ def train_command(args: argparse.Namespace, command: str) -> int:
     values = runs.settings(command, args.preset, args.config, flags, default_preset=not args.resume)
     fresh = (lambda: runs.settings(command, args.preset, args.config, flags)) if args.resume else None
     summary = runs.train(command, values, resume=args.resume, fresh=fresh, started=started)
+    # the interpreter's final collection of a run's objects took about a second at exit, time a
+    # --minutes budget would not see: frozen objects are left to the process's end instead
+    import gc
+
+    gc.freeze()
     if summary is None:  # a rank past 0 whose rank 0 refused the settings (and said why)
         return EXIT_USAGE
     return exit_status(summary.stop_signal) if summary.interrupted else 0

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from trainlab.config import ConfigError
-from trainlab.engine.monitor import due
 
 FIT_AFTER = 5  # training steps timed before the first fit (the first is slow: allocations, caches)
 REFIT_AT = 0.15  # share of the planned steps at which the pace is measured again
@@ -100,7 +99,8 @@ def plan(step: int, left: float, pace: float, costs: dict[str, float], asked: di
         return every
 
     def spend(steps: int, every: dict[str, int]) -> float:
-        pauses = sum(costs.get(k, 0.0) * due(step, steps - 1, n) for k, n in every.items() if n > 0)
+        # the pauses at multiples of their cadence before the last step (those at it are in ``end``)
+        pauses = sum(costs.get(k, 0.0) * ((steps - 1) // n - step // n) for k, n in every.items() if n > 0)
         return (steps - step) * pace + pauses + end
 
     steps = step + fit_steps(left - end, pace)

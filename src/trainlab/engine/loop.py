@@ -65,7 +65,7 @@ from trainlab.engine.step import accumulate, batch_rows, choose_speed, member_st
 from trainlab.engine.stopping import StopSignals
 from trainlab.engine.task import Task
 from trainlab.engine.tracking import ReadOnlyRun, Run, remove_runs
-from trainlab.engine.train_config import TrainConfig
+from trainlab.engine.train_config import TrainConfig, lr_lambda
 
 # after each scheduled evaluation: (step, {member: its metrics}) -> stop the run there?
 Prune = Callable[[int, dict[str, dict[str, float]]], bool]
@@ -306,6 +306,9 @@ def finish(s: Session, bar, stop: StopSignals, start_step: int, fresh: bool, t_s
     if s.budget is not None:
         budget = s.budget.state_dict(s.started)
         budget["steps"] = state.step
+        budget["train_seconds"] = round(sum(m.train_seconds for m in s.members), 3)  # every attempt's
+        # where the schedule stood at the last step: 1.0 is its peak, min_lr_ratio its end
+        budget["last_lr_factor"] = round(lr_lambda(cfg)(max(0, state.step - 1)), 6)
     return Summary(s.run, s.members, state.step, wall, interrupted, s.config, stop.signum, stop.reason, budget)
 
 
