@@ -123,3 +123,18 @@ def test_a_retried_or_timed_pass_rewinds_the_gpu_rng_too(monkeypatch):
     assert torch.equal(torch.rand(4), first)
     assert int(gpu["state"][0]) == 7 and gpu["device"] == cuda
     assert rng_point(torch.device("cpu"))[1] is None  # a CPU run has no device generator to keep
+
+
+def test_a_time_budget_under_torchrun_is_rank_zeros_for_every_rank(runs_dir):
+    """Each rank measures its own pace; rank 0's fit is broadcast, so both train the same steps
+    (ranks that disagreed would hang in a collective or end at different steps)."""
+    import json
+
+    p = torchrun("multiply", "train", "--runs-dir", str(runs_dir), *TINY, "--run-name", "budget", "--max-digits", "2",
+                 "--batch-size", "16", "--minutes", "0.12", "--warmup-steps", "5", "--precision", "fp32")
+    assert p.returncode == 0, p.stderr[-3000:]
+    info = json.loads((runs_dir / "parallel_comparison" / "budget" / "run.json").read_text())
+    steps = info["max_steps"]
+    assert info["status"] == "finished" and info["step"] == steps and info["budget"]["fits"][0]["kind"] == "fit"
+    assert latest_checkpoint(runs_dir / "parallel_comparison" / "budget" / "checkpoints").step == steps
+    assert p.stdout.count("budget 0.12 min: fitted") == 1  # one voice: rank 0's

@@ -133,6 +133,11 @@ class Budget:
     spent_before: float = 0.0  # wall seconds of earlier attempts (a resumed run)
     asked: dict[str, int] = field(default_factory=dict)  # the cadence of pauses the settings asked for
     extension: bool = False  # minutes added to a finished run: its LR schedule stays as it ended
+    # this process's step times after its first step: their mean is the pace (not a median: the
+    # odd slow step is part of what the minutes must hold)
+    step_seconds: list[float] = field(default_factory=list)
+    seen_first: bool = False
+    mark: int = 0  # len(step_seconds) at the last fit
 
     @classmethod
     def start(cls, minutes: float, step: int, saved: dict[str, Any] | None, started: float) -> "Budget":
@@ -155,6 +160,18 @@ class Budget:
         self.minutes, self.deadline, self.spent_before = minutes, started + 60 * minutes, 0.0
         self.fit_at, self.refit_at, self.extension = step + FIT_AFTER, None, True
         self.fits.append({"kind": "extension", "minutes": minutes, "at_step": step})
+
+    def add_step(self, seconds: float) -> None:
+        if self.seen_first:
+            self.step_seconds.append(seconds)
+        self.seen_first = True
+
+    def pace(self) -> float:
+        """Mean seconds a step: of the steps since the last fit when there are a few, else of
+        every step this process timed after its first (the pace now, not the start's)."""
+        times = self.step_seconds
+        recent = times[self.mark:] if len(times) - self.mark >= FIT_AFTER else times
+        return sum(recent) / len(recent) if recent else 0.0
 
     def due(self, step: int) -> str | None:
         """"fit" or "refit" when one is due after ``step``, else None."""
@@ -183,7 +200,7 @@ class Budget:
         last = next((f for f in reversed(self.fits) if "pace" in f), None)
         record = {"kind": kind, "at_step": step, "pace": round(pace, 6), "left": round(left, 3),
                   "costs": {k: round(v, 4) for k, v in costs.items()}, "end": round(end, 3)}
-        self.fit_at = None
+        self.fit_at, self.mark = None, len(self.step_seconds)
         if kind == "refit":
             self.refit_at = None
             if last is not None and abs(pace / last["pace"] - 1) <= DRIFT:

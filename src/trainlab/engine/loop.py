@@ -203,6 +203,8 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
         state.acc_steps += 1
         s.eta.add_step(time.perf_counter() - t0)
         bar.update(1)
+        if budget is not None:
+            budget.add_step(time.perf_counter() - t0)
         if budget is not None and budget.due(state.step):
             fit_budget(s, budget.due(state.step), bar)
         if state.step in planned.get("interrupt", ()):

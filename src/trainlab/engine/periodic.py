@@ -230,7 +230,7 @@ def fit_budget(s: Session, kind: str, bar) -> None:
             return cfg.warmup_steps + (1 - cfg.decay_fraction) * (steps - cfg.warmup_steps) if wsd else math.inf
 
         try:
-            p = b.fit(kind, s.state.step, s.eta.seconds_per_step() or 0.0, costs, asked, end, cfg.max_steps,
+            p = b.fit(kind, s.state.step, b.pace() or s.eta.seconds_per_step() or 0.0, costs, asked, end, cfg.max_steps,
                       cfg.warmup_steps, decay_from)
         except BudgetTooSmall as e:
             broadcast({"refused": str(e)}, s.d)  # every rank stops alike; this one says why
