@@ -42,7 +42,11 @@ def test_a_check_within_the_drift_keeps_the_plan_and_a_budget_too_small_is_refus
     p = b.fit("fit", 5, 0.1, {"eval": 0.5}, asked, 1.0, None, 10, lambda n: float("inf"))
     assert p is not None and b.refit_at is not None and b.fit_at is None
     assert b.fit("refit", b.refit_at, 0.102, {"eval": 0.5}, asked, 1.0, p.steps, 10, lambda n: float("inf")) is None
-    assert b.fits[-1]["refitted"] is False and b.refit_at is None
+    assert b.fits[-1]["refitted"] is False and b.refit_at is not None  # the next of the checks
+    while b.refit_at is not None:
+        b.fit("refit", b.refit_at, 0.1, {"eval": 0.5}, asked, 1.0, p.steps, 10, lambda n: float("inf"))
+    assert [f["kind"] for f in b.fits] == ["fit"] + ["refit"] * len(engine_budget.CHECKS)
+    assert all(f["at_step"] < p.steps for f in b.fits)
     tight = Budget(0.05, time.monotonic() + 1, fit_at=5)
     with pytest.raises(BudgetTooSmall, match="need at least"):
         tight.fit("fit", 5, 0.5, {"eval": 0.5}, asked, 1.0, None, 100, lambda n: float("inf"))
@@ -65,7 +69,7 @@ def test_a_budgeted_run_ends_in_time_decayed_and_records_its_fits(runs_dir, cloc
     b, steps = info["budget"], info["max_steps"]
     # in-process (no interpreter start-up), beside another test worker: loose bounds here; the
     # accuracy itself (within 3%, from outside the process) is benchmarks/minutes_accuracy.py's
-    assert 6 * 0.6 <= took <= 6 * 1.25, took
+    assert 6 * 0.6 <= took <= 6 * 1.5, took
     assert info["status"] == "finished" and info["step"] == steps and b["steps"] == steps > 20
     assert b["fits"][0]["kind"] == "fit" and b["fits"][0]["at_step"] == 5 and b["fits"][1]["kind"] == "refit"
     assert info["config"]["train"]["max_steps"] == steps and info["config"]["train"]["minutes"] == 0.1
@@ -77,6 +81,12 @@ def test_a_budgeted_run_ends_in_time_decayed_and_records_its_fits(runs_dir, cloc
     assert "Time budget: 0.1 minutes" in report and "fit at step 5" in report
 
 
+def info_steps_kept(info) -> bool:
+    """Every check kept the first fit's count."""
+    fits = info["budget"]["fits"]
+    return all(f["steps"] == fits[0]["steps"] for f in fits)
+
+
 def test_a_budgeted_run_resumed_after_its_check_ends_as_the_same_steps_would(runs_dir, clock_from_now, monkeypatch):
     # the first fit inside the warm-up (whose LR needs no horizon) and a check that keeps the count:
     # then the budget's run is exactly a run by steps with what the budget chose
@@ -86,10 +96,11 @@ def test_a_budgeted_run_resumed_after_its_check_ends_as_the_same_steps_would(run
     monkeypatch.delenv("TRAINLAB_FAULTS")
     saved = json.loads((run_dir(runs_dir, "cut") / "run.json").read_text())
     steps = saved["max_steps"]
-    assert steps > 120 and saved["budget"]["refit_at"] is None  # checked before the cut: the count stands
+    assert steps > 120 and saved["budget"]["fits"][1]["kind"] == "refit"  # checked before the cut
+    assert info_steps_kept(saved)
     assert cli_train(runs_dir, "--resume", "cut", "--minutes", "0.1") == 0  # the same budget: no extension
     info = json.loads((run_dir(runs_dir, "cut") / "run.json").read_text())
-    assert info["step"] == steps and info["status"] == "finished"
+    assert info["step"] == steps and info["status"] == "finished" and info_steps_kept(info)
     # the same run by steps, with what the budget chose: bit for bit
     tc = info["config"]["train"]
     assert cli_train(runs_dir, "--max-steps", str(steps), "--lr-decay-steps", str(tc["lr_decay_steps"]),

@@ -15,9 +15,9 @@ How the minutes are spent, and measured rather than assumed:
   take at most its ``SHARES`` of the budget, so most of the time goes to training;
 - the LR schedule (``train_config.lr_lambda``) reads its horizon when it is asked, so the
   fitted count is where cosine or WSD ends: the run ends decayed, not cut;
-- a shared machine drifts: at ``REFIT_AT`` of the planned steps (before WSD starts to decay;
-  a cosine is barely into its descent) the pace is measured again and the plan refitted if
-  it moved by more than ``DRIFT``. Every fit is recorded in the run (run.json, the report).
+- a shared machine drifts: at each of ``CHECKS`` of the planned steps (the first early, all
+  before a WSD decay starts) the pace since the last fit is measured and the plan refitted
+  if it moved by more than ``DRIFT``. Every fit is recorded in the run (run.json, the report).
 
 The fitted numbers go into the run's saved settings, so a resumed run continues to its
 recorded step count exactly; one interrupted before its refit refits on resume (its step
@@ -38,7 +38,10 @@ from typing import Any, Callable
 from trainlab.config import ConfigError
 
 FIT_AFTER = 5  # training steps timed before the first fit (the first is slow: allocations, caches)
-REFIT_AT = 0.15  # share of the planned steps at which the pace is measured again
+# shares of the steps (from the first fit to the planned end) at which the pace is measured
+# again: a shared machine drifts, and the first steps of a run are not its later ones (kernels
+# for new shapes are built as they first appear)
+CHECKS = (0.15, 0.4, 0.65)
 DRIFT = 0.05  # a pace that moved by more than this is refitted
 SHARES = {"eval": 0.05, "sample": 0.01, "save": 0.01}  # most of the budget each kind of pause may take
 # writing the report (plots) and the process's own exit: small and not measurable from inside
@@ -138,6 +141,7 @@ class Budget:
     step_seconds: list[float] = field(default_factory=list)
     seen_first: bool = False
     mark: int = 0  # len(step_seconds) at the last fit
+    checks: list[int] = field(default_factory=list)  # steps of the checks still to come
 
     @classmethod
     def start(cls, minutes: float, step: int, saved: dict[str, Any] | None, started: float) -> "Budget":
@@ -149,6 +153,7 @@ class Budget:
         b = cls(float(saved["minutes"]), started + 60 * float(saved["minutes"]) - spent,
                 [dict(f) for f in saved.get("fits", [])], saved.get("fit_at"), saved.get("refit_at"), spent,
                 {k: int(v) for k, v in saved.get("asked", {}).items()}, bool(saved.get("extension", False)))
+        b.checks = [int(c) for c in saved.get("checks", [])]
         if b.fit_at is not None:  # stopped before its first fit: fit again from here
             b.fit_at = step + FIT_AFTER
         elif b.refit_at is not None:  # stopped before its check: check it soon after the resume
@@ -189,7 +194,8 @@ class Budget:
 
     def state_dict(self, started: float) -> dict[str, Any]:
         return {"minutes": self.minutes, "fits": self.fits, "fit_at": self.fit_at, "refit_at": self.refit_at,
-                "spent": round(self.spent(started), 3), "asked": self.asked, "extension": self.extension}
+                "spent": round(self.spent(started), 3), "asked": self.asked, "extension": self.extension,
+                "checks": self.checks}
 
     def fit(self, kind: str, step: int, pace: float, costs: dict[str, float], asked: dict[str, int],
             end: float, current: int | None, warmup: int, decay_from: Callable[[int], float]) -> Plan | None:
@@ -202,7 +208,9 @@ class Budget:
                   "costs": {k: round(v, 4) for k, v in costs.items()}, "end": round(end, 3)}
         self.fit_at, self.mark = None, len(self.step_seconds)
         if kind == "refit":
-            self.refit_at = None
+            self.refit_at = self.checks.pop(0) if self.checks else None
+            while self.refit_at is not None and self.refit_at <= step:
+                self.refit_at = self.checks.pop(0) if self.checks else None
             if last is not None and abs(pace / last["pace"] - 1) <= DRIFT:
                 self.fits.append({**record, "steps": current, "refitted": False})
                 return None
@@ -212,10 +220,12 @@ class Budget:
             raise BudgetTooSmall(f"{self.minutes:g} minutes is too little here: the warm-up ({warmup} steps at "
                                  f"{pace:.3g} s) and one evaluation need at least {math.ceil(need / 6) / 10:g} minutes")
         self.fits.append({**record, "steps": p.steps, "every": p.every, **({"refitted": True} if kind == "refit" else {})})
-        if kind == "fit":
-            # the check: after REFIT_AT of the steps, and before a WSD decay begins
-            check = step + max(FIT_AFTER, round(REFIT_AT * (p.steps - step)))
-            self.refit_at = check if check < min(p.steps, decay_from(p.steps)) else None
+        if kind == "fit":  # the checks: through the steps, all before a WSD decay begins
+            at = sorted({step + max(FIT_AFTER, round(c * (p.steps - step))) for c in CHECKS})
+            at = [c for c in at if c < min(p.steps, decay_from(p.steps))]
+            self.refit_at, self.checks = (at[0], at[1:]) if at else (None, [])
+        elif self.refit_at is not None and self.refit_at >= min(p.steps, decay_from(p.steps)):
+            self.refit_at, self.checks = None, []  # the refit moved the end (or the decay) before them
         return p
 
 

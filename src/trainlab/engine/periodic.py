@@ -245,9 +245,14 @@ def fit_budget(s: Session, kind: str, bar) -> None:
             s.say(f"[step {s.state.step}] budget {b.minutes:g} min: {'refitted' if kind == 'refit' else 'fitted'} "
                   f"to {p.steps:,} steps at {fit['pace']:.3g} s a step ({shown}; evaluate every "
                   f"{p.every['eval']:,}); {format_duration(b.left())} left")
-    plan = broadcast(plan, s.d)
-    if plan is not None and "refused" in plan:
-        raise BudgetTooSmall(plan["refused"].split(": ", 1)[-1])
+    # every rank follows rank 0's plan and its schedule of checks (a rank that kept its own
+    # would call for a fit the others never join)
+    told = broadcast({"plan": plan, "fits": b.fits, "fit_at": b.fit_at, "refit_at": b.refit_at,
+                      "checks": b.checks} if s.d.main else None, s.d)
+    if told is not None and "refused" in told:
+        raise BudgetTooSmall(told["refused"].split(": ", 1)[-1])
+    plan = told["plan"]
+    b.fits, b.fit_at, b.refit_at, b.checks = told["fits"], told["fit_at"], told["refit_at"], told["checks"]
     if plan is not None:
         apply_plan(s, plan, extension=b.extension)
         bar.total = cfg.max_steps
