@@ -16,6 +16,7 @@ the preset's final ratio its end: the run must end decayed), and the task's fina
 a rerun with the same ``--out`` skips the runs already there.
 
     python benchmarks/minutes_accuracy.py --minutes 1,1,1,5 --tasks chat,multiply --out results/minutes/avx512.json
+    python benchmarks/minutes_accuracy.py --minutes 20 --tasks chat --chat-preset chat-20min --out results/minutes/avx512.json
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ COMMANDS = {
 }
 
 
-def one_run(task: str, minutes: float, runs_dir: str, text: str, extra: list[str]) -> dict:
+def one_run(task: str, minutes: float, runs_dir: str, text: str, extra: list[str], preset: str | None = None) -> dict:
     name = f"{task}-{minutes:g}-{time.strftime('%H%M%S')}"
     cmd = [sys.executable, "-m", "trainlab", *COMMANDS[task], "--minutes", f"{minutes:g}", "--runs-dir", runs_dir,
            "--run-name", name, "--no-progress", "--tag", "benchmark", *extra]
     if task == "chat":
         cmd += ["--text", text]
+        if preset:
+            cmd[cmd.index("chat-1min")] = preset
     if task == "multiply" and minutes < 2:  # the preset's 300 warm-up steps alone take about a minute here
         cmd += ["--warmup-steps", "30"]
     t = time.monotonic()
@@ -81,6 +84,7 @@ def main() -> None:
     ap.add_argument("--minutes", default="1,1,1,5,20", help="budgets, comma-separated")
     ap.add_argument("--tasks", default="chat,multiply")
     ap.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    ap.add_argument("--chat-preset", help="the chat recipe (default chat-1min; chat-20min for 20 minutes, say)")
     ap.add_argument("--out", help="JSON file of the results (resumable: runs already in it are skipped)")
     ap.add_argument("--runs-dir", help="default: a temporary folder")
     known, extra = ap.parse_known_args()
@@ -91,11 +95,12 @@ def main() -> None:
         done = json.loads(Path(known.out).read_text())
     plan = [(t, float(m)) for m in known.minutes.split(",") for t in known.tasks.split(",")]
     for i, (task, minutes) in enumerate(plan):
-        have = sum(1 for r in done if r["task"] == task and r["minutes"] == minutes)
+        have = sum(1 for r in done if r["task"] == task and r["minutes"] == minutes
+                   and (task != "chat" or (known.chat_preset or "chat-1min") in r["command"]))
         want = plan[:i + 1].count((task, minutes))
         if have >= want:
             continue
-        r = one_run(task, minutes, runs_dir, known.text, extra)
+        r = one_run(task, minutes, runs_dir, known.text, extra, known.chat_preset)
         done.append(r)
         if known.out:
             Path(known.out).parent.mkdir(parents=True, exist_ok=True)
