@@ -119,30 +119,26 @@ class ChatTask:
             self._fixed[split] = self.corpus.random_starts(split, n, self.model_cfg.context_len, rng)
         return self._fixed[split]
 
-    @torch.no_grad()
     def mean_loss(self, model: nn.Module, split: str, batch_limit: int | None = None) -> float:
-        device = next(model.parameters()).device
-        starts, ctx = self.fixed_starts(split), self.model_cfg.context_len
+        """Mean loss over the fixed windows every evaluation uses."""
         bs = min(self.train_cfg.batch_size, batch_limit or self.train_cfg.batch_size)
-        total = 0.0
-        for i in range(0, len(starts), bs):
-            b = self.corpus.windows(split, starts[i:i + bs], ctx)
-            logits, _ = model(b["x"].to(device))
-            total += float(F.cross_entropy(logits.flatten(0, 1), b["y"].to(device).flatten(), reduction="sum"))
-        return total / (len(starts) * ctx)
+        return self.windows_loss(model, split, self.fixed_starts(split), bs)
 
-    @torch.no_grad()
     def span_loss(self, model: nn.Module, split: str = "val", batch: int = 64) -> float:
         """Mean loss over every non-overlapping window of the span: the precise figure the
         fixed evaluation batches (nanoGPT's kind of estimate) approximate, and what the
         report ends with."""
+        return self.windows_loss(model, split, self.span_starts(split), batch)
+
+    @torch.no_grad()
+    def windows_loss(self, model: nn.Module, split: str, starts: np.ndarray, batch: int) -> float:
+        """Mean loss per character over the windows of ``split`` at ``starts``, ``batch`` at a time."""
         device = next(model.parameters()).device
         ctx = self.model_cfg.context_len
-        starts = self.span_starts(split)
         total = 0.0
         for i in range(0, len(starts), batch):
             b = self.corpus.windows(split, starts[i:i + batch], ctx)
-            logits, _ = model(b["x"].to(device))
+            logits, _ = model(b["x"].to(device))  # (B, T, vocab)
             total += float(F.cross_entropy(logits.flatten(0, 1), b["y"].to(device).flatten(), reduction="sum"))
         return total / (len(starts) * ctx)
 
