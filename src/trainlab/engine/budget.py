@@ -167,8 +167,8 @@ class Budget:
         self.fits.append({"kind": "extension", "minutes": minutes, "at_step": step})
 
     def add_step(self, seconds: float) -> None:
-        if self.seen_first:
-            self.step_seconds.append(seconds)
+        if self.seen_first and (self.fit_at is not None or self.refit_at is not None):
+            self.step_seconds.append(seconds)  # kept only while a fit or check is still to come
         self.seen_first = True
 
     def pace(self) -> float:

@@ -205,8 +205,9 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
         bar.update(1)
         if budget is not None:
             budget.add_step(time.perf_counter() - t0)
-        if budget is not None and budget.due(state.step):
-            fit_budget(s, budget.due(state.step), bar)
+            kind = budget.due(state.step)
+            if kind:
+                fit_budget(s, kind, bar)
         if state.step in planned.get("interrupt", ()):
             stop.request("interrupt")
         faults.signal_if(planned, state.step)
