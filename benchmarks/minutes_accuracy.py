@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import print_machine  # noqa: E402
+
 from trainlab.engine.precision import cpu_summary  # noqa: E402
 
 COMMANDS = {
@@ -76,6 +77,7 @@ def one_run(task: str, minutes: float, runs_dir: str, text: str, extra: list[str
             "train_share": round(b["train_seconds"] / wall, 4), "last_lr_factor": b["last_lr_factor"],
             "min_lr_ratio": info["config"]["train"]["min_lr_ratio"], "inside": b.get("wall_seconds"),
             "precision": "/".join(precision), "figure": figure, "command": " ".join(cmd[1:]),
+            "auto": (info.get("auto") or {}).get("preset"),
             "machine": cpu_summary(), "date": time.strftime("%Y-%m-%d")}
 
 

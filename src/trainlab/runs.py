@@ -252,9 +252,8 @@ def steps_for_minutes(command: str | TaskKind, values: dict[str, Any], minutes: 
     """(steps, seconds a step, the precision timed) that fill ``minutes`` of training with
     ``values``: a few steps timed after warm-up, in the precision the run will train in. What a
     tune trial's and a comparison's time budget become."""
-    from trainlab.engine.step import fitted_seconds_per_step
-
     from trainlab.engine.budget import fit_steps
+    from trainlab.engine.step import fitted_seconds_per_step
 
     cfgs, task = checked_task(command, {**values, "max_steps": 1, "minutes": None})
     sps, how = fitted_seconds_per_step(task, cfgs["train"], None, n=5, warmup=3)
@@ -430,7 +429,7 @@ def prepare(command: str | TaskKind, values: dict[str, Any], resume: str | None 
 
 def train(command: str | TaskKind, values: dict[str, Any], resume: str | None = None,
           fresh: Callable[[], dict[str, Any]] | None = None, echo: Echo = print, warn: Echo = warn,
-          started: float | None = None):
+          started: float | None = None, extra: dict[str, Any] | None = None):
     """Train a run to its end (``max_steps``, a stop signal, a prune): a new run from ``values``,
     or the run ``resume`` names (an id, a folder, or ``auto``), kept to its own settings except
     where a resume may change them. Returns the loop's ``Summary`` (``summary.run`` is the run,
@@ -441,7 +440,8 @@ def train(command: str | TaskKind, values: dict[str, Any], resume: str | None = 
     refused the settings returns None (rank 0 raised, saying why).
 
     ``started``: the ``time.monotonic()`` a ``--minutes`` budget counts from (the command line
-    passes its process's start); default the moment of this call."""
+    passes its process's start); default the moment of this call. ``extra``: more fields for a
+    new run's run.json (how ``--preset auto`` chose, say)."""
     import time
 
     from trainlab.engine import distributed
@@ -454,7 +454,7 @@ def train(command: str | TaskKind, values: dict[str, Any], resume: str | None = 
         if not d.main:
             return _follow_rank_zero(d, kind, echo)
         try:
-            p = prepare(kind, values, resume, d.world, fresh=fresh, echo=echo, warn=warn)
+            p = prepare(kind, values, resume, d.world, extra=extra, fresh=fresh, echo=echo, warn=warn)
         except BaseException:
             distributed.broadcast(None, d)  # the other ranks leave quietly; this one says why
             raise

@@ -38,7 +38,10 @@ def common_flags(p: argparse.ArgumentParser) -> None:
 def train_flags(p: argparse.ArgumentParser, task: str, sections: list[tuple[str, type]], resume: bool = True) -> None:
     p.add_argument("--config", help="YAML file of settings (flags override it)")
     default = f" (default {DEFAULT_PRESETS[task]})" if task in DEFAULT_PRESETS else ""
-    p.add_argument("--preset", help=f"a built-in settings file: {', '.join(preset_names(task))}{default}")
+    names = ", ".join(preset_names(task))
+    auto = ("; auto (with --minutes): the one that trains best in that time on this machine, chosen by timing a "
+            "few steps of each") if task == "chat" else ""
+    p.add_argument("--preset", help=f"a built-in settings file: {names}{default}{auto}")
     if resume:
         p.add_argument("--resume", metavar="RUN|auto",
                        help="continue a run exactly where it stopped (its id or folder); auto: the newest unfinished "
@@ -81,9 +84,23 @@ def train_command(args: argparse.Namespace, command: str) -> int:
 
     started = time.monotonic() - process_age()  # a --minutes budget counts from the command's start
     flags = flags_of(args)
-    values = runs.settings(command, args.preset, args.config, flags, default_preset=not args.resume)
-    fresh = (lambda: runs.settings(command, args.preset, args.config, flags)) if args.resume else None
-    summary = runs.train(command, values, resume=args.resume, fresh=fresh, started=started)
+    extra: dict[str, Any] = {}
+
+    def preset() -> str | None:
+        """``--preset``, with ``auto`` resolved by timing this machine (only for a new run)."""
+        if args.preset != "auto":
+            return args.preset
+        from trainlab.auto import choose
+
+        name, record = choose(command, args.config, flags, started)
+        extra.update(record)
+        return name
+
+    # a resumed run keeps its own recipe: auto has nothing to choose (and times nothing)
+    values = runs.settings(command, None if args.preset == "auto" and args.resume else preset(), args.config,
+                           flags, default_preset=not args.resume)
+    fresh = (lambda: runs.settings(command, preset(), args.config, flags)) if args.resume else None
+    summary = runs.train(command, values, resume=args.resume, fresh=fresh, started=started, extra=extra)
     # the interpreter's final collection of a run's objects took about a second at exit, time a
     # --minutes budget would not see: frozen objects are left to the process's end instead
     import gc

@@ -1,0 +1,156 @@
+"""``--preset auto --minutes M``: the shipped chat recipe that trains best in M minutes on
+this machine, chosen by measuring it.
+
+The studies (results/chat-tune/, results/auto/) found that the best shape depends on how
+much text the budget lets a model read: a minute of training favours two layers of 192,
+twenty minutes four of 256, and the same recipe given more time than it was made for can
+end worse (chat-1min's two layers overfit tinyshakespeare at 5 minutes). What a budget
+affords differs threefold between a CPU with native bf16 and one without, and a
+hundredfold on a GPU, so minutes alone cannot choose: characters can.
+
+The rule, in one place (``CANDIDATES``): each recipe, from the smallest to the largest, is
+taken once the characters it would train on in this budget reach its ``from_chars`` (the
+fewest at which it was measured to beat the recipe before it). Its pace is measured here, a
+few real training steps after warm-up in the precision ``--precision auto`` would pick (the
+same timing a budget's fit and ``tune --budget-minutes`` use), and the characters are
+``steps that fit x batch x context``. Probing goes up the list and stops at the first recipe
+that falls short: a larger one reads fewer characters in the same time. A recipe whose
+bound (the last measured pace scaled by the model's FLOPs per character, and allowed to run
+twice as efficiently) already falls short is not timed at all, so a one-minute budget does
+not spend seconds timing a 20-minute model.
+
+The probe's seconds count against the budget (the run's clock started with the process);
+the choice, and every pace measured, go into the run's ``run.json`` (``auto``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from trainlab.config import ConfigError
+
+Echo = Callable[[str], None]
+
+# share of what is left of the budget that a fitted run spends in training steps (the rest:
+# set-up, evaluations, the report); measured 82-96% (results/minutes/), the low end taken
+TRAIN_SHARE = 0.85
+# how much faster per FLOP a larger model may run than the one measured before it (larger
+# matmuls use the cores better); a bound, so generous: a recipe is skipped untimed only when
+# even this cannot bring it to its threshold
+EFFICIENCY_ALLOWANCE = 2.0
+PROBE_STEPS, PROBE_WARMUP = 3, 2
+
+
+@dataclass(frozen=True)
+class Candidate:
+    preset: str
+    from_chars: float  # the fewest characters of training at which it beat the recipe before it
+    why: str  # where that number comes from
+
+
+CANDIDATES: dict[str, tuple[Candidate, ...]] = {
+    "chat": (
+        Candidate("chat-quick", 0.0, "the smallest: best of the chat-9s study (about 0.5M characters)"),
+        Candidate("chat-1min", 1.0e6, "best at 1 minute (1.9M characters, results/auto/); chat-quick best at 10 s"),
+        Candidate("chat-20min", 2.0e6, "best at 5 and 20 minutes (results/auto/), behind chat-1min at 1 minute"),
+        Candidate("chatgot-14m", 40e6, "not measured: an extrapolation from nanoGPT's 6 x 384 (1.4697 on "
+                                       "82M characters); past 40M characters a 2.5M-parameter model is "
+                                       "many passes over a small corpus"),
+    ),
+}
+
+
+def flops_per_char(values: dict[str, Any]) -> float:
+    """Training FLOPs (forward and backward, 3x the forward) per character of a chat model
+    built from ``values``: the matmul weights twice each, plus attention's two products over
+    the context. Embedding lookups cost no FLOPs."""
+    from trainlab.chat.config import GPTConfig
+    from trainlab.config import build
+
+    m = build(GPTConfig, values)
+    ff = m.d_ff * (3 if m.mlp == "swiglu" else 2)
+    weights = m.num_layers * (4 * m.d_model ** 2 + ff * m.d_model) + m.d_model * m.vocab_size
+    attention = 2 * m.num_layers * m.context_len * m.d_model
+    return 3 * 2 * (weights + attention)
+
+
+@dataclass
+class Probe:
+    preset: str
+    chars: float  # characters it would train on in what is left of the budget
+    seconds_per_step: float | None  # None: not timed (its bound fell short)
+    precision: str
+    from_chars: float
+
+    def record(self) -> dict[str, Any]:
+        return {"preset": self.preset, "chars": round(self.chars), "from_chars": self.from_chars,
+                "seconds_per_step": self.seconds_per_step and round(self.seconds_per_step, 5),
+                "precision": self.precision}
+
+
+def chars_per_step(values: dict[str, Any]) -> int:
+    return int(values.get("batch_size") or 0) * int(values.get("context_len") or 0)
+
+
+def choose(command: str, config_file: str | Path | None, flags: dict[str, Any], started: float,
+           echo: Echo = print) -> tuple[str, dict[str, Any]]:
+    """(the preset ``--preset auto`` stands for here, what to record in run.json). ``started``:
+    the ``time.monotonic()`` the budget counts from."""
+    from trainlab import runs
+    from trainlab.engine.step import fitted_seconds_per_step
+
+    if command not in CANDIDATES:
+        raise ConfigError("preset", f"auto chooses among chat's recipes; {command}'s presets name what they "
+                                    f"train: pick one ({', '.join(_names(command))})")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("preset", "auto times this machine in one process; under torchrun name the preset")
+    base = runs.settings(command, None, config_file, flags, default_preset=False)
+    minutes = base.get("minutes")
+    if minutes is None:
+        raise ConfigError("preset", "auto picks the recipe for a time budget: give --minutes M")
+    budget = float(minutes) * 60
+
+    probes: list[Probe] = []
+    chosen: tuple[Candidate, dict[str, Any]] | None = None
+    last: tuple[float, float] | None = None  # (seconds a step, FLOPs a step) of the last recipe timed
+    for cand in CANDIDATES[command]:
+        values = runs.settings(command, cand.preset, config_file, flags)
+        per_step = chars_per_step(values)
+        left = max(0.0, budget - (time.monotonic() - started))
+        flops = flops_per_char(values) * per_step
+        if last is not None:
+            bound = last[0] * flops / last[1] / EFFICIENCY_ALLOWANCE
+            bound_chars = TRAIN_SHARE * left / bound * per_step
+            if bound_chars < cand.from_chars:
+                probes.append(Probe(cand.preset, bound_chars, None, "-", cand.from_chars))
+                break
+        cfgs, task = runs.checked_task(command, {**values, "max_steps": 1, "minutes": None})
+        sps, how = fitted_seconds_per_step(task, cfgs["train"], None, n=PROBE_STEPS, warmup=PROBE_WARMUP)
+        left = max(0.0, budget - (time.monotonic() - started))
+        chars = TRAIN_SHARE * left / sps * per_step
+        probes.append(Probe(cand.preset, chars, sps, how, cand.from_chars))
+        if chars < cand.from_chars and chosen is not None:
+            break
+        chosen, last = (cand, values), (sps, flops)
+    assert chosen is not None  # the first candidate needs no characters
+    cand, values = chosen
+    took = next(p for p in probes if p.preset == cand.preset)
+    after = probes[-1] if probes[-1].preset != cand.preset else None
+    why = (f"; {after.preset} would train on {after.chars / 1e6:.2g}M of the {after.from_chars / 1e6:.2g}M it "
+           f"needs{'' if after.seconds_per_step else ' (bound, not timed)'}" if after else "")
+    echo(f"--preset auto: {cand.preset} for {float(minutes):g} minutes ({values['num_layers']} x {values['d_model']}, "
+         f"context {values['context_len']}): about {took.chars / 1e6:.2g}M characters of training at "
+         f"{1000 * (took.seconds_per_step or 0):.0f} ms a step ({took.precision}){why}; "
+         f"chose in {time.monotonic() - started:.1f} s from launch")
+    return cand.preset, {"auto": {"preset": cand.preset, "minutes": float(minutes),
+                                  "probes": [p.record() for p in probes]}}
+
+
+def _names(command: str) -> list[str]:
+    from trainlab.config import preset_names
+
+    return preset_names(command)

@@ -1,0 +1,132 @@
+"""--preset auto --minutes M: the chat recipe chosen by this machine's measured pace (auto.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from helpers import made_up_text
+
+from trainlab import auto, runs
+from trainlab.config import ConfigError
+from trainlab.engine import budget as engine_budget
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "play.txt"
+    path.write_text(made_up_text(2000), encoding="utf-8")
+    return path
+
+
+def fake_paces(monkeypatch, paces: dict[int, float]) -> list[int]:
+    """Every recipe's seconds a step by its width, without training; returns the widths timed."""
+    timed: list[int] = []
+
+    def fake(task, cfg, device=None, n=10, warmup=5):
+        width = task.model_cfg.d_model
+        timed.append(width)
+        return paces[width], "fp32"
+
+    monkeypatch.setattr("trainlab.engine.step.fitted_seconds_per_step", fake)
+    return timed
+
+
+# widths: chat-quick 128, chat-1min 192, chat-20min 256, chatgot-14m 384
+LAPTOP = {128: 0.03, 192: 0.12, 256: 0.4, 384: 3.0}
+
+
+def test_the_budget_chooses_the_recipe_and_larger_ones_are_timed_only_when_in_reach(monkeypatch, corpus):
+    names = [c.preset for c in auto.CANDIDATES["chat"]]
+    assert names == ["chat-quick", "chat-1min", "chat-20min", "chatgot-14m"]
+    sizes = [auto.flops_per_char(runs.settings("chat", n, flags={"text": str(corpus)})) for n in names]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1] / 50  # the list goes up in cost
+
+    timed = fake_paces(monkeypatch, LAPTOP)
+    flags = {"text": str(corpus), "minutes": 1.0}
+    name, record = auto.choose("chat", None, flags, time.monotonic(), echo=lambda s: None)
+    # 0.85 x 60 s / 0.12 s x 4,096 characters = 1.7M >= chat-1min's 1M; chat-20min's bound
+    # (chat-1min's pace scaled by FLOPs, halved) falls short of its 2M, so it is never timed
+    assert name == "chat-1min" and timed == [128, 192]
+    probes = record["auto"]["probes"]
+    assert [p["preset"] for p in probes] == ["chat-quick", "chat-1min", "chat-20min"]
+    assert probes[-1]["seconds_per_step"] is None and probes[-1]["chars"] < probes[-1]["from_chars"]
+
+    timed.clear()
+    name, record = auto.choose("chat", None, {**flags, "minutes": 20.0}, time.monotonic(), echo=lambda s: None)
+    assert name == "chat-20min" and timed == [128, 192, 256]  # the 14M model's bound is far short of 40M
+    timed.clear()
+    name, _ = auto.choose("chat", None, {**flags, "minutes": 0.15}, time.monotonic(), echo=lambda s: None)
+    assert name == "chat-quick" and timed == [128]  # even chat-1min's bound is short of 1M in 9 s
+
+    fake_paces(monkeypatch, {w: 0.004 for w in LAPTOP})  # a GPU: every step a few milliseconds
+    said: list[str] = []
+    name, _ = auto.choose("chat", None, {**flags, "minutes": 20.0}, time.monotonic(), echo=said.append)
+    assert name == "chatgot-14m" and len(said) == 1 and said[0].startswith("--preset auto: chatgot-14m")
+
+
+def test_flags_and_files_apply_to_every_recipe_timed(monkeypatch, corpus):
+    seen = []
+
+    def fake(task, cfg, device=None, n=10, warmup=5):
+        seen.append((cfg.precision, cfg.max_steps))
+        return 0.01, cfg.precision
+
+    monkeypatch.setattr("trainlab.engine.step.fitted_seconds_per_step", fake)
+    auto.choose("chat", None, {"text": str(corpus), "minutes": 1.0, "precision": "fp32"}, time.monotonic(),
+                echo=lambda s: None)
+    assert seen and all(s == ("fp32", 1) for s in seen)
+
+
+def test_auto_is_refused_without_minutes_for_multiply_and_under_torchrun(monkeypatch, corpus):
+    with pytest.raises(ConfigError, match="give --minutes"):
+        auto.choose("chat", None, {"text": str(corpus)}, time.monotonic())
+    with pytest.raises(ConfigError, match="chooses among chat's recipes"):
+        auto.choose("multiply", None, {"minutes": 1.0}, time.monotonic())
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="under torchrun"):
+        auto.choose("chat", None, {"text": str(corpus), "minutes": 1.0}, time.monotonic())
+
+
+@pytest.mark.parametrize("flags, needle", [
+    ([], "give --minutes M"),
+    (["--minutes", "1", "--max-steps", "10"], "both --max-steps and --minutes"),
+])
+def test_the_command_line_refuses_auto_in_one_line(tmp_path, capsys, corpus, flags, needle):
+    from trainlab.cli import main
+
+    runs_dir = tmp_path / "runs"
+    code = main(["chat", "train", "--preset", "auto", "--text", str(corpus), "--runs-dir", str(runs_dir), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and needle in err and len(err.splitlines()) == 1
+    assert not runs_dir.exists()  # nothing written
+    code = main(["multiply", "train", "--preset", "auto", "--minutes", "1", "--runs-dir", str(runs_dir)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "chooses among chat's recipes" in err and len(err.splitlines()) == 1
+
+
+def test_an_auto_run_records_its_choice_and_fits_the_chosen_recipe_to_the_minutes(monkeypatch, tmp_path, capsys,
+                                                                                 corpus):
+    from trainlab.cli import main
+
+    monkeypatch.setattr(engine_budget, "process_age", lambda: 0.0)
+    # two real recipes, timed for real: the tiny one and a second that needs more than any budget here
+    monkeypatch.setattr(auto, "EFFICIENCY_ALLOWANCE", 1e9)  # no bound: the second recipe is timed for real
+    monkeypatch.setitem(auto.CANDIDATES, "chat", (auto.Candidate("chatgot-tiny", 0.0, "test"),
+                                                  auto.Candidate("chat-quick", 1e12, "test")))
+    runs_dir = tmp_path / "runs"
+    code = main(["chat", "train", "--preset", "auto", "--minutes", "0.15", "--text", str(corpus), "--runs-dir",
+                 str(runs_dir), "--run-name", "a", "--no-progress", "--tag", "test", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0 and "--preset auto: chatgot-tiny for 0.15 minutes" in out
+    info = json.loads((runs_dir / "chat" / "a" / "run.json").read_text())
+    assert info["auto"]["preset"] == "chatgot-tiny" and info["config"]["model"]["d_model"] == 32
+    assert [p["preset"] for p in info["auto"]["probes"]] == ["chatgot-tiny", "chat-quick"]
+    assert info["auto"]["probes"][1]["seconds_per_step"] > 0  # timed, and short of its threshold
+    assert info["budget"]["steps"] == info["step"] and info["config"]["train"]["max_steps"] == info["step"]
+    # resumed with auto again: the run keeps its recipe and nothing is timed
+    monkeypatch.setattr("trainlab.engine.step.fitted_seconds_per_step", lambda *a, **k: pytest.fail("timed"))
+    code = main(["chat", "train", "--resume", "a", "--preset", "auto", "--runs-dir", str(runs_dir), "--no-progress",
+                 "--tag", "test"])
+    assert code == 0
