@@ -147,6 +147,8 @@ class CausalSelfAttention(nn.Module):
         elif P == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
+        elif T == 1:  # one new query sees every position: no mask, which leaves the flash kernel usable on GPUs
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         else:  # new queries see every cached position and the new ones up to themselves
             mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)  # (T, P+T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,

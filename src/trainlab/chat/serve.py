@@ -325,7 +325,7 @@ class Engine:
         """Sample row r's next character from ``logits`` and pass it to its job."""
         job = self.rows[r]
         window = job.tokens[-job.cfg.repetition_window:] if job.cfg.repetition_window else []
-        tok = next_token(logits.float(), torch.tensor(window, dtype=torch.long), job.cfg, job.generator)
+        tok = next_token(logits.float().cpu(), torch.tensor(window, dtype=torch.long), job.cfg, job.generator)
         job.tokens.append(tok)
         finish = job.add(self.cm.vocab.chars[tok])
         if finish is not None:
@@ -359,6 +359,7 @@ class Engine:
         last = [job.tokens[-1] if job is not None and job.tokens else 0 for job in self.rows]
         last = torch.tensor(last + [0] * (self.cache.slots - len(last)), device=self.device)  # (cache rows,)
         logits = self.tuner.run(lambda: decode_rows(model, last, self.cache, decoding))  # (S, V)
+        logits = logits.float().cpu()  # one copy to the host for every row (on a GPU, one wait a tick, not one a row)
         for r in active:
             try:
                 self.cache.lengths[r] += 1

@@ -38,6 +38,18 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def set_fp32_matmul(device: torch.device, tf32: bool) -> str | None:
+    """On CUDA, fp32 matmuls in TF32 (``tf32``: a 10-bit mantissa on tensor cores, Ampere and
+    later; several times the fp32 rate) or in full fp32; what they run in, for the run's
+    record. Elsewhere nothing is set and None is returned (CPUs have no TF32, and the
+    setting would reach their matmuls too)."""
+    if device.type != "cuda":
+        return None
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
+    return "tf32" if tf32 else "fp32"
+
+
 def cuda_rng_states() -> list[torch.Tensor] | None:
     """The RNG state of every CUDA device present (None without CUDA)."""
     return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None

@@ -38,9 +38,10 @@ from typing import Any, Callable
 import torch
 
 from trainlab.engine import faults
+from trainlab.engine.batches import Batches
 from trainlab.engine.budget import Budget, BudgetTooSmall
 from trainlab.engine.checkpoint import Checkpoint, latest_checkpoint
-from trainlab.engine.device import resolve_device, synchronize
+from trainlab.engine.device import resolve_device, set_fp32_matmul
 from trainlab.engine.distributed import (
     Dist,
     all_sum,
@@ -158,6 +159,7 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
     from tqdm import tqdm
 
     device = device_for(resolve_device(cfg.device), d)
+    fp32_matmul = set_fp32_matmul(device, cfg.tf32)
     if cfg.minutes is not None and cfg.max_steps is not None and resume is None:
         # a new run given both (a caller that set max_steps over a preset's budget): steps win, and
         # the run's record says so
@@ -175,7 +177,8 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
     for w in writers.values():
         cleanup.callback(w.close)
     run.update(status="running", device=str(device), step=state.step, max_steps=cfg.max_steps,
-               members=[m.name for m in members], config=config, pid=os.getpid())
+               members=[m.name for m in members], config=config, pid=os.getpid(),
+               **({"fp32_matmul": fp32_matmul} if fp32_matmul else {}))
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (cfg.progress and d.main), dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]" if cfg.max_steps else None)
     s = Session(task, cfg, run, config, members, state, device, d, bar.write if d.main else echo, writers,
@@ -185,19 +188,20 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
     s.last_eval = s.last_save = s.last_sample = state.step
     planned = faults.plan()  # {} unless a test asked for faults
     t_start = s.t_saved = time.perf_counter()
+    batches = Batches(task.batch, device)  # on an accelerator the next batch is made while a step trains
+    cleanup.callback(batches.close)
 
     while (cfg.max_steps is None or state.step < cfg.max_steps) and not stop.requested:
         t0 = time.perf_counter()
         step = state.step
-        full = task.batch(step)  # the global batch; under torchrun each rank trains on its slice
+        full = batches(step)  # the global batch; under torchrun each rank trains on its slice
         n_examples = batch_rows(full)
         batch = {k: v.to(device, non_blocking=True) for k, v in shard(full, d).items()}
         for m in members:
             t_m = time.perf_counter()
             r = member_step(m, task, batch, step, cfg, planned, device, s.say, n_examples, d)
             m.examples += n_examples
-            accumulate(state, m, r)
-            synchronize(device)
+            accumulate(state, m, r)  # r holds the step's loss on the host: the device has finished it
             m.train_seconds += time.perf_counter() - t_m
         state.step += 1
         state.acc_steps += 1

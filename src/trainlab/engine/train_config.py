@@ -71,6 +71,9 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "run the training forward pass through torch.compile "
                                                           "(about 30 s of compiling on 2 CPU cores, 3 s from a warm "
                                                           "cache; chat-90s's bf16 steps ran 1.3x faster)"})
+    tf32: bool = field(default=True, metadata={"help": "on CUDA, fp32 matmuls (--precision fp32, and whatever "
+                                                       "autocast leaves in fp32) in TF32 on tensor cores, several "
+                                                       "times faster; --no-tf32 for full fp32. Ignored on CPUs"})
     micro_batch: str = field(default="off", metadata={"help": "examples per forward pass on each process: off (the "
                                                               "whole batch), N, or auto (the fastest, timed at the "
                                                               "start); the update is the whole batch's either way"})
@@ -134,7 +137,8 @@ class TrainConfig:
 RESUMABLE_CHANGES = frozenset({"max_steps", "lr_decay_steps", "eval_every", "save_every", "save_every_minutes",
                                "log_every", "sample_every", "keep_checkpoints", "device", "runs_dir", "progress",
                                "precision", "max_nonfinite", "recover_after", "loss_window", "spike_sigma",
-                               "on_spike", "plateau_patience", "plateau_factor", "plateau_min_lr", "micro_batch", "compile"})
+                               "on_spike", "plateau_patience", "plateau_factor", "plateau_min_lr", "micro_batch", "compile",
+                               "tf32"})
 
 
 
