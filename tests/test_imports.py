@@ -9,7 +9,7 @@ Layers, from the bottom (a module may import its own layer and those below):
     1  engine/
     2  the tasks' own modules: multiply/, chat/
     3  runs (the run path)
-    4  what drives runs: tune, multiply/compare, chat/serve
+    4  what drives runs: tune, auto, multiply/compare, chat/serve
     5  cli/
     6  __main__
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-DRIVERS = {"trainlab.tune", "trainlab.multiply.compare", "trainlab.chat.serve"}
+DRIVERS = {"trainlab.tune", "trainlab.auto", "trainlab.multiply.compare", "trainlab.chat.serve"}
 
 
 def layer(module: str) -> int:

@@ -142,11 +142,12 @@ def choose(command: str, config_file: str | Path | None, flags: dict[str, Any], 
     after = probes[-1] if probes[-1].preset != cand.preset else None
     why = (f"; {after.preset} would train on {after.chars / 1e6:.2g}M of the {after.from_chars / 1e6:.2g}M it "
            f"needs{'' if after.seconds_per_step else ' (bound, not timed)'}" if after else "")
+    took_seconds = time.monotonic() - started
     echo(f"--preset auto: {cand.preset} for {float(minutes):g} minutes ({values['num_layers']} x {values['d_model']}, "
          f"context {values['context_len']}): about {took.chars / 1e6:.2g}M characters of training at "
          f"{1000 * (took.seconds_per_step or 0):.0f} ms a step ({took.precision}){why}; "
-         f"chose in {time.monotonic() - started:.1f} s from launch")
-    return cand.preset, {"auto": {"preset": cand.preset, "minutes": float(minutes),
+         f"chose in {took_seconds:.1f} s from launch")
+    return cand.preset, {"auto": {"preset": cand.preset, "minutes": float(minutes), "chosen_at": round(took_seconds, 2),
                                   "probes": [p.record() for p in probes]}}
 
 

@@ -41,7 +41,7 @@ FIT_AFTER = 5  # training steps timed before the first fit (the first is slow: a
 # shares of the steps (from the first fit to the planned end) at which the pace is measured
 # again: a shared machine drifts, and the first steps of a run are not its later ones (kernels
 # for new shapes are built as they first appear)
-CHECKS = (0.15, 0.4, 0.65)
+CHECKS = (0.15, 0.4, 0.65, 0.85)
 DRIFT = 0.05  # a pace that moved by more than this is refitted
 SHARES = {"eval": 0.05, "sample": 0.01, "save": 0.01}  # most of the budget each kind of pause may take
 # writing the report (plots) and the process's own exit: small and not measurable from inside
@@ -203,7 +203,9 @@ class Budget:
         plan, or None when a check found the pace within ``DRIFT`` of the fit's. Refuses a
         budget too small for the warm-up and one evaluation, naming the least that fits."""
         left = self.left()
-        last = next((f for f in reversed(self.fits) if "pace" in f), None)
+        # the pace of the plan in force: checks that kept it are not plans (drift below 5% at each
+        # of three checks added up to 3.4% over a 5-minute run when each was compared with the last)
+        last = next((f for f in reversed(self.fits) if "pace" in f and f.get("refitted", True)), None)
         record = {"kind": kind, "at_step": step, "pace": round(pace, 6), "left": round(left, 3),
                   "costs": {k: round(v, 4) for k, v in costs.items()}, "end": round(end, 3)}
         self.fit_at, self.mark = None, len(self.step_seconds)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from trainlab.config import ConfigError
@@ -48,6 +50,20 @@ def set_fp32_matmul(device: torch.device, tf32: bool) -> str | None:
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     torch.backends.cudnn.allow_tf32 = tf32
     return "tf32" if tf32 else "fp32"
+
+
+DETERMINISTIC_ENV = "TRAINLAB_DETERMINISTIC"
+
+
+def deterministic_from_env() -> bool:
+    """``TRAINLAB_DETERMINISTIC=1``: every kernel deterministic (``torch.use_deterministic_algorithms``;
+    CUDA's cuBLAS also needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8``). For checks that compare runs
+    bit for bit on a GPU, where some kernels (atomics in backward passes) are not; CPUs need
+    nothing. Off unless set."""
+    on = os.environ.get(DETERMINISTIC_ENV, "") not in ("", "0")
+    if on:
+        torch.use_deterministic_algorithms(True)
+    return on
 
 
 def cuda_rng_states() -> list[torch.Tensor] | None:

@@ -41,7 +41,7 @@ from trainlab.engine import faults
 from trainlab.engine.batches import Batches
 from trainlab.engine.budget import Budget, BudgetTooSmall
 from trainlab.engine.checkpoint import Checkpoint, latest_checkpoint
-from trainlab.engine.device import resolve_device, set_fp32_matmul
+from trainlab.engine.device import deterministic_from_env, resolve_device, set_fp32_matmul
 from trainlab.engine.distributed import (
     Dist,
     all_sum,
@@ -160,6 +160,7 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
 
     device = device_for(resolve_device(cfg.device), d)
     fp32_matmul = set_fp32_matmul(device, cfg.tf32)
+    deterministic_from_env()
     if cfg.minutes is not None and cfg.max_steps is not None and resume is None:
         # a new run given both (a caller that set max_steps over a preset's budget): steps win, and
         # the run's record says so
