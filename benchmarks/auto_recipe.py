@@ -57,10 +57,16 @@ def main() -> None:
                 if any(all(r.get(k) == v for k, v in key.items()) for r in done):
                     continue
                 extra = [] if args.precision == "auto" else ["--precision", args.precision]
-                r = {**key, **one_run("chat", minutes, runs_dir, str(text), extra, recipe)}
+                try:
+                    r = {**key, **one_run("chat", minutes, runs_dir, str(text), extra, recipe)}
+                except SystemExit as e:  # refused (a budget too small for its warm-up): recorded, and on
+                    r = {**key, "refused": str(e).strip().splitlines()[-1][-300:]}
                 done.append(r)
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(done, indent=1) + "\n")
+                if "refused" in r:
+                    print(f"{corpus:>15} {minutes:>4g} min {recipe:>11}: {r['refused']}", flush=True)
+                    continue
                 loss = (r["figure"] or {}).get("val_span_loss")
                 print(f"{corpus:>15} {minutes:>4g} min {recipe:>11}{' -> ' + r['auto'] if r['auto'] else '':<15} "
                       f"{r['precision']:>5}: wall {r['wall_seconds']:6.1f} s ({100 * r['error']:+.1f}%), "
@@ -69,17 +75,38 @@ def main() -> None:
 
 
 def summarize(done: list[dict]) -> None:
-    """Per corpus, budget and precision: auto's loss against the best shipped recipe's."""
+    """Per corpus, budget and precision: auto's loss against the best shipped recipe's, as
+    lines and as one markdown table (what results/auto/README.md shows)."""
     groups: dict[tuple, list[dict]] = {}
     for r in done:
         groups.setdefault((r["corpus"], r["minutes"], r["precision_asked"]), []).append(r)
+    names = ["chat-quick", "chat-1min", "chat-20min"]
+    print("| corpus | minutes | --precision | auto chose (ran in) | auto | " + " | ".join(names) + " | auto - best |")
+    print("|---|---|---|---|---|" + "---|" * len(names) + "---|")
     for (corpus, minutes, precision), rows in sorted(groups.items()):
-        loss = {r["recipe"]: (r["figure"] or {}).get("val_span_loss") for r in rows}
+        cell = {r["recipe"]: r for r in rows}
+
+        def show(recipe: str) -> str:
+            r = cell.get(recipe)
+            if r is not None and "refused" in r:
+                return "refused (warm-up does not fit)"
+            loss = (r or {}).get("figure") and r["figure"].get("val_span_loss")
+            return f"{loss:.4f} ({r['wall_seconds']:.0f} s)" if loss else "-"
+
+        shipped = [(cell[n]["figure"]["val_span_loss"], n) for n in names if cell.get(n, {}).get("figure")]
+        auto = cell.get("auto")
+        gap = (f"{auto['figure']['val_span_loss'] - min(shipped)[0]:+.4f}" if auto and auto.get("figure") and shipped
+               else "-")
+        chose = f"{auto['auto']} ({auto['precision']})" if auto else "-"
+        print(f"| {corpus} | {minutes:g} | {precision} | {chose} | {show('auto')} | "
+              + " | ".join(show(n) for n in names) + f" | {gap} |")
+    for (corpus, minutes, precision), rows in sorted(groups.items()):
+        loss = {r["recipe"]: (r.get("figure") or {}).get("val_span_loss") for r in rows}
         shipped = {k: v for k, v in loss.items() if k != "auto" and v is not None}
         if "auto" not in loss or not shipped:
             continue
         best = min(shipped, key=shipped.get)
-        picked = next(r["auto"] for r in rows if r["recipe"] == "auto")
+        picked = next(r.get("auto") for r in rows if r["recipe"] == "auto")
         gap = loss["auto"] - shipped[best]
         print(f"{corpus} {minutes:g} min ({precision}): auto -> {picked} {loss['auto']:.4f}; best shipped {best} "
               f"{shipped[best]:.4f}; gap {gap:+.4f} ({'within' if gap <= 0.01 else 'outside'} 0.01)")

@@ -148,3 +148,23 @@ def test_budget_refusals_are_one_line(runs_dir, clock_from_now, capsys):
     assert not run_dir(runs_dir, "small").exists()  # a few timed steps: nothing worth keeping
     assert main(["multiply", "compare", "--runs-dir", str(runs_dir), "--preset", "demo", "--minutes", "1"]) == 2
     assert "--budget-minutes" in capsys.readouterr().err
+
+
+def test_a_report_scored_in_fp32_is_costed_at_what_auto_measured_fp32_to_take():
+    from types import SimpleNamespace
+
+    from trainlab.engine.periodic import fp32_slowdown
+
+    def member(mode, measured):
+        return SimpleNamespace(precision=SimpleNamespace(mode=mode, measured=measured))
+
+    assert fp32_slowdown([member("bf16", {"fp32": 0.9, "bf16": 0.375})]) == pytest.approx(2.4)
+    assert fp32_slowdown([member("fp32", {"fp32": 0.9, "bf16": 0.95})]) == 1.0  # auto kept fp32
+    assert fp32_slowdown([member("fp32", {})]) == 1.0  # nothing timed: an explicit precision
+    assert fp32_slowdown([member("bf16", {"fp32": 0.2, "bf16": 0.1}), member("bf16", {"fp32": 0.3, "bf16": 0.1})]) \
+        == pytest.approx(3.0)  # the slowest member decides
+    from trainlab.chat.task import ChatTask
+    from trainlab.multiply.task import MultiplyTask
+
+    # chat's span loss runs whole windows in fp32; multiply's greedy decoding gains little from bf16
+    assert ChatTask.report_in_fp32 is True and not getattr(MultiplyTask, "report_in_fp32", False)

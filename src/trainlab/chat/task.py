@@ -146,6 +146,8 @@ class ChatTask:
         data = self.corpus.val if split == "val" else self.corpus.train
         return np.arange(0, len(data) - self.model_cfg.context_len, self.model_cfg.context_len)
 
+    report_in_fp32 = True  # the report's span loss runs without autocast: the precise figure
+
     def report_cost(self) -> float:
         """The report's whole-val-span loss in units of one evaluation (the fixed val and train
         batches): what a time budget keeps for it at the end."""
