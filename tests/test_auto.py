@@ -46,7 +46,7 @@ def test_the_budget_chooses_the_recipe_and_larger_ones_are_timed_only_when_in_re
     timed = fake_paces(monkeypatch, LAPTOP)
     flags = {"text": str(corpus), "minutes": 1.0}
     name, record = auto.choose("chat", None, flags, time.monotonic(), echo=lambda s: None)
-    # 0.85 x 60 s / 0.12 s x 4,096 characters = 1.7M >= chat-1min's 1M; chat-20min's bound
+    # 0.85 x 60 s / 0.12 s x 4,096 characters = 1.7M >= chat-1min's 0.6M; chat-20min's bound
     # (chat-1min's pace scaled by FLOPs, halved) falls short of its 2M, so it is never timed
     assert name == "chat-1min" and timed == [128, 192]
     probes = record["auto"]["probes"]
@@ -58,12 +58,27 @@ def test_the_budget_chooses_the_recipe_and_larger_ones_are_timed_only_when_in_re
     assert name == "chat-20min" and timed == [128, 192, 256]  # the 14M model's bound is far short of 40M
     timed.clear()
     name, _ = auto.choose("chat", None, {**flags, "minutes": 0.15}, time.monotonic(), echo=lambda s: None)
-    assert name == "chat-quick" and timed == [128]  # even chat-1min's bound is short of 1M in 9 s
+    assert name == "chat-quick" and timed == [128]  # even chat-1min's bound is short of 0.6M in 9 s
 
     fake_paces(monkeypatch, {w: 0.004 for w in LAPTOP})  # a GPU: every step a few milliseconds
     said: list[str] = []
     name, _ = auto.choose("chat", None, {**flags, "minutes": 20.0}, time.monotonic(), echo=said.append)
     assert name == "chatgot-14m" and len(said) == 1 and said[0].startswith("--preset auto: chatgot-14m")
+
+
+def test_a_larger_recipe_waits_until_the_smaller_one_has_run_out_of_text(monkeypatch, tmp_path, corpus):
+    big = tmp_path / "big.txt"
+    big.write_text(corpus.read_text(encoding="utf-8") * 50, encoding="utf-8")  # 2.8M characters
+    paces = {128: 0.03, 192: 0.03, 256: 0.1, 384: 3.0}
+    timed = fake_paces(monkeypatch, paces)
+    said: list[str] = []
+    # chat-1min reads 0.85 x 60 s / 0.03 s x 4,096 = 7M characters: 3 passes over the big text, 140 over the small
+    name, record = auto.choose("chat", None, {"text": str(big), "minutes": 1.0}, time.monotonic(), echo=said.append)
+    assert name == "chat-1min" and timed == [128, 192] and "only once chat-1min would read its text 5 times" in said[0]
+    assert 2e6 < record["auto"]["text_chars"] < 3e6  # 90% of the text
+    timed.clear()
+    name, _ = auto.choose("chat", None, {"text": str(corpus), "minutes": 1.0}, time.monotonic(), echo=said.append)
+    assert name == "chat-20min" and timed == [128, 192, 256]  # 2.1M characters of its own, and chat-1min used up
 
 
 def test_flags_and_files_apply_to_every_recipe_timed(monkeypatch, corpus):
@@ -82,6 +97,9 @@ def test_flags_and_files_apply_to_every_recipe_timed(monkeypatch, corpus):
 def test_auto_is_refused_without_minutes_for_multiply_and_under_torchrun(monkeypatch, corpus):
     with pytest.raises(ConfigError, match="give --minutes"):
         auto.choose("chat", None, {"text": str(corpus)}, time.monotonic())
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="positive number of minutes"):
+            auto.choose("chat", None, {"text": str(corpus), "minutes": bad}, time.monotonic())
     with pytest.raises(ConfigError, match="chooses among chat's recipes"):
         auto.choose("multiply", None, {"minutes": 1.0}, time.monotonic())
     monkeypatch.setenv("WORLD_SIZE", "2")

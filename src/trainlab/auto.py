@@ -25,6 +25,7 @@ the choice, and every pace measured, go into the run's ``run.json`` (``auto``).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -50,13 +51,20 @@ class Candidate:
     preset: str
     from_chars: float  # the fewest characters of training at which it beat the recipe before it
     why: str  # where that number comes from
+    # ... and only once the recipe before it would read its training text this many times: a
+    # smaller model stays the better one until it runs out of text (chat-1min overfit
+    # tinyshakespeare at 11 passes, and still led on the 4x larger Bible at 3)
+    after_passes: float = 0.0
 
 
 CANDIDATES: dict[str, tuple[Candidate, ...]] = {
     "chat": (
         Candidate("chat-quick", 0.0, "the smallest: best of the chat-9s study (about 0.5M characters)"),
-        Candidate("chat-1min", 1.0e6, "best at 1 minute (1.9M characters, results/auto/); chat-quick best at 10 s"),
-        Candidate("chat-20min", 2.0e6, "best at 5 and 20 minutes (results/auto/), behind chat-1min at 1 minute"),
+        Candidate("chat-1min", 0.6e6, "best at 1 minute in bf16 (1.9M characters) and in fp32 (0.97M; "
+                                      "results/auto/); chat-quick best at 10 s (about 0.26M)"),
+        Candidate("chat-20min", 2.0e6, "best at 5 minutes in bf16 on tinyshakespeare (2.6M characters, 11 passes "
+                                       "of chat-1min), behind it at 1.3M (fp32) and on the Bible (3 passes)",
+                  after_passes=5.0),
         Candidate("chatgot-14m", 40e6, "not measured: an extrapolation from nanoGPT's 6 x 384 (1.4697 on "
                                        "82M characters); past 40M characters a 2.5M-parameter model is "
                                        "many passes over a small corpus"),
@@ -112,12 +120,17 @@ def choose(command: str, config_file: str | Path | None, flags: dict[str, Any], 
     minutes = base.get("minutes")
     if minutes is None:
         raise ConfigError("preset", "auto picks the recipe for a time budget: give --minutes M")
+    if not (math.isfinite(float(minutes)) and float(minutes) > 0):
+        raise ConfigError("minutes", f"must be a positive number of minutes, got {minutes}")
     budget = float(minutes) * 60
 
     probes: list[Probe] = []
     chosen: tuple[Candidate, dict[str, Any]] | None = None
     last: tuple[float, float] | None = None  # (seconds a step, FLOPs a step) of the last recipe timed
+    text_chars: float | None = None  # characters of training text (the corpus's train split)
     for cand in CANDIDATES[command]:
+        if chosen is not None and text_chars and probes[-1].chars / text_chars < cand.after_passes:
+            break  # the recipe before it has not run out of text in this budget
         values = runs.settings(command, cand.preset, config_file, flags)
         per_step = chars_per_step(values)
         left = max(0.0, budget - (time.monotonic() - started))
@@ -129,6 +142,7 @@ def choose(command: str, config_file: str | Path | None, flags: dict[str, Any], 
                 probes.append(Probe(cand.preset, bound_chars, None, "-", cand.from_chars))
                 break
         cfgs, task = runs.checked_task(command, {**values, "max_steps": 1, "minutes": None})
+        text_chars = text_chars or len(getattr(getattr(task, "corpus", None), "train", ()))
         sps, how = fitted_seconds_per_step(task, cfgs["train"], None, n=PROBE_STEPS, warmup=PROBE_WARMUP)
         left = max(0.0, budget - (time.monotonic() - started))
         chars = TRAIN_SHARE * left / sps * per_step
@@ -142,13 +156,18 @@ def choose(command: str, config_file: str | Path | None, flags: dict[str, Any], 
     after = probes[-1] if probes[-1].preset != cand.preset else None
     why = (f"; {after.preset} would train on {after.chars / 1e6:.2g}M of the {after.from_chars / 1e6:.2g}M it "
            f"needs{'' if after.seconds_per_step else ' (bound, not timed)'}" if after else "")
+    names = [c.preset for c in CANDIDATES[command]]
+    if after is None and text_chars and cand.preset != names[-1]:
+        nxt = CANDIDATES[command][names.index(cand.preset) + 1]
+        why = (f"; {nxt.preset} only once {cand.preset} would read its text {nxt.after_passes:g} times "
+               f"({took.chars / text_chars:.2g} here)")
     took_seconds = time.monotonic() - started
     echo(f"--preset auto: {cand.preset} for {float(minutes):g} minutes ({values['num_layers']} x {values['d_model']}, "
          f"context {values['context_len']}): about {took.chars / 1e6:.2g}M characters of training at "
          f"{1000 * (took.seconds_per_step or 0):.0f} ms a step ({took.precision}){why}; "
          f"chose in {took_seconds:.1f} s from launch")
     return cand.preset, {"auto": {"preset": cand.preset, "minutes": float(minutes), "chosen_at": round(took_seconds, 2),
-                                  "probes": [p.record() for p in probes]}}
+                                  "text_chars": text_chars, "probes": [p.record() for p in probes]}}
 
 
 def _names(command: str) -> list[str]:
