@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from trainlab.config import ConfigError
+from trainlab.config import ConfigError, preset_names
 
 Echo = Callable[[str], None]
 
@@ -113,7 +113,7 @@ def choose(command: str, config_file: str | Path | None, flags: dict[str, Any], 
 
     if command not in CANDIDATES:
         raise ConfigError("preset", f"auto chooses among chat's recipes; {command}'s presets name what they "
-                                    f"train: pick one ({', '.join(_names(command))})")
+                                    f"train: pick one ({', '.join(preset_names(command))})")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("preset", "auto times this machine in one process; under torchrun name the preset")
     base = runs.settings(command, None, config_file, flags, default_preset=False)
@@ -169,8 +169,3 @@ def choose(command: str, config_file: str | Path | None, flags: dict[str, Any], 
     return cand.preset, {"auto": {"preset": cand.preset, "minutes": float(minutes), "chosen_at": round(took_seconds, 2),
                                   "text_chars": text_chars, "probes": [p.record() for p in probes]}}
 
-
-def _names(command: str) -> list[str]:
-    from trainlab.config import preset_names
-
-    return preset_names(command)
