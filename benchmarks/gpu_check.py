@@ -56,6 +56,9 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 sys.path.insert(0, str(SRC))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import tb_scalars  # noqa: E402
 
 # seconds each part may take on a GPU (8 minutes in all); --tiny gives each a minute
 CAPS = {"nanogpt_settings": 150, "best_recipe": 150, "throughput": 60, "kill_resume": 30, "precisions": 30,
@@ -138,21 +141,15 @@ def val_curve(output: str) -> dict[int, float]:
 
 def examples_per_sec(run_dir: Path) -> float | None:
     """The median of the run's logged examples/s, the first interval (compiling, warm-up) left out."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir / "gpt"), size_guidance={"scalars": 0})
-    acc.Reload()
-    values = [e.value for e in acc.Scalars("perf/examples_per_sec")] if "perf/examples_per_sec" in \
-        acc.Tags().get("scalars", []) else []
+    try:
+        values = [v for _, v in tb_scalars(run_dir / "gpt", "perf/examples_per_sec")]
+    except KeyError:  # no interval logged
+        return None
     return statistics.median(values[1:] or values) if values else None
 
 
 def train_losses(run_dir: Path) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir / "gpt"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    return tb_scalars(run_dir / "gpt", "train/loss")
 
 
 # -- the parts --------------------------------------------------------------------------------
