@@ -8,7 +8,8 @@ each, auto's choice, and auto's distance from the best (target: within 0.01).
     python benchmarks/auto_recipe.py --minutes 1,5 --corpora tinyshakespeare,kjv --out results/auto/avx512-bf16.json
     python benchmarks/auto_recipe.py --minutes 20 --recipes auto --precision fp32 --out results/auto/avx512-bf16.json
 
-A recipe is left out at a budget it cannot start in (chat-quick's 12 s and chatgot-14m's
+A recipe may carry changed settings (``chat-20min+dropout=0.2``): how a new candidate is
+tried at equal minutes before it is shipped. A recipe is left out at a budget it cannot start in (chat-quick's 12 s and chatgot-14m's
 hour are not compared at 20 minutes and 1 minute: ``--recipes`` names them). Results go to
 ``--out`` after every run; a rerun with the same ``--out`` skips the runs already there.
 """
@@ -57,8 +58,9 @@ def main() -> None:
                 if any(all(r.get(k) == v for k, v in key.items()) for r in done):
                     continue
                 extra = [] if args.precision == "auto" else ["--precision", args.precision]
+                preset, flags = variant(recipe)
                 try:
-                    r = {**key, **one_run("chat", minutes, runs_dir, str(text), extra, recipe)}
+                    r = {**key, **one_run("chat", minutes, runs_dir, str(text), extra + flags, preset)}
                 except SystemExit as e:  # refused (a budget too small for its warm-up): recorded, and on
                     r = {**key, "refused": str(e).strip().splitlines()[-1][-300:]}
                 done.append(r)
@@ -72,6 +74,18 @@ def main() -> None:
                       f"{r['precision']:>5}: wall {r['wall_seconds']:6.1f} s ({100 * r['error']:+.1f}%), "
                       f"{r['steps']:,} steps, val span {loss}", flush=True)
     summarize(done)
+
+
+def variant(recipe: str) -> tuple[str, list[str]]:
+    """A recipe is a preset, or a preset with changed settings, for trying a new recipe beside
+    the shipped ones: ``chat-20min+dropout=0.2+pair-embedding`` runs ``--preset chat-20min
+    --dropout 0.2 --pair-embedding``."""
+    preset, *changes = recipe.split("+")
+    flags: list[str] = []
+    for change in changes:
+        name, _, value = change.partition("=")
+        flags += [f"--{name}"] + ([value] if value else [])
+    return preset, flags
 
 
 def summarize(done: list[dict]) -> None:
