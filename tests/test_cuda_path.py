@@ -3,6 +3,7 @@ matmuls, the device waits of a step, batches made ahead, one-token attention wit
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -47,20 +48,16 @@ def test_batches_made_ahead_are_the_batches_of_their_steps():
     assert plain.prefetch is False  # two cores: no side thread on a CPU
 
 
-def test_a_training_step_waits_for_the_device_once(tmp_path, monkeypatch):
-    """Every .tolist()/.item() of a device tensor and every synchronize is a wait on a GPU; a
-    step of one member that neither logs nor evaluates makes one (its loss and gradient norm)."""
+def count_waits(monkeypatch) -> dict[str, int]:
+    """Every .tolist()/.item() of a device tensor and every synchronize from trainlab's code
+    is a wait on a GPU: counted."""
     import trainlab.engine.device as device_mod
 
-    text = tmp_path / "play.txt"
-    text.write_text(made_up_text(), encoding="utf-8")
     waits = {"n": 0}
     for name in ("tolist", "item"):
         real = getattr(torch.Tensor, name)
 
         def counted(self, *a, _real=real, **k):
-            # trainlab's own reads: torch's single-tensor AdamW reads its step counter, a host
-            # tensor on a GPU too (CUDA runs the foreach kernels, which do not)
             if "trainlab" in sys._getframe(1).f_code.co_filename:
                 waits["n"] += 1
             return _real(self, *a, **k)
@@ -68,16 +65,46 @@ def test_a_training_step_waits_for_the_device_once(tmp_path, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counted)
     real_sync = device_mod.synchronize
     monkeypatch.setattr(device_mod, "synchronize", lambda d: (waits.__setitem__("n", waits["n"] + 1), real_sync(d)))
+    return waits
 
+
+def test_a_quiet_step_never_waits_for_the_device(tmp_path, monkeypatch):
+    """A step that neither logs, evaluates, samples nor saves makes no wait: its skip is
+    decided on the device (``optim.masked_step``) and its loss read at the next log step.
+    With ``--on-spike skip`` the spike check needs each loss before the update: one wait."""
+    text = tmp_path / "play.txt"
+    text.write_text(made_up_text(), encoding="utf-8")
+    waits = count_waits(monkeypatch)
     steps = {}
-    for n in (10, 30):
-        waits["n"] = 0
-        assert chat_train(tmp_path / "runs", text, "--max-steps", str(n), "--eval-every", "1000", "--log-every",
-                          "1000", "--save-every", "1000", "--sample-every", "0", "--run-name", f"w{n}",
-                          "--precision", "fp32") == 0
-        steps[n] = waits["n"]
-    # the 20 extra steps cost 20 waits: one each (set-up and the end are the same in both runs)
-    assert steps[30] - steps[10] == 20
+    for spike in ("log", "skip"):
+        for n in (10, 30):
+            waits["n"] = 0
+            assert chat_train(tmp_path / "runs", text, "--max-steps", str(n), "--eval-every", "1000", "--log-every",
+                              "1000", "--save-every", "1000", "--sample-every", "0", "--run-name", f"w{spike}{n}",
+                              "--precision", "fp32", "--on-spike", spike) == 0
+            steps[spike, n] = waits["n"]
+    # set-up and the end are the same in both runs; the 20 steps between cost nothing, or one wait each
+    assert steps["log", 30] - steps["log", 10] == 0
+    assert steps["skip", 30] - steps["skip", 10] == 20
+
+
+def test_the_host_learns_a_skip_at_the_next_read_and_counts_it_there(runs_dir, monkeypatch, capsys):
+    """Steps 3 and 4 are poisoned in a run that reads every 5 steps: the device skipped them
+    and the read at step 5 counts them, says so with their own step numbers, and keeps them out of the loss."""
+    from helpers import tb_scalars
+    from test_precision import run_tiny
+
+    summary, run, _, _ = run_tiny(runs_dir, "late", "nonfinite=3,nonfinite_grad=4", monkeypatch, max_steps=10,
+                                      log_every=5)
+    (m,) = summary.members
+    lines = capsys.readouterr().out.splitlines()
+    assert m.step == 8 and m.health.skipped_nonfinite == 2
+    assert [line for line in lines if "skipped" in line] == ["[step 3] simple: spike, loss is nan; update skipped",
+                                                              "[step 4] simple: gradient norm inf; update skipped"]
+    assert [s for s, _ in tb_scalars(run.dir / "simple", "health/skipped_nonfinite")] == [5, 10]
+    assert [v for _, v in tb_scalars(run.dir / "simple", "health/skipped_nonfinite")] == [2.0, 2.0]
+    assert all(math.isfinite(v) for _, v in tb_scalars(run.dir / "simple", "train/loss"))
+    assert m.scheduler.last_epoch == 10  # the schedule followed the batches: the run ends at its final LR
 
 
 def test_one_new_token_attends_without_a_mask(monkeypatch):

@@ -135,7 +135,7 @@ def test_muon_iterates_in_the_members_training_dtype():
 
 def test_a_bf16_step_of_the_engine_iterates_muon_in_bf16():
     from trainlab.engine.member import make_member
-    from trainlab.engine.step import member_step
+    from trainlab.engine.step import member_step, settle
     from trainlab.engine.task import StepLoss
     from trainlab.engine.train_config import TrainConfig
 
@@ -150,7 +150,9 @@ def test_a_bf16_step_of_the_engine_iterates_muon_in_bf16():
         cfg = TrainConfig(optimizer="muon", precision=precision, lr=0.01)
         m = make_member("m", model, cfg)
         member_step(m, Task(), {"x": torch.randn(4, 8)}, 0, cfg, {}, torch.device("cpu"), lambda *a: None, 4)
-        assert m.optimizer.matmul_dtype == expected and m.step == 1
+        assert m.optimizer.matmul_dtype == expected and m.step == 0 and len(m.pending) == 1  # not read yet
+        settle([m], cfg, None, lambda *a: None)
+        assert m.step == 1 and not m.pending
 
 
 def group_of(opt, p):
@@ -209,3 +211,57 @@ def test_none_takes_back_a_presets_group_lr_on_the_command_line():
     for bad in ("fast", "nan"):
         with pytest.raises(argparse.ArgumentError):
             parser.parse_args(["--embed-lr", bad])
+
+
+def _state(opt):
+    return [(k, v.clone() if torch.is_tensor(v) else v) for st in opt.state.values() for k, v in sorted(st.items())]
+
+
+@pytest.mark.parametrize("name", ["muon", "adamw", "sgd"])
+def test_a_step_skipped_on_the_device_changes_nothing_and_a_kept_one_is_the_update(name):
+    """``masked_step`` with a device-side flag: skipped (gradients zeroed, as the engine does),
+    every weight and piece of optimizer state stays as it was, bit for bit (at the first step
+    the state may be created, at its starting values); kept, it is the optimizer's own update (Muon's host-decided path, or
+    the same optimizer stepped plainly)."""
+    import copy
+
+    from trainlab.engine.optim import masked_step
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(d_model=32, nhead=2, num_layers=1, context_len=8, vocab_size=20, tie_weights=False))
+    if name == "sgd":  # any other optimizer: the host decides
+        opt = torch.optim.SGD(gpt.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    else:
+        opt = make_optimizer(gpt, name, 0.01, 0.1, (0.9, 0.99), embed_lr=0.05)
+    gpt.eval()  # no dropout: the twin's gradients are drawn alike
+    twin = copy.deepcopy(gpt)
+    twin_opt = type(opt)(twin.parameters(), **{k: v for k, v in opt.defaults.items() if k != "muon"}) \
+        if name == "sgd" else make_optimizer(twin, name, 0.01, 0.1, (0.9, 0.99), embed_lr=0.05)
+    x = torch.randint(0, 20, (2, 8))
+
+    def grads(model, poison=False):
+        model.zero_grad()
+        model(x)[0].square().mean().backward()
+        if poison:
+            next(p for p in model.parameters()).grad.view(-1)[0] = float("nan")
+
+    for i, skip in enumerate([True, False, False, True, False]):
+        if i == 1:  # a skip before any update may create the state, at its starting values (zeros, no steps)
+            assert all(not v.any() for _, v in _state(opt) if torch.is_tensor(v)) or name == "sgd"
+        grads(gpt, poison=skip)
+        before = ([p.detach().clone() for p in gpt.parameters()], _state(opt))
+        flag = torch.tensor(skip)
+        for p in gpt.parameters():
+            p.grad.masked_fill_(flag, 0.0)
+        masked_step(opt, flag)
+        if skip:
+            assert all(torch.equal(a, b) for a, b in zip(before[0], gpt.parameters())), f"weights moved at {i}"
+            after = _state(opt)
+            assert i == 0 or len(after) == len(before[1]) and all(
+                ka == kb and (torch.equal(va, vb) if torch.is_tensor(va) else va == vb)
+                for (ka, va), (kb, vb) in zip(before[1], after)), f"optimizer state moved at {i}"
+            continue
+        grads(twin)
+        twin_opt.step()  # decided on the host (Muon's own path), or the plain step
+        for a, b in zip(gpt.parameters(), twin.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -24,8 +24,11 @@ Where each concern lives:
 A member's step is guarded: its forward pass runs under the precision's autocast, an
 out-of-memory is retried in more micro-batches (``engine/memory.py``), and a loss or
 gradient that is not finite, or a loss spike with ``--on-spike skip|rollback``, leaves
-the weights, optimizer and schedule untouched (the batch is still consumed, and the
-step still counts toward ``max_steps``). Such steps are counted and logged.
+the weights and optimizer state untouched (the batch is still consumed, the step still
+counts toward ``max_steps``, and the schedule, which follows the batches, moves on). The
+skip of a non-finite step is decided on the device, so a step that neither logs,
+evaluates, samples nor saves never waits for it; the host reads every step since its last
+read at the next of those (``step.settle``), and counts, logs and says what it finds then.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from trainlab.engine.periodic import (
     timed,
 )
 from trainlab.engine.state import LoopState, restore, seed_everything, settle_best
-from trainlab.engine.step import accumulate, batch_rows, choose_speed, member_step
+from trainlab.engine.step import batch_rows, choose_speed, member_step, settle
 from trainlab.engine.stopping import StopSignals
 from trainlab.engine.task import Task
 from trainlab.engine.tracking import ReadOnlyRun, Run, remove_runs
@@ -200,19 +203,17 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
         batch = {k: v.to(device, non_blocking=True) for k, v in shard(full, d).items()}
         for m in members:
             t_m = time.perf_counter()
-            r = member_step(m, task, batch, step, cfg, planned, device, s.say, n_examples, d)
+            member_step(m, task, batch, step, cfg, planned, device, s.say, n_examples, d, state)
             m.examples += n_examples
-            accumulate(state, m, r)  # r holds the step's loss on the host: the device has finished it
             m.train_seconds += time.perf_counter() - t_m
         state.step += 1
         state.acc_steps += 1
         s.eta.add_step(time.perf_counter() - t0)
         bar.update(1)
+        kind = None
         if budget is not None:
             budget.add_step(time.perf_counter() - t0)
             kind = budget.due(state.step)
-            if kind:
-                fit_budget(s, kind, bar)
         if state.step in planned.get("interrupt", ()):
             stop.request("interrupt")
         faults.signal_if(planned, state.step)
@@ -223,16 +224,25 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
             if agreed[0] > 0:
                 stop.request("another process stopped")
             save_now, stop.hurry = agreed[1] > 0, agreed[2] > 0
-        if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+        log_now = state.step % cfg.log_every == 0 or state.step == cfg.max_steps
+        eval_now = state.step % cfg.eval_every == 0
+        sample_now = bool(cfg.sample_every) and state.step % cfg.sample_every == 0
+        save_now = (state.step % cfg.save_every == 0 or save_now) and s.last_save != state.step
+        if log_now or eval_now or sample_now or save_now or kind:
+            # the host reads what the device decided since the last read: a quiet step never waits
+            settle(members, cfg, state, s.say)
+        if kind:
+            fit_budget(s, kind, bar)
+        if log_now:
             log_scalars(s, bar)
-        if state.step % cfg.eval_every == 0:
+        if eval_now:
             timed(s, "eval", evaluate_all, s)
             if prune is not None and broadcast(prune(state.step, {m.name: m.evals[-1] for m in members})
                                                if d.main else None, d):
                 stop.request("pruned")
-        if cfg.sample_every and state.step % cfg.sample_every == 0:
+        if sample_now:
             timed(s, "sample", sample_all, s)
-        if (state.step % cfg.save_every == 0 or save_now) and s.last_save != state.step:
+        if save_now:
             timed(s, "save", checkpoint, s)
         if state.step in planned.get("kill", ()):
             faults.kill_now()
@@ -282,6 +292,7 @@ def finish(s: Session, bar, stop: StopSignals, start_step: int, fresh: bool, t_s
     """After the last step: the last log, evaluation and sample an unbroken run ends with, the
     final checkpoint, and the run's status."""
     state, cfg, interrupted = s.state, s.cfg, stop.requested
+    settle(s.members, cfg, state, s.say)
     trained = state.step > start_step
     if not interrupted:
         if state.acc_steps:

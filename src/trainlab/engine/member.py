@@ -60,6 +60,7 @@ class Member:
     evals: list[dict[str, float]] = field(default_factory=list)  # metrics with "step"
     snapshot: dict[str, Any] | None = None  # the last good state, kept in memory for --on-spike rollback
     params: list[nn.Parameter] = field(default_factory=list)  # walking the modules for them costs ~1 ms a step
+    pending: list[Any] = field(default_factory=list)  # steps the host has not read yet (engine/step.py, settle)
     ddp: nn.Module | None = None  # what the training forward goes through: DDP's wrapper, or the model
 
     def __post_init__(self) -> None:
@@ -84,7 +85,7 @@ class Member:
     def take_snapshot(self) -> None:
         self.snapshot = {"model": copy.deepcopy(self.model.state_dict()),
                          "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-                         "scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict(),
+                         "scaler": self.precision.scaler.state_dict(),
                          "step": self.step}
 
     def rollback(self) -> None:
@@ -92,11 +93,11 @@ class Member:
         self.model.load_state_dict(snap["model"])
         # a copy: the optimizer adopts the tensors it is given, and would then update the snapshot
         self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
-        self.scheduler.load_state_dict(snap["scheduler"])
+        # the schedule is left where it is: it follows the batches, which are not given back
         if snap["scaler"]:
             self.precision.scaler.load_state_dict(snap["scaler"])
         self.step = snap["step"]
-        self.set_lr()  # a plateau cut made since the snapshot still holds
+        self.set_lr()
 
     def state_dict(self) -> dict[str, Any]:
         return {

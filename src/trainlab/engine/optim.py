@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from torch import nn
 
-
 # quintic Newton-Schulz coefficients tuned for fast convergence from a normalised start
 # (they push singular values into roughly [0.7, 1.2] in 5 steps, which is all Muon needs)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -93,32 +92,35 @@ class Muon(torch.optim.Optimizer):
                 raise ValueError("Muon groups may hold 2-D weights only")
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+    def step(self, closure=None, skip: torch.Tensor | None = None):  # noqa: ANN001 - torch's signature
+        """One update; ``skip`` (a 0-dim bool tensor on the weights' device, true: leave everything
+        as it is) lets the device decide, with no wait for it (``masked_step``)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        keep = None if skip is None else ~skip
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             if wd:
-                torch._foreach_mul_(params, 1 - lr * wd)
+                torch._foreach_mul_(params, _pick(keep, 1 - lr * wd, 1.0))
             if group["muon"]:
-                self._muon(params, group, lr)
+                self._muon(params, group, lr, keep)
             else:
-                self._adamw(params, group, lr)
+                self._adamw(params, group, lr, keep)
         return loss
 
-    def _muon(self, params: list[torch.Tensor], group: dict[str, Any], lr: float) -> None:
+    def _muon(self, params: list[torch.Tensor], group: dict[str, Any], lr: float, keep: torch.Tensor | None) -> None:
         mu = group["momentum"]
         for p in params:
             if "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p)
         bufs = [self.state[p]["momentum_buffer"] for p in params]
-        grads = [p.grad for p in params]
-        torch._foreach_mul_(bufs, mu)
+        grads = [p.grad for p in params]  # zero where the step is skipped (masked_step)
+        torch._foreach_mul_(bufs, _pick(keep, mu, 1.0))
         torch._foreach_add_(bufs, grads)
         looks = torch._foreach_add(grads, bufs, alpha=mu)  # Nesterov: look one step ahead
         # matrices of one shape are orthogonalised as one stack: a few large matmuls
@@ -131,11 +133,14 @@ class Muon(torch.optim.Optimizer):
         for shape, idx in by_shape.items():
             wide = torch.stack([looks[i] if looks[i].shape == shape else looks[i].mT for i in idx])  # (k, m, n)
             updates = orthogonalize(wide, group["ns_steps"], self.matmul_dtype).unbind(0)
-            torch._foreach_add_([params[i] for i in idx],
-                                [u if params[i].shape == shape else u.mT for i, u in zip(idx, updates)],
-                                alpha=-lr * 0.2 * math.sqrt(max(shape)))
+            updates = [u if params[i].shape == shape else u.mT for i, u in zip(idx, updates)]
+            scale = -lr * 0.2 * math.sqrt(max(shape))
+            if keep is None:
+                torch._foreach_add_([params[i] for i in idx], updates, alpha=scale)
+            else:  # a skipped step adds exact zeros: the update is finite, its grads were zeroed
+                torch._foreach_add_([params[i] for i in idx], torch._foreach_mul(updates, _pick(keep, scale, 0.0)))
 
-    def _adamw(self, params: list[torch.Tensor], group: dict[str, Any], lr: float) -> None:
+    def _adamw(self, params: list[torch.Tensor], group: dict[str, Any], lr: float, keep: torch.Tensor | None) -> None:
         (b1, b2), eps = group["betas"], group["eps"]
         for p in params:
             state = self.state[p]
@@ -143,18 +148,79 @@ class Muon(torch.optim.Optimizer):
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
         states = [self.state[p] for p in params]
         grads = [p.grad for p in params]
         m = [s["exp_avg"] for s in states]
         v = [s["exp_avg_sq"] for s in states]
-        torch._foreach_lerp_(m, grads, 1 - b1)
-        torch._foreach_mul_(v, b2)
+        if keep is None:  # the counts on the host, the bias corrections as numbers
+            for s in states:
+                s["step"] = int(s["step"]) + 1
+            torch._foreach_lerp_(m, grads, 1 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, [math.sqrt(1 - b2 ** s["step"]) for s in states])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - b1 ** s["step"]) for s in states])
+            return
+        # decided on the device: the step counts are 0-dim tensors there (a skipped step does not
+        # count), the bias corrections are computed from them, and every change is a no-op
+        # (times 1, plus 0) when the step is skipped
+        for s, p in zip(states, params):
+            if not torch.is_tensor(s["step"]) or s["step"].device != p.device:
+                s["step"] = torch.as_tensor(float(s["step"]), dtype=torch.float32).to(p.device)
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, keep.float())
+        torch._foreach_mul_(m, _pick(keep, b1, 1.0))
+        torch._foreach_add_(m, grads, alpha=1 - b1)
+        torch._foreach_mul_(v, _pick(keep, b2, 1.0))
         torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+        counted = torch._foreach_maximum(steps, 1.0)  # a skip before any update: corrections of step 1, times 0
+        bc1 = torch._foreach_pow(b1, counted)  # b1 ** step
+        bc2 = torch._foreach_pow(b2, counted)
+        torch._foreach_sub_(bc1, 1.0)  # b1 ** step - 1 = -(1 - b1 ** step): carries the update's minus sign
+        torch._foreach_neg_(bc2)
+        torch._foreach_add_(bc2, 1.0)
+        torch._foreach_sqrt_(bc2)
         denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, [math.sqrt(1 - b2 ** s["step"]) for s in states])
+        torch._foreach_div_(denom, bc2)
         torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - b1 ** s["step"]) for s in states])
+        step_size = torch._foreach_reciprocal(bc1)  # -1 / (1 - b1 ** step)
+        torch._foreach_mul_(step_size, _pick(keep, lr, 0.0))
+        update = torch._foreach_div(m, denom)
+        torch._foreach_mul_(update, step_size)
+        torch._foreach_add_(params, update)
+
+
+def _pick(keep: torch.Tensor | None, value: float, neutral: float) -> float | torch.Tensor:
+    """``value`` where the step is kept, ``neutral`` (1 for a factor, 0 for a term) where it is
+    skipped: a number when the host decides, a 0-dim tensor on the device when it does."""
+    return value if keep is None else torch.where(keep, value, neutral)
+
+
+def masked_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """``optimizer``'s update, or none at all where ``skip`` (a 0-dim bool tensor on the weights'
+    device) is true, decided on the device so that the host never waits to learn whether a
+    step's loss was finite. Exact: a skipped step leaves every weight and every piece of
+    optimizer state (moments, step counts) as it was, bit for bit. The caller zeroes the
+    gradients of a skipped step first, so that nothing non-finite reaches the arithmetic.
+
+    Muon (and its AdamW groups) multiplies each change by 1 and adds 0 (``Muon.step``);
+    torch's fused AdamW takes the flag as ``found_inf``, as it does from a grad scaler (its
+    kernel returns early and the step counts are put back); any other optimizer (none that
+    ``make_optimizer`` builds) asks the host, which waits for the device."""
+    if isinstance(optimizer, Muon):
+        optimizer.step(skip=skip)
+        return
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = skip.float()  # type: ignore[attr-defined]  (read by torch's fused step)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        return
+    if not skip.item():
+        optimizer.step()
 
 
 def follow_precision(optimizer: torch.optim.Optimizer, dtype: torch.dtype | None) -> None:
@@ -194,6 +260,9 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, 
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}, *own]
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+        # fused (one kernel for every weight) where torch has it: it also takes a device-side skip
+        # flag (``masked_step``), which the foreach implementation does not
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
     muon_group = {"params": [p for p in params if id(p) in muon], "weight_decay": weight_decay, "muon": True}
     return Muon([muon_group, *groups], lr=lr, betas=betas, momentum=momentum)

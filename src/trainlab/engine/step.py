@@ -18,17 +18,11 @@ from trainlab.engine.distributed import Dist, all_sum, broadcast
 from trainlab.engine.errors import TrainingError
 from trainlab.engine.member import Member
 from trainlab.engine.memory import fastest, free_memory, is_out_of_memory, micro_batch_counts, split_batch
-from trainlab.engine.optim import follow_precision
+from trainlab.engine.optim import follow_precision, masked_step
 from trainlab.engine.precision import BF16_MARGIN
 from trainlab.engine.state import LoopState
 from trainlab.engine.task import Evaluation, Task
 from trainlab.engine.train_config import TrainConfig
-
-
-class StepResult(NamedTuple):
-    loss: float  # the whole batch's loss (nan or inf when it was not finite)
-    grad_norm: float  # before clipping
-    stats: dict[str, torch.Tensor]
 
 
 def batch_rows(batch: dict[str, torch.Tensor]) -> int:
@@ -134,11 +128,13 @@ def forward_backward(m: Member, task: Task, batch: dict[str, torch.Tensor], step
 
 
 def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, cfg: TrainConfig,
-                planned: dict[str, set[int]], device: torch.device, echo, n_global: int, d: Dist = Dist()
-                ) -> StepResult:
+                planned: dict[str, set[int]], device: torch.device, echo, n_global: int, d: Dist = Dist(),
+                state: LoopState | None = None) -> None:
     """Forward, backward and (unless it must not happen) the update of one member on this
-    rank's slice ``batch`` of a global batch of ``n_global``; what went wrong, if anything,
-    is said through ``echo``."""
+    rank's slice ``batch`` of a global batch of ``n_global``, without waiting for the device
+    (with ``--on-spike log``): whether the loss and gradients were finite is decided there,
+    and the step joins ``m.pending`` for ``settle`` to read later (into ``state``'s log
+    sums). What went wrong, if anything, is said through ``echo`` then."""
     n_local = batch_rows(batch)
     rng = rng_point(device)  # a retry after an out-of-memory draws the same dropout masks
     first_try = True
@@ -166,24 +162,100 @@ def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int
     m.micro.on_success()
 
     scaler = m.precision.scaler
-    scaler.unscale_(m.optimizer)
+    scaler.unscale_(m.optimizer)  # fp16: the true gradients (and the scaler notes an overflow, on the device)
     grads = [p.grad for p in m.params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
-    loss_v, norm_v = torch.stack([loss.float(), norm.float()]).tolist()  # the step's one wait for the device
+    loss, norm = loss.float(), norm.float()
+    observed: str | None = None
+    if cfg.on_spike == "log":  # the device decides: a step is skipped when it is not finite
+        skip = ~(torch.isfinite(loss) & torch.isfinite(norm))
+        record = Pending(step, loss, norm, skip, stats, None, m.precision.mode)
+    else:  # a spike skips or rolls back too, and the spike check needs the loss here: the step's one wait
+        tensors = [k for k, v in stats.items() if isinstance(v, torch.Tensor)]
+        loss_v, norm_v, *read = torch.stack([loss, norm, *(stats[k].float().reshape(()) for k in tensors)]).tolist()
+        observed = m.trend.observe(loss_v) or ""
+        bad = not (math.isfinite(loss_v) and math.isfinite(norm_v)) or bool(observed)
+        skip = torch.full((), bad, dtype=torch.bool, device=loss.device)
+        record = Pending(step, loss_v, norm_v, bad, {**stats, **dict(zip(tensors, read))}, observed, m.precision.mode)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(m.params, cfg.grad_clip, norm)
+    for g in grads:  # a skipped step's gradients become zeros: nothing non-finite reaches the optimizer
+        g.masked_fill_(skip, 0.0)
+    follow_precision(m.optimizer, m.precision.dtype)
+    masked_step(m.optimizer, skip)
+    m.scheduler.step()  # the schedule follows the batches, skipped or not: a run ends at its final LR
+    scaler.update()  # lowers an fp16 loss scale after an overflow, raises it after a calm stretch (on the device)
+    m.pending.append(record)
+    if observed is not None:  # already read: the host's part now, before the next step
+        settle([m], cfg, state, echo)
+
+
+class Pending(NamedTuple):
+    """A step whose outcome the host has not read yet: the device holds its loss, gradient
+    norm and whether it was skipped. ``observed``: the spike check's verdict, when it was
+    made before the update (``--on-spike skip|rollback``); None: still to be made."""
+
+    step: int  # the loop's step (0-based) it was
+    loss: torch.Tensor | float  # 0-dim on the device, or read: the whole batch's (nan or inf when not finite)
+    grad_norm: torch.Tensor | float  # before clipping
+    skipped: torch.Tensor | bool  # 0-dim bool
+    stats: dict[str, torch.Tensor | float]
+    observed: str | None
+    mode: str  # the precision it ran in
+
+
+def settle(members: list[Member], cfg: TrainConfig, state: LoopState | None, echo) -> None:
+    """Read what the device decided in the steps since the last read, in one wait for all of
+    them, and do the host's part of each in order: the loss trend and its spike check, the
+    health counters and the update count, a rollback, the fall-back to fp32 after
+    ``max_nonfinite`` non-finite steps in a row, and the sums the next log line is made of
+    (``state``; None: leave them). The loop calls it only before it logs, evaluates, samples,
+    saves, refits a budget or stops, so that a quiet step never waits for the device: its
+    skip was decided there (``optim.masked_step``). What the host learns late is only when
+    it is told: a spike or skip line, and a fall-back (at the next read, the next log step
+    at the latest)."""
+    todo = [(m, p) for m in members for p in m.pending]
+    if not todo:
+        return
+    flat: list[torch.Tensor] = []
+    for _, p in todo:
+        flat += [t.float().reshape(()) for t in (p.loss, p.grad_norm, p.skipped, *p.stats.values())
+                 if isinstance(t, torch.Tensor)]
+    values = iter(torch.stack(flat).tolist() if flat else [])  # the one wait (none when all was read)
+
+    def read(x: torch.Tensor | float | bool) -> float:
+        return next(values) if isinstance(x, torch.Tensor) else float(x)
+
+    for m in members:
+        m.pending, pending = [], m.pending
+        now = pending[-1].step + 1 if pending else 0  # the steps done: a fall-back takes effect after them
+        for p in pending:
+            loss_v, norm_v, skipped = read(p.loss), read(p.grad_norm), read(p.skipped) > 0
+            stats = {k: read(v) for k, v in p.stats.items()}
+            _conclude(m, p, loss_v, norm_v, skipped, cfg, echo, now)
+            if state is None:
+                continue
+            slot = state.acc.setdefault(m.name, {"n": 0})
+            if math.isfinite(loss_v):  # a non-finite one is counted in the health figures; it would poison the mean
+                slot["n"] += 1
+                for k, v in {"loss": loss_v, "grad_norm": norm_v, **stats}.items():
+                    slot[k] = slot.get(k, 0.0) + v
+
+
+def _conclude(m: Member, p: Pending, loss_v: float, norm_v: float, skipped: bool, cfg: TrainConfig, echo,
+              now: int) -> None:
+    """The host's part of one step, once its outcome is read (after step ``now``)."""
+    step = p.step
     finite = math.isfinite(loss_v) and math.isfinite(norm_v)
-    spike = m.trend.observe(loss_v)
+    spike = p.observed if p.observed is not None else m.trend.observe(loss_v)
     if not finite:
         action = "nonfinite"
     elif spike and cfg.on_spike != "log":
         action = "spike"
     else:
         action = "update"
+    assert skipped == (action != "update"), "the device and the host disagree on a skip"
     if action == "update":
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(m.params, cfg.grad_clip, norm)
-        follow_precision(m.optimizer, m.precision.dtype)
-        scaler.step(m.optimizer)
-        m.scheduler.step()
         m.step += 1
         m.health.nonfinite_run = 0
     elif action == "nonfinite":
@@ -193,7 +265,7 @@ def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int
         m.health.skipped_spikes += 1
     # a non-finite loss is a spike too, and rolls back; a finite loss with overflowing
     # gradients (routine for fp16's loss scaler) is only skipped
-    rolled = action != "update" and spike is not None and cfg.on_spike == "rollback" and m.snapshot is not None
+    rolled = action != "update" and bool(spike) and cfg.on_spike == "rollback" and m.snapshot is not None
     if rolled:
         m.rollback()
         m.health.rollbacks += 1
@@ -201,17 +273,17 @@ def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int
         what = f"spike, {spike}" if spike else f"gradient norm {norm_v}"
         done = "" if action == "update" else "; rolled back to the last good state" if rolled else "; update skipped"
         echo(f"[step {step + 1}] {m.name}: {what}{done}")
-    scaler.update()  # lowers an fp16 loss scale after an overflow, raises it after a calm stretch
     if m.health.nonfinite_run >= cfg.max_nonfinite:
-        if m.precision.mode == "fp32":
+        if p.mode == "fp32":
             raise TrainingError(f"{m.name}: the loss or its gradients were not finite for {m.health.nonfinite_run} "
                                 f"steps in a row in fp32 (up to step {step + 1}); training has diverged: lower --lr, "
                                 f"or resume from an earlier checkpoint")
-        echo(f"[step {step + 1}] {m.name}: {m.health.nonfinite_run} non-finite steps in a row under "
-             f"{m.precision.mode}; falling back to fp32 for the rest of the run")
-        m.precision.fall_back(step + 1)
+        if m.precision.mode != "fp32":  # (steps read after a fall-back ran before it: they do not repeat it)
+            later = f" (from step {now + 1})" if now > step + 1 else ""
+            echo(f"[step {step + 1}] {m.name}: {m.health.nonfinite_run} non-finite steps in a row under "
+                 f"{p.mode}; falling back to fp32 for the rest of the run{later}")
+            m.precision.fall_back(now)
         m.health.nonfinite_run = 0
-    return StepResult(loss_v, norm_v, stats)
 
 
 def evaluate_member(task: Task, m: Member, step: int, batch_size: int, device: torch.device, echo) -> Evaluation:
@@ -312,17 +384,6 @@ def choose_speed(m: Member, task: Task, batch: dict[str, torch.Tensor], step: in
         shown = ", ".join(f"{-(-n_local // c)}: {t:.3g} s" for c, t in mine.items())
         echo(f"{m.name}: --micro-batch auto: {-(-n_local // best)} examples at a time is the fastest "
              f"in {m.precision.mode} ({shown})")
-
-
-def accumulate(state: LoopState, m: Member, r: StepResult) -> None:
-    slot = state.acc.setdefault(m.name, {"n": 0})
-    if not math.isfinite(r.loss):
-        return  # counted in the health figures; a nan would poison the interval's mean
-    slot["n"] += 1
-    for k, v in {"loss": r.loss, "grad_norm": r.grad_norm, **r.stats}.items():
-        slot[k] = slot[k] + v if k in slot else v
-
-
 
 
 def seconds_per_step(task: Task, cfg: TrainConfig, device: torch.device | None = None, n: int = 12,
