@@ -62,8 +62,16 @@ def test_the_budget_chooses_the_recipe_and_larger_ones_are_timed_only_when_in_re
 
     fake_paces(monkeypatch, {w: 0.004 for w in LAPTOP})  # a GPU: every step a few milliseconds
     said: list[str] = []
-    name, _ = auto.choose("chat", None, {**flags, "minutes": 20.0}, time.monotonic(), echo=said.append)
+    name, record = auto.choose("chat", None, {**flags, "minutes": 20.0}, time.monotonic(), echo=said.append)
     assert name == "chatgot-14m" and len(said) == 1 and said[0].startswith("--preset auto: chatgot-14m")
+    assert record["auto"]["precision"] == "fp32"
+
+    # where --precision auto timed both, the run keeps the one measured faster for its recipe
+    monkeypatch.setattr("trainlab.engine.step.fitted_seconds_per_step",
+                        lambda task, *a, **k: (LAPTOP[task.model_cfg.d_model],
+                                               "auto -> bf16 (fp32 0.2 s, bf16 0.1 s)"))
+    _, record = auto.choose("chat", None, flags, time.monotonic(), echo=lambda s: None)
+    assert record["auto"]["precision"] == "bf16"
 
 
 def test_a_larger_recipe_waits_until_the_smaller_one_has_run_out_of_text(monkeypatch, tmp_path, corpus):
@@ -143,6 +151,8 @@ def test_an_auto_run_records_its_choice_and_fits_the_chosen_recipe_to_the_minute
     assert [p["preset"] for p in info["auto"]["probes"]] == ["chatgot-tiny", "chat-quick"]
     assert info["auto"]["probes"][1]["seconds_per_step"] > 0  # timed, and short of its threshold
     assert info["budget"]["steps"] == info["step"] and info["config"]["train"]["max_steps"] == info["step"]
+    # it trained in the precision its probe measured (the suite pins auto's to one), not timing it again
+    assert info["config"]["train"]["precision"] == info["auto"]["precision"] in ("fp32", "bf16")
     # resumed with auto again: the run keeps its recipe and nothing is timed
     monkeypatch.setattr("trainlab.engine.step.fitted_seconds_per_step", lambda *a, **k: pytest.fail("timed"))
     code = main(["chat", "train", "--resume", "a", "--preset", "auto", "--runs-dir", str(runs_dir), "--no-progress",

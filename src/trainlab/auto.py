@@ -20,7 +20,9 @@ twice as efficiently) already falls short is not timed at all, so a one-minute b
 not spend seconds timing a 20-minute model.
 
 The probe's seconds count against the budget (the run's clock started with the process);
-the choice, and every pace measured, go into the run's ``run.json`` (``auto``).
+the choice, and every pace measured, go into the run's ``run.json`` (``auto``). The run
+trains in the precision its recipe's probe measured to be faster (``--precision auto``
+would time the same two again).
 """
 
 from __future__ import annotations
@@ -166,6 +168,10 @@ def choose(command: str, config_file: str | Path | None, flags: dict[str, Any], 
          f"context {values['context_len']}): about {took.chars / 1e6:.2g}M characters of training at "
          f"{1000 * (took.seconds_per_step or 0):.0f} ms a step ({took.precision}){why}; "
          f"chose in {took_seconds:.1f} s from launch")
+    # the run trains in the precision its probe measured: timing fp32 against bf16 again would
+    # cost a second of a one-minute budget to learn the same
+    mode = took.precision.split(" ")[2] if took.precision.startswith("auto -> ") else took.precision
     return cand.preset, {"auto": {"preset": cand.preset, "minutes": float(minutes), "chosen_at": round(took_seconds, 2),
-                                  "text_chars": text_chars, "probes": [p.record() for p in probes]}}
+                                  "precision": mode, "text_chars": text_chars,
+                                  "probes": [p.record() for p in probes]}}
 
