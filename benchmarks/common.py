@@ -37,7 +37,7 @@ def tb_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
-def fitted_seconds_per_step(task, cfg, n: int = 10, warmup: int = 5) -> tuple[float, str]:
+def fitted_seconds_per_step(task, cfg, n: int = 10, warmup: int = 5) -> tuple[float, str, dict[str, float]]:
     """(seconds a step, precision) as the run will train, on the CPU: the engine's own fitting
     (``trainlab tune --budget-minutes`` uses the same)."""
     from trainlab.engine.step import fitted_seconds_per_step as engine_fitted

@@ -11,7 +11,7 @@ from helpers import cli_train, run_dir, same_training, tb_scalars
 from trainlab import runs
 from trainlab.config import ConfigError
 from trainlab.engine import budget as engine_budget
-from trainlab.engine.budget import SHARES, Budget, BudgetTooSmall, fit_steps, plan
+from trainlab.engine.budget import SHARES, Budget, BudgetTooSmall, fit_steps, plan, seconds_to_end
 
 
 @pytest.fixture
@@ -39,12 +39,24 @@ def test_plan_fills_the_time_left_and_keeps_pauses_to_their_share():
 def test_a_check_within_the_drift_keeps_the_plan_and_a_budget_too_small_is_refused():
     b = Budget(1.0, time.monotonic() + 50, fit_at=5)
     asked = {"eval": 100, "sample": 0, "save": 1000}
-    p = b.fit("fit", 5, 0.1, {"eval": 0.5}, asked, 1.0, None, 10, lambda n: float("inf"))
+    costs, never = {"eval": 0.5}, lambda n: float("inf")
+    p = b.fit("fit", 5, 0.1, costs, asked, 1.0, None, 10, never)
     assert p is not None and b.refit_at is not None and b.fit_at is None
-    assert b.fit("refit", b.refit_at, 0.102, {"eval": 0.5}, asked, 1.0, p.steps, 10, lambda n: float("inf")) is None
+
+    def clock(step, pace, late=0.0):  # the time left as if the run had kept to ``pace`` (and is ``late`` s behind)
+        b.deadline = time.monotonic() + seconds_to_end(step, p.steps, pace, costs, p.every, 1.0) - late
+
+    clock(b.refit_at, 0.102)
+    assert b.fit("refit", b.refit_at, 0.102, costs, asked, 1.0, p.steps, 10, never) is None
     assert b.fits[-1]["refitted"] is False and b.refit_at is not None  # the next of the checks
+    # the pace as planned, but 2 s behind (3% of the minute, from drifts each under 5%): refitted, shorter
+    clock(b.refit_at, 0.1, late=2.0)
+    again = b.fit("refit", b.refit_at, 0.1, costs, asked, 1.0, p.steps, 10, never)
+    assert again is not None and again.steps < p.steps and b.fits[-1]["refitted"] is True
+    p = again
     while b.refit_at is not None:
-        b.fit("refit", b.refit_at, 0.1, {"eval": 0.5}, asked, 1.0, p.steps, 10, lambda n: float("inf"))
+        clock(b.refit_at, 0.1)
+        assert b.fit("refit", b.refit_at, 0.1, costs, asked, 1.0, p.steps, 10, never) is None
     assert [f["kind"] for f in b.fits] == ["fit"] + ["refit"] * len(engine_budget.CHECKS)
     assert all(f["at_step"] < p.steps for f in b.fits)
     tight = Budget(0.05, time.monotonic() + 1, fit_at=5)

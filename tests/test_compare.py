@@ -268,7 +268,7 @@ def test_budget_minutes_gives_each_member_its_own_fitted_steps_once(runs_dir, tm
 
     def fake_timing(task, cfg, device=None, n=10, warmup=5):
         timed.append(cfg.batch_size)
-        return cfg.batch_size / 400, "fp32"  # batch 16: 0.04 s a step, batch 32: 0.08 s
+        return cfg.batch_size / 400, "fp32", {"fp32": cfg.batch_size / 400}  # batch 16: 0.04 s a step, batch 32: 0.08 s
 
     monkeypatch.setattr(step, "fitted_seconds_per_step", fake_timing)
     simple, latent = tmp_path / "simple.yaml", tmp_path / "latent.yaml"

@@ -237,6 +237,26 @@ def test_auto_times_fp32_and_bf16_once_and_a_resume_keeps_the_choice(runs_dir, m
     assert [on for _, on in seen] == [False]
 
 
+def test_auto_decides_by_timings_made_just_before_the_run_without_timing_again(runs_dir, monkeypatch):
+    """``--preset auto`` timed the recipe's steps in both precisions: the run's ``auto`` decides
+    by them (and keeps them, for the budget's fp32 report cost), timing nothing; timings of
+    other candidates than this machine's are ignored."""
+    monkeypatch.setenv(precision.AUTO_ENV, "measure")
+    cfg = tiny_train_config(runs_dir, precision="auto", max_steps=2)
+    task, config = simple_only(cfg)
+    modes = stub_clock(monkeypatch, task, 1.0, 2.0)  # the clock would pick fp32
+    lines: list[str] = []
+    summary = train(task, cfg, new_run(cfg.runs_dir, task.name, "given", "test", config), config,
+                    echo=lines.append, timed_precisions={"fp32": 0.3, "bf16": 0.1})
+    assert modes == [] and lines[0] == "simple: --precision auto: bf16 (as timed a step before the run: " \
+                                       "fp32 0.3 s, bf16 0.1 s)"
+    (m,) = summary.members
+    assert m.precision.mode == "bf16" and m.precision.measured == {"fp32": 0.3, "bf16": 0.1}
+    summary = train(task, cfg, new_run(cfg.runs_dir, task.name, "other", "test", config), config,
+                    echo=lines.append, timed_precisions={"fp32": 0.3})
+    assert modes == ["fp32", "bf16"] * 3 and summary.members[0].precision.mode == "fp32"
+
+
 def test_auto_keeps_fp32_when_bf16_is_not_faster_by_the_margin(runs_dir, monkeypatch):
     summary, run, modes, lines = measured_run(runs_dir, monkeypatch, "close", fp32=1.0, bf16=0.97, max_steps=2)
     assert "simple: --precision auto: fp32 (fp32 1 s, bf16 0.97 s" in lines[1]
@@ -357,9 +377,9 @@ def test_a_budget_is_fitted_in_the_precision_auto_will_pick(runs_dir, monkeypatc
     monkeypatch.setattr(engine_step, "seconds_per_step", fake)
     cfg = tiny_train_config(runs_dir, precision="auto")
     task, _ = tiny_multiply(cfg)
-    seconds, label = engine_step.fitted_seconds_per_step(task, cfg)
-    assert timed == ["fp32", "bf16"]
+    seconds, label, timings = engine_step.fitted_seconds_per_step(task, cfg)
+    assert timed == ["fp32", "bf16"] and timings == {"fp32": 1.0, "bf16": bf16_seconds}
     assert seconds == {"fp32": 1.0, "bf16": bf16_seconds}[picked] and label.startswith(f"auto -> {picked}")
     monkeypatch.setenv(precision.AUTO_ENV, "fp32")
     timed.clear()
-    assert engine_step.fitted_seconds_per_step(task, cfg) == (1.0, "fp32") and timed == ["fp32"]
+    assert engine_step.fitted_seconds_per_step(task, cfg) == (1.0, "fp32", {"fp32": 1.0}) and timed == ["fp32"]

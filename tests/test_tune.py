@@ -103,7 +103,7 @@ def test_a_budget_in_minutes_fits_each_trials_steps_from_its_step_time(runs_dir,
 
     def pinned(task, cfg, *args, **kwargs):
         timed.append(cfg.batch_size)
-        return 0.5, cfg.precision
+        return 0.5, cfg.precision, {cfg.precision: 0.5}
 
     monkeypatch.setattr(engine_step, "fitted_seconds_per_step", pinned)
     space = space_file(tmp_path)

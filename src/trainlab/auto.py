@@ -20,9 +20,9 @@ twice as efficiently) already falls short is not timed at all, so a one-minute b
 not spend seconds timing a 20-minute model.
 
 The probe's seconds count against the budget (the run's clock started with the process);
-the choice, and every pace measured, go into the run's ``run.json`` (``auto``). The run
-trains in the precision its recipe's probe measured to be faster (``--precision auto``
-would time the same two again).
+the choice, and every pace measured, go into the run's ``run.json`` (``auto``). The run's
+``--precision auto`` decides by its recipe's timings (``runs.train`` hands them to the loop)
+rather than timing the same two again.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ class Probe:
     seconds_per_step: float | None  # None: not timed (its bound fell short)
     precision: str
     from_chars: float
+    timings: dict[str, float] | None = None  # seconds a step of every precision timed
 
     def record(self) -> dict[str, Any]:
         return {"preset": self.preset, "chars": round(self.chars), "from_chars": self.from_chars,
@@ -145,10 +146,10 @@ def choose(command: str, config_file: str | Path | None, flags: dict[str, Any], 
                 break
         cfgs, task = runs.checked_task(command, {**values, "max_steps": 1, "minutes": None})
         text_chars = text_chars or len(getattr(getattr(task, "corpus", None), "train", ()))
-        sps, how = fitted_seconds_per_step(task, cfgs["train"], None, n=PROBE_STEPS, warmup=PROBE_WARMUP)
+        sps, how, timings = fitted_seconds_per_step(task, cfgs["train"], None, n=PROBE_STEPS, warmup=PROBE_WARMUP)
         left = max(0.0, budget - (time.monotonic() - started))
         chars = TRAIN_SHARE * left / sps * per_step
-        probes.append(Probe(cand.preset, chars, sps, how, cand.from_chars))
+        probes.append(Probe(cand.preset, chars, sps, how, cand.from_chars, timings))
         if chars < cand.from_chars and chosen is not None:
             break
         chosen, last = (cand, values), (sps, flops)
@@ -168,10 +169,9 @@ def choose(command: str, config_file: str | Path | None, flags: dict[str, Any], 
          f"context {values['context_len']}): about {took.chars / 1e6:.2g}M characters of training at "
          f"{1000 * (took.seconds_per_step or 0):.0f} ms a step ({took.precision}){why}; "
          f"chose in {took_seconds:.1f} s from launch")
-    # the run trains in the precision its probe measured: timing fp32 against bf16 again would
-    # cost a second of a one-minute budget to learn the same
-    mode = took.precision.split(" ")[2] if took.precision.startswith("auto -> ") else took.precision
+    # the run's --precision auto decides by its recipe's timings: timing fp32 against bf16 again
+    # would cost a second of a one-minute budget to learn the same
     return cand.preset, {"auto": {"preset": cand.preset, "minutes": float(minutes), "chosen_at": round(took_seconds, 2),
-                                  "precision": mode, "text_chars": text_chars,
+                                  "timings": took.timings, "text_chars": text_chars,
                                   "probes": [p.record() for p in probes]}}
 

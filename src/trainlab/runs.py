@@ -256,7 +256,7 @@ def steps_for_minutes(command: str | TaskKind, values: dict[str, Any], minutes: 
     from trainlab.engine.step import fitted_seconds_per_step
 
     cfgs, task = checked_task(command, {**values, "max_steps": 1, "minutes": None})
-    sps, how = fitted_seconds_per_step(task, cfgs["train"], None, n=5, warmup=3)
+    sps, how, _ = fitted_seconds_per_step(task, cfgs["train"], None, n=5, warmup=3)
     return fit_steps(minutes * 60, sps), sps, how
 
 
@@ -464,17 +464,20 @@ def train(command: str | TaskKind, values: dict[str, Any], resume: str | None = 
         distributed.broadcast({"run": [p.run.id, p.run.task, str(p.run.dir)],
                                "checkpoint": p.ckpt and str(p.ckpt.path), "config": p.config,
                                "restart": p.restart}, d)
-        return _train_prepared(p, echo, started)
+        # --preset auto timed fp32 against bf16 for the recipe it chose: a new run decides by that
+        timed = (extra or {}).get("auto", {}).get("timings") if p.ckpt is None else None
+        return _train_prepared(p, echo, started, timed)
     finally:
         distributed.teardown()
 
 
-def _train_prepared(p: Prepared, echo: Echo, started: float | None = None):
+def _train_prepared(p: Prepared, echo: Echo, started: float | None = None,
+                    timed_precisions: dict[str, float] | None = None):
     from trainlab.engine import distributed
     from trainlab.engine.loop import train as engine_train
 
     summary = engine_train(p.task, p.train, p.run, p.config, resume=p.ckpt, restart=p.restart, echo=echo,
-                           started=started)
+                           started=started, timed_precisions=timed_precisions)
     distributed.barrier(distributed.current())
     return summary
 

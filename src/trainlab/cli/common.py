@@ -99,8 +99,6 @@ def train_command(args: argparse.Namespace, command: str) -> int:
     # a resumed run keeps its own recipe: auto has nothing to choose (and times nothing)
     values = runs.settings(command, None if args.preset == "auto" and args.resume else preset(), args.config,
                            flags, default_preset=not args.resume)
-    if "auto" in extra:  # auto timed the precisions of the recipe it chose: the run keeps what it measured
-        values["precision"] = extra["auto"]["precision"]
     fresh = (lambda: runs.settings(command, preset(), args.config, flags)) if args.resume else None
     summary = runs.train(command, values, resume=args.resume, fresh=fresh, started=started, extra=extra)
     # the interpreter's final collection of a run's objects took about a second at exit, time a

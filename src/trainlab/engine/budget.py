@@ -17,7 +17,9 @@ How the minutes are spent, and measured rather than assumed:
   fitted count is where cosine or WSD ends: the run ends decayed, not cut;
 - a shared machine drifts: at each of ``CHECKS`` of the planned steps (the first early, all
   before a WSD decay starts) the pace since the last fit is measured and the plan refitted
-  if it moved by more than ``DRIFT``. Every fit is recorded in the run (run.json, the report).
+  if it moved by more than ``DRIFT``, or if the plan would end more than ``HOLD`` of the
+  budget away from the deadline at that pace (drifts below ``DRIFT`` add up). Every fit is
+  recorded in the run (run.json, the report).
 
 The fitted numbers go into the run's saved settings, so a resumed run continues to its
 recorded step count exactly; one interrupted before its refit refits on resume (its step
@@ -43,6 +45,9 @@ FIT_AFTER = 5  # training steps timed before the first fit (the first is slow: a
 # for new shapes are built as they first appear)
 CHECKS = (0.15, 0.4, 0.65, 0.85)
 DRIFT = 0.05  # a pace that moved by more than this is refitted
+# ... and so is a plan whose end, at the pace now, would miss the deadline by more than this share
+# of the budget: small drifts that each kept the plan add up (a 1-minute run ended 3.5% early)
+HOLD = 0.01
 SHARES = {"eval": 0.05, "sample": 0.01, "save": 0.01}  # most of the budget each kind of pause may take
 # writing the report (plots) and the process's own exit: small and not measurable from inside
 # the run, so a constant, checked by benchmarks/minutes_accuracy.py
@@ -69,6 +74,15 @@ def fit_steps(seconds: float, seconds_per_step: float, least: int = 1) -> int:
     if not (seconds_per_step > 0 and math.isfinite(seconds_per_step)):
         raise ValueError(f"a step must take a positive time, got {seconds_per_step}")
     return max(least, int(max(0.0, seconds) / seconds_per_step))
+
+
+def seconds_to_end(step: int, steps: int, pace: float, costs: dict[str, float], every: dict[str, int],
+                   end: float) -> float:
+    """What the run from ``step`` to its last step ``steps`` takes: the steps at ``pace``, the
+    pauses at multiples of their cadence before the last step, and ``end`` (the pauses at the
+    last step itself, the report, the exit)."""
+    pauses = sum(costs.get(k, 0.0) * ((steps - 1) // n - step // n) for k, n in every.items() if n > 0)
+    return (steps - step) * pace + pauses + end
 
 
 @dataclass
@@ -102,9 +116,7 @@ def plan(step: int, left: float, pace: float, costs: dict[str, float], asked: di
         return every
 
     def spend(steps: int, every: dict[str, int]) -> float:
-        # the pauses at multiples of their cadence before the last step (those at it are in ``end``)
-        pauses = sum(costs.get(k, 0.0) * ((steps - 1) // n - step // n) for k, n in every.items() if n > 0)
-        return (steps - step) * pace + pauses + end
+        return seconds_to_end(step, steps, pace, costs, every, end)
 
     steps = step + fit_steps(left - end, pace)
     for _ in range(6):  # the cadence depends on the count and the count on the pauses: a few rounds settle it
@@ -213,7 +225,10 @@ class Budget:
             self.refit_at = self.checks.pop(0) if self.checks else None
             while self.refit_at is not None and self.refit_at <= step:
                 self.refit_at = self.checks.pop(0) if self.checks else None
-            if last is not None and abs(pace / last["pace"] - 1) <= DRIFT:
+            on_time = current is None or abs(
+                seconds_to_end(step, current, pace, costs, last.get("every", asked) if last else asked, end) - left
+            ) <= HOLD * 60 * self.minutes
+            if last is not None and abs(pace / last["pace"] - 1) <= DRIFT and on_time:
                 self.fits.append({**record, "steps": current, "refitted": False})
                 return None
         p = plan(step, left, pace, costs, asked, 60 * self.minutes, end)

@@ -76,7 +76,8 @@ Prune = Callable[[int, dict[str, dict[str, float]]], bool]
 
 
 def train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume: Checkpoint | None = None,
-          echo=print, restart: bool = False, prune: Prune | None = None, started: float | None = None) -> Summary:
+          echo=print, restart: bool = False, prune: Prune | None = None, started: float | None = None,
+          timed_precisions: dict[str, float] | None = None) -> Summary:
     """Train every member of ``task`` in lockstep; returns what the report needs.
 
     ``resume``: continue from this checkpoint exactly as if the run had never stopped.
@@ -86,6 +87,9 @@ def train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume
     metrics; True stops the run there, saved, with status ``pruned`` (``trainlab tune``).
     ``started``: the ``time.monotonic()`` a ``--minutes`` budget counts from (the CLI passes
     its process's start, ``budget.process_age``); default now.
+    ``timed_precisions``: seconds a step of each precision ``--precision auto`` would time,
+    measured just before on this machine (``--preset auto`` times the recipe it chooses): a
+    new run decides by them instead of timing the same again.
     The run's status in run.json and the runs index follows: running, then finished,
     interrupted (a stop signal, ``engine/stopping.py``), pruned, or failed (an exception,
     re-raised). A new run stopped before its first step holds nothing and is removed.
@@ -96,14 +100,15 @@ def train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume
     if not d.main:
         with StopSignals(lambda line: None) as stop:
             return _train(task, cfg, ReadOnlyRun(run.id, run.task, run.dir), config, resume, lambda *a, **k: None,
-                          False, contextlib.ExitStack(), stop, prune, d, started)
+                          False, contextlib.ExitStack(), stop, prune, d, started, timed_precisions)
     run.acquire()
     fresh = resume is None and not restart
     try:
         # the handlers are held through set-up and the final save: a signal at any moment is a
         # stop (or, the second time, an abort), never Python's default
         with StopSignals(echo) as stop, contextlib.ExitStack() as cleanup:  # writers closed however it ends
-            summary = _train(task, cfg, run, config, resume, echo, not fresh, cleanup, stop, prune, d, started)
+            summary = _train(task, cfg, run, config, resume, echo, not fresh, cleanup, stop, prune, d, started,
+                             timed_precisions)
     except KeyboardInterrupt:
         if fresh and latest_checkpoint(run.checkpoints) is None:
             _remove_empty(run, echo)
@@ -158,7 +163,7 @@ def _remove_empty(run: Run, echo) -> None:
 
 def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resume: Checkpoint | None,
            echo, purge: bool, cleanup: contextlib.ExitStack, stop: StopSignals, prune: Prune | None,
-           d: Dist = Dist(), started: float = 0.0) -> Summary:
+           d: Dist = Dist(), started: float = 0.0, timed_precisions: dict[str, float] | None = None) -> Summary:
     from tqdm import tqdm
 
     device = device_for(resolve_device(cfg.device), d)
@@ -168,7 +173,7 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
         # a new run given both (a caller that set max_steps over a preset's budget): steps win, and
         # the run's record says so
         cfg.minutes = config["train"]["minutes"] = None
-    members, state, budget = set_up(task, cfg, resume, device, d, echo, started)
+    members, state, budget = set_up(task, cfg, resume, device, d, echo, started, timed_precisions)
     if d.main:
         settle_best(run, state, echo)
     state.best_score = broadcast(state.best_score if d.main else None, d)  # every rank decides the best alike
@@ -251,7 +256,8 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
 
 
 def set_up(task: Task, cfg: TrainConfig, resume: Checkpoint | None, device: torch.device, d: Dist, echo,
-           started: float) -> tuple[list[Member], LoopState, Budget | None]:
+           started: float, timed_precisions: dict[str, float] | None = None
+           ) -> tuple[list[Member], LoopState, Budget | None]:
     """The members built (and restored from ``resume``), wrapped for DDP and compile, and with
     their micro-batching and precision settled; the loop state to start from; a ``--minutes``
     run's budget."""
@@ -267,6 +273,11 @@ def set_up(task: Task, cfg: TrainConfig, resume: Checkpoint | None, device: torc
     if cfg.max_steps is not None and state.step >= cfg.max_steps:
         echo(f"already at step {state.step} of --max-steps {cfg.max_steps}: nothing to train")
     for m in members:
+        if timed_precisions and resume is None and m.precision.undecided \
+                and set(timed_precisions) == set(m.precision.candidates):
+            chose = m.precision.decide(timed_precisions)
+            shown = ", ".join(f"{p} {t:.3g} s" for p, t in timed_precisions.items())
+            echo(f"{m.name}: --precision auto: {chose} (as timed a step before the run: {shown})")
         fell = f" (fell back from {cfg.precision} at step {m.precision.fell_back_at})" \
             if m.precision.fell_back_at is not None else ""
         mode = f"auto, timing {' and '.join(m.precision.candidates)}" if m.precision.undecided else m.precision.mode

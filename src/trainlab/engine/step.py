@@ -414,8 +414,9 @@ def seconds_per_step(task: Task, cfg: TrainConfig, device: torch.device | None =
 
 
 def fitted_seconds_per_step(task: Task, cfg: TrainConfig, device: torch.device | None = None, n: int = 10,
-                            warmup: int = 5) -> tuple[float, str]:
-    """(seconds a step, the precision it is for) as the run will train: timed after ``warmup``
+                            warmup: int = 5) -> tuple[float, str, dict[str, float]]:
+    """(seconds a step, the precision it is for, the seconds of every precision timed) as the
+    run will train: timed after ``warmup``
     steps, in the precision ``--precision auto`` will pick (every candidate timed and the same
     rule applied), else the one set. What fits a step count to minutes: a plain
     ``seconds_per_step`` under ``auto`` would time fp32, or bf16's slow first steps, and a
@@ -428,7 +429,8 @@ def fitted_seconds_per_step(task: Task, cfg: TrainConfig, device: torch.device |
     device = device or resolve_device(cfg.device)
     candidates = precision_candidates(cfg.precision, device)
     if len(candidates) == 1:
-        return seconds_per_step(task, replace(cfg, precision=candidates[0]), device, n, warmup), candidates[0]
+        seconds = seconds_per_step(task, replace(cfg, precision=candidates[0]), device, n, warmup)
+        return seconds, candidates[0], {candidates[0]: seconds}
     timings = {p: seconds_per_step(task, replace(cfg, precision=p), device, n, warmup) for p in candidates}
     choice = pick_precision(timings)
-    return timings[choice], f"auto -> {choice} ({', '.join(f'{p} {t:.3f} s' for p, t in timings.items())})"
+    return timings[choice], f"auto -> {choice} ({', '.join(f'{p} {t:.3f} s' for p, t in timings.items())})", timings
