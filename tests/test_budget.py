@@ -103,6 +103,7 @@ def test_a_budgeted_run_resumed_after_its_check_ends_as_the_same_steps_would(run
     # the first fit inside the warm-up (whose LR needs no horizon) and a check that keeps the count:
     # then the budget's run is exactly a run by steps with what the budget chose
     monkeypatch.setattr(engine_budget, "DRIFT", 10.0)
+    monkeypatch.setattr(engine_budget, "HOLD", 10.0)
     monkeypatch.setenv("TRAINLAB_FAULTS", "interrupt=120")  # a tiny model takes ~7 ms a step: ~700 steps
     assert cli_train(runs_dir, "--minutes", "0.1", "--run-name", "cut", "--warmup-steps", "10") == 130
     monkeypatch.delenv("TRAINLAB_FAULTS")
