@@ -109,12 +109,14 @@ class ScriptedModel(torch.nn.Module):
     def memory(self, src):
         return torch.zeros(src.shape[0], 1, 4), None
 
-    def decode(self, tgt_in, memory, memory_mask):
+    def decoding_cache(self, memory):
+        return []
+
+    def decode_next(self, tok, t, cache, memory_mask):
         self.calls += 1
-        B, T = tgt_in.shape
-        logits = torch.zeros(B, T, VOCAB_SIZE)
+        logits = torch.zeros(tok.shape[0], VOCAB_SIZE)
         for r, script in enumerate(self.scripts):
-            logits[r, -1, script[min(T - 1, len(script) - 1)]] = 1.0
+            logits[r, script[min(t, len(script) - 1)]] = 1.0
         return logits
 
 
@@ -150,3 +152,24 @@ def test_gradient_checkpointing_same_loss_and_gradients(kind):
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-6, atol=1e-7, msg=name)
     assert kept[1] < 0.5 * kept[0]
+
+
+@pytest.mark.parametrize("kind,abacus", [("simple", False), ("latent", False), ("simple", True)])
+def test_cached_decoding_gives_what_the_whole_decoder_gives(kind, abacus):
+    """``decode_next`` with its cache is ``decode`` at the last position: the same logits at
+    every step of a free-running decode, so greedy answers are the ones the full pass gives."""
+    from test_multiply_options import abacus_config
+
+    torch.manual_seed(0)
+    model = build_model(abacus_config() if abacus else cfg(kind)).eval()
+    src = torch.randint(DIGIT0, DIGIT0 + 10, (6, model.cfg.src_len))
+    with torch.no_grad():
+        memory, mask = model.memory(src)
+        cache = model.decoding_cache(memory)
+        seq = torch.full((6, 1), BOS)
+        for t in range(model.cfg.tgt_len):
+            step = model.decode_next(seq[:, -1], t, cache, mask)  # (B, V)
+            whole = model.decode(seq, memory, mask)[:, -1]  # (B, V): every position again
+            torch.testing.assert_close(step, whole, rtol=1e-5, atol=1e-5)
+            seq = torch.cat([seq, whole.argmax(-1, keepdim=True)], 1)
+    assert greedy_decode(model, src).shape[0] == 6

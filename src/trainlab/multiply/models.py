@@ -31,6 +31,7 @@ models):
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -54,13 +55,23 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, kv: torch.Tensor | None = None, key_mask: torch.Tensor | None = None, causal: bool = False
     ) -> torch.Tensor:
+        k, v = self.keys_values(x if kv is None else kv)
+        return self.attend(x, k, v, key_mask, causal)
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
-        kv = x if kv is None else kv
-        S = kv.shape[1]
-        q = self.q(x).view(B, T, self.nhead, D // self.nhead).transpose(1, 2)  # (B, H, T, Dh)
-        k, v = self.kv(kv).split(D, dim=2)
-        k = k.view(B, S, self.nhead, D // self.nhead).transpose(1, 2)  # (B, H, S, Dh)
-        v = v.view(B, S, self.nhead, D // self.nhead).transpose(1, 2)  # (B, H, S, Dh)
+        return x.view(B, T, self.nhead, D // self.nhead).transpose(1, 2)  # (B, H, T, Dh)
+
+    def keys_values(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of ``kv`` (B, S, D), each (B, H, S, Dh): what a decoding cache keeps."""
+        k, v = self.kv(kv).split(kv.shape[-1], dim=2)
+        return self.heads(k), self.heads(v)
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
+               causal: bool = False) -> torch.Tensor:
+        """``x`` (B, T, D) attending to keys and values (B, H, S, Dh)."""
+        B, T, D = x.shape
+        q = self.heads(self.q(x))  # (B, H, T, Dh)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S), True = attend
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
@@ -110,6 +121,20 @@ class CrossBlock(nn.Module):
         if self.self_attn is not None:
             x = x + self.drop(self.self_attn(self.ln1(x), causal=True))
         x = x + self.drop(self.cross(self.ln2(x), kv=memory, key_mask=memory_mask))
+        return x + self.mlp(self.ln3(x))
+
+    def step(self, x: torch.Tensor, cache: dict[str, Any], memory_mask: torch.Tensor | None) -> torch.Tensor:
+        """``forward`` for one new position ``x`` (B, 1, D) of a decoder block, in eval mode:
+        its self-attention reads the keys and values of the positions before it from
+        ``cache["self"]`` (and adds its own), its cross-attention those of the memory from
+        ``cache["cross"]`` (made once, ``SimpleTransformer.decoding_cache``)."""
+        h = self.ln1(x)
+        k, v = self.self_attn.keys_values(h)  # (B, H, 1, Dh)
+        if cache["self"] is not None:
+            k, v = torch.cat([cache["self"][0], k], 2), torch.cat([cache["self"][1], v], 2)  # (B, H, t+1, Dh)
+        cache["self"] = (k, v)
+        x = x + self.self_attn.attend(h, k, v)  # every cached position is before this one: no mask
+        x = x + self.cross.attend(self.ln2(x), *cache["cross"], memory_mask)
         return x + self.mlp(self.ln3(x))
 
 
@@ -187,6 +212,23 @@ class SimpleTransformer(nn.Module):
         for block in self.decoder:
             x = self.run_block(block, x, memory, memory_mask)
         return self.ln_f(x)  # (B, T, D)
+
+    def decoding_cache(self, memory: torch.Tensor) -> list[dict[str, Any]]:
+        """Per decoder block, the cross-attention's keys and values of ``memory`` (made once)
+        and room for its self-attention's: what ``decode_next`` reads and grows."""
+        return [{"cross": block.cross.keys_values(memory), "self": None} for block in self.decoder]
+
+    def decode_next(self, tok: torch.Tensor, t: int, cache: list[dict[str, Any]],
+                    memory_mask: torch.Tensor | None) -> torch.Tensor:
+        """Next-token logits (B, V) after feeding ``tok`` (B,) at decoder position ``t``, the
+        positions before it held in ``cache``: what ``decode`` gives at its last position, in
+        one position's work instead of all of them (eval mode)."""
+        x = self.tok_emb(tok)[:, None] + self.tgt_pos.weight[t]  # (B, 1, D)
+        if self.cfg.abacus:
+            x = x + self.place_emb(self.tgt_place[t])
+        for block, c in zip(self.decoder, cache):
+            x = block.step(x, c, memory_mask)
+        return self.head(self.ln_f(x))[:, 0]  # (B, V)
 
     def run_block(self, block: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
         """``block(*args)``, through activation checkpointing when it is on and gradients flow."""
@@ -272,14 +314,17 @@ def greedy_decode(model: SimpleTransformer, src: torch.Tensor, max_len: int | No
     """
     max_len = max_len or model.cfg.tgt_len
     memory, memory_mask = model.memory(src)
+    cache = model.decoding_cache(memory)  # each step then costs one position, not all before it
     B = src.shape[0]
-    seq = torch.full((B, 1), BOS, dtype=torch.long, device=src.device)
+    tok = torch.full((B,), BOS, dtype=torch.long, device=src.device)
     done = torch.zeros(B, dtype=torch.bool, device=src.device)
-    for _ in range(max_len):
-        nxt = model.decode(seq, memory, memory_mask)[:, -1].argmax(-1)  # (B,)
+    out: list[torch.Tensor] = []
+    for t in range(max_len):
+        nxt = model.decode_next(tok, t, cache, memory_mask).argmax(-1)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
-        seq = torch.cat([seq, nxt[:, None]], 1)
+        out.append(nxt)
         done |= nxt == EOS
         if bool(done.all()):
             break
-    return seq[:, 1:]
+        tok = nxt
+    return torch.stack(out, 1)
