@@ -104,6 +104,8 @@ def test_a_budgeted_run_resumed_after_its_check_ends_as_the_same_steps_would(run
     # then the budget's run is exactly a run by steps with what the budget chose
     monkeypatch.setattr(engine_budget, "DRIFT", 10.0)
     monkeypatch.setattr(engine_budget, "HOLD", 10.0)
+    # the first check early, so that it comes before the cut at step 120 at any pace of this machine
+    monkeypatch.setattr(engine_budget, "CHECKS", (0.05, 0.4, 0.65, 0.85))
     monkeypatch.setenv("TRAINLAB_FAULTS", "interrupt=120")  # a tiny model takes ~7 ms a step: ~700 steps
     assert cli_train(runs_dir, "--minutes", "0.1", "--run-name", "cut", "--warmup-steps", "10") == 130
     monkeypatch.delenv("TRAINLAB_FAULTS")
