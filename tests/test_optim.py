@@ -221,8 +221,8 @@ def _state(opt):
 def test_a_step_skipped_on_the_device_changes_nothing_and_a_kept_one_is_the_update(name):
     """``masked_step`` with a device-side flag: skipped (gradients zeroed, as the engine does),
     every weight and piece of optimizer state stays as it was, bit for bit (at the first step
-    the state may be created, at its starting values); kept, it is the optimizer's own update (Muon's host-decided path, or
-    the same optimizer stepped plainly)."""
+    the state may be created, at its starting values); kept, it is the update a plain
+    ``step()`` of the same optimizer makes."""
     import copy
 
     from trainlab.engine.optim import masked_step
@@ -262,6 +262,6 @@ def test_a_step_skipped_on_the_device_changes_nothing_and_a_kept_one_is_the_upda
                 for (ka, va), (kb, vb) in zip(before[1], after)), f"optimizer state moved at {i}"
             continue
         grads(twin)
-        twin_opt.step()  # decided on the host (Muon's own path), or the plain step
+        twin_opt.step()
         for a, b in zip(gpt.parameters(), twin.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

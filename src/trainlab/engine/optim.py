@@ -94,12 +94,16 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None, skip: torch.Tensor | None = None):  # noqa: ANN001 - torch's signature
         """One update; ``skip`` (a 0-dim bool tensor on the weights' device, true: leave everything
-        as it is) lets the device decide, with no wait for it (``masked_step``)."""
+        as it is) lets the device decide, with no wait for it (``masked_step``). One path
+        either way: without ``skip`` every step is kept."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        keep = None if skip is None else ~skip
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        if first is None:
+            return loss
+        keep = torch.ones((), dtype=torch.bool, device=first.device) if skip is None else ~skip
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             params = [p for p in group["params"] if p.grad is not None]
@@ -113,7 +117,7 @@ class Muon(torch.optim.Optimizer):
                 self._adamw(params, group, lr, keep)
         return loss
 
-    def _muon(self, params: list[torch.Tensor], group: dict[str, Any], lr: float, keep: torch.Tensor | None) -> None:
+    def _muon(self, params: list[torch.Tensor], group: dict[str, Any], lr: float, keep: torch.Tensor) -> None:
         mu = group["momentum"]
         for p in params:
             if "momentum_buffer" not in self.state[p]:
@@ -134,41 +138,27 @@ class Muon(torch.optim.Optimizer):
             wide = torch.stack([looks[i] if looks[i].shape == shape else looks[i].mT for i in idx])  # (k, m, n)
             updates = orthogonalize(wide, group["ns_steps"], self.matmul_dtype).unbind(0)
             updates = [u if params[i].shape == shape else u.mT for i, u in zip(idx, updates)]
-            scale = -lr * 0.2 * math.sqrt(max(shape))
-            if keep is None:
-                torch._foreach_add_([params[i] for i in idx], updates, alpha=scale)
-            else:  # a skipped step adds exact zeros: the update is finite, its grads were zeroed
-                torch._foreach_add_([params[i] for i in idx], torch._foreach_mul(updates, _pick(keep, scale, 0.0)))
+            # a skipped step adds exact zeros: the update is finite, its grads were zeroed
+            scale = _pick(keep, -lr * 0.2 * math.sqrt(max(shape)), 0.0)
+            torch._foreach_add_([params[i] for i in idx], torch._foreach_mul(updates, scale))
 
-    def _adamw(self, params: list[torch.Tensor], group: dict[str, Any], lr: float, keep: torch.Tensor | None) -> None:
+    def _adamw(self, params: list[torch.Tensor], group: dict[str, Any], lr: float, keep: torch.Tensor) -> None:
         (b1, b2), eps = group["betas"], group["eps"]
+        # the step counts are 0-dim tensors on the device (a skipped step does not count), the
+        # bias corrections are computed from them there, and every change is a no-op (times 1,
+        # plus 0) when the step is skipped
         for p in params:
             state = self.state[p]
             if "step" not in state:
-                state["step"] = 0
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
+            elif not torch.is_tensor(state["step"]) or state["step"].device != p.device:  # an int before; moved
+                state["step"] = torch.as_tensor(float(state["step"]), dtype=torch.float32).to(p.device)
         states = [self.state[p] for p in params]
         grads = [p.grad for p in params]
         m = [s["exp_avg"] for s in states]
         v = [s["exp_avg_sq"] for s in states]
-        if keep is None:  # the counts on the host, the bias corrections as numbers
-            for s in states:
-                s["step"] = int(s["step"]) + 1
-            torch._foreach_lerp_(m, grads, 1 - b1)
-            torch._foreach_mul_(v, b2)
-            torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, [math.sqrt(1 - b2 ** s["step"]) for s in states])
-            torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - b1 ** s["step"]) for s in states])
-            return
-        # decided on the device: the step counts are 0-dim tensors there (a skipped step does not
-        # count), the bias corrections are computed from them, and every change is a no-op
-        # (times 1, plus 0) when the step is skipped
-        for s, p in zip(states, params):
-            if not torch.is_tensor(s["step"]) or s["step"].device != p.device:
-                s["step"] = torch.as_tensor(float(s["step"]), dtype=torch.float32).to(p.device)
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, keep.float())
         torch._foreach_mul_(m, _pick(keep, b1, 1.0))
@@ -192,10 +182,10 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_add_(params, update)
 
 
-def _pick(keep: torch.Tensor | None, value: float, neutral: float) -> float | torch.Tensor:
+def _pick(keep: torch.Tensor, value: float, neutral: float) -> torch.Tensor:
     """``value`` where the step is kept, ``neutral`` (1 for a factor, 0 for a term) where it is
-    skipped: a number when the host decides, a 0-dim tensor on the device when it does."""
-    return value if keep is None else torch.where(keep, value, neutral)
+    skipped: a 0-dim tensor on the device, so the host never waits to choose."""
+    return torch.where(keep, value, neutral)
 
 
 def masked_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
