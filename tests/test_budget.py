@@ -183,3 +183,62 @@ def test_a_report_scored_in_fp32_is_costed_at_what_auto_measured_fp32_to_take():
 
     # chat's span loss runs whole windows in fp32; multiply's greedy decoding gains little from bf16
     assert ChatTask.report_in_fp32 is True and not getattr(MultiplyTask, "report_in_fp32", False)
+
+
+@pytest.mark.parametrize("command", ["chat", "multiply"])
+def test_part_of_an_evaluation_runs_the_share_it_reports(command, tmp_path, monkeypatch):
+    """A budget times a part of an evaluation and scales it up (engine/periodic._probe): the share
+    a task reports must be the share of an evaluation's work that ran, in the same batch sizes."""
+    import torch
+
+    import trainlab.multiply.task as multiply_task
+    from helpers import made_up_text
+
+    torch.manual_seed(0)
+    if command == "chat":
+        text = tmp_path / "play.txt"
+        text.write_text(made_up_text(400))
+        values = runs.settings("chat", "chatgot-tiny", None, {"text": str(text), "eval_batches": 10})
+    else:
+        values = runs.settings("multiply", "multiply-3digit", None, {"eval_samples": 1000, "d_model": 32, "nhead": 4})
+    _, task = runs.checked_task(command, {**values, "max_steps": 1, "minutes": None})
+    model = task.build_models()[task.member_names[0]].eval()
+    work: list[tuple[str, int]] = []  # (what, rows) of every batch of work the evaluation did
+    if command == "chat":
+        inner = task.windows_loss
+        monkeypatch.setattr(task, "windows_loss", lambda m, split, starts, bs: (
+            work.extend(("window", len(starts[i:i + bs])) for i in range(0, len(starts), bs)), inner(m, split, starts, bs))[1])
+    else:
+        decode, forced = multiply_task.decode_problems, task.teacher_forced_loss
+        monkeypatch.setattr(multiply_task, "decode_problems", lambda m, d, idx, bs: (
+            work.append(("decode", len(idx))), decode(m, d, idx, bs))[1])
+        monkeypatch.setattr(task, "teacher_forced_loss", lambda m, idx, bs: (
+            work.append(("forced", len(idx))), forced(m, idx, bs))[1])
+    task.evaluate(task.member_names[0], model, 0)
+    whole, work[:] = list(work), []
+    share = task.evaluate_part(task.member_names[0], model, 0, None, 0.2)
+    part = list(work)
+    for what in {what for what, _ in whole}:  # each kind of work in the share reported
+        ran = sum(n for w, n in part if w == what) / sum(n for w, n in whole if w == what)
+        assert ran == pytest.approx(share, abs=0.005), what
+    assert 0.1 <= share <= 0.3  # about the part asked for
+    if command == "chat":  # whole batches of the evaluation's size, as a timing of it needs
+        assert {n for _, n in part} == {task.train_cfg.batch_size}
+    assert {what for what, _ in part} == {what for what, _ in whole}  # every kind of work is timed
+
+
+def test_a_budget_times_part_of_an_evaluation_and_scales_it_up(runs_dir, clock_from_now, monkeypatch):
+    import trainlab.multiply.task as multiply_task
+
+    parts: list[float] = []
+
+    def slow_part(self, member, model, step, batch_limit, part):
+        parts.append(part)
+        time.sleep(0.05)
+        return 0.1  # a tenth of an evaluation took 0.05 s: a whole one costs 0.5 s
+
+    monkeypatch.setattr(multiply_task.MultiplyTask, "evaluate_part", slow_part, raising=False)
+    assert cli_train(runs_dir, "--minutes", "0.15", "--run-name", "p", "--warmup-steps", "3") == 0
+    fit = json.loads((run_dir(runs_dir, "p") / "run.json").read_text())["budget"]["fits"][0]
+    assert parts == [engine_budget.PROBE_PART] * 2  # each member probed once, at the first fit
+    assert 1.0 <= fit["costs"]["eval"] < 1.5, fit  # both members' whole evaluations

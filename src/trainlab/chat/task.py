@@ -159,6 +159,18 @@ class ChatTask:
         return Evaluation({"val_loss": val, "val_perplexity": math.exp(min(val, 50.0)),
                            "train_loss": self.mean_loss(model, "train", batch_limit)})
 
+    def evaluate_part(self, member: str, model: nn.Module, step: int, batch_limit: int | None, part: float) -> float:
+        """The first ``part`` of an evaluation's batches (at least one), run only to time it;
+        returns the share of the evaluation that ran."""
+        bs = min(self.train_cfg.batch_size, batch_limit or self.train_cfg.batch_size)
+        ran = whole = 0
+        for split in ("val", "train"):
+            starts = self.fixed_starts(split)
+            n = min(len(starts), bs * max(1, round(part * len(starts) / bs)))  # whole batches, as evaluate runs
+            self.windows_loss(model, split, starts[:n], bs)
+            ran, whole = ran + n, whole + len(starts)
+        return ran / whole
+
     def sample_prompt(self, rng: np.random.Generator) -> list[int]:
         """``prompt_chars`` of val text starting at a line start (anywhere, if it has no lines)."""
         n = min(self.task_cfg.prompt_chars, len(self.corpus.val) - 1)

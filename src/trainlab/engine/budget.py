@@ -7,7 +7,8 @@ How the minutes are spent, and measured rather than assumed:
   count), so what a user times from outside is what the budget holds;
 - the first fit comes after a few real training steps (``FIT_AFTER``), once every automatic
   choice (precision, micro-batch, compile) is made: the pace is the median of those steps.
-  An evaluation and a sample are timed once there (their results thrown away, the RNG left
+  An evaluation (``PROBE_PART`` of its batches, where the task can run a part, scaled by the
+  share that ran) and a sample are timed once there (their results thrown away, the RNG left
   as it was), and a real checkpoint is saved and timed, so every pause has a measured cost;
 - ``plan`` then gives the step count, and the evaluation, sample and checkpoint cadence, so
   that steps + pauses + the end (the last evaluation, the report's own evaluations, the
@@ -52,6 +53,9 @@ SHARES = {"eval": 0.05, "sample": 0.01, "save": 0.01}  # most of the budget each
 # writing the report (plots) and the process's own exit: small and not measurable from inside
 # the run, so a constant, checked by benchmarks/minutes_accuracy.py
 END_SECONDS = 1.0
+# the part of an evaluation timed at the first fit (where the task can run a part), its time
+# scaled by the share that ran: a whole one thrown away was 1-2% of a one-minute budget
+PROBE_PART = 0.2
 _IMPORTED = time.monotonic()
 
 

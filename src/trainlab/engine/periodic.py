@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from trainlab.engine.budget import DRIFT, END_SECONDS, Budget, BudgetTooSmall
+from trainlab.engine.budget import DRIFT, END_SECONDS, PROBE_PART, Budget, BudgetTooSmall
 from trainlab.engine.distributed import Dist, all_sum, broadcast
 from trainlab.engine.member import Member
 from trainlab.engine.memory import memory_figures
@@ -25,7 +25,7 @@ from trainlab.engine.state import (
     save,
     set_rng_state,
 )
-from trainlab.engine.step import evaluate_member
+from trainlab.engine.step import evaluate_member, evaluate_part
 from trainlab.engine.task import Evaluation, Task
 from trainlab.engine.tracking import Run
 from trainlab.engine.train_config import TrainConfig
@@ -191,20 +191,25 @@ def mean_pause(s: Session, kind: str) -> float | None:
 
 def _probe(s: Session, kind: str) -> None:
     """Time one evaluation or sample of every member for the budget, its results thrown away:
-    no log, no best checkpoint, no plateau count, the RNG as it was."""
+    no log, no best checkpoint, no plateau count, the RNG as it was. An evaluation is timed on
+    ``PROBE_PART`` of its batches where the task can run a part (``evaluate_part``), and scaled
+    up: at one minute a whole one was 1-2% of the budget spent on a number thrown away."""
     if not s.d.main:
         return
     rng = rng_state()
-    t = time.perf_counter()
+    cost = 0.0
     for m in s.members:
         m.model.eval()
+        t = time.perf_counter()
         if kind == "eval":
-            evaluate_member(s.task, m, s.state.step, s.cfg.batch_size, s.device, lambda line: None)
+            share = evaluate_part(s.task, m, s.state.step, s.cfg.batch_size, s.device, PROBE_PART)
         else:
             with m.precision.autocast():
                 s.task.sample(m.name, m.model, s.state.step)
+            share = 1.0
+        cost += (time.perf_counter() - t) / share
         m.model.train()
-    s.eta.add_pause(kind, time.perf_counter() - t)
+    s.eta.add_pause(kind, cost)
     set_rng_state(rng)
 
 

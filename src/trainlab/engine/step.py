@@ -289,11 +289,28 @@ def _conclude(m: Member, p: Pending, loss_v: float, norm_v: float, skipped: bool
 def evaluate_member(task: Task, m: Member, step: int, batch_size: int, device: torch.device, echo) -> Evaluation:
     """``task.evaluate`` under the member's autocast; out of memory, it is run again in
     smaller batches: first the training micro-batch, then halves of it."""
+    return _evaluating(lambda limit: task.evaluate(m.name, m.model, step, limit), m, step, batch_size, device, echo)
+
+
+def evaluate_part(task: Task, m: Member, step: int, batch_size: int, device: torch.device, part: float) -> float:
+    """About ``part`` of an evaluation of ``m``, run only to time it (a budget's first fit): the
+    share of a whole evaluation that ran (1.0 where the task cannot run a part: then it ran all
+    of one). Under the member's autocast and the same out-of-memory retries as an evaluation."""
+    if not hasattr(task, "evaluate_part"):
+        _evaluating(lambda limit: task.evaluate(m.name, m.model, step, limit), m, step, batch_size, device,
+                    lambda line: None)
+        return 1.0
+    return float(_evaluating(lambda limit: task.evaluate_part(m.name, m.model, step, limit, part),  # type: ignore[attr-defined]
+                             m, step, batch_size, device, lambda line: None))
+
+
+def _evaluating(run: Callable[[int | None], Any], m: Member, step: int, batch_size: int, device: torch.device,
+                echo) -> Any:
     while True:
         failed = False
         try:
             with m.precision.autocast():
-                return task.evaluate(m.name, m.model, step, m.micro.eval_limit)
+                return run(m.micro.eval_limit)
         except Exception as e:  # noqa: BLE001 (only out-of-memory is handled; the rest re-raised)
             if not is_out_of_memory(e):
                 raise

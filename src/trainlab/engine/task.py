@@ -42,7 +42,13 @@ class Task(Protocol):
     Evaluation metrics named ``val_loss`` drive the plateau LR cuts. ``evaluate`` runs
     batches of at most ``batch_limit`` examples when it is given (set after an
     evaluation ran out of memory), its own sizes otherwise; the metrics must not
-    depend on it."""
+    depend on it.
+
+    Optional, found with ``getattr``: ``evaluate_part(member, model, step, batch_limit,
+    part) -> float`` runs about ``part`` of what ``evaluate`` runs, in the same batch sizes,
+    and returns the share of it that ran (a time budget times it instead of a whole
+    evaluation); ``report_cost() -> float``, the report's own scoring in evaluations;
+    ``report_in_fp32``, True where the report scores in fp32 whatever the run trained in."""
 
     name: str  # folder under runs_dir, and the task id stored in checkpoints
     best_metric: tuple[str, str]  # (evaluation metric, "max"|"min"): picks the best checkpoint

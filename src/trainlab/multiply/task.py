@@ -167,6 +167,20 @@ class MultiplyTask:
         ev.metrics["train_exact_match"] = float(decode_problems(model, self.dataset, self.train_indices(), bs).correct.mean())
         return ev
 
+    def evaluate_part(self, member: str, model: nn.Module, step: int, batch_limit: int | None, part: float) -> float:
+        """The same share of each slice of problems an evaluation decodes and scores, about
+        ``part``, run only to time it; returns the share that ran. Each slice runs at least 128
+        problems (or all it has): a decoding step has a fixed cost, which in a few rows would be
+        most of the time, and scaled up would count many times over."""
+        bs = min(self.task_cfg.eval_batch_size, batch_limit or self.task_cfg.eval_batch_size)
+        val, train = self.val_indices(), self.train_indices()
+        share = min(1.0, max(part, *(128 / len(x) for x in (val, train) if len(x))))
+        v, t = (max(1, round(share * len(x))) for x in (val, train))
+        decode_problems(model, self.dataset, val[:v], bs)
+        self.teacher_forced_loss(model, val[:v], bs)
+        decode_problems(model, self.dataset, train[:t], bs)
+        return share
+
     @torch.no_grad()
     def teacher_forced_loss(self, model: nn.Module, idx: np.ndarray, batch_size: int) -> float:
         """The training loss on the problems ``idx``, teacher-forced: what the plateau LR cut
