@@ -73,9 +73,17 @@ class Attention(nn.Module):
         B, T, D = x.shape
         q = self.heads(self.q(x))  # (B, H, T, Dh)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S), True = attend
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, T, Dh)
+        if T == 1 and not (self.training and self.dropout):
+            # one query (a decoding step): three plain ops run 1.6-3x faster on a CPU than the
+            # fused kernel at these sizes (1,024 rows, 1-13 keys); decoding spent 40% of its time there
+            att = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, 1, S)
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            y = att.softmax(-1) @ v  # (B, H, 1, Dh)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+            )  # (B, H, T, Dh)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 
