@@ -214,8 +214,8 @@ def measured_run(runs_dir, monkeypatch, name, fp32, bf16, resume=None, **kw):
 
 def test_auto_times_fp32_and_bf16_once_and_a_resume_keeps_the_choice(runs_dir, monkeypatch):
     summary, run, modes, lines = measured_run(runs_dir, monkeypatch, "m", fp32=2.0, bf16=1.0, max_steps=3)
-    # a warm-up of each, then (passes 'take' 1 s or more) two rounds that alternate the candidates
-    assert modes == ["fp32", "bf16"] * 3
+    # a warm-up of each, then rounds that alternate the candidates: 2x apart, one round decides
+    assert modes == ["fp32", "bf16"] * 2
     assert lines[0].endswith("parameters, precision auto, timing fp32 and bf16")
     assert lines[1] == "simple: --precision auto: bf16 (fp32 2 s, bf16 1 s per pass of the first batch; bf16 must " \
                        "be 5% faster)"
@@ -254,7 +254,7 @@ def test_auto_decides_by_timings_made_just_before_the_run_without_timing_again(r
     assert m.precision.mode == "bf16" and m.precision.measured == {"fp32": 0.3, "bf16": 0.1}
     summary = train(task, cfg, new_run(cfg.runs_dir, task.name, "other", "test", config), config,
                     echo=lines.append, timed_precisions={"fp32": 0.3})
-    assert modes == ["fp32", "bf16"] * 3 and summary.members[0].precision.mode == "fp32"
+    assert modes == ["fp32", "bf16"] * 2 and summary.members[0].precision.mode == "fp32"
 
 
 def test_auto_keeps_fp32_when_bf16_is_not_faster_by_the_margin(runs_dir, monkeypatch):
@@ -383,3 +383,16 @@ def test_a_budget_is_fitted_in_the_precision_auto_will_pick(runs_dir, monkeypatc
     monkeypatch.setenv(precision.AUTO_ENV, "fp32")
     timed.clear()
     assert engine_step.fitted_seconds_per_step(task, cfg) == (1.0, "fp32", {"fp32": 1.0}) and timed == ["fp32"]
+
+
+def test_timing_precisions_stops_once_more_rounds_could_not_change_the_choice(runs_dir, monkeypatch):
+    from trainlab.engine.step import DECISIVE_SLACK, decisive
+
+    assert decisive({"fp32": 2.0, "bf16": 1.0}) and decisive({"fp32": 1.0, "bf16": 2.0})
+    assert not decisive({"fp32": 1.0, "bf16": 0.9})  # within reach of noise: timed again
+    assert not decisive({"fp32": 1.0, "bf16": float("inf")})  # a mode that did not fit decides nothing alone
+    assert not decisive({"fp32": 1.0})
+    assert decisive({"fp32": 1.0, "bf16": 0.9}, slack=0.0) and DECISIVE_SLACK > 0.05
+    # close timings (passes under 1 s: three rounds) are timed in every round
+    _, _, modes, lines = measured_run(runs_dir, monkeypatch, "close", fp32=0.5, bf16=0.45, max_steps=2)
+    assert modes == ["fp32", "bf16"] * 4 and "--precision auto: bf16" in lines[1]

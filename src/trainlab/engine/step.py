@@ -19,10 +19,15 @@ from trainlab.engine.errors import TrainingError
 from trainlab.engine.member import Member
 from trainlab.engine.memory import fastest, free_memory, is_out_of_memory, micro_batch_counts, split_batch
 from trainlab.engine.optim import follow_precision, masked_step
-from trainlab.engine.precision import BF16_MARGIN
+from trainlab.engine.precision import BF16_MARGIN, pick_precision
 from trainlab.engine.state import LoopState
 from trainlab.engine.task import Evaluation, Task
 from trainlab.engine.train_config import TrainConfig
+
+
+# timing fp32 against bf16 stops after a round where the modes passed over would lose even if
+# this much faster: 2x apart on a bf16 CPU, more rounds would not change the choice
+DECISIVE_SLACK = 0.25
 
 
 def batch_rows(batch: dict[str, torch.Tensor]) -> int:
@@ -324,6 +329,16 @@ def _evaluating(run: Callable[[int | None], Any], m: Member, step: int, batch_si
             echo(f"[step {step}] {m.name}: out of memory in evaluation; evaluating {m.micro.eval_limit} at a time")
 
 
+def decisive(timings: dict[str, float], slack: float = DECISIVE_SLACK) -> bool:
+    """Whether ``pick_precision`` would choose the same even if every mode it passes over were
+    ``slack`` faster than timed: a timing is only ever slowed by noise, so more passes could
+    only make the losers faster, and by this much they cannot win."""
+    if len(timings) < 2 or not all(math.isfinite(t) for t in timings.values()):
+        return False
+    chosen = pick_precision(timings)
+    return pick_precision({mode: t if mode == chosen else t * (1 - slack) for mode, t in timings.items()}) == chosen
+
+
 def time_pass(run: Callable[[], Any], device: torch.device) -> float:
     """Seconds one call of ``run`` takes, the device's queued work included."""
     synchronize(device)
@@ -378,6 +393,9 @@ def choose_speed(m: Member, task: Task, batch: dict[str, torch.Tensor], step: in
         for (mode, count), seen in tries.items():
             if not seen or math.isfinite(seen[-1]):
                 seen.append(attempt(mode, count))
+        # precision alone, and far apart: more rounds cannot change the choice (1-2 s of a minute)
+        if len(counts) == 1 and broadcast(decisive({mode: min(tries[mode, counts[0]]) for mode in modes}), d):
+            break
     timings = {pair: min(seen) for pair, seen in tries.items()}  # noise only ever adds time
     free_memory(device)
     timings = broadcast(timings, d)
