@@ -197,8 +197,8 @@ def test_part_of_an_evaluation_runs_the_share_it_reports(command, tmp_path, monk
     torch.manual_seed(0)
     if command == "chat":
         text = tmp_path / "play.txt"
-        text.write_text(made_up_text(400))
-        values = runs.settings("chat", "chatgot-tiny", None, {"text": str(text), "eval_batches": 10})
+        text.write_text(made_up_text(2000))
+        values = runs.settings("chat", "chatgot-tiny", None, {"text": str(text), "eval_batches": 10, "context_len": 16})
     else:
         values = runs.settings("multiply", "multiply-3digit", None, {"eval_samples": 1000, "d_model": 32, "nhead": 4})
     _, task = runs.checked_task(command, {**values, "max_steps": 1, "minutes": None})
@@ -210,7 +210,7 @@ def test_part_of_an_evaluation_runs_the_share_it_reports(command, tmp_path, monk
             work.extend(("window", len(starts[i:i + bs])) for i in range(0, len(starts), bs)), inner(m, split, starts, bs))[1])
     else:
         decode, forced = multiply_task.decode_problems, task.teacher_forced_loss
-        monkeypatch.setattr(multiply_task, "decode_problems", lambda m, d, idx, bs: (
+        monkeypatch.setattr(multiply_task, "decode_problems", lambda m, d, idx, bs=1024: (
             work.append(("decode", len(idx))), decode(m, d, idx, bs))[1])
         monkeypatch.setattr(task, "teacher_forced_loss", lambda m, idx, bs: (
             work.append(("forced", len(idx))), forced(m, idx, bs))[1])
@@ -225,6 +225,18 @@ def test_part_of_an_evaluation_runs_the_share_it_reports(command, tmp_path, monk
     if command == "chat":  # whole batches of the evaluation's size, as a timing of it needs
         assert {n for _, n in part} == {task.train_cfg.batch_size}
     assert {what for what, _ in part} == {what for what, _ in whole}  # every kind of work is timed
+    # the report's own scoring, timed on a part of it the same way
+    work.clear()
+    if command == "chat":
+        task.span_loss(model)  # what the report scores
+    else:
+        import trainlab.multiply.evaluation as evaluation
+
+        monkeypatch.setattr(evaluation, "decode_problems", multiply_task.decode_problems)  # counted too
+        evaluation.evaluate_members({task.member_names[0]: model}, task.dataset, "test", task.task_cfg.test_n, seed=0)
+    whole, work[:] = list(work), []
+    share = task.report_part({task.member_names[0]: model}, 0.2)
+    assert sum(n for _, n in work) / sum(n for _, n in whole) == pytest.approx(share) and 0.1 <= share <= 0.3
 
 
 def test_a_budget_times_part_of_an_evaluation_and_scales_it_up(runs_dir, clock_from_now, monkeypatch):
@@ -237,8 +249,17 @@ def test_a_budget_times_part_of_an_evaluation_and_scales_it_up(runs_dir, clock_f
         time.sleep(0.05)
         return 0.1  # a tenth of an evaluation took 0.05 s: a whole one costs 0.5 s
 
+    def slow_report(self, models, part):
+        parts.append(("report", part, sorted(models)))
+        time.sleep(0.1)
+        return 0.1  # the whole report's scoring: 1 s
+
     monkeypatch.setattr(multiply_task.MultiplyTask, "evaluate_part", slow_part, raising=False)
-    assert cli_train(runs_dir, "--minutes", "0.15", "--run-name", "p", "--warmup-steps", "3") == 0
+    monkeypatch.setattr(multiply_task.MultiplyTask, "report_part", slow_report, raising=False)
+    assert cli_train(runs_dir, "--minutes", "0.2", "--run-name", "p", "--warmup-steps", "3") == 0
     fit = json.loads((run_dir(runs_dir, "p") / "run.json").read_text())["budget"]["fits"][0]
-    assert parts == [engine_budget.PROBE_PART] * 2  # each member probed once, at the first fit
+    p = engine_budget.PROBE_PART  # each member's evaluation probed once, at the first fit, and the report once
+    assert parts == [p, p, ("report", p, ["latent", "simple"])]
     assert 1.0 <= fit["costs"]["eval"] < 1.5, fit  # both members' whole evaluations
+    # the end: the last evaluation, the report's scoring as timed (not evaluations times a ratio), the rest
+    assert 1.0 + 1.0 + engine_budget.END_SECONDS <= fit["end"] < 1.5 + 1.5 + engine_budget.END_SECONDS + 0.5, fit

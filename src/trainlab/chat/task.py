@@ -153,6 +153,15 @@ class ChatTask:
         batches): what a time budget keeps for it at the end."""
         return len(self.span_starts("val")) / (2 * len(self.fixed_starts("val")))
 
+    def report_part(self, models: dict[str, nn.Module], part: float) -> float:
+        """The first ``part`` of the report's whole-span scoring (whole batches, in fp32 as the
+        report runs it), run only to time it; returns the share that ran."""
+        model = next(iter(models.values()))
+        starts, bs = self.span_starts("val"), 64
+        n = min(len(starts), bs * max(1, round(part * len(starts) / bs)))
+        self.windows_loss(model, "val", starts[:n], bs)
+        return n / max(1, len(starts))
+
     def evaluate(self, member: str, model: nn.Module, step: int, batch_limit: int | None = None) -> Evaluation:
         val = self.mean_loss(model, "val", batch_limit)
         self.last_val_loss = val

@@ -230,6 +230,18 @@ class MultiplyTask:
         test = min(self.task_cfg.test_n, self.dataset.split_counts()["test"])
         return test / max(1, len(self.val_indices()) + len(self.train_indices()))
 
+    def report_part(self, models: dict[str, nn.Module], part: float) -> float:
+        """About ``part`` of the report's test scoring (every member decodes the same problems,
+        at least one whole decoding batch, so each row costs what it costs there), run only to
+        time it; returns the share that ran."""
+        if not self.dataset.split_counts()["test"]:
+            return 1.0  # the report scores nothing
+        idx = self.dataset.subset("test", self.task_cfg.test_n, seed=0)
+        n = min(len(idx), max(round(part * len(idx)), 1024))
+        for model in models.values():
+            decode_problems(model, self.dataset, idx[:n])
+        return n / len(idx)
+
     def report(self, run: Run, summary: Summary) -> None:
         from trainlab.multiply.report import write_report
 
