@@ -126,7 +126,7 @@ def test_a_budgeted_run_resumed_after_its_check_ends_as_the_same_steps_would(run
 
 def test_a_budgeted_run_cut_before_its_check_checks_on_resume(runs_dir, clock_from_now, monkeypatch):
     monkeypatch.setenv("TRAINLAB_FAULTS", "interrupt=7")
-    assert cli_train(runs_dir, "--minutes", "0.05", "--run-name", "early", "--warmup-steps", "3") == 130
+    assert cli_train(runs_dir, "--minutes", "0.1", "--run-name", "early", "--warmup-steps", "3") == 130
     monkeypatch.delenv("TRAINLAB_FAULTS")
     saved = json.loads((run_dir(runs_dir, "early") / "run.json").read_text())["budget"]
     assert saved["refit_at"] is not None and [f["kind"] for f in saved["fits"]] == ["fit"]
@@ -138,12 +138,12 @@ def test_a_budgeted_run_cut_before_its_check_checks_on_resume(runs_dir, clock_fr
 
 
 def test_a_finished_budget_extends_by_new_minutes_at_its_final_lr(runs_dir, clock_from_now, capsys):
-    assert cli_train(runs_dir, "--minutes", "0.05", "--run-name", "ext", "--warmup-steps", "2", "--log-every", "1") == 0
+    assert cli_train(runs_dir, "--minutes", "0.1", "--run-name", "ext", "--warmup-steps", "2", "--log-every", "1") == 0
     first = json.loads((run_dir(runs_dir, "ext") / "run.json").read_text())["max_steps"]
     capsys.readouterr()
-    assert cli_train(runs_dir, "--resume", "ext", "--minutes", "0.05", "--log-every", "1") == 0
+    assert cli_train(runs_dir, "--resume", "ext", "--minutes", "0.1", "--log-every", "1") == 0
     assert "already at step" in capsys.readouterr().out  # the same minutes: nothing more to do
-    assert cli_train(runs_dir, "--resume", "ext", "--minutes", "0.04", "--log-every", "1") == 0
+    assert cli_train(runs_dir, "--resume", "ext", "--minutes", "0.06", "--log-every", "1") == 0
     info = json.loads((run_dir(runs_dir, "ext") / "run.json").read_text())
     assert info["step"] > first and any(f.get("kind") == "extension" for f in info["budget"]["fits"])
     lrs = dict(tb_scalars(run_dir(runs_dir, "ext") / "simple", "train/lr"))
@@ -190,9 +190,9 @@ def test_part_of_an_evaluation_runs_the_share_it_reports(command, tmp_path, monk
     """A budget times a part of an evaluation and scales it up (engine/periodic._probe): the share
     a task reports must be the share of an evaluation's work that ran, in the same batch sizes."""
     import torch
+    from helpers import made_up_text
 
     import trainlab.multiply.task as multiply_task
-    from helpers import made_up_text
 
     torch.manual_seed(0)
     if command == "chat":
@@ -206,8 +206,11 @@ def test_part_of_an_evaluation_runs_the_share_it_reports(command, tmp_path, monk
     work: list[tuple[str, int]] = []  # (what, rows) of every batch of work the evaluation did
     if command == "chat":
         inner = task.windows_loss
-        monkeypatch.setattr(task, "windows_loss", lambda m, split, starts, bs: (
-            work.extend(("window", len(starts[i:i + bs])) for i in range(0, len(starts), bs)), inner(m, split, starts, bs))[1])
+        def counted(m, split, starts, bs):
+            work.extend(("window", len(starts[i:i + bs])) for i in range(0, len(starts), bs))
+            return inner(m, split, starts, bs)
+
+        monkeypatch.setattr(task, "windows_loss", counted)
     else:
         decode, forced = multiply_task.decode_problems, task.teacher_forced_loss
         monkeypatch.setattr(multiply_task, "decode_problems", lambda m, d, idx, bs=1024: (

@@ -24,7 +24,6 @@ from trainlab.engine.state import LoopState
 from trainlab.engine.task import Evaluation, Task
 from trainlab.engine.train_config import TrainConfig
 
-
 # timing fp32 against bf16 stops after a round where the modes passed over would lose even if
 # this much faster: 2x apart on a bf16 CPU, more rounds would not change the choice
 DECISIVE_SLACK = 0.25

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import torch
 import torch.nn as nn
 
-
 if TYPE_CHECKING:
     from trainlab.engine.member import Summary
     from trainlab.engine.tracking import Run
