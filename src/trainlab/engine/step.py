@@ -301,8 +301,7 @@ def evaluate_part(task: Task, m: Member, step: int, batch_size: int, device: tor
     share of a whole evaluation that ran (1.0 where the task cannot run a part: then it ran all
     of one). Under the member's autocast and the same out-of-memory retries as an evaluation."""
     if not hasattr(task, "evaluate_part"):
-        _evaluating(lambda limit: task.evaluate(m.name, m.model, step, limit), m, step, batch_size, device,
-                    lambda line: None)
+        evaluate_member(task, m, step, batch_size, device, lambda line: None)
         return 1.0
     return float(_evaluating(lambda limit: task.evaluate_part(m.name, m.model, step, limit, part),  # type: ignore[attr-defined]
                              m, step, batch_size, device, lambda line: None))

@@ -46,8 +46,10 @@ class Task(Protocol):
     Optional, found with ``getattr``: ``evaluate_part(member, model, step, batch_limit,
     part) -> float`` runs about ``part`` of what ``evaluate`` runs, in the same batch sizes,
     and returns the share of it that ran (a time budget times it instead of a whole
-    evaluation); ``report_cost() -> float``, the report's own scoring in evaluations;
-    ``report_in_fp32``, True where the report scores in fp32 whatever the run trained in."""
+    evaluation); ``report_part(models, part) -> float``, the same for the report's own
+    scoring (models: name -> module, as the report scores them); where a task has no
+    ``report_part``, ``report_cost() -> float`` (that scoring in evaluations) and
+    ``report_in_fp32`` (True where the report scores in fp32 whatever the run trained in)."""
 
     name: str  # folder under runs_dir, and the task id stored in checkpoints
     best_metric: tuple[str, str]  # (evaluation metric, "max"|"min"): picks the best checkpoint
