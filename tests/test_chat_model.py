@@ -190,9 +190,11 @@ def test_cpu_half_precision_training_takes_the_written_out_path_with_the_same_lo
 
     q = torch.zeros(1, 1, 2, 4)
     assert not chat_model.written_out_is_faster(q)  # fp32: the fused kernel is the faster
+    assert chat_model.written_out_is_faster(q, 0.1)  # unless with dropout, which it cannot fuse on a CPU
     assert chat_model.written_out_is_faster(q.bfloat16()) and chat_model.written_out_is_faster(q.half())
     with torch.no_grad():
         assert not chat_model.written_out_is_faster(q.bfloat16())  # forward only: fused is faster
+        assert not chat_model.written_out_is_faster(q, 0.1)
     taken = []
     real = chat_model.causal_attend
     monkeypatch.setattr(chat_model, "causal_attend", lambda *a: taken.append(a[0].dtype) or real(*a))

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from trainlab.chat.config import GPTConfig
+from trainlab.engine.dropout import Dropout
+from trainlab.engine.dropout import dropout as drop
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per block: keys and values, (B, H, T, hd) each
 RMS_EPS = 1e-6  # RMSNorm's epsilon (Llama's and Qwen3's default, which the export writes)
@@ -84,15 +86,19 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos.to(x.dtype) + turned * sin.to(x.dtype)
 
 
-def written_out_is_faster(q: torch.Tensor) -> bool:
+def written_out_is_faster(q: torch.Tensor, dropout: float = 0.0) -> bool:
     """Whether a training pass should attend through ``causal_attend`` rather than
-    ``scaled_dot_product_attention``: on a CPU in bf16 or fp16 with gradients on. There the
+    ``scaled_dot_product_attention``: on a CPU with gradients on, in bf16 or fp16, or with
+    dropout. With dropout the fused kernels do not run on a CPU anyway: PyTorch falls back to
+    the written-out product with its own, dearer mask (engine/dropout.py). In bf16 the
     flash kernel's backward is far slower than plain matmuls at the chat presets' sizes: a
     forward and backward took 23.9 ms against 4.8 ms at chat-90s's (batch 64, 4 heads, context
     64, head width 48), 12.2 against 3.7 at chat-quick's, 28.9 against 26.1 at context 256 (an
     AMX Xeon, benchmarks/attention_paths.py). In fp32 (0.7-0.9x) and without gradients the
     fused kernel is the faster, so it stays there."""
-    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
+    if q.device.type != "cpu" or not torch.is_grad_enabled():
+        return False
+    return q.dtype in (torch.bfloat16, torch.float16) or dropout > 0
 
 
 def causal_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
@@ -102,8 +108,7 @@ def causal_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: fl
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, T)
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)  # (T, T)
     att = torch.softmax(att.masked_fill(future, float("-inf")), dim=-1, dtype=torch.float32).to(v.dtype)
-    if dropout > 0:
-        att = F.dropout(att, dropout)
+    att = drop(att, dropout)  # (B, H, T, T)
     return att @ v  # (B, H, T, hd)
 
 
@@ -118,7 +123,7 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = nn.RMSNorm(cfg.head_dim, eps=RMS_EPS)
         self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
-        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.resid_drop = Dropout(cfg.dropout)
 
     def heads(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor] | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,7 +147,7 @@ class CausalSelfAttention(nn.Module):
             k = torch.cat([cache[0], k], dim=2)  # (B, H, P+T, hd)
             v = torch.cat([cache[1], v], dim=2)
         P = k.shape[2] - T  # positions already cached
-        if P == 0 and written_out_is_faster(q):
+        if P == 0 and written_out_is_faster(q, self.dropout if self.training else 0.0):
             y = causal_attend(q, k, v, self.dropout if self.training else 0.0)
         elif P == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
@@ -165,7 +170,7 @@ class MLP(nn.Module):
         if cfg.mlp == "swiglu":
             self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
@@ -207,7 +212,7 @@ class GPT(nn.Module):
             cos, sin = rotary_tables(cfg)
             self.register_buffer("rot_cos", cos, persistent=False)
             self.register_buffer("rot_sin", sin, persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.ln_f = make_norm(cfg, cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

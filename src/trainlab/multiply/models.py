@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from trainlab.engine.dropout import Dropout
 from trainlab.multiply.config import BOS, EOS, PAD, Seq2SeqConfig
 
 
@@ -92,7 +93,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.proj(F.gelu(self.fc(x))))
@@ -103,7 +104,7 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
         self.ln2, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln1(x), key_mask=key_mask))
@@ -123,7 +124,7 @@ class CrossBlock(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.d_model) if self_attn else None
         self.ln2, self.cross = nn.LayerNorm(cfg.d_model), Attention(cfg)
         self.ln3, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None) -> torch.Tensor:
         if self.self_attn is not None:
@@ -156,7 +157,7 @@ class SimpleTransformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, D)
         self.src_pos = nn.Embedding(cfg.src_len, D)
         self.tgt_pos = nn.Embedding(cfg.tgt_len, D)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.num_layers))
         self.ln_enc = nn.LayerNorm(D)
         self.decoder = nn.ModuleList(CrossBlock(cfg, self_attn=True) for _ in range(cfg.n_dec))
