@@ -18,6 +18,12 @@ def _abort_at_start(signum, frame) -> None:
 
 
 def main() -> int:
+    try:
+        from trainlab.allocator import use_tcmalloc
+    except ImportError:  # run from a checkout without `pip install -e .`
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+        from trainlab.allocator import use_tcmalloc
+    use_tcmalloc()  # may start this command again, with tcmalloc: before PyTorch loads
     previous = signal.signal(signal.SIGINT, _abort_at_start)
     try:
         import torch  # noqa: F401

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainlab.allocator import use_tcmalloc
 from trainlab.engine.precision import cpu_summary
+
+# in-process figures with the malloc the trainlab command runs with (tcmalloc where installed:
+# src/trainlab/allocator.py); the machine line says which. Only when a benchmark script is the
+# program: a test importing these helpers must not be restarted
+if Path(sys.argv[0]).resolve().parent == Path(__file__).resolve().parent:
+    use_tcmalloc()
 
 
 def print_machine() -> None:

@@ -5,7 +5,7 @@ a lazy import hides a cycle from Python at import time, not from a reader.
 
 Layers, from the bottom (a module may import its own layer and those below):
 
-    0  trainlab, config, stats, presets
+    0  trainlab, config, stats, presets, allocator
     1  engine/
     2  the tasks' own modules: multiply/, chat/
     3  runs (the run path)

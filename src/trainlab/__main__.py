@@ -9,6 +9,8 @@ import os
 import signal
 import sys
 
+from trainlab.allocator import use_tcmalloc
+
 
 def _abort_at_start(signum, frame) -> None:
     os.write(2, b"trainlab: aborted\n")
@@ -16,6 +18,7 @@ def _abort_at_start(signum, frame) -> None:
 
 
 def main() -> int:
+    use_tcmalloc()  # may start this command again, with tcmalloc (allocator.py): before PyTorch loads
     previous = signal.signal(signal.SIGINT, _abort_at_start)
     try:
         from trainlab.cli import main as cli_main
