@@ -82,7 +82,7 @@ def test_a_budgeted_run_ends_in_time_decayed_and_records_its_fits(runs_dir, cloc
     # in-process (no interpreter start-up), beside another test worker: loose bounds here; the
     # accuracy itself (within 3%, from outside the process) is benchmarks/minutes_accuracy.py's
     assert 6 * 0.6 <= took <= 6 * 1.5, took
-    assert info["status"] == "finished" and info["step"] == steps and b["steps"] == steps > 20
+    assert info["status"] == "finished" and info["step"] == steps and b["steps"] == steps > 10
     assert b["fits"][0]["kind"] == "fit" and b["fits"][0]["at_step"] == 5 and b["fits"][1]["kind"] == "refit"
     assert info["config"]["train"]["max_steps"] == steps and info["config"]["train"]["minutes"] == 0.1
     assert info["config"]["train"]["eval_every"] > 5  # evaluations made rarer to fit their share
@@ -266,3 +266,22 @@ def test_a_budget_times_part_of_an_evaluation_and_scales_it_up(runs_dir, clock_f
     assert 1.0 <= fit["costs"]["eval"] < 1.5, fit  # both members' whole evaluations
     # the end: the last evaluation, the report's scoring as timed (not evaluations times a ratio), the rest
     assert 1.0 + 1.0 + engine_budget.END_SECONDS <= fit["end"] < 1.5 + 1.5 + engine_budget.END_SECONDS + 0.5, fit
+
+
+def test_a_refit_places_the_checks_still_ahead_on_its_own_plan():
+    """A first pace 30% slow planned too few steps; the refit's plan is longer, and its checks
+    reach the shares of it (the last at 85%), not where the first plan put them."""
+    b = Budget(20.0, time.monotonic() + 1180, fit_at=5)
+    asked = {"eval": 500, "sample": 0, "save": 1000}
+    costs, never = {"eval": 5.0}, lambda n: float("inf")
+    first = b.fit("fit", 5, 1.0, costs, asked, 10.0, None, 100, never)
+    planned = [b.refit_at] + b.checks
+    assert planned == [5 + round(c * (first.steps - 5)) for c in engine_budget.CHECKS]
+    check = b.refit_at
+    b.deadline = time.monotonic() + 1180 - check * 1.0  # as if the steps so far took the slow pace
+    longer = b.fit("refit", check, 0.72, costs, asked, 10.0, first.steps, 100, never)
+    assert longer is not None and longer.steps > 1.3 * first.steps
+    ahead = [b.refit_at] + b.checks
+    assert ahead == [5 + round(c * (longer.steps - 5)) for c in engine_budget.CHECKS[1:]]
+    assert ahead[-1] > max(planned) and ahead[-1] / longer.steps > 0.8
+    assert ahead[0] - check >= engine_budget.CHECK_GAP * (longer.steps - 5)  # not a second check at once
