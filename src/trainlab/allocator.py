@@ -1,12 +1,14 @@
-"""tcmalloc for the process where the machine has it: CPU training steps 1.1x faster.
+"""tcmalloc for the process where the machine has it: CPU training steps up to 1.14x faster.
 
 A training step allocates a few dozen tensors of 1-11 MB and frees them again. glibc's malloc
 hands such blocks back to the kernel when they are freed, so the next step's tensors fault
 their pages in again, zeroed: on a 2-core EPYC, ``x * y`` of a (32, 128, 688) fp32 output
 took 1-4 ms that way against 0.45 ms with tcmalloc, which keeps freed memory for reuse
-(550-640 page faults a product against none). A whole ``chat-20min`` fp32 step was 1.14x
-faster (845 against 738 ms, four alternated runs of each). PyTorch's CPU performance guide
-recommends the same. Which malloc a process uses is decided when it starts, so the
+(550-640 page faults a product against none; glibc stops faulting in some processes, once it
+has raised its mmap threshold). A whole ``chat-20min`` fp32 step was 0.96-1.14x faster, 1.07x
+over 12 alternated runs of each (``benchmarks/allocator.py``, results/allocator/): modest
+beside this machine's noise, and it costs one interpreter start-up. PyTorch's CPU
+performance guide recommends the same. Which malloc a process uses is decided when it starts, so the
 ``trainlab`` command (and ``main.py``) starts itself once more with gperftools' tcmalloc
 preloaded when the machine has it (Debian and Ubuntu: ``apt install libtcmalloc-minimal4``)
 and nothing else is preloaded. That costs one interpreter start-up (tens of milliseconds),

@@ -73,7 +73,7 @@ def cpu_summary() -> str:
     flags = {"avx2": _cpu_flag("_is_avx2_supported"), "avx512f": _cpu_flag("_is_avx512_supported"),
              "avx512_bf16": _cpu_flag("_is_avx512_bf16_supported"), "amx_bf16": _cpu_flag("_is_amx_tile_supported")}
     shown = " ".join(name for name, present in flags.items() if present) or "none of avx2/avx512f/avx512_bf16/amx_bf16"
-    malloc = ", tcmalloc" if allocator.loaded() else ""  # allocator.py: 1.1x faster steps
+    malloc = ", tcmalloc" if allocator.loaded() else ""  # allocator.py: figures name their malloc
     return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{malloc}; flags: {shown}"
 
 
