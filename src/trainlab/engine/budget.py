@@ -251,7 +251,7 @@ class Budget:
         start = next((f["at_step"] for f in reversed(self.fits) if f["kind"] == "fit"), step)
         at = sorted({start + max(FIT_AFTER, round(c * (p.steps - start))) for c in CHECKS})
         soonest = step + (0 if kind == "fit" else max(FIT_AFTER, round(CHECK_GAP * (p.steps - start))))
-        at = [c for c in at if soonest <= c < min(p.steps, decay_from(p.steps)) and c > step]
+        at = [c for c in at if soonest <= c < min(p.steps, decay_from(p.steps))]
         self.refit_at, self.checks = (at[0], at[1:]) if at else (None, [])
         return p
 
