@@ -32,7 +32,7 @@ def test_it_restarts_only_on_linux_with_a_library_and_nothing_preloaded():
     assert allocator.restart_env({allocator.PRELOADED: "1", "LD_PRELOAD": lib}, lib, "linux") is None  # restarted
 
 
-PROBE = ("import os, sys; from trainlab import allocator; allocator.use_tcmalloc(); "
+PROBE = ("import os, sys; from trainlab import allocator; allocator.use_tcmalloc(); allocator.use_tcmalloc(); "
          "print(allocator.loaded(), os.environ.get('LD_PRELOAD'), os.environ.get(allocator.PRELOADED), sys.argv[1:])")
 
 

@@ -58,6 +58,8 @@ def use_tcmalloc() -> None:
     if os.environ.pop(PRELOADED, None) is not None:
         os.environ.pop("LD_PRELOAD", None)
         return
+    if loaded() is not None:  # a second call in a restarted process (its marker is gone): never again
+        return
     env = restart_env(os.environ, find_tcmalloc())
     if env is None:
         return
