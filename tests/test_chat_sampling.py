@@ -102,7 +102,8 @@ def test_stop_boundaries(text, stop_at, min_chars, keep):
 
 
 class Scripted(nn.Module):
-    """A 'model' that puts all its mass on the next character of a script (cache-compatible)."""
+    """A 'model' that puts all its mass on the next character of a script: its forward fills
+    the cache, its ``decode`` (a decoding pass's signature) continues it."""
 
     def __init__(self, script: str, chars: str, context_len: int = 64) -> None:
         super().__init__()
@@ -118,13 +119,17 @@ class Scripted(nn.Module):
         logits[0, -1, self.chars.index(self.script[min(self.seen, len(self.script) - 1)])] = 10.0
         return logits, [(torch.zeros(1, 1, n, 1), torch.zeros(1, 1, n, 1))]
 
+    def decode(self, tokens, positions, before, keys, values):
+        logits, _ = self(tokens[:, None])
+        return logits[:, 0], torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1)
+
 
 def run_script(script, **kw):
     chars = "".join(sorted(set(script)))
     model = Scripted(script, chars)
     cfg = SamplingConfig(temperature=0, **kw)
     prompt = [chars.index(script[0])]
-    return list(generate(model, prompt, cfg, lambda i: chars[i], torch.Generator()))
+    return list(generate(model, prompt, cfg, lambda i: chars[i], torch.Generator(), decoder=model.decode))
 
 
 def test_streaming_stops_at_boundaries_and_never_takes_back_text():

@@ -228,7 +228,7 @@ def test_repl_command_reads_stdin(runs_dir, corpus, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["chat", "repl", "--checkpoint", "cmd", "--runs-dir", str(runs_dir), "--device", "cpu",
                  "--style", "inline", "--user-name", "ANNA", "--bot-name", "BORIS", "--seed", "0",
-                 "--max-new-tokens", "5"]) == 0
+                 "--max-new-tokens", "5", "--decode", "plain"]) == 0
     out = capsys.readouterr().out
     assert "chatting as ANNA with BORIS (inline turns)" in out and "ANNA: BORIS: " in out
     assert main(["chat", "repl", "--checkpoint", "cmd", "--runs-dir", str(runs_dir), "--bot-name", "A:B"]) == 2

@@ -134,7 +134,7 @@ def test_generate_leaves_cleanly_on_sigterm(runs_dir, tmp_path):
     corpus.write_text(made_up_text(), encoding="utf-8")
     assert chat_train(runs_dir, corpus, "--run-name", "gen", "--max-steps", "2") == 0
     p = spawn("chat", "generate", "--checkpoint", "gen", "--runs-dir", str(runs_dir), "--max-new-tokens", "100000",
-              "--device", "cpu", "--seed", "1")
+              "--device", "cpu", "--seed", "1", "--decode", "plain")
     assert p.stdout.read(20)  # it is generating
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)

@@ -90,11 +90,12 @@ def encode_warn(vocab: CharVocab, text: str, warn: Callable[[str], None]) -> lis
 
 
 def complete(cm: ChatModel, ids: list[int], cfg: SamplingConfig, generator: torch.Generator,
-             tuner: ThreadTuner | None = None) -> Iterator[str]:
-    """Stream a completion of ``ids``; an empty prompt starts from a new line."""
+             tuner: ThreadTuner | None = None, decoder=None) -> Iterator[str]:
+    """Stream a completion of ``ids``; an empty prompt starts from a new line. ``decoder``: a
+    ``chat.decoding.Decoder`` (default: the plain pass)."""
     start = cm.vocab.encode_known("\n")[0]
     return generate(cm.model, ids, cfg, lambda i: cm.vocab.chars[i], generator,
-                    fallback_start=int(start[0]) if len(start) else 0, tuner=tuner)
+                    fallback_start=int(start[0]) if len(start) else 0, tuner=tuner, decoder=decoder)
 
 
 @dataclass
@@ -135,11 +136,15 @@ def default_dialogue(saved: dict, style: str | None, user: str | None, bot: str 
 
 
 def repl(cm: ChatModel, dialogue: Dialogue, cfg: SamplingConfig, generator: torch.Generator,
-         inp: TextIO | None = None, out: TextIO | None = None, warn: Callable[[str], None] | None = None) -> int:
+         inp: TextIO | None = None, out: TextIO | None = None, warn: Callable[[str], None] | None = None,
+         decoder=None) -> int:
     """Chat until end of input, ``/quit`` or Ctrl+C at the prompt; ``/reset`` forgets the
     conversation. Ctrl+C during an answer stops that answer (it is left out of the
-    conversation) and returns to the prompt."""
-    tuner = ThreadTuner(enabled=next(cm.model.parameters()).device.type == "cpu")
+    conversation) and returns to the prompt. ``decoder``: a ``chat.decoding.Decoder``
+    (default: the plain pass); a compiled one is specialised to the thread count, so the
+    thread count is then not tuned."""
+    compiled = decoder is not None and decoder.compiled is not None
+    tuner = ThreadTuner(enabled=next(cm.model.parameters()).device.type == "cpu" and not compiled)
     inp, out = inp or sys.stdin, out or sys.stdout
     warn = warn or (lambda line: print(line, file=sys.stderr))
     if cfg.stop_at == "none":
@@ -175,7 +180,8 @@ def repl(cm: ChatModel, dialogue: Dialogue, cfg: SamplingConfig, generator: torc
         out.write(f"{dialogue.bot}: ")
         reply = ""
         try:
-            for piece in generate(cm.model, prompt, cfg, lambda i: cm.vocab.chars[i], generator, tuner=tuner):
+            for piece in generate(cm.model, prompt, cfg, lambda i: cm.vocab.chars[i], generator, tuner=tuner,
+                                  decoder=decoder):
                 reply += piece
                 out.write(piece)
                 out.flush()

@@ -112,29 +112,33 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 @torch.no_grad()
 def generate(model, prompt: list[int], cfg: SamplingConfig, decode: Callable[[int], str],
-             generator: torch.Generator, fallback_start: int = 0, tuner=None) -> Iterator[str]:
+             generator: torch.Generator, fallback_start: int = 0, tuner=None, decoder=None) -> Iterator[str]:
     """Stream the completion of ``prompt`` (token ids) piece by piece.
 
     Trailing whitespace is held back until a later character shows it is not a
     boundary, so nothing streamed is ever taken back. The model sees at most its
-    context: when the cache fills it is rebuilt from the last three quarters of it
-    (learned positions cannot slide), costing one window's forward pass every
+    context: the prompt's last window goes in as one pass, then each character is one
+    ``decoder`` pass (a ``chat.decoding.Decoder``; default: the plain pass) over a
+    fixed-shape cache; when the cache fills it is rebuilt from the last three quarters
+    of it (learned positions cannot slide), costing one window's pass every
     ``context_len / 4`` characters. ``tuner`` (an ``engine.threads.ThreadTuner``) picks
     the thread count of the one-character steps by timing them."""
+    from trainlab.chat.decoding import Decoder, RowCache
+
     step = tuner.run if tuner is not None else (lambda fn: fn())
+    decoder = decoder if decoder is not None else Decoder(model, compiled=False)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     ctx = model.cfg.context_len
     keep = max(1, ctx - ctx // 4)
     tokens = list(prompt) or [fallback_start]
+    cache = RowCache(model)
     try:
-        window = tokens[-ctx:]
-        logits, cache = model(torch.tensor([window], device=device))
+        logits = cache.fill(model, tokens[-ctx:])
         text, sent = "", 0
         for _ in range(cfg.max_new_tokens):
-            tok = next_token(logits[0, -1].float(), torch.tensor(tokens[-cfg.repetition_window:] if cfg.repetition_window
-                                                         else [], dtype=torch.long), cfg, generator)
+            tok = next_token(logits.float(), torch.tensor(tokens[-cfg.repetition_window:] if cfg.repetition_window
+                                                          else [], dtype=torch.long), cfg, generator)
             tokens.append(tok)
             text += decode(tok)
             end = stop_length(text, cfg.stop_at, cfg.min_new_tokens)
@@ -145,11 +149,10 @@ def generate(model, prompt: list[int], cfg: SamplingConfig, decode: Callable[[in
             if ready > sent:
                 yield text[sent:ready]
                 sent = ready
-            if cache[0][0].shape[2] >= ctx:
-                logits, cache = model(torch.tensor([tokens[-keep:]], device=device))
+            if cache.length >= ctx:
+                logits = cache.fill(model, tokens[-keep:])
             else:
-                before = torch.tensor([tokens[-2]], device=device)  # what a pair-embedding model reads too
-                logits, cache = step(lambda: model(torch.tensor([[tok]], device=device), cache, before))
+                logits = step(lambda: cache.step(decoder, tok))
         if len(text) > sent:
             yield text[sent:]
     finally:

@@ -1,0 +1,227 @@
+"""One decoding pass: a new character for each of R rows, over their cached keys and values,
+written so that a compiler can run it at the speed of reading the weights once.
+
+A batch-1 eager pass of the 14M model took 4-6 ms on a 2-core CPU where reading its 57 MB
+of weights once takes 1.3-1.8 ms: MKL's product of 1 to 8 rows with a weight matrix that is
+not in cache streams it at a third of the bandwidth or less, and its 4-row product costs
+3x its 1-row one. Here every linear layer is written as what it is for a few rows, a dot
+product of each weight row with each input row (``rowwise_linear``): compiled by inductor,
+the loop takes one weight row at a time, reads it once for every input row and sums each
+output in the same order whatever the number of rows or threads. So one pass serves
+``generate``, the repl and the server alike, and a stream's text is the same alone, among
+others and on any thread count (``Decoder.check`` asserts it on the machine at hand).
+
+Attention is written out the same way (products and sums, no matmul): the new position's
+key and value join the cached ones inside the pass, and the caller writes them into its
+cache after it, so the pass reads its inputs and writes nothing (a compiled graph that
+wrote into a cache handed to it copied the whole cache each call).
+
+Without a compiler the same pass runs eagerly with ``F.linear`` (``decode_pass(...,
+linear=F.linear)``): as fast as before this module, without the row-count guarantee.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from trainlab.chat.model import GPT, rotate
+
+Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def rowwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` (R, K) times ``weight`` (N, K) transposed, plus ``bias``: (R, N), written as N * R dot
+    products, weight row outermost. Eagerly this builds an (N, R, K) product and is slow;
+    compiled, it is one loop that reads each weight row once for all R rows, and each dot
+    product is summed in an order that does not depend on R or on the thread count."""
+    out = (weight[:, None, :] * x[None, :, :]).sum(-1).t()  # (R, N)
+    return out if bias is None else out + bias
+
+
+def decode_pass(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, before: torch.Tensor,
+                keys: torch.Tensor, values: torch.Tensor, linear: Linear = rowwise_linear
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One new token per row: ``tokens`` (R,) at ``positions`` (R,), each after the token
+    ``before`` (R,; ``vocab_size``: none), attending to its row's cached ``keys`` and ``values``
+    (L, R, H, S, hd) at the positions below its own (the rest of the S are ignored) and to
+    itself. Returns (logits (R, V), the new keys and values (L, R, H, hd) each), which the
+    caller stores at ``positions``. The same arithmetic as ``GPT.forward`` continuing a cache."""
+    cfg = model.cfg
+    R, S = tokens.shape[0], keys.shape[3]
+    H, D = cfg.nhead, cfg.d_model
+    hd = D // H
+    x, rot = model.embed(tokens[:, None], positions[:, None], before)  # (R, 1, D)
+    x = x[:, 0]  # (R, D)
+    seen = (torch.arange(S, device=tokens.device)[None, :] < positions[:, None])[:, None, :]  # (R, 1, S)
+    scale = 1.0 / math.sqrt(hd)
+    new_k, new_v = [], []
+    for i, block in enumerate(model.blocks):
+        attn = block.attn
+        q, k, v = linear(block.ln1(x), attn.qkv.weight, attn.qkv.bias).view(R, 3, H, hd).unbind(1)  # (R, H, hd) each
+        if attn.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        if rot is not None:
+            cos, sin = rot[0][:, 0], rot[1][:, 0]  # (R, 1, hd)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        new_k.append(k)
+        new_v.append(v)
+        cached = (q[:, :, None, :] * keys[i]).sum(-1) * scale  # (R, H, S)
+        own = (q * k).sum(-1, keepdim=True) * scale  # (R, H, 1)
+        w = torch.softmax(torch.cat([cached.masked_fill(~seen, float("-inf")), own], dim=-1), dim=-1)  # (R, H, S+1)
+        y = (w[..., :S, None] * values[i]).sum(-2) + w[..., S:] * v  # (R, H, hd)
+        x = x + linear(y.reshape(R, D), attn.proj.weight, attn.proj.bias)
+        h = block.ln2(x)
+        mlp = block.mlp
+        if mlp.kind == "swiglu":
+            h = F.silu(linear(h, mlp.gate.weight, mlp.gate.bias)) * linear(h, mlp.up.weight, mlp.up.bias)
+        elif mlp.kind == "relu2":
+            h = F.relu(linear(h, mlp.up.weight, mlp.up.bias)).square()
+        else:
+            h = F.gelu(linear(h, mlp.up.weight, mlp.up.bias))
+        x = x + linear(h, mlp.down.weight, mlp.down.bias)
+    logits = linear(model.ln_f(x), model.head.weight, None)  # (R, V)
+    c = cfg.logit_softcap
+    if c:
+        logits = c * torch.tanh(logits / c)
+    return logits, torch.stack(new_k), torch.stack(new_v)  # (R, V), (L, R, H, hd) x 2
+
+
+class RowCache:
+    """Keys and values of one sequence in fixed-shape buffers, (L, 1, H, ctx, hd) each, for
+    ``generate`` and the repl: a new position is written in place, where growing the cache with
+    ``torch.cat`` copied all of it for every character (a quarter of an eager pass's time)."""
+
+    def __init__(self, model: GPT) -> None:
+        cfg = model.cfg
+        p = next(model.parameters())
+        shape = (cfg.num_layers, 1, cfg.nhead, cfg.context_len, cfg.d_model // cfg.nhead)
+        self.keys = torch.zeros(shape, device=p.device, dtype=p.dtype)  # (L, 1, H, ctx, hd)
+        self.values = torch.zeros(shape, device=p.device, dtype=p.dtype)
+        self.length = 0
+        self.last = model.cfg.vocab_size  # the token at the last position (vocab_size: none yet)
+
+    def fill(self, model: GPT, tokens: list[int]) -> torch.Tensor:
+        """Start over from ``tokens`` (at most the context) in one pass of the model: the logits
+        after the last one (V,)."""
+        idx = torch.tensor([tokens], device=self.keys.device)  # (1, T)
+        logits, cache = model(idx)
+        T = len(tokens)
+        for i, (k, v) in enumerate(cache):
+            self.keys[i, :, :, :T] = k
+            self.values[i, :, :, :T] = v
+        self.length, self.last = T, tokens[-1]
+        return logits[0, -1]
+
+    def step(self, decode: Callable, token: int) -> torch.Tensor:
+        """``token`` at the next position through ``decode`` (a ``decode_pass``): its logits (V,)."""
+        device = self.keys.device
+        pos = self.length
+        logits, k, v = decode(torch.tensor([token], device=device), torch.tensor([pos], device=device),
+                              torch.tensor([self.last], device=device), self.keys, self.values)
+        self.keys[:, :, :, pos] = k  # (L, 1, H, hd)
+        self.values[:, :, :, pos] = v
+        self.length, self.last = pos + 1, token
+        return logits[0]
+
+
+def compile_cache_dir(root: Path, model: GPT) -> Path:
+    """Where compiled decoding passes of models shaped like ``model`` are kept under ``root``:
+    one folder per model shape, dtype, torch version and CPU, so a cache is never read by a
+    build it was not made for."""
+    from trainlab.engine.precision import cpu_summary
+
+    p = next(model.parameters())
+    key = json.dumps({"model": asdict(model.cfg), "dtype": str(p.dtype), "device": p.device.type,
+                      "torch": torch.__version__, "cpu": cpu_summary()}, sort_keys=True)
+    return root / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class Decoder:
+    """``decode_pass`` of one model as a command runs it: compiled by inductor (``prepare``,
+    at start-up) where that works and agrees with the plain pass, else the plain pass with
+    ``F.linear`` (one line says why). Compiled code is specialised to the thread count, so
+    ``prepare`` compiles for each count the thread tuner may pick."""
+
+    def __init__(self, model: GPT, compiled: bool = True, cache_root: Path | None = None) -> None:
+        self.model, self.cache_root = model, cache_root
+        p = next(model.parameters())
+        self.compiled: Callable | None = None
+        self.wanted = compiled and p.device.type == "cpu" and p.dtype == torch.float32
+        self.note = "decoding: plain pass"
+        if compiled and not self.wanted:
+            self.note += (f" (compiled decoding is for fp32 weights on a CPU; these are {str(p.dtype)[6:]} on "
+                          f"{p.device.type})")
+
+    def __call__(self, tokens, positions, before, keys, values):
+        if self.compiled is not None:
+            return self.compiled(tokens, positions, before, keys, values)
+        return decode_pass(self.model, tokens, positions, before, keys, values, linear=F.linear)
+
+    def prepare(self, threads: tuple[int, ...] = ()) -> str:
+        """Compile for each of ``threads`` (default: the current count), check the compiled pass
+        against the plain one on random inputs, and keep it only if it agrees; one line on
+        what was done, also kept in ``note``."""
+        if not self.wanted:
+            return self.note
+        threads = tuple(threads) or (torch.get_num_threads(),)
+        t0 = time.perf_counter()
+        for attempt in (1, 2):
+            try:
+                self.compiled = self._compile(threads)
+                break
+            except Exception as e:  # noqa: BLE001 (no compiler, a damaged cache: the plain pass serves)
+                self.compiled = None
+                torch._dynamo.reset()
+                if attempt == 1 and self.cache_dir is not None and self.cache_dir.exists():
+                    shutil.rmtree(self.cache_dir, ignore_errors=True)  # a damaged cache is rebuilt, never trusted
+                    continue
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                self.note = f"decoding: plain pass (compiling failed: {why})"
+                return self.note
+        where = f", cache {self.cache_dir}" if self.cache_root is not None else ""
+        self.note = f"decoding: compiled in {time.perf_counter() - t0:.1f} s{where}"
+        return self.note
+
+    @property
+    def cache_dir(self) -> Path | None:
+        return None if self.cache_root is None else compile_cache_dir(self.cache_root, self.model)
+
+    def _compile(self, threads: tuple[int, ...]) -> Callable:
+        import os
+
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_dir)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(threads))
+        model = self.model
+        fn = torch.compile(functools.partial(decode_pass, model), dynamic=False, fullgraph=True)
+        cache = RowCache(model)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        cache.keys.copy_(torch.randn(cache.keys.shape, generator=g))
+        cache.values.copy_(torch.randn(cache.values.shape, generator=g))
+        V, ctx = model.cfg.vocab_size, model.cfg.context_len
+        args = (torch.tensor([1 % V]), torch.tensor([ctx // 2]), torch.tensor([2 % V]), cache.keys, cache.values)
+        previous = torch.get_num_threads()
+        try:
+            with torch.no_grad():
+                plain = decode_pass(model, *args, linear=F.linear)[0]
+                for n in threads:
+                    torch.set_num_threads(n)
+                    got = fn(*args)[0]
+                    if not torch.allclose(got, plain, rtol=1e-3, atol=1e-3 * float(plain.abs().max())):
+                        raise RuntimeError(f"the compiled pass differs from the plain one by "
+                                           f"{float((got - plain).abs().max()):.2e} at {n} threads")
+        finally:
+            torch.set_num_threads(previous)
+        return fn

@@ -1,0 +1,131 @@
+"""The decoding pass (chat/decoding.py): the same numbers as the model's own forward, a
+fixed-shape cache for generate, and the compiled pass with its cache under the runs folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import chat_train, made_up_text
+
+from trainlab.chat.config import GPTConfig, SamplingConfig
+from trainlab.chat.decoding import Decoder, RowCache, compile_cache_dir, decode_pass, rowwise_linear
+from trainlab.chat.model import GPT
+from trainlab.chat.sampling import generate
+
+MODERN = dict(d_model=32, nhead=4, num_layers=2, context_len=16, dropout=0.0, vocab_size=11, positions="rotary",
+              norm="rmsnorm", qk_norm=True, mlp="swiglu", tie_weights=False, pair_embedding=True)
+CLASSIC = dict(d_model=32, nhead=4, num_layers=2, context_len=16, dropout=0.0, vocab_size=11, bias=True,
+               mlp="relu2", logit_softcap=15.0)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_model(**kw) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**kw)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised projections and pair table would hide mistakes
+            p.copy_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def test_rowwise_linear_is_a_linear_layer():
+    x, w, b = torch.randn(3, 20), torch.randn(7, 20), torch.randn(7)
+    torch.testing.assert_close(rowwise_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rowwise_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [MODERN, CLASSIC], ids=["modern", "classic"])
+@pytest.mark.parametrize("linear", [F.linear, rowwise_linear], ids=["F.linear", "rowwise"])
+def test_a_decoding_pass_continues_a_cache_as_the_forward_pass_does(kw, linear):
+    model = random_model(**kw)
+    x = torch.randint(0, 11, (2, 12))
+    with torch.no_grad():
+        full, _ = model(x)
+        cache = RowCache(model)
+        rows = [RowCache(model) for _ in range(2)]
+        keys = torch.cat([c.keys for c in rows], dim=1)  # (L, 2, H, ctx, hd): two rows at once
+        values = torch.cat([c.values for c in rows], dim=1)
+        _, kv = model(x[:, :5])
+        for i, (k, v) in enumerate(kv):
+            keys[i, :, :, :5], values[i, :, :, :5] = k, v
+        for t in range(5, 12):
+            logits, k, v = decode_pass(model, x[:, t], torch.tensor([t, t]), x[:, t - 1], keys, values, linear=linear)
+            torch.testing.assert_close(logits, full[:, t], rtol=1e-4, atol=1e-4)
+            keys[:, :, :, t], values[:, :, :, t] = k, v
+        # and one row through the fixed-shape cache generate uses
+        first = cache.fill(model, x[0, :5].tolist())
+        torch.testing.assert_close(first, full[0, 4], rtol=1e-4, atol=1e-4)
+        for t in range(5, 12):
+            got = cache.step(lambda *a: decode_pass(model, *a, linear=linear), int(x[0, t]))
+            torch.testing.assert_close(got, full[0, t], rtol=1e-4, atol=1e-4)
+        assert cache.length == 12
+
+
+def test_generate_through_the_fixed_cache_is_greedy_decoding_of_the_model():
+    """Greedy text from generate (cache, refills past the context) equals argmax of a whole
+    forward pass over the last window at every step."""
+    model = random_model(**MODERN)
+    ctx = model.cfg.context_len
+    cfg = SamplingConfig(temperature=0, max_new_tokens=40, stop_at="none", repetition_window=0)
+    got = "".join(generate(model, [1, 2, 3], cfg, lambda i: "abcdefghijk"[i], torch.Generator()))
+    tokens, want = [1, 2, 3], ""
+    keep = ctx - ctx // 4
+    window = tokens[:]
+    with torch.no_grad():
+        for _ in range(40):
+            logits, _ = model(torch.tensor([window]))
+            tok = int(logits[0, -1].argmax())
+            tokens.append(tok)
+            want += "abcdefghijk"[tok]
+            window = window + [tok] if len(window) < ctx else tokens[-keep:]
+    assert got == want
+
+
+def test_the_cache_folder_names_the_model_shape_and_build(tmp_path):
+    a, b = random_model(**MODERN), random_model(**CLASSIC)
+    assert compile_cache_dir(tmp_path, a) == compile_cache_dir(tmp_path, random_model(**MODERN))
+    assert compile_cache_dir(tmp_path, a) != compile_cache_dir(tmp_path, b)
+    assert compile_cache_dir(tmp_path, a) != compile_cache_dir(tmp_path, a.to(torch.bfloat16))
+
+
+def test_compiling_is_for_fp32_weights_on_a_cpu():
+    d = Decoder(random_model(**MODERN).to(torch.bfloat16), compiled=True)
+    assert d.prepare() == "decoding: plain pass (compiled decoding is for fp32 weights on a CPU; these are bfloat16 on cpu)"
+    assert d.compiled is None
+
+
+def generate_command(runs: Path, decode: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "TRAINLAB_MALLOC": "system"}
+    out = subprocess.run([sys.executable, "-m", "trainlab", "chat", "generate", "--checkpoint", "dec", "--runs-dir",
+                          str(runs), "--decode", decode, "--seed", "1", "--temperature", "0.9", "--max-new-tokens", "40",
+                          "--stop-at", "none", "--prompt", "BORIS:"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out
+
+
+def test_generate_compiled_writes_the_plain_text_and_survives_a_damaged_cache(runs_dir, tmp_path):
+    """`chat generate --decode compiled` in a fresh process: one line on how it compiled, its
+    cache under the runs folder, and the text of the plain pass from the same seed. Then every
+    file of that cache is overwritten with junk, and the next start still compiles (the cache
+    is rebuilt, never trusted) and writes the same text."""
+
+    corpus = tmp_path / "play.txt"
+    corpus.write_text(made_up_text(), encoding="utf-8")
+    assert chat_train(runs_dir, corpus, "--run-name", "dec", "--max-steps", "30", "--lr", "0.01") == 0
+    plain = generate_command(runs_dir, "plain")
+    assert "decoding:" not in plain.stderr
+    compiled = generate_command(runs_dir, "compiled")
+    assert "decoding: compiled in" in compiled.stderr and str(runs_dir / ".compiled") in compiled.stderr
+    assert compiled.stdout == plain.stdout and len(plain.stdout) > 40
+    files = [p for p in (runs_dir / ".compiled").rglob("*") if p.is_file()]
+    assert files, "nothing was cached"
+    for p in files:
+        p.write_bytes(b"junk" * 16)
+    again = generate_command(runs_dir, "compiled")
+    assert "decoding: compiled in" in again.stderr and again.stdout == plain.stdout
