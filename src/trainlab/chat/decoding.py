@@ -97,16 +97,28 @@ def decode_pass(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, befor
     return logits, torch.stack(new_k), torch.stack(new_v)  # (R, V), (L, R, H, hd) x 2
 
 
+SPAN_STEP = 64  # the cached positions a pass reads come in multiples of this (one compiled graph serves all)
+
+
+def span_for(cached: int, context: int) -> int:
+    """The positions of the cache a pass reads when ``cached`` of them are in use: enough for
+    all of them, in whole ``SPAN_STEP``s (and at least one), at most the context."""
+    return min(context, max(SPAN_STEP, -(-cached // SPAN_STEP) * SPAN_STEP))
+
+
 class RowCache:
-    """Keys and values of one sequence in fixed-shape buffers, (L, 1, H, ctx, hd) each, for
+    """Keys and values of one sequence in fixed-shape buffers, (L, 1, H, ctx + 1, hd) each, for
     ``generate`` and the repl: a new position is written in place, where growing the cache with
     ``torch.cat`` copied all of it for every character (a quarter of an eager pass's time)."""
 
     def __init__(self, model: GPT) -> None:
         cfg = model.cfg
         p = next(model.parameters())
-        shape = (cfg.num_layers, 1, cfg.nhead, cfg.context_len, cfg.d_model // cfg.nhead)
-        self.keys = torch.zeros(shape, device=p.device, dtype=p.dtype)  # (L, 1, H, ctx, hd)
+        # one position more than the context, never read: a pass reads a slice of the positions,
+        # and a slice of all of them would have other strides than the shorter ones, which a
+        # compiled graph is specialised to (it compiled again, 20-40 s, when the cache filled)
+        shape = (cfg.num_layers, 1, cfg.nhead, cfg.context_len + 1, cfg.d_model // cfg.nhead)
+        self.keys = torch.zeros(shape, device=p.device, dtype=p.dtype)  # (L, 1, H, ctx + 1, hd)
         self.values = torch.zeros(shape, device=p.device, dtype=p.dtype)
         self.length = 0
         self.last = model.cfg.vocab_size  # the token at the last position (vocab_size: none yet)
@@ -124,11 +136,15 @@ class RowCache:
         return logits[0, -1]
 
     def step(self, decode: Callable, token: int) -> torch.Tensor:
-        """``token`` at the next position through ``decode`` (a ``decode_pass``): its logits (V,)."""
+        """``token`` at the next position through ``decode`` (a ``decode_pass``): its logits (V,).
+        The pass reads the cache up to the next multiple of ``SPAN_STEP`` past the cached
+        positions, not the whole context."""
         device = self.keys.device
         pos = self.length
+        span = span_for(pos, self.keys.shape[3] - 1)
         logits, k, v = decode(torch.tensor([token], device=device), torch.tensor([pos], device=device),
-                              torch.tensor([self.last], device=device), self.keys, self.values)
+                              torch.tensor([self.last], device=device), self.keys[:, :, :, :span],
+                              self.values[:, :, :, :span])
         self.keys[:, :, :, pos] = k  # (L, 1, H, hd)
         self.values[:, :, :, pos] = v
         self.length, self.last = pos + 1, token
@@ -211,7 +227,11 @@ class Decoder:
         cache.keys.copy_(torch.randn(cache.keys.shape, generator=g))
         cache.values.copy_(torch.randn(cache.values.shape, generator=g))
         V, ctx = model.cfg.vocab_size, model.cfg.context_len
-        args = (torch.tensor([1 % V]), torch.tensor([ctx // 2]), torch.tensor([2 % V]), cache.keys, cache.values)
+        span = span_for(1, ctx)
+        keys, values = cache.keys[:, :, :, :span], cache.values[:, :, :, :span]
+        for t in (keys, values):  # one graph for every span (a compile takes 20-30 s for the 14M model)
+            torch._dynamo.maybe_mark_dynamic(t, 3)
+        args = (torch.tensor([1 % V]), torch.tensor([span // 2]), torch.tensor([2 % V]), keys, values)
         previous = torch.get_num_threads()
         try:
             with torch.no_grad():
