@@ -96,16 +96,18 @@ def test_the_cache_folder_names_the_model_shape_and_build(tmp_path):
 
 def test_compiling_is_for_fp32_weights_on_a_cpu():
     d = Decoder(random_model(**MODERN).to(torch.bfloat16), compiled=True)
-    assert d.prepare() == "decoding: plain pass (compiled decoding is for fp32 weights on a CPU; these are bfloat16 on cpu)"
+    assert d.prepare() == ("decoding: plain pass (compiled decoding is for fp32 weights on a CPU; these are bfloat16 "
+                           "on cpu)")
     assert d.compiled is None
 
 
 def generate_command(runs: Path, decode: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "TRAINLAB_MALLOC": "system",
            "TORCH_LOGS": "recompiles"}
-    out = subprocess.run([sys.executable, "-m", "trainlab", "chat", "generate", "--checkpoint", "dec", "--runs-dir",
-                          str(runs), "--decode", decode, "--seed", "1", "--temperature", "0.9", "--max-new-tokens", "300",
-                          "--stop-at", "none", "--prompt", "BORIS:"], capture_output=True, text=True, env=env, timeout=600)
+    cmd = [sys.executable, "-m", "trainlab", "chat", "generate", "--checkpoint", "dec", "--runs-dir", str(runs),
+           "--decode", decode, "--seed", "1", "--temperature", "0.9", "--max-new-tokens", "300", "--stop-at", "none",
+           "--prompt", "BORIS:"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     return out
 

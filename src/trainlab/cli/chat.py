@@ -251,6 +251,9 @@ def make_decoder(args: argparse.Namespace, cm, chars: int | None):
     wanted = args.decode == "compiled" or (args.decode == "auto" and (chars is None or chars >= AUTO_COMPILE_CHARS))
     decoder = Decoder(cm.model, compiled=wanted, cache_root=Path(args.runs_dir) / ".compiled")
     if wanted:
+        if decoder.wanted and not any(decoder.cache_dir.glob("*")):
+            warn("decoding: compiling the decoding pass (the first time for this model shape on this machine takes "
+                 "20-40 s; later starts reuse it)")
         warn(decoder.prepare())
     return decoder
 
