@@ -103,7 +103,8 @@ def main() -> None:
         print(f"  {label:32s} {med[name]:7.0f} characters/s ({med[name] / floor:.2f} of the floor)")
     print(f"  ratio compiled / transformers   {med['trainlab'] / med['transformers']:7.2f}x (target >= 1.5)")
     print(f"  ratio plain / transformers      {med['plain'] / med['transformers']:7.2f}x")
-    print(f"  same text: compiled {texts['trainlab'] == texts['transformers']}, plain {texts['plain'] == texts['transformers']}")
+    same = {k: texts[k] == texts["transformers"] for k in ("trainlab", "plain")}
+    print(f"  same text as transformers: compiled {same['trainlab']}, plain {same['plain']}")
     print("  " + decoding_floor(cm.model))
 
 
