@@ -1,23 +1,24 @@
 """One decoding pass: a new character for each of R rows, over their cached keys and values,
 written so that a compiler can run it at the speed of reading the weights once.
 
-A batch-1 eager pass of the 14M model took 4-6 ms on a 2-core CPU where reading its 57 MB
-of weights once takes 1.3-1.8 ms: MKL's product of 1 to 8 rows with a weight matrix that is
-not in cache streams it at a third of the bandwidth or less, and its 4-row product costs
-3x its 1-row one. Here every linear layer is written as what it is for a few rows, a dot
-product of each weight row with each input row (``rowwise_linear``): compiled by inductor,
-the loop takes one weight row at a time, reads it once for every input row and sums each
-output in the same order whatever the number of rows or threads. So one pass serves
-``generate``, the repl and the server alike, and a stream's text is the same alone, among
-others and on any thread count (``Decoder.check`` asserts it on the machine at hand).
+A batch-1 eager pass of the 14M model took 6-10 ms on a 2-core CPU where reading its 57 MB
+of weights once takes 1.3-2.1 ms: MKL's product of one row with a weight matrix that is
+not in cache streams it at a third of the bandwidth, and growing the cache with
+``torch.cat`` copied it every character. Here every linear layer is written as what it is
+for one row, a dot product of each weight row with the input (``rowwise_linear``):
+compiled by inductor, the loop takes one weight row at a time and streams the weights
+near the bandwidth (3.0 ms a pass against 8.1 plain: results/decoding/).
 
 Attention is written out the same way (products and sums, no matmul): the new position's
 key and value join the cached ones inside the pass, and the caller writes them into its
 cache after it, so the pass reads its inputs and writes nothing (a compiled graph that
 wrote into a cache handed to it copied the whole cache each call).
 
-Without a compiler the same pass runs eagerly with ``F.linear`` (``decode_pass(...,
-linear=F.linear)``): as fast as before this module, without the row-count guarantee.
+``generate`` and the repl use it, one row at a time (``RowCache``, ``Decoder``). The server
+does not yet: inside a whole pass of several rows, inductor lays the products out
+feature-major and vectorises across the rows, which made such a pass slow and its rows'
+bits depend on the row count (results/decoding/README.md). Without a compiler the same
+pass runs eagerly with ``F.linear`` (``decode_pass(..., linear=F.linear)``).
 """
 
 from __future__ import annotations
@@ -166,8 +167,9 @@ def compile_cache_dir(root: Path, model: GPT) -> Path:
 class Decoder:
     """``decode_pass`` of one model as a command runs it: compiled by inductor (``prepare``,
     at start-up) where that works and agrees with the plain pass, else the plain pass with
-    ``F.linear`` (one line says why). Compiled code is specialised to the thread count, so
-    ``prepare`` compiles for each count the thread tuner may pick."""
+    ``F.linear`` (one line says why). Compiled code is specialised to the thread count:
+    ``prepare`` compiles for the counts it is given (default: the current one), and the
+    commands then keep that count (their thread tuner is off)."""
 
     def __init__(self, model: GPT, compiled: bool = True, cache_root: Path | None = None) -> None:
         self.model, self.cache_root = model, cache_root
