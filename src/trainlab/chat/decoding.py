@@ -168,8 +168,8 @@ class Decoder:
     """``decode_pass`` of one model as a command runs it: compiled by inductor (``prepare``,
     at start-up) where that works and agrees with the plain pass, else the plain pass with
     ``F.linear`` (one line says why). Compiled code is specialised to the thread count:
-    ``prepare`` compiles for the counts it is given (default: the current one), and the
-    commands then keep that count (their thread tuner is off)."""
+    ``prepare`` compiles for the current one, and the commands then keep it (their thread
+    tuner is off)."""
 
     def __init__(self, model: GPT, compiled: bool = True, cache_root: Path | None = None) -> None:
         self.model, self.cache_root = model, cache_root
@@ -186,17 +186,15 @@ class Decoder:
             return self.compiled(tokens, positions, before, keys, values)
         return decode_pass(self.model, tokens, positions, before, keys, values, linear=F.linear)
 
-    def prepare(self, threads: tuple[int, ...] = ()) -> str:
-        """Compile for each of ``threads`` (default: the current count), check the compiled pass
-        against the plain one on random inputs, and keep it only if it agrees; one line on
-        what was done, also kept in ``note``."""
+    def prepare(self) -> str:
+        """Compile, check the compiled pass against the plain one on random inputs, and keep it
+        only if it agrees; one line on what was done, also kept in ``note``."""
         if not self.wanted:
             return self.note
-        threads = tuple(threads) or (torch.get_num_threads(),)
         t0 = time.perf_counter()
         for attempt in (1, 2):
             try:
-                self.compiled = self._compile(threads)
+                self.compiled = self._compile()
                 break
             except Exception as e:  # noqa: BLE001 (no compiler, a damaged cache: the plain pass serves)
                 self.compiled = None
@@ -215,13 +213,12 @@ class Decoder:
     def cache_dir(self) -> Path | None:
         return None if self.cache_root is None else compile_cache_dir(self.cache_root, self.model)
 
-    def _compile(self, threads: tuple[int, ...]) -> Callable:
+    def _compile(self) -> Callable:
         import os
 
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_dir)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(threads))
         model = self.model
         fn = torch.compile(functools.partial(decode_pass, model), dynamic=False, fullgraph=True)
         cache = RowCache(model)
@@ -234,16 +231,10 @@ class Decoder:
         for t in (keys, values):  # one graph for every span (a compile takes 20-30 s for the 14M model)
             torch._dynamo.maybe_mark_dynamic(t, 3)
         args = (torch.tensor([1 % V]), torch.tensor([span // 2]), torch.tensor([2 % V]), keys, values)
-        previous = torch.get_num_threads()
-        try:
-            with torch.no_grad():
-                plain = decode_pass(model, *args, linear=F.linear)[0]
-                for n in threads:
-                    torch.set_num_threads(n)
-                    got = fn(*args)[0]
-                    if not torch.allclose(got, plain, rtol=1e-3, atol=1e-3 * float(plain.abs().max())):
-                        raise RuntimeError(f"the compiled pass differs from the plain one by "
-                                           f"{float((got - plain).abs().max()):.2e} at {n} threads")
-        finally:
-            torch.set_num_threads(previous)
+        with torch.no_grad():
+            plain = decode_pass(model, *args, linear=F.linear)[0]
+            got = fn(*args)[0]
+        if not torch.allclose(got, plain, rtol=1e-3, atol=1e-3 * float(plain.abs().max())):
+            gap = float((got - plain).abs().max())
+            raise RuntimeError(f"the compiled pass differs from the plain one by {gap:.2e}")
         return fn
