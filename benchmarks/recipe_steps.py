@@ -8,7 +8,7 @@ So a candidate is first tried here at a fixed step count, in fresh processes, as
 and the one that wins is then confirmed at equal minutes in fp32 (``auto_recipe.py``). A
 recipe is a preset with changed settings, as in ``auto_recipe.py``
 (``chat-20min+lr=0.015+min-lr-ratio=0``). It prints, per recipe, the loss over the whole val
-span (the report's figure) and the training seconds. Results go to ``--out`` after every run;
+span (the report's figure) and the wall time. Results go to ``--out`` after every run;
 a rerun with the same ``--out`` skips the runs already there.
 
     python benchmarks/recipe_steps.py --steps 1500 --precision bf16 \\
@@ -50,10 +50,8 @@ def one_run(recipe: str, steps: int, precision: str, text: str, runs_dir: str, s
     folder = Path(runs_dir) / "chat" / name
     report = (folder / "report.md").read_text()
     m = re.search(r"whole val span: \*\*([\d.]+)\*\*", report)
-    info = json.loads((folder / "run.json").read_text())
     return {"recipe": recipe, "steps": steps, "precision": precision, "seed": seed,
             "val_span_loss": float(m.group(1)) if m else None, "wall_seconds": round(wall, 1),
-            "train_seconds": (info.get("budget") or {}).get("train_seconds"),
             "command": " ".join(cmd[1:]), "machine": cpu_summary(), "date": time.strftime("%Y-%m-%d")}
 
 
