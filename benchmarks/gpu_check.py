@@ -166,7 +166,7 @@ def nanogpt_settings(c: Check) -> dict[str, Any]:
 
 
 def best_recipe(c: Check) -> dict[str, Any]:
-    minutes = "2" if not c.tiny else "0.15"
+    minutes = "2" if not c.tiny else "0.3"
     t = time.monotonic()
     p = c.trainlab("chat", "train", "--preset", "auto", "--minutes", minutes, "--run-name", "auto")
     info = c.run_json("auto")
