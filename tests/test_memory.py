@@ -197,3 +197,26 @@ def test_a_run_under_a_real_address_space_cap_completes(runs_dir, tmp_path):
     assert "out of memory; the batch of 512 now runs as" in p.stdout
     ck = latest_checkpoint(runs_dir / "chat" / "capped" / "checkpoints")
     assert ck.step == 3 and ck.tensors("gpt/train_state.pt")["micro_batches"]["count"] > 1
+
+
+def test_counting_a_models_parameters_fills_nothing_and_imports_no_compiler():
+    """The count builds the model on the meta device: its initialisation fills nothing there,
+    so the count matches the real model's and torch's compiler stack (1.2 s to import) stays
+    unloaded. A fresh process, since this one may have imported it already."""
+    code = ("import sys, torch\n"
+            "from trainlab.engine.memory import parameter_count\n"
+            "from trainlab.chat.model import GPT\n"
+            "from trainlab.chat.config import GPTConfig\n"
+            "from trainlab.multiply.models import build_model\n"
+            "from trainlab.multiply.config import Seq2SeqConfig\n"
+            "cfg = GPTConfig(vocab_size=65, d_model=64, nhead=4, num_layers=2, pair_embedding=True)\n"
+            "n = parameter_count(lambda: GPT(cfg))\n"
+            "m = parameter_count(lambda: build_model(Seq2SeqConfig(kind='latent', num_latent=4)))\n"
+            "assert 'torch._dynamo' not in sys.modules, 'the count imported torch._dynamo'\n"
+            "print(n, sum(p.numel() for p in GPT(cfg).parameters()), m,"
+            " sum(p.numel() for p in build_model(Seq2SeqConfig(kind='latent', num_latent=4)).parameters()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+    assert out.returncode == 0, out.stderr
+    n, real, m, real_m = map(int, out.stdout.split())
+    assert n == real > 0 and m == real_m > 0

@@ -18,6 +18,7 @@ import resource
 from typing import Any, Callable
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from trainlab.config import UsageError
 
@@ -154,13 +155,40 @@ def memory_figures(device: torch.device) -> dict[str, float]:
 BYTES_PER_PARAMETER = 16  # fp32 weights and gradients, and AdamW's two moments
 
 
+# Random fills a model's initialisation makes. On the meta device they have nothing to fill,
+# and torch runs some of them there through its reference implementations, whose first use
+# imports the compiler stack: 1.2 s of a 1-minute run's start-up, and of every generate's.
+_FILLS = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.bernoulli_,
+                    torch.Tensor.exponential_, torch.Tensor.random_, torch.Tensor.log_normal_,
+                    torch.Tensor.cauchy_, torch.Tensor.geometric_})
+
+
+class _NoFills(TorchFunctionMode):
+    """While a model is built on the meta device, ``torch.nn.init``'s functions and the
+    tensor's random fills do nothing, and ``torch.arange`` and ``torch.tensor`` make CPU
+    tensors: the tables of positions a model computes from them (rotary angles, place
+    values) are buffers, not parameters, a few KB, and arithmetic on meta tensors would
+    import the compiler stack as well. (So models initialise through ``torch.nn.init``, not
+    ``torch.randn(...) * std``.)"""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.arange, torch.tensor) and kwargs.get("device") is None:
+            kwargs["device"] = "cpu"
+        if func in _FILLS or getattr(func, "__module__", None) == "torch.nn.init":
+            target = args[0] if args else kwargs.get("tensor")
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
 def parameter_count(build: Callable[[], torch.nn.Module],
                     count: Callable[[torch.nn.Module], int] | None = None) -> int | None:
     """Parameters of the model ``build()`` makes (all of them, or what ``count`` says of it),
     counted on the meta device, where nothing is allocated; None if the model cannot be built
     there. A tensor whose byte size overflows 64 bits counts as more than any machine holds."""
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _NoFills():
             model = build()
     except RuntimeError as e:
         return 2**63 if "overflow" in str(e).lower() else None

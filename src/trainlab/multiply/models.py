@@ -270,7 +270,7 @@ class LatentTransformer(SimpleTransformer):
 
     def __init__(self, cfg: Seq2SeqConfig) -> None:
         super().__init__(cfg)
-        self.latents = nn.Parameter(torch.randn(cfg.num_latent, cfg.d_model) * 0.02)
+        self.latents = nn.Parameter(nn.init.normal_(torch.empty(cfg.num_latent, cfg.d_model), std=0.02))
         self.latent_blocks = nn.ModuleList(CrossBlock(cfg, self_attn=False) for _ in range(cfg.latent_layers))
         self.ln_latent = nn.LayerNorm(cfg.d_model)
         for block in self.latent_blocks:
