@@ -35,6 +35,12 @@ from trainlab.engine.tracking import Run
 from trainlab.engine.train_config import TrainConfig
 
 EVAL_SEED = 0xE7A1
+SPAN_ROWS = 64  # windows per pass when the report scores the whole val span
+# On a CPU a scoring pass holds at most this many characters (windows x context): past it the
+# activations outgrow the cache. The same windows in passes of 1,024-2,048 characters against
+# 8,192-16,384 (what 64 windows of chat-20min's or chat-1min's context are): 1.1-1.2x faster in
+# fp32 and under bf16 autocast; 512 is too few (benchmarks/scoring_rows.py, 2-core EPYC).
+SCORE_CHARS = 2048
 
 
 def auto_temperature(val_loss: float | None) -> float:
@@ -119,16 +125,24 @@ class ChatTask:
             self._fixed[split] = self.corpus.random_starts(split, n, self.model_cfg.context_len, rng)
         return self._fixed[split]
 
+    def scoring_rows(self, model: nn.Module, rows: int) -> int:
+        """Windows per forward pass when scoring (evaluations, the report's span): ``rows``, and
+        on a CPU at most ``SCORE_CHARS`` characters' worth, past which a pass's activations
+        outgrow the cache."""
+        if next(model.parameters()).device.type == "cpu":
+            rows = min(rows, max(1, SCORE_CHARS // self.model_cfg.context_len))
+        return rows
+
     def mean_loss(self, model: nn.Module, split: str, batch_limit: int | None = None) -> float:
         """Mean loss over the fixed windows every evaluation uses."""
-        bs = min(self.train_cfg.batch_size, batch_limit or self.train_cfg.batch_size)
-        return self.windows_loss(model, split, self.fixed_starts(split), bs)
+        rows = min(self.train_cfg.batch_size, batch_limit or self.train_cfg.batch_size)
+        return self.windows_loss(model, split, self.fixed_starts(split), self.scoring_rows(model, rows))
 
-    def span_loss(self, model: nn.Module, split: str = "val", batch: int = 64) -> float:
+    def span_loss(self, model: nn.Module, split: str = "val") -> float:
         """Mean loss over every non-overlapping window of the span: the precise figure the
         fixed evaluation batches (nanoGPT's kind of estimate) approximate, and what the
         report ends with."""
-        return self.windows_loss(model, split, self.span_starts(split), batch)
+        return self.windows_loss(model, split, self.span_starts(split), self.scoring_rows(model, SPAN_ROWS))
 
     @torch.no_grad()
     def windows_loss(self, model: nn.Module, split: str, starts: np.ndarray, batch: int) -> float:
@@ -157,7 +171,7 @@ class ChatTask:
         """The first ``part`` of the report's whole-span scoring (whole batches, in fp32 as the
         report runs it), run only to time it; returns the share that ran."""
         model = next(iter(models.values()))
-        starts, bs = self.span_starts("val"), 64
+        starts, bs = self.span_starts("val"), self.scoring_rows(model, SPAN_ROWS)
         n = min(len(starts), bs * max(1, round(part * len(starts) / bs)))
         self.windows_loss(model, "val", starts[:n], bs)
         return n / max(1, len(starts))
@@ -171,7 +185,7 @@ class ChatTask:
     def evaluate_part(self, member: str, model: nn.Module, step: int, batch_limit: int | None, part: float) -> float:
         """The first ``part`` of an evaluation's batches (at least one), run only to time it;
         returns the share of the evaluation that ran."""
-        bs = min(self.train_cfg.batch_size, batch_limit or self.train_cfg.batch_size)
+        bs = self.scoring_rows(model, min(self.train_cfg.batch_size, batch_limit or self.train_cfg.batch_size))
         ran = whole = 0
         for split in ("val", "train"):
             starts = self.fixed_starts(split)
