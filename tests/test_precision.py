@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -396,3 +397,42 @@ def test_timing_precisions_stops_once_more_rounds_could_not_change_the_choice(ru
     # close timings (passes under 1 s: three rounds) are timed in every round
     _, _, modes, lines = measured_run(runs_dir, monkeypatch, "close", fp32=0.5, bf16=0.45, max_steps=2)
     assert modes == ["fp32", "bf16"] * 4 and "--precision auto: bf16" in lines[1]
+
+
+def test_what_auto_timed_is_kept_per_machine_and_a_later_run_decides_by_it(runs_dir, monkeypatch):
+    """A second fresh run of the same model and batch on the same machine takes the kept
+    timings instead of timing again; a damaged file is timed anew and rewritten, and another
+    model shape is not taken for the same."""
+    from trainlab.engine import timings
+
+    summary, _, modes, lines = measured_run(runs_dir, monkeypatch, "first", fp32=2.0, bf16=1.0, max_steps=2)
+    assert modes == ["fp32", "bf16"] * 2 and summary.members[0].precision.mode == "bf16"
+    (kept,) = (runs_dir / timings.FOLDER).glob("*.json")
+    # the clock would now pick fp32, but the machine's timings are kept: nothing is timed
+    summary, _, modes, lines = measured_run(runs_dir, monkeypatch, "second", fp32=1.0, bf16=2.0, max_steps=2)
+    assert modes == [] and summary.members[0].precision.mode == "bf16"
+    assert lines[1] == "simple: --precision auto: bf16 (fp32 2 s, bf16 1 s timed on this machine before; bf16 " \
+                       "must be 5% faster)"
+    assert summary.members[0].precision.measured == {"fp32": 2.0, "bf16": 1.0}
+    kept.write_text('{"key": "not json of the same')
+    summary, _, modes, lines = measured_run(runs_dir, monkeypatch, "third", fp32=1.0, bf16=2.0, max_steps=2)
+    assert modes == ["fp32", "bf16"] * 2 and summary.members[0].precision.mode == "fp32"
+    assert [[m, c, t] for m, c, t in json.loads(kept.read_text())["timings"]] == [["fp32", 1, 1.0], ["bf16", 1, 2.0]]
+    cfg = tiny_train_config(runs_dir, precision="auto", max_steps=2)
+    task, config = simple_only(cfg)
+    task.model_cfgs["simple"] = replace(task.model_cfgs["simple"], dim_feedforward=48)
+    modes = stub_clock(monkeypatch, task, 2.0, 1.0)
+    train(task, cfg, new_run(cfg.runs_dir, task.name, "wider", "test", config), config, echo=lambda *a: None)
+    assert modes == ["fp32", "bf16"] * 2 and len(list((runs_dir / timings.FOLDER).glob("*.json"))) == 2
+
+
+def test_kept_timings_are_read_back_only_for_their_own_key(tmp_path):
+    from trainlab.engine.timings import load_timings, save_timings
+
+    key = {"model": "m", "modes": ["fp32", "bf16"], "counts": [1, 2]}
+    t = {("fp32", 1): 2.0, ("fp32", 2): 1.5, ("bf16", 1): 1.0, ("bf16", 2): float("inf")}
+    assert save_timings(tmp_path, key, t) is not None
+    assert load_timings(tmp_path, key) == t
+    assert load_timings(tmp_path, {**key, "model": "other"}) is None
+    assert save_timings(tmp_path, key, {("fp32", 1): 2.0}) is not None  # a pair missing: not used
+    assert load_timings(tmp_path, key) is None

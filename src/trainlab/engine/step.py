@@ -22,6 +22,7 @@ from trainlab.engine.optim import follow_precision, masked_step
 from trainlab.engine.precision import BF16_MARGIN, pick_precision
 from trainlab.engine.state import LoopState
 from trainlab.engine.task import Evaluation, Task
+from trainlab.engine.timings import load_timings, save_timings, timing_key
 from trainlab.engine.train_config import TrainConfig
 
 # timing fp32 against bf16 stops after a round where the modes passed over would lose even if
@@ -365,7 +366,42 @@ def choose_speed(m: Member, task: Task, batch: dict[str, torch.Tensor], step: in
     if len(counts) * len(modes) == 1:
         m.micro.tuned = m.micro.tuned or time_counts
         return
-    rng, task_state, before = rng_point(device), task.state_dict(), m.micro.count
+    before = m.micro.count
+    # what this machine measured for the same model, batch and candidates before (not under
+    # torchrun, where rank 0's timing decides for every rank as it happens)
+    key = None if d.active else timing_key(m.model, batch, modes, counts, device,
+                                            {"task": type(task).__name__, "micro_batch": cfg.micro_batch,
+                                             "compile": cfg.compile})
+    kept = load_timings(cfg.runs_dir, key) if key is not None else None
+    timings = kept if kept is not None else _time_candidates(m, task, batch, step, n_global, device, d, modes, counts)
+    if kept is None and key is not None:
+        save_timings(cfg.runs_dir, key, timings)
+    m.micro.count = before
+    when = "timed on this machine before" if kept is not None else "per pass of the first batch"
+    if len(modes) > 1:
+        per_mode = {mode: min(t for (mo, _), t in timings.items() if mo == mode) for mode in modes}
+        chosen = m.precision.decide(per_mode)
+        shown = ", ".join(f"{mode} {t:.3g} s" for mode, t in per_mode.items())
+        echo(f"{m.name}: --precision auto: {chosen} ({shown} {when}; bf16 must be {BF16_MARGIN:.0%} faster)")
+    else:
+        m.precision.use(modes[0])
+    if time_counts:
+        mine = {count: t for (mo, count), t in timings.items() if mo == m.precision.mode}
+        best = fastest(mine)
+        m.micro.count = max(before, best)
+        m.micro.set_floor(best)
+        m.micro.tuned = True
+        shown = ", ".join(f"{-(-n_local // c)}: {t:.3g} s" for c, t in mine.items())
+        echo(f"{m.name}: --micro-batch auto: {-(-n_local // best)} examples at a time is the fastest "
+             f"in {m.precision.mode} ({shown}{'; ' + when if kept is not None else ''})")
+
+
+def _time_candidates(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, n_global: int,
+                     device: torch.device, d: Dist, modes: tuple[str, ...], counts: list[int]
+                     ) -> dict[tuple[str, int], float]:
+    """Seconds of a forward and backward pass of ``batch`` per (precision, micro-batch count),
+    the best of a few rounds; weights, RNG and task state left as they were."""
+    rng, task_state = rng_point(device), task.state_dict()
 
     def timed_pass() -> float:
         return time_pass(lambda: forward_backward(m, task, batch, step, n_global, {}, True, d, device), device)
@@ -399,24 +435,7 @@ def choose_speed(m: Member, task: Task, batch: dict[str, torch.Tensor], step: in
     timings = broadcast(timings, d)
     rewind_rng(rng, device)
     task.load_state_dict(task_state)
-    m.micro.count = before
-    if len(modes) > 1:
-        per_mode = {mode: min(t for (mo, _), t in timings.items() if mo == mode) for mode in modes}
-        chosen = m.precision.decide(per_mode)
-        shown = ", ".join(f"{mode} {t:.3g} s" for mode, t in per_mode.items())
-        echo(f"{m.name}: --precision auto: {chosen} ({shown} per pass of the first batch; bf16 must be "
-             f"{BF16_MARGIN:.0%} faster)")
-    else:
-        m.precision.use(modes[0])
-    if time_counts:
-        mine = {count: t for (mo, count), t in timings.items() if mo == m.precision.mode}
-        best = fastest(mine)
-        m.micro.count = max(before, best)
-        m.micro.set_floor(best)
-        m.micro.tuned = True
-        shown = ", ".join(f"{-(-n_local // c)}: {t:.3g} s" for c, t in mine.items())
-        echo(f"{m.name}: --micro-batch auto: {-(-n_local // best)} examples at a time is the fastest "
-             f"in {m.precision.mode} ({shown})")
+    return timings
 
 
 def seconds_per_step(task: Task, cfg: TrainConfig, device: torch.device | None = None, n: int = 12,
