@@ -21,6 +21,15 @@ TINY = ["--min-digits", "1", "--max-digits", "1", "--d-model", "32", "--num-laye
         "--no-progress", "--tag", "test", "--device", "cpu", "--precision", "fp32", "--dropout", "0"]
 
 
+def test_wilson_is_scipys_interval():
+    from scipy.stats import binomtest
+
+    for k, n in [(0, 1), (1, 1), (0, 10), (3, 40), (50, 100), (9993, 10000), (10000, 10000), (1, 7), (123, 4567)]:
+        for conf in (0.9, 0.95, 0.99):
+            ci = binomtest(k, n).proportion_ci(confidence_level=conf, method="wilson")
+            assert wilson_interval(k, n, conf) == pytest.approx((ci.low, ci.high), abs=1e-12), (k, n, conf)
+
+
 def test_wilson_and_mcnemar_on_known_cases():
     lo, hi = wilson_interval(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)  # textbook value
