@@ -135,3 +135,94 @@ def test_generate_compiled_writes_the_plain_text_and_survives_a_damaged_cache(ru
         p.write_bytes(b"junk" * 16)
     again = generate_command(runs_dir, "compiled")
     assert "decoding: compiled in" in again.stderr and again.stdout == plain.stdout
+
+
+# -- the row kernels (chat/kernels.py) and the server's pass through them -------------------------
+KERNELS_ROOT = ROOT / "build" / "test-kernels"  # one build shared by the test processes (torch locks it)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    from trainlab.chat.kernels import load_kernels
+
+    module, note = load_kernels(KERNELS_ROOT)
+    assert module is not None, note  # CI has a C++ compiler and ninja: the kernels must build there
+    return module
+
+
+def test_rows_linear_is_a_linear_layer_whose_rows_keep_their_bits_at_any_row_and_thread_count(kernels):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(13, 100, generator=g), torch.randn(37, 100, generator=g)  # K and N off every block size
+    whole = kernels.rows_linear(x, w)
+    torch.testing.assert_close(whole, F.linear(x, w), rtol=1e-5, atol=1e-4)
+    previous = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for rows in ([0], [12], [3, 4], [0, 5, 9], [1, 2, 3, 4, 5], list(range(13))):
+                assert torch.equal(kernels.rows_linear(x[rows], w), whole[rows]), (n, rows)
+    finally:
+        torch.set_num_threads(previous)
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.rows_linear(x.double(), w.double())
+    with pytest.raises(RuntimeError, match=r"x \(R, K\)"):
+        kernels.rows_linear(x, w[:, :50])
+
+
+def test_rows_attend_is_attention_over_each_rows_own_positions(kernels):
+    g = torch.Generator().manual_seed(1)
+    slots, H, ctx, hd = 5, 3, 9, 8
+    keys, values = torch.randn(slots, H, ctx, hd, generator=g), torch.randn(slots, H, ctx, hd, generator=g)
+    q = torch.randn(3, H, hd, generator=g)
+    rows, positions = torch.tensor([4, 0, 2]), torch.tensor([0, 8, 5])
+    got = kernels.rows_attend(q, keys, values, rows, positions, 0.5)
+    for i, (r, p) in enumerate(zip(rows.tolist(), positions.tolist())):
+        w = torch.softmax((keys[r, :, :p + 1] @ q[i, :, :, None])[..., 0] * 0.5, dim=-1)  # (H, p + 1)
+        torch.testing.assert_close(got[i], (w[:, :, None] * values[r, :, :p + 1]).sum(1), rtol=1e-5, atol=1e-5)
+        assert torch.equal(kernels.rows_attend(q[i:i + 1], keys, values, rows[i:i + 1], positions[i:i + 1], 0.5),
+                           got[i:i + 1])
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.rows_attend(q, keys, values, rows, torch.tensor([0, 9, 5]), 0.5)
+
+
+@pytest.mark.parametrize("kw", [MODERN, CLASSIC], ids=["modern", "classic"])
+def test_the_kernel_pass_decodes_as_the_server_pass_does_and_rows_keep_their_bits(kw, kernels):
+    """decode_slots against the server's plain pass (decode_rows) on prompts of several lengths,
+    character by character; and kernels_exact's verdict on this machine."""
+    from trainlab.chat.decoding import decode_slots, kernels_exact
+    from trainlab.chat.model import SlotCache, decode_rows, prefill_row
+
+    model = random_model(**kw)
+    g = torch.Generator().manual_seed(2)
+    plain, fast = SlotCache(model.cfg, 8), SlotCache(model.cfg, 8)
+    with torch.no_grad():
+        for r in range(3):
+            prompt = torch.randint(0, 11, (3 + 4 * r,), generator=g).tolist()
+            prefill_row(model, prompt, plain, r)
+            prefill_row(model, prompt, fast, r)
+        for _ in range(4):
+            tokens = torch.randint(0, 11, (8,), generator=g)
+            want = decode_rows(model, tokens, plain, [True] * 3)[:3]
+            got = decode_slots(model, kernels, tokens, fast, [0, 1, 2])
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            for r in range(3):
+                plain.lengths[r] += 1
+                fast.lengths[r] += 1
+    assert kernels_exact(model, kernels)
+
+
+def test_a_damaged_kernels_folder_is_built_again_not_trusted(kernels, tmp_path):
+    import shutil
+
+    from trainlab.chat.kernels import kernels_dir, load_kernels
+
+    folder = kernels_dir(tmp_path)
+    shutil.copytree(kernels_dir(KERNELS_ROOT), folder)
+    for so in folder.glob("*.so"):
+        so.write_bytes(b"not a shared library")
+    module, note = load_kernels(tmp_path)
+    assert module is not None and note.startswith("row kernels ready"), note
+    built = list(folder.glob("*.so"))
+    assert built and all(so.read_bytes()[:4] == b"\x7fELF" for so in built)  # built again
+    x, w = torch.randn(2, 16), torch.randn(3, 16)
+    torch.testing.assert_close(module.rows_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)

@@ -230,24 +230,14 @@ def test_errors_of_paths_bodies_keys_and_queues(trained, live):
         guarded.close()
 
 
-def test_eight_concurrent_streams_each_get_their_text_alone(live, monkeypatch):
+def eight_streams(url: str, rows_per_pass: list[int]) -> None:
     """The same text alone and among others, and "among others" is real: the streams shared
-    decoding passes (a server answering one request at a time would pass the first part)."""
-    from trainlab.chat import serve as serve_module
-
-    rows_per_pass: list[int] = []
-    real = serve_module.decode_rows
-
-    def counted(model, last, cache, decoding):
-        rows_per_pass.append(sum(decoding))
-        return real(model, last, cache, decoding)
-
-    monkeypatch.setattr(serve_module, "decode_rows", counted)
-
+    decoding passes (a server answering one request at a time would pass the first part);
+    ``rows_per_pass`` is filled by the caller's spy on the shared pass."""
     async def stream(seed: int) -> str:
         async with httpx.AsyncClient(timeout=120) as http:
             text = ""
-            async with http.stream("POST", live.url + "/v1/completions",
+            async with http.stream("POST", url + "/v1/completions",
                                    json={"prompt": "BORIS:\n", "max_tokens": 150, "seed": seed, "stream": True,
                                          "stop_at": "none"}) as r:
                 async for line in r.aiter_lines():
@@ -264,6 +254,48 @@ def test_eight_concurrent_streams_each_get_their_text_alone(live, monkeypatch):
     rows_per_pass.clear()
     assert asyncio.run(together()) == alone
     assert max(rows_per_pass) >= 2, "the streams never shared a decoding pass"
+
+
+def test_eight_concurrent_streams_each_get_their_text_alone(live, monkeypatch):
+    from trainlab.chat import serve as serve_module
+
+    assert live.server.engine.kernels is None  # no kernels folder given: the plain pass, every row computed
+    rows_per_pass: list[int] = []
+    real = serve_module.decode_rows
+
+    def counted(model, last, cache, decoding):
+        rows_per_pass.append(sum(decoding))
+        return real(model, last, cache, decoding)
+
+    monkeypatch.setattr(serve_module, "decode_rows", counted)
+    eight_streams(live.url, rows_per_pass)
+
+
+@pytest.fixture(scope="module")
+def live_kernels(trained, tmp_path_factory):
+    """The server as `chat serve` starts it: decoding through the row kernels, built at warm-up."""
+    srv = Live(trained, server_kw={"kernels_root": tmp_path_factory.mktemp("compiled")})
+    yield srv
+    srv.close()
+
+
+def test_eight_streams_through_the_row_kernels_each_get_their_text_alone(live_kernels, monkeypatch):
+    """With the row kernels each pass computes only the rows in use (one stream: one row), and
+    a stream's text is still the same alone and among others."""
+    from trainlab.chat import decoding
+
+    engine = live_kernels.server.engine
+    assert engine.kernels is not None, engine.notes
+    assert any(n.startswith("decoding: row kernels ready") for n in engine.notes)
+    rows_per_pass: list[int] = []
+    real = decoding.decode_slots
+
+    def counted(model, kernels, last, cache, rows):
+        rows_per_pass.append(len(rows))
+        return real(model, kernels, last, cache, rows)
+
+    monkeypatch.setattr(decoding, "decode_slots", counted)
+    eight_streams(live_kernels.url, rows_per_pass)
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from trainlab.chat.model import GPT, rotate
+from trainlab.chat.model import GPT, SlotCache, rotate
 
 Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -50,23 +50,21 @@ def rowwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out if bias is None else out + bias
 
 
-def decode_pass(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, before: torch.Tensor,
-                keys: torch.Tensor, values: torch.Tensor, linear: Linear = rowwise_linear
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One new token per row: ``tokens`` (R,) at ``positions`` (R,), each after the token
-    ``before`` (R,; ``vocab_size``: none), attending to its row's cached ``keys`` and ``values``
-    (L, R, H, S, hd) at the positions below its own (the rest of the S are ignored) and to
-    itself. Returns (logits (R, V), the new keys and values (L, R, H, hd) each), which the
-    caller stores at ``positions``. The same arithmetic as ``GPT.forward`` continuing a cache."""
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def walk_blocks(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, before: torch.Tensor, linear: Linear,
+                attend: Attend) -> torch.Tensor:
+    """One new token per row through every block: ``tokens`` (R,) at ``positions`` (R,), each
+    after the token ``before`` (R,; ``vocab_size``: none). ``attend(i, q, k, v)`` gets block i's
+    new queries, keys and values (R, H, hd) each and returns what the queries read (R, H, hd);
+    it owns the cache. Returns the logits (R, V). The arithmetic of ``GPT.forward``."""
     cfg = model.cfg
-    R, S = tokens.shape[0], keys.shape[3]
+    R = tokens.shape[0]
     H, D = cfg.nhead, cfg.d_model
     hd = D // H
     x, rot = model.embed(tokens[:, None], positions[:, None], before)  # (R, 1, D)
     x = x[:, 0]  # (R, D)
-    seen = (torch.arange(S, device=tokens.device)[None, :] < positions[:, None])[:, None, :]  # (R, 1, S)
-    scale = 1.0 / math.sqrt(hd)
-    new_k, new_v = [], []
     for i, block in enumerate(model.blocks):
         attn = block.attn
         q, k, v = linear(block.ln1(x), attn.qkv.weight, attn.qkv.bias).view(R, 3, H, hd).unbind(1)  # (R, H, hd) each
@@ -75,12 +73,7 @@ def decode_pass(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, befor
         if rot is not None:
             cos, sin = rot[0][:, 0], rot[1][:, 0]  # (R, 1, hd)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        new_k.append(k)
-        new_v.append(v)
-        cached = (q[:, :, None, :] * keys[i]).sum(-1) * scale  # (R, H, S)
-        own = (q * k).sum(-1, keepdim=True) * scale  # (R, H, 1)
-        w = torch.softmax(torch.cat([cached.masked_fill(~seen, float("-inf")), own], dim=-1), dim=-1)  # (R, H, S+1)
-        y = (w[..., :S, None] * values[i]).sum(-2) + w[..., S:] * v  # (R, H, hd)
+        y = attend(i, q, k, v)  # (R, H, hd)
         x = x + linear(y.reshape(R, D), attn.proj.weight, attn.proj.bias)
         h = block.ln2(x)
         mlp = block.mlp
@@ -93,9 +86,106 @@ def decode_pass(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, befor
         x = x + linear(h, mlp.down.weight, mlp.down.bias)
     logits = linear(model.ln_f(x), model.head.weight, None)  # (R, V)
     c = cfg.logit_softcap
-    if c:
-        logits = c * torch.tanh(logits / c)
+    return c * torch.tanh(logits / c) if c else logits
+
+
+def decode_pass(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, before: torch.Tensor,
+                keys: torch.Tensor, values: torch.Tensor, linear: Linear = rowwise_linear
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``walk_blocks`` over each row's cached ``keys`` and ``values`` (L, R, H, S, hd) at the
+    positions below its own (the rest of the S are ignored), and itself. Returns (logits (R, V),
+    the new keys and values (L, R, H, hd) each), which the caller stores at ``positions``:
+    the pass reads its inputs and writes nothing."""
+    S = keys.shape[3]
+    scale = 1.0 / math.sqrt(model.cfg.d_model // model.cfg.nhead)
+    seen = (torch.arange(S, device=tokens.device)[None, :] < positions[:, None])[:, None, :]  # (R, 1, S)
+    new_k, new_v = [], []
+
+    def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        new_k.append(k)
+        new_v.append(v)
+        cached = (q[:, :, None, :] * keys[i]).sum(-1) * scale  # (R, H, S)
+        own = (q * k).sum(-1, keepdim=True) * scale  # (R, H, 1)
+        w = torch.softmax(torch.cat([cached.masked_fill(~seen, float("-inf")), own], dim=-1), dim=-1)  # (R, H, S+1)
+        return (w[..., :S, None] * values[i]).sum(-2) + w[..., S:] * v  # (R, H, hd)
+
+    logits = walk_blocks(model, tokens, positions, before, linear, attend)
     return logits, torch.stack(new_k), torch.stack(new_v)  # (R, V), (L, R, H, hd) x 2
+
+
+def kernel_pass(model: GPT, kernels, tokens: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                before: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor) -> torch.Tensor:
+    """``walk_blocks`` through the row kernels (``chat/kernels.py``) for the cache rows ``rows``
+    (R,) of ``cache_k`` and ``cache_v`` (L, slots, H, ctx, hd): each row's new key and value is
+    written at its position, then its query attends to positions 0..position. A row's logits
+    (R, V) depend on nothing but the row: not on R, the other rows or the thread count."""
+    scale = 1.0 / math.sqrt(model.cfg.d_model // model.cfg.nhead)
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = kernels.rows_linear(x, weight)
+        return out if bias is None else out + bias
+
+    def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        cache_k[i, rows, :, positions] = k  # (R, H, hd) at each row's own position
+        cache_v[i, rows, :, positions] = v
+        return kernels.rows_attend(q, cache_k[i], cache_v[i], rows, positions, scale)
+
+    return walk_blocks(model, tokens, positions, before, linear, attend)
+
+
+def decode_slots(model: GPT, kernels, tokens: torch.Tensor, cache: SlotCache, rows: list[int]) -> torch.Tensor:
+    """What ``model.decode_rows`` does for a server's tick, through ``kernel_pass``: a new token
+    for each of ``rows`` of ``cache`` (their next tokens in ``tokens``, (slots,)), each at its
+    own position ``lengths[r]``, which must be below the context. Only those rows are
+    computed. Returns their logits (len(rows), V); lengths are left to the caller."""
+    ctx = model.cfg.context_len
+    for r in rows:
+        if not 0 <= cache.lengths[r] < ctx:
+            raise ValueError(f"row {r} is at position {cache.lengths[r]}, outside the context of {ctx}")
+    device = tokens.device
+    idx = torch.tensor(rows, device=device, dtype=torch.long)  # (R,)
+    pos = torch.tensor([cache.lengths[r] for r in rows], device=device, dtype=torch.long)  # (R,)
+    before = torch.where(pos > 0, cache.tokens[idx, (pos - 1).clamp(min=0)], model.cfg.vocab_size)  # (R,)
+    cache.tokens[idx, pos] = tokens[idx]  # a pair-embedding model's next pass reads it
+    return kernel_pass(model, kernels, tokens[idx], idx, pos, before, cache.k, cache.v)
+
+
+def kernels_exact(model: GPT, kernels, threads: tuple[int, ...] = (1, 2)) -> bool:
+    """Whether ``decode_slots`` gives each row the same bits alone, among others and at each
+    thread count on this machine: 8 rows at several positions, decoded all together and in
+    subsets, at every count in ``threads``. What the kernels are written to keep; a server
+    checks it at warm-up and uses them only where it holds."""
+    cfg = model.cfg
+    p = next(model.parameters())
+    g = torch.Generator().manual_seed(0)
+    cache = SlotCache(cfg, 8, p.device, p.dtype)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    cache.tokens.copy_(torch.randint(0, cfg.vocab_size, cache.tokens.shape, generator=g))
+    lengths = [int(x) for x in torch.randint(1, cfg.context_len, (8,), generator=g)]
+    lengths[0], lengths[-1] = 1, cfg.context_len - 1
+    tokens = torch.randint(0, cfg.vocab_size, (8,), generator=g)
+    previous = torch.get_num_threads()
+
+    def run(rows: list[int], n: int) -> torch.Tensor:
+        torch.set_num_threads(n)
+        scratch = SlotCache(cfg, 8, p.device, p.dtype)
+        scratch.k.copy_(cache.k)
+        scratch.v.copy_(cache.v)
+        scratch.tokens.copy_(cache.tokens)
+        scratch.lengths = list(lengths)
+        return decode_slots(model, kernels, tokens, scratch, rows)
+
+    try:
+        with torch.no_grad():
+            whole = run(list(range(8)), threads[0])
+            for n in threads:
+                for rows in ([0], [7], [5, 2], [1, 3, 4, 6], list(range(8))):
+                    if not torch.equal(run(rows, n), whole[rows]):
+                        return False
+    finally:
+        torch.set_num_threads(previous)
+    return True
 
 
 SPAN_STEP = 64  # the cached positions a pass reads come in multiples of this (one compiled graph serves all)

@@ -40,6 +40,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import torch
@@ -186,8 +187,10 @@ class Engine:
     STUCK_SECONDS = 30.0  # a tick of the 14M model takes milliseconds; this long means stuck
 
     def __init__(self, cm: ChatModel, limits: Limits, tune_threads: bool = True, warm_up: bool = True,
-                 on_ready=None) -> None:
+                 on_ready=None, kernels_root: Path | None = None) -> None:
         self.cm, self.limits = cm, limits
+        self.kernels_root = kernels_root  # where the row kernels are built and kept (None: not used)
+        self.kernels = None  # the row kernels, once warm-up has built and checked them
         device = next(cm.model.parameters()).device
         self.device = device
         self.cache = SlotCache(cm.model.cfg, limits.slots, device, dtype=next(cm.model.parameters()).dtype)
@@ -253,10 +256,12 @@ class Engine:
         scratch row, so that the first request does not pay for first-call costs."""
         t0 = time.perf_counter()
         model = self.cm.model
+        if self.device.type == "cpu" and self.kernels_root is not None:
+            self._load_kernels()
         if self.device.type == "cpu":
             exact = check_exactness(model)
             self.cache.trimmed = exact.trimmed
-            if not exact.trimmed:
+            if not exact.trimmed and self.kernels is None:
                 self.notes.append("every pass computes all rows over the whole context: a trimmed pass rounds "
                                   "differently on this CPU")
             if not exact.threads:
@@ -266,10 +271,37 @@ class Engine:
         logits = prefill_row(model, [0] * min(PREFILL_CHUNK, model.cfg.context_len - 1), self.cache, 0)
         last = torch.zeros(self.cache.slots, dtype=torch.long, device=self.device)
         for _ in range(8):
-            logits = self.tuner.run(lambda: decode_rows(model, last, self.cache, [True]))
+            logits = self.tuner.run(lambda: self._decode(last, [0]))
         self._free(0)
         del logits
         return time.perf_counter() - t0
+
+    def _load_kernels(self) -> None:
+        """Build (or load) the row kernels and keep them where they give each row the same bits
+        alone, among others and at 1 and 2 threads (``kernels_exact``); a line in ``notes``
+        either way."""
+        from trainlab.chat.decoding import kernels_exact
+        from trainlab.chat.kernels import load_kernels
+
+        model = self.cm.model
+        if next(model.parameters()).dtype != torch.float32:
+            self.notes.append("decoding: the plain pass (the row kernels are for fp32 weights)")
+            return
+        kernels, note = load_kernels(self.kernels_root)
+        if kernels is not None and not kernels_exact(model, kernels):
+            kernels, note = None, "row kernels not used: they rounded a row differently alone and among others here"
+        self.kernels = kernels
+        self.notes.append(f"decoding: {note}" if kernels is not None else f"decoding: the plain pass ({note})")
+
+    def _decode(self, last: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """One shared pass: the next logits of ``rows`` (len(rows), V), through the row kernels
+        (only those rows computed) or the plain pass (every row of the cache computed)."""
+        if self.kernels is not None:
+            from trainlab.chat.decoding import decode_slots
+
+            return decode_slots(self.cm.model, self.kernels, last, self.cache, rows)
+        decoding = [r in rows for r in range(self.cache.slots)]
+        return decode_rows(self.cm.model, last, self.cache, decoding)[rows]
 
     def _loop(self) -> None:
         if self._warm:
@@ -358,12 +390,12 @@ class Engine:
             return
         last = [job.tokens[-1] if job is not None and job.tokens else 0 for job in self.rows]
         last = torch.tensor(last + [0] * (self.cache.slots - len(last)), device=self.device)  # (cache rows,)
-        logits = self.tuner.run(lambda: decode_rows(model, last, self.cache, decoding))  # (S, V)
+        logits = self.tuner.run(lambda: self._decode(last, active))  # (len(active), V)
         logits = logits.float().cpu()  # one copy to the host for every row (on a GPU, one wait a tick, not one a row)
-        for r in active:
+        for i, r in enumerate(active):
             try:
                 self.cache.lengths[r] += 1
-                self._take(r, logits[r])
+                self._take(r, logits[i])
             except Exception as e:  # noqa: BLE001
                 self._fail(r, e)
 
@@ -474,7 +506,7 @@ class Server:
 
     def __init__(self, cm: ChatModel, dialogue: Dialogue, info: dict[str, Any], api_key: str | None = None,
                  limits: Limits | None = None, tune_threads: bool = True, on_ready=None,
-                 access_log=None) -> None:
+                 access_log=None, kernels_root: Path | None = None) -> None:
         from starlette.applications import Starlette
         from starlette.routing import Route
 
@@ -482,7 +514,7 @@ class Server:
         self.limits = limits or Limits()
         self.model_id = str(info.get("model", "trainlab-chat"))
         self.loop: asyncio.AbstractEventLoop | None = None  # the event loop serving it, once started
-        self.engine = Engine(cm, self.limits, tune_threads, on_ready=on_ready)
+        self.engine = Engine(cm, self.limits, tune_threads, on_ready=on_ready, kernels_root=kernels_root)
         self.metrics = Metrics(self.engine)
         self.access_log = access_log  # one line per request (method, path, status, time), never a body
         routes = [Route(path, self.static) for path in STATIC]

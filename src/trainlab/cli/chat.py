@@ -138,6 +138,7 @@ def chat_export(args: argparse.Namespace) -> int:
 def chat_serve(args: argparse.Namespace) -> int:
     import os
     import socket
+    from pathlib import Path
 
     from trainlab.chat.repl import default_dialogue
     from trainlab.chat.serve import Limits, Server, uvicorn_server
@@ -164,7 +165,8 @@ def chat_serve(args: argparse.Namespace) -> int:
     def ready(engine) -> None:  # from the engine's thread, once its warm-up is done
         for note in engine.notes:
             print(f"note: {note}", flush=True)
-        trimmed = "; passes trimmed to the rows and positions in use" if engine.cache.trimmed else ""
+        trimmed = "; each pass computes the rows in use" if engine.kernels is not None else \
+            "; passes trimmed to the rows and positions in use" if engine.cache.trimmed else ""
         print(f"ready: warm-up took {engine.warm_up_seconds:.2f} s ({args.weights} weights{trimmed}); "
               f"/health says ok", flush=True)
 
@@ -175,7 +177,8 @@ def chat_serve(args: argparse.Namespace) -> int:
           f"/health, /metrics" + ("; API key required" if api_key else "") + " (warming up)", flush=True)
     server = Server(cm, dialogue, info, api_key,
                     Limits(args.slots, args.max_queue, args.max_prompt_chars, args.max_tokens_cap),
-                    on_ready=ready, access_log=None if args.quiet else access)
+                    on_ready=ready, access_log=None if args.quiet else access,
+                    kernels_root=Path(args.runs_dir) / ".compiled")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         warn(f"warning: listening on {args.host}: other machines can reach this server"
              + ("" if api_key else " and no --api-key is set"))

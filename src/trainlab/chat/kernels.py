@@ -1,0 +1,218 @@
+"""Two small C++ kernels for decoding several rows at once, each row's numbers depending on
+nothing but the row: not on how many rows share the pass, nor on the thread count.
+
+Why C++. A served stream must get the same text alone and among others (``chat serve``'s
+guarantee). MKL's products round a row differently with the row count and the threads, so
+the server ran every pass over a fixed 8 rows: one stream paid for eight. Inductor's
+compiled products (``decoding.rowwise_linear``) keep a row's order alone, but inside a
+whole pass of several rows it laid the products out feature-major and vectorised across
+the rows, and the bits changed with the row count (results/decoding/README.md). Here the
+order is written down:
+
+- ``rows_linear(x, w)``: ``x`` (R, K) times ``w`` (N, K) transposed. Each output is one dot
+  product, summed in 16 lanes over K and the lanes then added in order: an order fixed by K
+  alone. The weights are split among threads by output, so a thread computes whole dot
+  products. Rows go four at a time against one weight row, read once for all of them; a
+  row in a block of four is summed in the very order of a row alone.
+- ``rows_attend(q, keys, values, rows, positions, scale)``: one new query per row over that
+  row's cached positions 0..positions[r] (its own new key and value already written there):
+  scores, softmax and the weighted sum of values, each in position order, one (row, head) per
+  thread at a time.
+
+Built once per machine with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and
+ninja; about 25 s), kept under ``RUNS/.compiled/kernels-<key>`` (the key hashes the source,
+torch's version and the CPU, since it is built for this CPU's instructions); a later start
+loads it in well under a second. Where it cannot be built, callers keep their plain pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int LANES = 16;
+
+// a . b over K floats: 16 lanes, then the lanes in order, then the tail; fixed by K alone
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t K) {
+  float acc[LANES] = {0};
+  int64_t k = 0;
+  for (; k + LANES <= K; k += LANES)
+    for (int j = 0; j < LANES; ++j) acc[j] += a[k + j] * b[k + j];
+  float tail = 0.f;
+  for (; k < K; ++k) tail += a[k] * b[k];
+  float s = 0.f;
+  for (int j = 0; j < LANES; ++j) s += acc[j];
+  return s + tail;
+}
+
+// four rows of x against one weight row w, each row summed exactly as dot() sums it;
+// out[i * stride] receives row i's sum
+inline void dot4(const float* __restrict w, const float* __restrict x, int64_t K, float* out, int64_t stride) {
+  float a0[LANES] = {0}, a1[LANES] = {0}, a2[LANES] = {0}, a3[LANES] = {0};
+  const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
+  int64_t k = 0;
+  for (; k + LANES <= K; k += LANES)
+    for (int j = 0; j < LANES; ++j) {
+      const float wv = w[k + j];
+      a0[j] += wv * x0[k + j];
+      a1[j] += wv * x1[k + j];
+      a2[j] += wv * x2[k + j];
+      a3[j] += wv * x3[k + j];
+    }
+  float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
+  for (; k < K; ++k) {
+    t0 += w[k] * x0[k];
+    t1 += w[k] * x1[k];
+    t2 += w[k] * x2[k];
+    t3 += w[k] * x3[k];
+  }
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+  for (int j = 0; j < LANES; ++j) {
+    s0 += a0[j];
+    s1 += a1[j];
+    s2 += a2[j];
+    s3 += a3[j];
+  }
+  out[0] = s0 + t0;
+  out[stride] = s1 + t1;
+  out[2 * stride] = s2 + t2;
+  out[3 * stride] = s3 + t3;
+}
+
+}  // namespace
+
+torch::Tensor rows_linear(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "rows_linear: x (R, K) and w (N, K)");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kFloat32, "rows_linear: float32 only");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "rows_linear: CPU tensors only");
+  x = x.contiguous();
+  w = w.contiguous();
+  const int64_t R = x.size(0), K = x.size(1), N = w.size(0);
+  auto out = torch::empty({R, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      int64_t r = 0;
+      for (; r + 4 <= R; r += 4) dot4(wp + n * K, xp + r * K, K, op + r * N + n, N);
+      for (; r < R; ++r) op[r * N + n] = dot(wp + n * K, xp + r * K, K);
+    }
+  });
+  return out;
+}
+
+torch::Tensor rows_attend(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor rows,
+                          torch::Tensor positions, double scale) {
+  TORCH_CHECK(q.dim() == 3 && keys.dim() == 4 && values.sizes() == keys.sizes(),
+              "rows_attend: q (R, H, hd), keys and values (slots, H, ctx, hd)");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && keys.scalar_type() == torch::kFloat32 &&
+              values.scalar_type() == torch::kFloat32, "rows_attend: float32 only");
+  TORCH_CHECK(keys.is_contiguous() && values.is_contiguous(), "rows_attend: contiguous caches only");
+  q = q.contiguous();
+  auto rows_c = rows.to(torch::kLong).contiguous();
+  auto pos_c = positions.to(torch::kLong).contiguous();
+  const int64_t R = q.size(0), H = q.size(1), hd = q.size(2), slots = keys.size(0), ctx = keys.size(2);
+  TORCH_CHECK(keys.size(1) == H && keys.size(3) == hd && rows_c.numel() == R && pos_c.numel() == R,
+              "rows_attend: shapes disagree");
+  const int64_t* rp = rows_c.data_ptr<int64_t>();
+  const int64_t* pp = pos_c.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(0 <= rp[r] && rp[r] < slots && 0 <= pp[r] && pp[r] < ctx, "rows_attend: row or position out of range");
+  auto out = torch::zeros({R, H, hd}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = keys.data_ptr<float>();
+  const float* vp = values.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, R * H, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> w(ctx);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r = b / H, h = b % H, last = pp[r];
+      const float* qr = qp + b * hd;
+      const float* kr = kp + (rp[r] * H + h) * ctx * hd;
+      const float* vr = vp + (rp[r] * H + h) * ctx * hd;
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t s = 0; s <= last; ++s) {
+        w[s] = dot(qr, kr + s * hd, hd) * sc;
+        top = std::max(top, w[s]);
+      }
+      float z = 0.f;
+      for (int64_t s = 0; s <= last; ++s) {
+        w[s] = std::exp(w[s] - top);
+        z += w[s];
+      }
+      float* o = op + b * hd;
+      for (int64_t s = 0; s <= last; ++s) {
+        const float ws = w[s] / z;
+        const float* v = vr + s * hd;
+        for (int64_t d = 0; d < hd; ++d) o[d] += ws * v[d];
+      }
+    }
+  });
+  return out;
+}
+"""
+
+FUNCTIONS = ["rows_linear", "rows_attend"]
+
+
+def kernels_dir(root: Path) -> Path:
+    """Where this source, built for this CPU and torch, is kept under ``root``."""
+    from trainlab.engine.precision import cpu_summary
+
+    key = hashlib.sha256("\n".join([SOURCE, torch.__version__, cpu_summary()]).encode()).hexdigest()[:16]
+    return root / f"kernels-{key}"
+
+
+def _find_ninja() -> None:
+    """torch builds with ninja from PATH; the ``ninja`` package's binary sits in this Python's
+    environment, which need not be on PATH (``.venv/bin/python`` run directly)."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja  # noqa: PLC0415
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+
+
+def load_kernels(root: Path) -> tuple[ModuleType | None, str]:
+    """The built kernels (built now if this machine has none yet) and one line on what was
+    done; (None, why) where they cannot be built. A damaged build folder is wiped and built
+    again once, never trusted."""
+    import time
+
+    from torch.utils.cpp_extension import load_inline
+
+    folder = kernels_dir(root)
+    _find_ninja()
+    t0 = time.perf_counter()
+    for attempt in (1, 2):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            module = load_inline(name=f"trainlab_rows_{folder.name[8:]}", cpp_sources=[SOURCE], functions=FUNCTIONS,
+                                 extra_cflags=["-O3", "-march=native"], build_directory=str(folder), verbose=False)
+            return module, f"row kernels ready in {time.perf_counter() - t0:.1f} s ({folder})"
+        except Exception as e:  # noqa: BLE001 (no compiler, no ninja, a damaged build: the plain pass serves)
+            if attempt == 1 and folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            return None, f"row kernels unavailable ({why})"
+    return None, "row kernels unavailable"
