@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 from trainlab.engine.train_config import TrainConfig
 from trainlab.multiply.config import (
@@ -24,6 +25,9 @@ def tiny_multiply(train: TrainConfig, min_digits=1, max_digits=1, tf=None, **mod
 
 
 # -- command-line runs and what they leave ------------------------------------------------
+# the serving row kernels (chat/kernels.py), built once for the whole suite: every test process
+# loads the same folder, and torch's build lock makes a second process wait for the first
+KERNELS_ROOT = Path(__file__).resolve().parents[1] / "build" / "test-kernels"
 TINY = ["--d-model", "32", "--num-layers", "1", "--num-latent", "2", "--batch-size", "8", "--eval-samples", "20",
         "--test-n", "200",  # the report scores 200 held-out problems, not 10,000: seconds a run, over hundreds
         "--no-progress", "--tag", "test", "--device", "cpu"]

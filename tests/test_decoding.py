@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import chat_train, made_up_text
+from helpers import KERNELS_ROOT, chat_train, made_up_text
 
 from trainlab.chat.config import GPTConfig, SamplingConfig
 from trainlab.chat.decoding import Decoder, RowCache, compile_cache_dir, decode_pass, rowwise_linear
@@ -138,7 +138,6 @@ def test_generate_compiled_writes_the_plain_text_and_survives_a_damaged_cache(ru
 
 
 # -- the row kernels (chat/kernels.py) and the server's pass through them -------------------------
-KERNELS_ROOT = ROOT / "build" / "test-kernels"  # one build shared by the test processes (torch locks it)
 
 
 @pytest.fixture(scope="module")
@@ -169,20 +168,42 @@ def test_rows_linear_is_a_linear_layer_whose_rows_keep_their_bits_at_any_row_and
         kernels.rows_linear(x, w[:, :50])
 
 
-def test_rows_attend_is_attention_over_each_rows_own_positions(kernels):
+def test_rows_attend_writes_the_new_key_and_value_then_attends_over_the_rows_own_positions(kernels):
     g = torch.Generator().manual_seed(1)
     slots, H, ctx, hd = 5, 3, 9, 8
     keys, values = torch.randn(slots, H, ctx, hd, generator=g), torch.randn(slots, H, ctx, hd, generator=g)
-    q = torch.randn(3, H, hd, generator=g)
+    q, k, v = (torch.randn(3, H, hd, generator=g) for _ in range(3))
     rows, positions = torch.tensor([4, 0, 2]), torch.tensor([0, 8, 5])
-    got = kernels.rows_attend(q, keys, values, rows, positions, 0.5)
+    before_k, before_v = keys.clone(), values.clone()
+    got = kernels.rows_attend(q, k, v, keys, values, rows, positions, 0.5)
+    want_k, want_v = before_k.clone(), before_v.clone()
+    want_k[rows, :, positions], want_v[rows, :, positions] = k, v
+    assert torch.equal(keys, want_k) and torch.equal(values, want_v)  # only the new positions were written
     for i, (r, p) in enumerate(zip(rows.tolist(), positions.tolist())):
         w = torch.softmax((keys[r, :, :p + 1] @ q[i, :, :, None])[..., 0] * 0.5, dim=-1)  # (H, p + 1)
         torch.testing.assert_close(got[i], (w[:, :, None] * values[r, :, :p + 1]).sum(1), rtol=1e-5, atol=1e-5)
-        assert torch.equal(kernels.rows_attend(q[i:i + 1], keys, values, rows[i:i + 1], positions[i:i + 1], 0.5),
-                           got[i:i + 1])
+        alone = kernels.rows_attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], keys, values, rows[i:i + 1],
+                                    positions[i:i + 1], 0.5)
+        assert torch.equal(alone, got[i:i + 1])
     with pytest.raises(RuntimeError, match="out of range"):
-        kernels.rows_attend(q, keys, values, rows, torch.tensor([0, 9, 5]), 0.5)
+        kernels.rows_attend(q, k, v, keys, values, rows, torch.tensor([0, 9, 5]), 0.5)
+    with pytest.raises(RuntimeError, match="a row twice"):
+        kernels.rows_attend(q, k, v, keys, values, torch.tensor([1, 3, 1]), positions, 0.5)
+
+
+@pytest.mark.parametrize("layer", [torch.nn.RMSNorm(24, eps=1e-6), torch.nn.LayerNorm(24), torch.nn.LayerNorm(24, bias=False)],
+                         ids=["rms", "layer", "layer-no-bias"])
+def test_rows_norm_is_the_norm_layer_and_rows_keep_their_bits(kernels, layer):
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        x = torch.randn(7, 24, generator=g) * 3 + 1
+        rms = isinstance(layer, torch.nn.RMSNorm)
+        got = kernels.rows_norm(x, layer.weight, getattr(layer, "bias", None), layer.eps, rms)
+        torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(kernels.rows_norm(x[2:3], layer.weight, getattr(layer, "bias", None), layer.eps, rms),
+                           got[2:3])
 
 
 @pytest.mark.parametrize("kw", [MODERN, CLASSIC], ids=["modern", "classic"])
@@ -212,17 +233,27 @@ def test_the_kernel_pass_decodes_as_the_server_pass_does_and_rows_keep_their_bit
 
 
 def test_a_damaged_kernels_folder_is_built_again_not_trusted(kernels, tmp_path):
+    """A server started again over a kernels folder whose library is damaged: the folder is
+    wiped and built again (in a fresh process, as a restart is)."""
     import shutil
 
-    from trainlab.chat.kernels import kernels_dir, load_kernels
+    from trainlab.chat.kernels import kernels_dir
 
     folder = kernels_dir(tmp_path)
     shutil.copytree(kernels_dir(KERNELS_ROOT), folder)
     for so in folder.glob("*.so"):
         so.write_bytes(b"not a shared library")
-    module, note = load_kernels(tmp_path)
-    assert module is not None and note.startswith("row kernels ready"), note
+    code = ("import sys, torch\n"
+            "from pathlib import Path\n"
+            "from trainlab.chat.kernels import load_kernels\n"
+            "module, note = load_kernels(Path(sys.argv[1]))\n"
+            "assert module is not None, note\n"
+            "x, w = torch.randn(2, 16), torch.randn(3, 16)\n"
+            "torch.testing.assert_close(module.rows_linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)\n"
+            "print(note)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("row kernels ready")
     built = list(folder.glob("*.so"))
     assert built and all(so.read_bytes()[:4] == b"\x7fELF" for so in built)  # built again
-    x, w = torch.randn(2, 16), torch.randn(3, 16)
-    torch.testing.assert_close(module.rows_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 from conftest import register_runs_dir
-from helpers import chat_train, made_up_text
+from helpers import KERNELS_ROOT, chat_train, made_up_text
 
 from trainlab.chat.model import SlotCache, decode_rows, prefill_row
 from trainlab.chat.repl import default_dialogue, load_chat_model
@@ -272,9 +272,9 @@ def test_eight_concurrent_streams_each_get_their_text_alone(live, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def live_kernels(trained, tmp_path_factory):
+def live_kernels(trained):
     """The server as `chat serve` starts it: decoding through the row kernels, built at warm-up."""
-    srv = Live(trained, server_kw={"kernels_root": tmp_path_factory.mktemp("compiled")})
+    srv = Live(trained, server_kw={"kernels_root": KERNELS_ROOT})
     yield srv
     srv.close()
 

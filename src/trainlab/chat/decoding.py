@@ -54,11 +54,14 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def walk_blocks(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, before: torch.Tensor, linear: Linear,
-                attend: Attend) -> torch.Tensor:
+                attend: Attend, norm: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
+                ) -> torch.Tensor:
     """One new token per row through every block: ``tokens`` (R,) at ``positions`` (R,), each
     after the token ``before`` (R,; ``vocab_size``: none). ``attend(i, q, k, v)`` gets block i's
     new queries, keys and values (R, H, hd) each and returns what the queries read (R, H, hd);
-    it owns the cache. Returns the logits (R, V). The arithmetic of ``GPT.forward``."""
+    it owns the cache. ``norm(module, x)`` applies a norm layer (default: the module itself).
+    Returns the logits (R, V). The arithmetic of ``GPT.forward``."""
+    norm = norm or (lambda module, x: module(x))
     cfg = model.cfg
     R = tokens.shape[0]
     H, D = cfg.nhead, cfg.d_model
@@ -67,15 +70,15 @@ def walk_blocks(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, befor
     x = x[:, 0]  # (R, D)
     for i, block in enumerate(model.blocks):
         attn = block.attn
-        q, k, v = linear(block.ln1(x), attn.qkv.weight, attn.qkv.bias).view(R, 3, H, hd).unbind(1)  # (R, H, hd) each
+        q, k, v = linear(norm(block.ln1, x), attn.qkv.weight, attn.qkv.bias).view(R, 3, H, hd).unbind(1)  # (R, H, hd) each
         if attn.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = norm(attn.q_norm, q), norm(attn.k_norm, k)
         if rot is not None:
             cos, sin = rot[0][:, 0], rot[1][:, 0]  # (R, 1, hd)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         y = attend(i, q, k, v)  # (R, H, hd)
         x = x + linear(y.reshape(R, D), attn.proj.weight, attn.proj.bias)
-        h = block.ln2(x)
+        h = norm(block.ln2, x)
         mlp = block.mlp
         if mlp.kind == "swiglu":
             h = F.silu(linear(h, mlp.gate.weight, mlp.gate.bias)) * linear(h, mlp.up.weight, mlp.up.bias)
@@ -84,7 +87,7 @@ def walk_blocks(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, befor
         else:
             h = F.gelu(linear(h, mlp.up.weight, mlp.up.bias))
         x = x + linear(h, mlp.down.weight, mlp.down.bias)
-    logits = linear(model.ln_f(x), model.head.weight, None)  # (R, V)
+    logits = linear(norm(model.ln_f, x), model.head.weight, None)  # (R, V)
     c = cfg.logit_softcap
     return c * torch.tanh(logits / c) if c else logits
 
@@ -126,11 +129,17 @@ def kernel_pass(model: GPT, kernels, tokens: torch.Tensor, rows: torch.Tensor, p
         return out if bias is None else out + bias
 
     def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        cache_k[i, rows, :, positions] = k  # (R, H, hd) at each row's own position
-        cache_v[i, rows, :, positions] = v
-        return kernels.rows_attend(q, cache_k[i], cache_v[i], rows, positions, scale)
+        return kernels.rows_attend(q, k, v, cache_k[i], cache_v[i], rows, positions, scale)  # writes k and v first
 
-    return walk_blocks(model, tokens, positions, before, linear, attend)
+    def norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        rms = isinstance(module, torch.nn.RMSNorm)
+        if not rms and not isinstance(module, torch.nn.LayerNorm):
+            return module(x)
+        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+        out = kernels.rows_norm(x.reshape(-1, x.shape[-1]), module.weight, getattr(module, "bias", None), eps, rms)
+        return out.view(x.shape)
+
+    return walk_blocks(model, tokens, positions, before, linear, attend, norm)
 
 
 def decode_slots(model: GPT, kernels, tokens: torch.Tensor, cache: SlotCache, rows: list[int]) -> torch.Tensor:

@@ -14,10 +14,12 @@ order is written down:
   alone. The weights are split among threads by output, so a thread computes whole dot
   products. Rows go four at a time against one weight row, read once for all of them; a
   row in a block of four is summed in the very order of a row alone.
-- ``rows_attend(q, keys, values, rows, positions, scale)``: one new query per row over that
-  row's cached positions 0..positions[r] (its own new key and value already written there):
-  scores, softmax and the weighted sum of values, each in position order, one (row, head) per
-  thread at a time.
+- ``rows_attend(q, k, v, keys, values, rows, positions, scale)``: writes each row's new key
+  and value at its position in its cache row, then its query attends to positions
+  0..positions[r]: scores, softmax and the weighted sum of values, each in position order,
+  one (row, head) per thread at a time.
+- ``rows_norm(x, weight, bias, eps, rms)``: RMSNorm or LayerNorm of each row, its sums in
+  the order of a dot product: eager norms cost a dozen small ops each, 33 of them a pass.
 
 Built once per machine with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and
 ninja; about 25 s), kept under ``RUNS/.compiled/kernels-<key>`` (the key hashes the source,
@@ -116,14 +118,17 @@ torch::Tensor rows_linear(torch::Tensor x, torch::Tensor w) {
   return out;
 }
 
-torch::Tensor rows_attend(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor rows,
-                          torch::Tensor positions, double scale) {
-  TORCH_CHECK(q.dim() == 3 && keys.dim() == 4 && values.sizes() == keys.sizes(),
-              "rows_attend: q (R, H, hd), keys and values (slots, H, ctx, hd)");
+torch::Tensor rows_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor keys, torch::Tensor values,
+                          torch::Tensor rows, torch::Tensor positions, double scale) {
+  TORCH_CHECK(q.dim() == 3 && keys.dim() == 4 && values.sizes() == keys.sizes() && k.sizes() == q.sizes() &&
+              v.sizes() == q.sizes(), "rows_attend: q, k, v (R, H, hd), keys and values (slots, H, ctx, hd)");
+  TORCH_CHECK(k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32, "rows_attend: float32 only");
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && keys.scalar_type() == torch::kFloat32 &&
               values.scalar_type() == torch::kFloat32, "rows_attend: float32 only");
   TORCH_CHECK(keys.is_contiguous() && values.is_contiguous(), "rows_attend: contiguous caches only");
   q = q.contiguous();
+  k = k.contiguous();
+  v = v.contiguous();
   auto rows_c = rows.to(torch::kLong).contiguous();
   auto pos_c = positions.to(torch::kLong).contiguous();
   const int64_t R = q.size(0), H = q.size(1), hd = q.size(2), slots = keys.size(0), ctx = keys.size(2);
@@ -133,10 +138,14 @@ torch::Tensor rows_attend(torch::Tensor q, torch::Tensor keys, torch::Tensor val
   const int64_t* pp = pos_c.data_ptr<int64_t>();
   for (int64_t r = 0; r < R; ++r)
     TORCH_CHECK(0 <= rp[r] && rp[r] < slots && 0 <= pp[r] && pp[r] < ctx, "rows_attend: row or position out of range");
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = r + 1; j < R; ++j) TORCH_CHECK(rp[r] != rp[j], "rows_attend: a row twice");
   auto out = torch::zeros({R, H, hd}, q.options());
   const float* qp = q.data_ptr<float>();
-  const float* kp = keys.data_ptr<float>();
-  const float* vp = values.data_ptr<float>();
+  float* kp = keys.data_ptr<float>();
+  float* vp = values.data_ptr<float>();
+  const float* knew = k.data_ptr<float>();
+  const float* vnew = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, R * H, 1, [&](int64_t b0, int64_t b1) {
@@ -144,8 +153,10 @@ torch::Tensor rows_attend(torch::Tensor q, torch::Tensor keys, torch::Tensor val
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r = b / H, h = b % H, last = pp[r];
       const float* qr = qp + b * hd;
-      const float* kr = kp + (rp[r] * H + h) * ctx * hd;
-      const float* vr = vp + (rp[r] * H + h) * ctx * hd;
+      float* kr = kp + (rp[r] * H + h) * ctx * hd;
+      float* vr = vp + (rp[r] * H + h) * ctx * hd;
+      std::copy(knew + b * hd, knew + (b + 1) * hd, kr + last * hd);  // the new position's key and value
+      std::copy(vnew + b * hd, vnew + (b + 1) * hd, vr + last * hd);
       float top = -std::numeric_limits<float>::infinity();
       for (int64_t s = 0; s <= last; ++s) {
         w[s] = dot(qr, kr + s * hd, hd) * sc;
@@ -166,16 +177,64 @@ torch::Tensor rows_attend(torch::Tensor q, torch::Tensor keys, torch::Tensor val
   });
   return out;
 }
-"""
 
-FUNCTIONS = ["rows_linear", "rows_attend"]
+// RMSNorm (bias undefined, rms true) or LayerNorm of each row of x (M, D), times weight (and
+// plus bias): each row's sums in dot()'s order, so a row's numbers depend on the row alone
+torch::Tensor rows_norm(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, double eps,
+                        bool rms) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1), "rows_norm: x (M, D), weight (D,)");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32, "rows_norm: float32 only");
+  x = x.contiguous();
+  auto w = weight.contiguous();
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) b = bias->contiguous();
+  const int64_t M = x.size(0), D = x.size(1);
+  auto out = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    std::vector<float> c(D);
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* row = xp + m * D;
+      float mean = 0.f;
+      if (!rms) {
+        float acc[LANES] = {0};
+        int64_t k = 0;
+        for (; k + LANES <= D; k += LANES)
+          for (int j = 0; j < LANES; ++j) acc[j] += row[k + j];
+        float tail = 0.f;
+        for (; k < D; ++k) tail += row[k];
+        float s = 0.f;
+        for (int j = 0; j < LANES; ++j) s += acc[j];
+        mean = (s + tail) / static_cast<float>(D);
+      }
+      for (int64_t d = 0; d < D; ++d) c[d] = row[d] - mean;
+      const float inv = 1.f / std::sqrt(dot(c.data(), c.data(), D) / static_cast<float>(D) + e);
+      float* o = op + m * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = c[d] * inv * wp[d] + (bp ? bp[d] : 0.f);
+    }
+  });
+  return out;
+}
+
+// the GIL is let go while a kernel runs: the server's event loop (another thread) goes on
+// sending what the last tick made while this one computes
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rows_linear", &rows_linear, py::call_guard<py::gil_scoped_release>());
+  m.def("rows_attend", &rows_attend, py::call_guard<py::gil_scoped_release>());
+  m.def("rows_norm", &rows_norm, py::call_guard<py::gil_scoped_release>());
+}
+"""
 
 
 def kernels_dir(root: Path) -> Path:
     """Where this source, built for this CPU and torch, is kept under ``root``."""
-    from trainlab.engine.precision import cpu_summary
+    from trainlab.engine.precision import cpu_identity
 
-    key = hashlib.sha256("\n".join([SOURCE, torch.__version__, cpu_summary()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([SOURCE, torch.__version__, cpu_identity()]).encode()).hexdigest()[:16]
     return root / f"kernels-{key}"
 
 
@@ -206,7 +265,7 @@ def load_kernels(root: Path) -> tuple[ModuleType | None, str]:
     for attempt in (1, 2):
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            module = load_inline(name=f"trainlab_rows_{folder.name[8:]}", cpp_sources=[SOURCE], functions=FUNCTIONS,
+            module = load_inline(name=f"trainlab_rows_{folder.name[8:]}", cpp_sources=[SOURCE],
                                  extra_cflags=["-O3", "-march=native"], build_directory=str(folder), verbose=False)
             return module, f"row kernels ready in {time.perf_counter() - t0:.1f} s ({folder})"
         except Exception as e:  # noqa: BLE001 (no compiler, no ninja, a damaged build: the plain pass serves)
