@@ -191,8 +191,8 @@ def test_rows_attend_writes_the_new_key_and_value_then_attends_over_the_rows_own
         kernels.rows_attend(q, k, v, keys, values, torch.tensor([1, 3, 1]), positions, 0.5)
 
 
-@pytest.mark.parametrize("layer", [torch.nn.RMSNorm(24, eps=1e-6), torch.nn.LayerNorm(24), torch.nn.LayerNorm(24, bias=False)],
-                         ids=["rms", "layer", "layer-no-bias"])
+@pytest.mark.parametrize("layer", [torch.nn.RMSNorm(24, eps=1e-6), torch.nn.LayerNorm(24),
+                                   torch.nn.LayerNorm(24, bias=False)], ids=["rms", "layer", "layer-no-bias"])
 def test_rows_norm_is_the_norm_layer_and_rows_keep_their_bits(kernels, layer):
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -232,28 +232,34 @@ def test_the_kernel_pass_decodes_as_the_server_pass_does_and_rows_keep_their_bit
     assert kernels_exact(model, kernels)
 
 
-def test_a_damaged_kernels_folder_is_built_again_not_trusted(kernels, tmp_path):
-    """A server started again over a kernels folder whose library is damaged: the folder is
-    wiped and built again (in a fresh process, as a restart is)."""
-    import shutil
+def test_a_damaged_kernels_folder_is_built_again_not_trusted(tmp_path, monkeypatch):
+    """A build folder whose library does not load (damaged, half written) is wiped and built
+    again once, never trusted; a second failure is one line, and the caller keeps its plain
+    pass. torch's own builder stands in here (a real build takes 25-50 s), recording what it
+    found in the folder each time."""
+    import torch.utils.cpp_extension as cpp
 
-    from trainlab.chat.kernels import kernels_dir
+    from trainlab.chat.kernels import kernels_dir, load_kernels
 
     folder = kernels_dir(tmp_path)
-    shutil.copytree(kernels_dir(KERNELS_ROOT), folder)
-    for so in folder.glob("*.so"):
-        so.write_bytes(b"not a shared library")
-    code = ("import sys, torch\n"
-            "from pathlib import Path\n"
-            "from trainlab.chat.kernels import load_kernels\n"
-            "module, note = load_kernels(Path(sys.argv[1]))\n"
-            "assert module is not None, note\n"
-            "x, w = torch.randn(2, 16), torch.randn(3, 16)\n"
-            "torch.testing.assert_close(module.rows_linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)\n"
-            "print(note)\n")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("row kernels ready")
-    built = list(folder.glob("*.so"))
-    assert built and all(so.read_bytes()[:4] == b"\x7fELF" for so in built)  # built again
+    folder.mkdir(parents=True)
+    (folder / "trainlab_rows.so").write_bytes(b"not a shared library")
+    seen: list[list[str]] = []
+
+    def builder(name, cpp_sources, build_directory, **kw):
+        seen.append(sorted(p.name for p in Path(build_directory).iterdir()))
+        if len(seen) == 1:
+            raise ImportError("trainlab_rows.so: invalid ELF header")
+        return "a module"
+
+    monkeypatch.setattr(cpp, "load_inline", builder)
+    module, note = load_kernels(tmp_path)
+    assert module == "a module" and note.startswith("row kernels ready")
+    assert seen == [["trainlab_rows.so"], []]  # the second build started from an empty folder
+
+    def broken(**kw):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp, "load_inline", broken)
+    module, note = load_kernels(tmp_path)
+    assert module is None and note == "row kernels unavailable (Ninja is required to load C++ extensions)"
