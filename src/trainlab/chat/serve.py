@@ -8,11 +8,13 @@ would add its own error shape on top, which OpenAI's clients do not expect.
 One thread owns the model (``Engine``). Requests wait in a queue (at most ``max_queue``;
 past that, 429) for one of ``slots`` rows of a shared key/value cache. A new request's
 prompt runs through the model alone (``prefill_row``); then every tick decodes one
-character for every row at once (``decode_rows``): small matmuls cost about the same for
-8 rows as for 1, since the weights are read once either way, so 8 streams run nearly as
-fast each as one alone (measured: ``benchmarks/serve_latency.py``). All rows are computed
-on every tick, used or not, so a stream's numbers, and its text for a given ``seed``, do
-not depend on the others. Sampling is ``chat.sampling.next_token``, the function
+character for every row in use at once: the weights are read once for all of them, so 8
+streams run nearly as fast each as one alone (measured: ``benchmarks/serve_latency.py``).
+A stream's numbers, and its text for a given ``seed``, do not depend on the others: the
+row kernels (``chat/kernels.py``, through ``decoding.decode_slots``) give a row the same bits
+whatever rows share its pass, so a tick computes only the rows in use; where they cannot be
+built or do not hold on this machine, every tick computes every row of the cache, used or
+not (``decode_rows``). Sampling is ``chat.sampling.next_token``, the function
 ``generate`` and ``repl`` use, in the same documented order.
 
 Chat messages become the corpus's dialogue (as in the repl): ``user`` turns are spoken by
