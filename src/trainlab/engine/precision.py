@@ -62,13 +62,18 @@ def cpu_has_native_bf16() -> bool:
 def cpu_summary() -> str:
     """The CPU model and the flags that decide precision speed, for figures to name their machine."""
     malloc = ", tcmalloc" if allocator.loaded() else ""  # allocator.py: figures name their malloc
-    model, flags = cpu_identity().split("; ", 1)
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{malloc}; {flags}"
+    model, flags = _cpu_model_and_flags()
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{malloc}; flags: {flags}"
 
 
 def cpu_identity() -> str:
     """The CPU model and its flags alone (not threads, cores or malloc): what code built for
     this CPU's instructions is keyed by."""
+    model, flags = _cpu_model_and_flags()
+    return f"{model}; flags: {flags}"
+
+
+def _cpu_model_and_flags() -> tuple[str, str]:
     model = ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -81,7 +86,7 @@ def cpu_identity() -> str:
     flags = {"avx2": _cpu_flag("_is_avx2_supported"), "avx512f": _cpu_flag("_is_avx512_supported"),
              "avx512_bf16": _cpu_flag("_is_avx512_bf16_supported"), "amx_bf16": _cpu_flag("_is_amx_tile_supported")}
     shown = " ".join(name for name, present in flags.items() if present) or "none of avx2/avx512f/avx512_bf16/amx_bf16"
-    return f"{model.replace(';', ',')}; flags: {shown}"
+    return model, shown
 
 
 def _forced() -> str | None:
