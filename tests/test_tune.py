@@ -296,3 +296,43 @@ def test_helpers_of_the_objective():
     assert best_value(evals, "m", "maximize") == 0.8 and best_value(evals, "m", "minimize") == 0.5
     assert score({"simple": 0.8, "latent": 0.6}, "maximize") == 0.8
     assert score({"simple": float("nan"), "latent": 0.6}, "minimize") == 0.6
+
+
+def test_enqueue_makes_a_recipe_the_first_trial_once(runs_dir, tmp_path, capsys):
+    """--enqueue FILE: the searched values of a config file (a best.yaml) are trial 0; keys the
+    space does not search are ignored; a continued study does not try them again."""
+    space = space_file(tmp_path)
+    recipe = tmp_path / "best.yaml"
+    recipe.write_text(yaml.safe_dump({"lr": 0.0042, "batch_size": 16, "d_model": 999, "max_steps": 77}))
+    flags = ["--space", str(space), "--budget-steps", "2", "--study", "q", "--pruner", "none",
+             "--enqueue", str(recipe), *MULTIPLY]
+    assert tune(runs_dir, "multiply", "--trials", "2", *flags) == 0
+    assert "enqueued first" in capsys.readouterr().out
+    study = load(runs_dir, "q")
+    assert states(study) == ["COMPLETE"] * 2
+    assert study.trials[0].params == {"lr": 0.0042, "batch_size": 16}
+    assert study.trials[1].params != study.trials[0].params
+    info = json.loads((runs_dir / study.trials[0].user_attrs["run"] / "run.json").read_text())
+    assert info["config"]["model"]["d_model"] == 32  # not searched: the study's own value
+    assert tune(runs_dir, "multiply", "--trials", "3", *flags) == 0
+    assert "enqueued first" not in capsys.readouterr().out
+    study = load(runs_dir, "q")
+    assert len(study.trials) == 3
+    assert sum(t.params == {"lr": 0.0042, "batch_size": 16} for t in study.trials) == 1
+
+
+@pytest.mark.parametrize("recipe, says", [
+    ({"lr": 0.005}, "no value for batch_size"),
+    ({"lr": 0.5, "batch_size": 16}, "lr: 0.5 is outside the space"),
+    ({"lr": 0.005, "batch_size": 12}, "batch_size: 12 is outside the space"),
+    ({"lr": "fast", "batch_size": 16}, "lr: 'fast' is outside the space"),
+    ("- a list", "must hold a mapping"),
+])
+def test_a_bad_enqueue_file_is_one_line_and_writes_nothing(runs_dir, tmp_path, capsys, recipe, says):
+    path = tmp_path / "best.yaml"
+    path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe))
+    assert tune(runs_dir, "multiply", "--space", str(space_file(tmp_path)), "--trials", "2", "--budget-steps", "2",
+                "--enqueue", str(path), *MULTIPLY) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+    assert not runs_dir.exists()

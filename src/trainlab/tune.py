@@ -199,11 +199,53 @@ class StudyPlan:
     pruner: str
     seed: int | None
     attrs: dict[str, Any] = field(default_factory=dict)
+    enqueue: dict[str, Any] | None = None  # searched values the study tries first (--enqueue)
 
     def identity(self) -> dict[str, Any]:
         """What a study is, stored with it and compared when the same study is opened again."""
         return {"trainlab_task": self.task, "trainlab_space": space_json(self.dims), "trainlab_objective": self.objective,
                 "trainlab_direction": self.direction}
+
+
+def enqueued_params(path: str | Path, dims: dict[str, Dimension]) -> dict[str, Any]:
+    """The searched values of a config file (a study's ``best.yaml``, say), each inside its
+    dimension: the trial ``--enqueue`` makes the study try first. Keys the space does not
+    search are left to the study's own settings."""
+    from trainlab.config import load_yaml
+
+    data = load_yaml(path)
+    missing = [k for k in dims if k not in data]
+    if missing:
+        raise UsageError(f"--enqueue: {path} has no value for {', '.join(missing)}, which the space searches")
+    out = {}
+    for key, dim in dims.items():
+        value = data[key]
+        if dim.kind == "choice":
+            ok = any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in dim.choices)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or (dim.kind == "int" and
+                                                                              not isinstance(value, int)):
+            ok = False
+        else:
+            ok = dim.low <= value <= dim.high
+            if ok and dim.step is not None:
+                k = (value - dim.low) / dim.step
+                ok = abs(k - round(k)) < 1e-9
+        if not ok:
+            raise UsageError(f"--enqueue: {path}: {key}: {value!r} is outside the space ({dim.spec()})")
+        out[key] = value
+    return out
+
+
+def enqueue_first(study, params: dict[str, Any]) -> bool:
+    """Put ``params`` in the study's queue unless a trial with them is done, running or waiting
+    (a continued study does not try them twice; one whose trial was killed tries again)."""
+    from optuna.trial import TrialState
+
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    if any(t.params == params for t in study.get_trials(deepcopy=False, states=live)):
+        return False
+    study.enqueue_trial(params, user_attrs={"enqueued": True})
+    return True
 
 
 def default_objective(task: str, base: dict[str, Any]) -> tuple[str, str]:

@@ -17,7 +17,7 @@ from trainlab.config import ConfigError, UsageError
 from trainlab.runs import chat_sections, checked_task, known_settings, multiply_sections, task_kind
 
 TUNE_KEYS = ("space", "trials", "budget_steps", "budget_minutes", "study", "storage", "pruner", "objective", "workers",
-             "worker_index", "argv")
+             "worker_index", "argv", "enqueue")
 
 
 def add_parser(sub) -> None:
@@ -40,6 +40,9 @@ def add_parser(sub) -> None:
         p.add_argument("--objective", help="the evaluation metric to optimise (default: multiply exact_match_DxD "
                                            "for D = --max-digits, chat val_loss)")
         p.add_argument("--workers", type=int, default=1, help="local worker processes on this study")
+        p.add_argument("--enqueue", metavar="FILE", help="a config file (another study's best.yaml, say) whose "
+                                                         "searched values the study tries first; again only if no "
+                                                         "trial has tried them")
         p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
         train_flags(p, task, sections, resume=False)
     show = tsub.add_parser("show", help="the best trial, every trial, importances; writes best.yaml and plots")
@@ -51,8 +54,8 @@ def add_parser(sub) -> None:
 def plan_from(args: argparse.Namespace):
     """The study plan from the command line, every input checked; nothing is written."""
     from trainlab.engine.tracking import check_runs_dir
-    from trainlab.tune import STUDY_NAME, StudyPlan, default_objective, direction_of, parse_space, plain, read_space, \
-        storage_url
+    from trainlab.tune import STUDY_NAME, StudyPlan, default_objective, direction_of, enqueued_params, parse_space, \
+        plain, read_space, storage_url
 
     kind = task_kind(args.command)
     sections = kind.sections()
@@ -71,6 +74,7 @@ def plan_from(args: argparse.Namespace):
     if not STUDY_NAME.fullmatch(study):
         raise ConfigError("study", f"{study!r} must be 1-64 letters, digits, '.', '_' or '-', not starting with a symbol")
     dims = parse_space(data, sections, base, f"space {args.space}")
+    enqueue = enqueued_params(args.enqueue, dims) if args.enqueue else None
     # the settings every trial starts from must themselves be good (corpus, device, ...)
     checked_task(kind, {**base, "max_steps": args.budget_steps or 1})
     objective, direction = (args.objective, direction_of(args.objective)) if args.objective \
@@ -83,11 +87,11 @@ def plan_from(args: argparse.Namespace):
                      args.budget_steps, args.budget_minutes, objective, direction, args.pruner, seed,
                      attrs={"trainlab_base": json.dumps(plain(base)),
                             "trainlab_budget": f"{args.budget_steps} steps" if args.budget_steps
-                            else f"{args.budget_minutes} minutes"}), kind
+                            else f"{args.budget_minutes} minutes"}, enqueue=enqueue), kind
 
 
 def tune_run(args: argparse.Namespace) -> int:
-    from trainlab.tune import TrialInterrupted, create_or_load, existing_study, work
+    from trainlab.tune import TrialInterrupted, create_or_load, enqueue_first, existing_study, work
 
     plan, kind = plan_from(args)
     study = existing_study(plan)  # refuses a study of another task or space, writing nothing
@@ -96,7 +100,9 @@ def tune_run(args: argparse.Namespace) -> int:
         budget = f"{plan.budget_steps} steps" if plan.budget_steps else f"{plan.budget_minutes:g} minutes"
         print(f"study {plan.name} ({verb}): {plan.trials} trials of {budget}, {plan.objective} "
               f"({plan.direction}), pruner {plan.pruner}; storage {plan.storage}")
-    create_or_load(plan)  # made once here, before any worker races to make it
+    made = create_or_load(plan)  # made once here, before any worker races to make it
+    if plan.enqueue and args.worker_index == 0 and enqueue_first(made, plan.enqueue):
+        print(f"enqueued first: the searched values of {args.enqueue}")
     try:
         if args.workers > 1:
             return _spawn_workers(args)
