@@ -294,10 +294,14 @@ def test_budget_minutes_gives_each_member_its_own_fitted_steps_once(runs_dir, tm
     folder = runs_dir / "compare" / "timed"
     fitted = json.loads((folder / "compare.json").read_text())["fitted_steps"]
     assert {k: v["steps"] for k, v in fitted.items()} == {"simple": 15, "latent": 7}  # 0.6 s / 0.04, / 0.08
+    from trainlab.engine.precision import machine_class
+
+    here = machine_class(torch.device("cpu"))
+    assert {v["machine_class"] for v in fitted.values()} == {here}  # minutes buy steps by the machine
     results = json.loads((folder / "results.json").read_text())
     for r in results["per_seed"]:
         assert (r["members"]["simple"]["steps"], r["members"]["latent"]["steps"]) == (15, 7)
-    assert results["protocol"]["budget_minutes"] == 0.01
+    assert results["protocol"]["budget_minutes"] == 0.01 and results["protocol"]["machine_class"] == here
     assert results["protocol"]["members"]["latent"]["batch_size"] == 32
     report = (folder / "report.md").read_text()
     assert "0.01 minutes of each member's own training" in report and "simple 15 steps of batch 16" in report
@@ -364,3 +368,76 @@ def test_score_digits_rescores_the_same_runs_on_one_class_each_in_its_own_answer
     assert compare(runs_dir, *flags, "--score-digits", "3") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--score-digits" in err[0] and "1-2" in err[0], err
+
+
+def test_budgets_makes_one_figure_and_table_from_comparisons_at_several_minutes(runs_dir, tmp_path, monkeypatch,
+                                                                                capsys):
+    """Two comparisons that differ only in --budget-minutes line up in one table and figure, made
+    from their results.json alone; anything else that differs is refused in one line."""
+    import shutil
+
+    import trainlab.engine.step as step
+
+    monkeypatch.setattr(step, "fitted_seconds_per_step",
+                        lambda task, cfg, device=None, n=10, warmup=5: (0.04, "fp32", {"fp32": 0.04}))
+    simple, latent = tmp_path / "simple.yaml", tmp_path / "latent.yaml"
+    simple.write_text("batch_size: 16\n")
+    latent.write_text("batch_size: 16\nnum_latent: 2\n")
+    common = ["--min-digits", "2", "--max-digits", "2", "--test-n", "50", "--seeds", "2",
+              "--recipe-simple", str(simple), "--recipe-latent", str(latent)]
+    for minutes, cid in (("0.02", "b2"), ("0.01", "b1")):
+        assert compare(runs_dir, *common, "--budget-minutes", minutes, "--id", cid) == 0
+    folders = [runs_dir / "compare" / c for c in ("b2", "b1")]
+    results = {c: json.loads((runs_dir / "compare" / c / "results.json").read_text()) for c in ("b1", "b2")}
+    out = tmp_path / "budgets"
+    capsys.readouterr()
+    assert main(["multiply", "budgets", *map(str, folders), "--out", str(out), "--reach-minutes", "0.01"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "budgets.json").read_text())
+    assert [r["minutes"] for r in summary["rows"]] == [0.01, 0.02] and [r["id"] for r in summary["rows"]] == ["b1", "b2"]
+    for r in summary["rows"]:
+        saved = results[r["id"]]
+        for m in ("simple", "latent"):
+            assert r["members"][m]["exact_match"] == saved["pooled"][m]["exact_match"]
+            assert r["members"][m]["per_seed"] == [s["members"][m]["exact_match"] for s in saved["per_seed"]]
+        assert r["members"]["simple"]["steps"] == [15 if r["minutes"] == 0.01 else 30]  # 0.6 s / 0.04 s, 1.2 s / 0.04
+        assert r["effect"]["mean_diff"] == saved["effect"]["mean_diff"]
+    assert summary["reach"]["target"] == results["b1"]["pooled"]["simple"]["exact_match"]
+    table = (out / "budgets.md").read_text()
+    assert table.count("\n| 0.0") == 2 and "What simple reached at 0.01 minutes" in table and "What simple" in printed
+    assert (out / "budgets.png").stat().st_size > 5000
+
+    def refused(*paths, says: str) -> None:
+        capsys.readouterr()
+        assert main(["multiply", "budgets", *map(str, paths), "--out", str(tmp_path / "refused")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+        assert not (tmp_path / "refused").exists()
+
+    other = tmp_path / "other"
+    shutil.copytree(folders[1], other)
+    changed = json.loads((other / "results.json").read_text())
+    changed["protocol"]["machine_class"] = "AMX" if changed["protocol"]["machine_class"] != "AMX" else "AVX2"
+    (other / "results.json").write_text(json.dumps(changed))
+    refused(folders[0], other, says="differ in machine_class")
+    changed["protocol"]["machine_class"] = results["b1"]["protocol"]["machine_class"]
+    changed["protocol"]["test_n"] = 40
+    (other / "results.json").write_text(json.dumps(changed))
+    refused(folders[0], other, says="differ in test_n")
+    refused(folders[0], folders[1], folders[1], says="two comparisons at 0.01 minutes")
+    refused(folders[0], says="two budgets at least")
+    refused(folders[0], tmp_path / "nowhere", says="no results.json")
+    (other / "results.json").write_text("{not json")
+    refused(folders[0], other, says="not valid JSON")
+    changed["protocol"]["budget_minutes"] = None
+    (other / "results.json").write_text(json.dumps(changed))
+    refused(folders[0], other, says="trained fixed steps")
+
+
+def test_where_the_latent_curve_reaches_a_target():
+    from trainlab.multiply.budgets import crossing
+
+    assert crossing([1, 3, 10, 30], [0.1, 0.5, 0.7, 0.9], 0.05) == 1  # already at the smallest budget
+    assert crossing([1, 3, 10, 30], [0.1, 0.5, 0.7, 0.9], 0.7) == pytest.approx(10)
+    assert crossing([1, 3, 10, 30], [0.1, 0.5, 0.7, 0.9], 0.8) == pytest.approx(math.sqrt(300))  # half-way on log
+    assert crossing([1, 3, 10, 30], [0.1, 0.5, 0.7, 0.9], 0.95) is None

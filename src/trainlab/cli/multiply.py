@@ -1,4 +1,4 @@
-"""``trainlab multiply train|ask|evaluate|compare``: the simple-vs-latent comparison."""
+"""``trainlab multiply train|ask|evaluate|compare|budgets``: the simple-vs-latent comparison."""
 
 from __future__ import annotations
 
@@ -37,6 +37,13 @@ def add_parser(sub) -> None:
                      help="score only the DxD-digit problems of the held-out test split (default: the whole trained "
                           "range); the same runs can be scored again with another D")
     train_flags(cmp, "multiply", multiply_sections(), resume=False)
+
+    bud = msub.add_parser("budgets", help="one figure and table over comparisons at several --budget-minutes")
+    bud.add_argument("comparisons", nargs="+", metavar="RESULTS",
+                     help="finished comparisons: their folders or results.json files (one per budget)")
+    bud.add_argument("--out", required=True, metavar="FOLDER", help="where budgets.md, budgets.json and budgets.png go")
+    bud.add_argument("--reach-minutes", type=float, default=3.0, metavar="M",
+                     help="say at what budget latent reaches what simple reached at M minutes (default 3)")
 
     ev = msub.add_parser("evaluate", help="free-running exact-match with a 95%% confidence interval")
     ev.add_argument("run", help="run id, run folder or checkpoint folder")
@@ -179,5 +186,22 @@ def multiply_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def multiply_budgets(args: argparse.Namespace) -> int:
+    import math
+    from pathlib import Path
+
+    from trainlab.multiply.budgets import load_comparison, reach_sentence, summarize_budgets, table, write_budgets
+
+    if not (math.isfinite(args.reach_minutes) and args.reach_minutes > 0):
+        raise ConfigError("reach_minutes", f"must be a positive number of minutes, got {args.reach_minutes}")
+    summary = summarize_budgets([load_comparison(p) for p in args.comparisons], args.reach_minutes)
+    written = write_budgets(Path(args.out), summary)
+    print(table(summary))
+    print(reach_sentence(summary))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 COMMANDS = {("multiply", "train"): multiply_train, ("multiply", "ask"): multiply_ask,
-            ("multiply", "evaluate"): multiply_evaluate, ("multiply", "compare"): multiply_compare}
+            ("multiply", "evaluate"): multiply_evaluate, ("multiply", "compare"): multiply_compare,
+            ("multiply", "budgets"): multiply_budgets}

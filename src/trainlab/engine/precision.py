@@ -73,6 +73,19 @@ def cpu_identity() -> str:
     return f"{model}; flags: {flags}"
 
 
+def machine_class(device: torch.device) -> str:
+    """The class a figure in minutes belongs to (minutes buy different step counts on each):
+    a GPU's name, or the CPU's class by what it does natively: AMX, AVX-512-BF16, AVX-512 or
+    AVX2 (bf16 emulated on the last two), else the CPU's model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    for flag, name in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX-512-BF16"),
+                       ("_is_avx512_supported", "AVX-512"), ("_is_avx2_supported", "AVX2")):
+        if _cpu_flag(flag):
+            return name
+    return _cpu_model_and_flags()[0] or "CPU"
+
+
 def _cpu_model_and_flags() -> tuple[str, str]:
     model = ""
     try:

@@ -43,6 +43,7 @@ from trainlab.stats import over_seeds, paired, verdict, wilson_interval
 
 MEMBERS = MODEL_KINDS
 MATCH_TOLERANCE = 0.02
+TEST_SUBSET_SEED = 0  # which --test-n problems of the test split every comparison scores
 
 
 @dataclass
@@ -215,6 +216,8 @@ def summarize(plan: Plan, scores: list[SeedScore], dataset, idx: np.ndarray) -> 
                 "same_recipe": plan.same_recipe, "recipes": plan.recipe_files, "match_params": plan.match_params,
                 "batch_size": plan.base.get("batch_size"), "precision": plan.base.get("precision", "auto"),
                 "budget_minutes": plan.budget_minutes, "score_digits": plan.score_digits,
+                "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction, "test_subset_seed": TEST_SUBSET_SEED,
+                "machine_class": fitted_class(plan),
                 "members": {m: {"batch_size": plan.recipes.get(m, {}).get("batch_size", plan.base.get("batch_size")),
                                 "precision": plan.recipes.get(m, {}).get("precision",
                                                                          plan.base.get("precision", "auto"))}
@@ -262,11 +265,31 @@ def budget_steps(plan: Plan, members: list[str], values: dict[str, Any], say=pri
     fitted = saved.get("fitted_steps") or {}
     if key not in fitted:
         steps, sps, how = steps_for_minutes("multiply", values, plan.budget_minutes)
-        fitted[key] = {"steps": steps, "seconds_per_step": sps, "precision": how}
+        fitted[key] = {"steps": steps, "seconds_per_step": sps, "precision": how, **machine_of(values)}
         write_json_atomic(path, {**saved, "fitted_steps": fitted})
         say(f"comparison {plan.id}: {key} timed at {sps:.3f} s a step ({how}): {steps:,} steps fill "
             f"{plan.budget_minutes:g} minutes")
     return int(fitted[key]["steps"])
+
+
+def machine_of(values: dict[str, Any]) -> dict[str, str]:
+    """The machine a step count was fitted on: its class decides what minutes buy."""
+    from trainlab.engine.device import resolve_device
+    from trainlab.engine.precision import cpu_summary, machine_class
+
+    device = resolve_device(str(values.get("device", "auto")))
+    return {"machine_class": machine_class(device), "machine": cpu_summary() if device.type == "cpu" else device.type}
+
+
+def fitted_class(plan: Plan) -> str | None:
+    """The machine class the comparison's budget was fitted on (None without a budget): as
+    compare.json records it, or, for a fit made before it was recorded, this machine's."""
+    if plan.budget_minutes is None:
+        return None
+    saved = json.loads((plan.folder / "compare.json").read_text(encoding="utf-8"))
+    classes = sorted({f.get("machine_class") or machine_of(plan.base)["machine_class"]
+                      for f in (saved.get("fitted_steps") or {}).values()})
+    return " + ".join(classes) or None
 
 
 def run(plan: Plan, say=print) -> tuple[dict[str, Any], Path] | None:
@@ -292,7 +315,7 @@ def run(plan: Plan, say=print) -> tuple[dict[str, Any], Path] | None:
         dataset = MultiplicationDataset(data)
     else:  # the DxD problems of the same held-out test split
         dataset = evaluation_dataset(data, plan.score_digits, plan.score_digits)
-    idx = dataset.subset("test", plan.test_n, seed=0)
+    idx = dataset.subset("test", plan.test_n, seed=TEST_SUBSET_SEED)
     if len(idx) == 0:
         raise UsageError("this digit range has no test problems to score")
     scores = [score_seed(plan, seed, runs, dataset, idx) for seed, runs in by_seed.items()]
