@@ -8,9 +8,14 @@ PY := $(VENV)/bin/python
 
 setup: $(VENV)/.installed
 
+# TORCH_INDEX: PyTorch's own index for the build to install first (README: the CPU-only
+# wheel, or a CUDA version); empty, the default index decides (on Linux x86-64, CUDA's).
+TORCH_INDEX ?=
+
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(VENV)/bin/pip install --quiet torch==2.13.0 --index-url $(TORCH_INDEX))
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $@
 

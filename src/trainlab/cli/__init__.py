@@ -1,4 +1,4 @@
-"""Command line: ``trainlab multiply train|ask|evaluate|compare``,
+"""Command line: ``trainlab multiply train|ask|evaluate|compare|budgets``,
 ``trainlab chat train|generate|repl|serve|export``, ``trainlab runs list|clean|rm``,
 ``trainlab tune multiply|chat|show`` (each group's ``COMMANDS`` is the list the parser is built from).
 
