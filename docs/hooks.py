@@ -3,8 +3,9 @@ trainlab's parsers at every build, and the files under results/ join the site, s
 to a results file that does not exist fails `mkdocs build --strict` (each results folder's
 README.md becomes a page; other Markdown there, the runs' own reports, does not).
 
-Pages link results as ``../results/...`` (right when read on GitHub, from docs/); in the site
-they live at ``results/...``, so those links are rewritten to match."""
+Pages link results as ``../results/...`` and results link pages as ``../../docs/...`` (right
+when read on GitHub); in the site both live under one root, so those links are rewritten to
+match."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def on_files(files: Files, config) -> Files:
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
-    if page.file.src_uri.startswith("results/"):
-        return markdown
     depth = page.file.src_uri.count("/")
+    if page.file.src_uri.startswith("results/"):  # results/x/README.md -> ../../docs/page.md: the page is at the root
+        return markdown.replace("](" + "../" * depth + "docs/", "](" + "../" * depth)
     return markdown.replace("](" + "../" * (depth + 1) + "results/", "](" + "../" * depth + "results/")
