@@ -120,10 +120,10 @@ def passes(runs: str, checkpoint: str, rounds: int = 5, n: int = 40) -> dict[str
     rows, the server's plain pass (every row of an 8-row cache), and one prompt's pass."""
     import torch
 
-    from trainlab.chat.decoding import Decoder, RowCache, decode_slots
+    from trainlab.chat.decoding import Decoder, RowCache
     from trainlab.chat.kernels import load_kernels
-    from trainlab.chat.model import SlotCache, decode_rows, prefill_row
     from trainlab.chat.repl import load_chat_model
+    from trainlab.chat.slots import SlotCache, decode_rows, decode_slots, prefill_row
     from trainlab.engine.tracking import resolve_checkpoint
 
     model = load_chat_model(resolve_checkpoint(runs, "chat", checkpoint), torch.device("cpu")).model

@@ -293,7 +293,7 @@ def test_a_pair_model_generates_greedily_as_its_plain_forward_and_past_its_conte
 
 
 def test_a_pair_model_prefills_in_chunks_and_decodes_in_the_server_as_its_plain_forward():
-    from trainlab.chat.model import PREFILL_CHUNK, SlotCache, decode_rows, prefill_row
+    from trainlab.chat.slots import PREFILL_CHUNK, SlotCache, decode_rows, prefill_row
 
     ctx = PREFILL_CHUNK + 40
     model = pair_model(context_len=ctx)

@@ -210,8 +210,7 @@ def test_rows_norm_is_the_norm_layer_and_rows_keep_their_bits(kernels, layer):
 def test_the_kernel_pass_decodes_as_the_server_pass_does_and_rows_keep_their_bits(kw, kernels):
     """decode_slots against the server's plain pass (decode_rows) on prompts of several lengths,
     character by character; and kernels_exact's verdict on this machine."""
-    from trainlab.chat.decoding import decode_slots, kernels_exact
-    from trainlab.chat.model import SlotCache, decode_rows, prefill_row
+    from trainlab.chat.slots import SlotCache, decode_rows, decode_slots, kernels_exact, prefill_row
 
     model = random_model(**kw)
     g = torch.Generator().manual_seed(2)

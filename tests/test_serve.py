@@ -20,9 +20,9 @@ import torch
 from conftest import register_runs_dir
 from helpers import KERNELS_ROOT, chat_train, made_up_text
 
-from trainlab.chat.model import SlotCache, decode_rows, prefill_row
 from trainlab.chat.repl import default_dialogue, load_chat_model
 from trainlab.chat.serve import Limits, Server, checkpoint_info
+from trainlab.chat.slots import SlotCache, decode_rows, prefill_row
 from trainlab.engine.tracking import resolve_checkpoint
 
 KEY = "s3cret"
@@ -282,7 +282,7 @@ def live_kernels(trained):
 def test_eight_streams_through_the_row_kernels_each_get_their_text_alone(live_kernels, monkeypatch):
     """With the row kernels each pass computes only the rows in use (one stream: one row), and
     a stream's text is still the same alone and among others."""
-    from trainlab.chat import decoding
+    from trainlab.chat import slots as decoding
 
     engine = live_kernels.server.engine
     assert engine.kernels is not None, engine.notes

@@ -18,8 +18,8 @@ from helpers import chat_train, made_up_text
 from test_serve import Live, raw
 
 from trainlab.chat import serve as serve_module
-from trainlab.chat.model import SlotCache, decode_rows, prefill_row
 from trainlab.chat.repl import load_chat_model
+from trainlab.chat.slots import SlotCache, decode_rows, prefill_row
 from trainlab.engine.tracking import resolve_checkpoint
 
 CONTEXT = 80  # three prefill chunks of 32: prompts longer than one chunk, and than the context
@@ -392,8 +392,8 @@ def test_trimmed_passes_are_used_only_where_they_keep_every_bit(long_context, mo
     """A trimmed pass (the rows and positions in use) must give each row the whole pass's bits;
     the check finds a kernel that does not (here: attention made to round differently over a
     shorter span) and the server then computes every pass whole, saying so."""
-    from trainlab.chat import model as model_module
-    from trainlab.chat.model import check_exactness
+    from trainlab.chat import slots as model_module
+    from trainlab.chat.slots import check_exactness
 
     cm = load_chat_model(resolve_checkpoint(long_context, "chat", "srv"), torch.device("cpu"))
     model, ctx = cm.model, cm.model.cfg.context_len

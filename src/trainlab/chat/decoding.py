@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from trainlab.chat.model import GPT, SlotCache, rotate
+from trainlab.chat.model import GPT, rotate
 
 Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -140,61 +140,6 @@ def kernel_pass(model: GPT, kernels, tokens: torch.Tensor, rows: torch.Tensor, p
         return out.view(x.shape)
 
     return walk_blocks(model, tokens, positions, before, linear, attend, norm)
-
-
-def decode_slots(model: GPT, kernels, tokens: torch.Tensor, cache: SlotCache, rows: list[int]) -> torch.Tensor:
-    """What ``model.decode_rows`` does for a server's tick, through ``kernel_pass``: a new token
-    for each of ``rows`` of ``cache`` (their next tokens in ``tokens``, (slots,)), each at its
-    own position ``lengths[r]``, which must be below the context. Only those rows are
-    computed. Returns their logits (len(rows), V); lengths are left to the caller."""
-    ctx = model.cfg.context_len
-    for r in rows:
-        if not 0 <= cache.lengths[r] < ctx:
-            raise ValueError(f"row {r} is at position {cache.lengths[r]}, outside the context of {ctx}")
-    device = tokens.device
-    idx = torch.tensor(rows, device=device, dtype=torch.long)  # (R,)
-    pos = torch.tensor([cache.lengths[r] for r in rows], device=device, dtype=torch.long)  # (R,)
-    before = torch.where(pos > 0, cache.tokens[idx, (pos - 1).clamp(min=0)], model.cfg.vocab_size)  # (R,)
-    cache.tokens[idx, pos] = tokens[idx]  # a pair-embedding model's next pass reads it
-    return kernel_pass(model, kernels, tokens[idx], idx, pos, before, cache.k, cache.v)
-
-
-def kernels_exact(model: GPT, kernels, threads: tuple[int, ...] = (1, 2)) -> bool:
-    """Whether ``decode_slots`` gives each row the same bits alone, among others and at each
-    thread count on this machine: 8 rows at several positions, decoded all together and in
-    subsets, at every count in ``threads``. What the kernels are written to keep; a server
-    checks it at warm-up and uses them only where it holds."""
-    cfg = model.cfg
-    p = next(model.parameters())
-    g = torch.Generator().manual_seed(0)
-    cache = SlotCache(cfg, 8, p.device, p.dtype)
-    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
-    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
-    cache.tokens.copy_(torch.randint(0, cfg.vocab_size, cache.tokens.shape, generator=g))
-    lengths = [int(x) for x in torch.randint(1, cfg.context_len, (8,), generator=g)]
-    lengths[0], lengths[-1] = 1, cfg.context_len - 1
-    tokens = torch.randint(0, cfg.vocab_size, (8,), generator=g)
-    previous = torch.get_num_threads()
-
-    def run(rows: list[int], n: int) -> torch.Tensor:
-        torch.set_num_threads(n)
-        scratch = SlotCache(cfg, 8, p.device, p.dtype)
-        scratch.k.copy_(cache.k)
-        scratch.v.copy_(cache.v)
-        scratch.tokens.copy_(cache.tokens)
-        scratch.lengths = list(lengths)
-        return decode_slots(model, kernels, tokens, scratch, rows)
-
-    try:
-        with torch.no_grad():
-            whole = run(list(range(8)), threads[0])
-            for n in threads:
-                for rows in ([0], [7], [5, 2], [1, 3, 4, 6], list(range(8))):
-                    if not torch.equal(run(rows, n), whole[rows]):
-                        return False
-    finally:
-        torch.set_num_threads(previous)
-    return True
 
 
 SPAN_STEP = 64  # the cached positions a pass reads come in multiples of this (one compiled graph serves all)

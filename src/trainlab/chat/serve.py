@@ -11,7 +11,7 @@ prompt runs through the model alone (``prefill_row``); then every tick decodes o
 character for every row in use at once: the weights are read once for all of them, so 8
 streams run nearly as fast each as one alone (measured: ``benchmarks/serve_latency.py``).
 A stream's numbers, and its text for a given ``seed``, do not depend on the others: the
-row kernels (``chat/kernels.py``, through ``decoding.decode_slots``) give a row the same bits
+row kernels (``chat/kernels.py``, through ``slots.decode_slots``) give a row the same bits
 whatever rows share its pass, so a tick computes only the rows in use; where they cannot be
 built or do not hold on this machine, every tick computes every row of the cache, used or
 not (``decode_rows``). Sampling is ``chat.sampling.next_token``, the function
@@ -49,9 +49,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from trainlab.chat.config import SamplingConfig
-from trainlab.chat.model import PREFILL_CHUNK, SlotCache, check_exactness, decode_rows, prefill_row
 from trainlab.chat.repl import ChatModel, Dialogue
 from trainlab.chat.sampling import make_generator, next_token, stop_length
+from trainlab.chat.slots import PREFILL_CHUNK, SlotCache, check_exactness, decode_rows, prefill_row
 from trainlab.config import ConfigError
 from trainlab.engine.threads import ThreadTuner
 
@@ -282,8 +282,8 @@ class Engine:
         """Build (or load) the row kernels and keep them where they give each row the same bits
         alone, among others and at 1 and 2 threads (``kernels_exact``); a line in ``notes``
         either way."""
-        from trainlab.chat.decoding import kernels_exact
         from trainlab.chat.kernels import load_kernels
+        from trainlab.chat.slots import kernels_exact
 
         model = self.cm.model
         if next(model.parameters()).dtype != torch.float32:
@@ -299,7 +299,7 @@ class Engine:
         """One shared pass: the next logits of ``rows`` (len(rows), V), through the row kernels
         (only those rows computed) or the plain pass (every row of the cache computed)."""
         if self.kernels is not None:
-            from trainlab.chat.decoding import decode_slots
+            from trainlab.chat.slots import decode_slots
 
             return decode_slots(self.cm.model, self.kernels, last, self.cache, rows)
         decoding = [r in rows for r in range(self.cache.slots)]

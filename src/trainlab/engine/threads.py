@@ -9,7 +9,7 @@ once when steps turn three times slower than usual (another job started).
 
 Thread counts can change the numbers: some kernels split a reduction across threads for
 some shapes, so 1 and 2 threads may round a row differently. The server checks this at
-warm-up (``chat.model.check_exactness``) and pins the thread count where they differ, so a
+warm-up (``chat.slots.check_exactness``) and pins the thread count where they differ, so a
 stream's text never depends on the count it was given; ``generate`` and ``repl`` promise
 no such thing.
 """
