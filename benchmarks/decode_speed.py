@@ -69,7 +69,7 @@ def pass_times(runs: str, run: str) -> dict[str, float]:
     import torch
 
     from trainlab.chat.decoding import Decoder, RowCache
-    from trainlab.chat.repl import load_chat_model
+    from trainlab.chat.loading import load_chat_model
     from trainlab.engine.tracking import resolve_checkpoint
 
     model = load_chat_model(resolve_checkpoint(runs, "chat", run), torch.device("cpu")).model.eval()
@@ -103,7 +103,7 @@ def main() -> None:
     runs = tempfile.mkdtemp(prefix="decode-speed-")
     import torch
 
-    from trainlab.chat.repl import load_chat_model
+    from trainlab.chat.loading import load_chat_model
     from trainlab.engine.tracking import resolve_checkpoint
 
     for preset in args.presets.split(","):

@@ -44,7 +44,8 @@ def main() -> None:
     from trainlab.chat.config import SamplingConfig
     from trainlab.chat.decoding import Decoder
     from trainlab.chat.export import export
-    from trainlab.chat.repl import complete, load_chat_model
+    from trainlab.chat.loading import load_chat_model
+    from trainlab.chat.repl import complete
     from trainlab.chat.sampling import make_generator
     from trainlab.engine.threads import ThreadTuner
     from trainlab.engine.tracking import resolve_checkpoint

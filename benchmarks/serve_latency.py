@@ -87,7 +87,8 @@ def bare_loop(runs: str, checkpoint: str, chars: int, weights: str = "fp32", com
     import torch
 
     from trainlab.chat.config import SamplingConfig
-    from trainlab.chat.repl import complete, load_chat_model, with_weights
+    from trainlab.chat.loading import load_chat_model, with_weights
+    from trainlab.chat.repl import complete
     from trainlab.chat.sampling import make_generator
     from trainlab.engine.threads import ThreadTuner
     from trainlab.engine.tracking import resolve_checkpoint
@@ -122,7 +123,7 @@ def passes(runs: str, checkpoint: str, rounds: int = 5, n: int = 40) -> dict[str
 
     from trainlab.chat.decoding import Decoder, RowCache
     from trainlab.chat.kernels import load_kernels
-    from trainlab.chat.repl import load_chat_model
+    from trainlab.chat.loading import load_chat_model
     from trainlab.chat.slots import SlotCache, decode_rows, decode_slots, prefill_row
     from trainlab.engine.tracking import resolve_checkpoint
 
@@ -228,7 +229,7 @@ def main() -> None:
           f"median of {args.rounds} tries; through HTTP with the openai client")
     import torch
 
-    from trainlab.chat.repl import load_chat_model
+    from trainlab.chat.loading import load_chat_model
     from trainlab.engine.tracking import resolve_checkpoint
 
     cm = load_chat_model(resolve_checkpoint(runs, "chat", args.checkpoint), torch.device("cpu"))

@@ -114,7 +114,7 @@ def whole_val_loss(run_dir: Path, text: str) -> float:
     from chat_convergence import span_loss
 
     from trainlab.chat.data import TextCorpus
-    from trainlab.chat.repl import load_chat_model
+    from trainlab.chat.loading import load_chat_model
     from trainlab.engine.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(run_dir / "checkpoints", "chat")

@@ -205,7 +205,8 @@ def test_repl_answers_in_the_corpus_style_through_its_input_stream(learned):
     import torch
 
     from trainlab.chat.config import SamplingConfig
-    from trainlab.chat.repl import default_dialogue, load_chat_model, repl
+    from trainlab.chat.loading import load_chat_model
+    from trainlab.chat.repl import default_dialogue, repl
 
     cm = load_chat_model(newest(learned[0], "learn"), torch.device("cpu"))
     dialogue = default_dialogue(cm.dialogue, None, "CLARA", "BORIS")

@@ -13,7 +13,7 @@ from conftest import register_runs_dir
 from helpers import chat_train, made_up_text
 
 from trainlab.chat.export import load_exported
-from trainlab.chat.repl import load_chat_model
+from trainlab.chat.loading import load_chat_model
 from trainlab.cli import main
 from trainlab.engine.tracking import resolve_checkpoint
 

@@ -9,7 +9,7 @@ Layers, from the bottom (a module may import its own layer and those below):
     1  engine/
     2  the tasks' own modules: multiply/, chat/
     3  runs (the run path)
-    4  what drives runs: tune, auto, multiply/compare, chat/serve
+    4  what drives runs: tune, auto, multiply/compare, chat/serve/ (the server: engine, API, app)
     5  cli/
     6  __main__
 """
@@ -32,7 +32,7 @@ def layer(module: str) -> int:
         return 6
     if module.startswith("trainlab.cli"):
         return 5
-    if module in DRIVERS:
+    if module in DRIVERS or module.startswith("trainlab.chat.serve."):
         return 4
     if module == "trainlab.runs":
         return 3

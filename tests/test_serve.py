@@ -20,8 +20,10 @@ import torch
 from conftest import register_runs_dir
 from helpers import KERNELS_ROOT, chat_train, made_up_text
 
-from trainlab.chat.repl import default_dialogue, load_chat_model
-from trainlab.chat.serve import Limits, Server, checkpoint_info
+from trainlab.chat.loading import checkpoint_info, load_chat_model
+from trainlab.chat.repl import default_dialogue
+from trainlab.chat.serve.app import Server
+from trainlab.chat.serve.engine import Limits
 from trainlab.chat.slots import SlotCache, decode_rows, prefill_row
 from trainlab.engine.tracking import resolve_checkpoint
 
@@ -57,7 +59,7 @@ class Live:
             cm, info = load_chat_model(ckpt, torch.device("cpu")), checkpoint_info(ckpt, run)
         from dataclasses import replace
 
-        from trainlab.chat.repl import with_weights
+        from trainlab.chat.loading import with_weights
 
         cm = replace(cm, model=with_weights(cm.model, weights, torch.device("cpu")))
         self.server = Server(cm, default_dialogue(cm.dialogue, None, None, None), info,
@@ -257,7 +259,7 @@ def eight_streams(url: str, rows_per_pass: list[int]) -> None:
 
 
 def test_eight_concurrent_streams_each_get_their_text_alone(live, monkeypatch):
-    from trainlab.chat import serve as serve_module
+    from trainlab.chat.serve import engine as serve_module
 
     assert live.server.engine.kernels is None  # no kernels folder given: the plain pass, every row computed
     rows_per_pass: list[int] = []

@@ -17,8 +17,8 @@ from conftest import register_runs_dir
 from helpers import chat_train, made_up_text
 from test_serve import Live, raw
 
-from trainlab.chat import serve as serve_module
-from trainlab.chat.repl import load_chat_model
+from trainlab.chat.loading import load_chat_model
+from trainlab.chat.serve import engine as serve_module
 from trainlab.chat.slots import SlotCache, decode_rows, prefill_row
 from trainlab.engine.tracking import resolve_checkpoint
 
@@ -434,7 +434,7 @@ def test_trimmed_passes_are_used_only_where_they_keep_every_bit(long_context, mo
 def test_bf16_weights_keep_a_stream_the_same_alone_and_among_others(long_context):
     """Where the CPU has native bf16, bf16 weights decode with other numbers than fp32's but a
     stream is still the same alone and among others; elsewhere they fall back to fp32 in one line."""
-    from trainlab.chat.repl import with_weights
+    from trainlab.chat.loading import with_weights
     from trainlab.engine.precision import cpu_has_native_bf16
 
     cm = load_chat_model(resolve_checkpoint(long_context, "chat", "srv"), torch.device("cpu"))

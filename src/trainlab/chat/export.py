@@ -52,8 +52,8 @@ import torch
 from trainlab import __version__
 from trainlab.chat.config import MEMBER, GPTConfig
 from trainlab.chat.data import CharVocab
+from trainlab.chat.loading import ChatModel
 from trainlab.chat.model import GPT, RMS_EPS
-from trainlab.chat.repl import ChatModel
 from trainlab.config import UsageError
 from trainlab.engine.errors import CheckpointError
 
@@ -395,7 +395,7 @@ def export(ckpt: Any, out: str | Path, fmt: str = "hf", force: bool = False, run
     replaces it in one rename."""
     from safetensors.torch import save_file
 
-    from trainlab.chat.repl import load_chat_model
+    from trainlab.chat.loading import load_chat_model
 
     if fmt not in FORMATS:
         raise UsageError(f"--format: one of {', '.join(FORMATS)}, got {fmt!r}")

@@ -1,4 +1,4 @@
-"""Using a trained ChatGoT: load it from a checkpoint, complete a prompt, chat.
+"""Using a trained ChatGoT (loaded by ``chat/loading.py``): complete a prompt, chat.
 
 The chat follows the dialogue style of the corpus it was trained on (found at training
 time and saved in ``corpus.json``):
@@ -20,65 +20,15 @@ from typing import Callable, Iterator, TextIO
 
 import torch
 
-from trainlab.chat.config import MEMBER, GPTConfig, SamplingConfig
+from trainlab.chat.config import SamplingConfig
 from trainlab.chat.data import CharVocab
-from trainlab.chat.model import GPT
+from trainlab.chat.loading import ChatModel
 from trainlab.chat.sampling import generate
 from trainlab.config import ConfigError
-from trainlab.engine.checkpoint import Checkpoint
-from trainlab.engine.errors import CheckpointError
-from trainlab.engine.memory import check_model_fits
 from trainlab.engine.stopping import Aborted
 from trainlab.engine.threads import ThreadTuner
 
 STYLES = ("inline", "block")
-
-
-@dataclass
-class ChatModel:
-    model: GPT
-    vocab: CharVocab
-    dialogue: dict  # {"style": ..., "speakers": [...]}, from corpus.json
-
-
-WEIGHTS = ("fp32", "bf16")
-
-
-def with_weights(model: GPT, weights: str, device: torch.device, warn: Callable[[str], None] | None = None) -> GPT:
-    """``model`` in the weights' precision for decoding: fp32 (the default: the numbers the
-    model trained to), or bf16 where the device computes it natively (half the bytes each
-    character's pass reads: about 1.6x faster on an AVX-512-BF16 CPU; the text differs from
-    fp32's, but a served stream is still the same alone, among others and on any thread
-    count, as the server checks at warm-up). Elsewhere bf16 falls back to fp32 in one line."""
-    if weights not in WEIGHTS:
-        raise ConfigError("weights", f"must be one of {'|'.join(WEIGHTS)}, got {weights!r}")
-    if weights == "fp32":
-        return model
-    from trainlab.engine.precision import cpu_has_native_bf16
-
-    native = cpu_has_native_bf16() if device.type == "cpu" else device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if not native:
-        if warn is not None:
-            warn(f"warning: --weights bf16: no native bf16 on this {device.type} (it would run 10-100x slower); "
-                 f"decoding in fp32")
-        return model
-    return model.to(torch.bfloat16)
-
-
-def load_chat_model(ckpt: Checkpoint, device: torch.device) -> ChatModel:
-    """The model rebuilt from the checkpoint's own config and vocabulary."""
-    try:
-        vocab = CharVocab.from_json(ckpt.text("vocab.json"))
-    except ValueError as e:  # bad JSON, or not a character vocabulary
-        raise CheckpointError(f"{ckpt.path}: unreadable vocab.json ({e})") from None
-    cfg = ckpt.config(f"{MEMBER}/model_config.json", GPTConfig)
-    if cfg.vocab_size != vocab.size:
-        raise CheckpointError(f"{ckpt.path}: model vocabulary {cfg.vocab_size} != vocab.json's {vocab.size}")
-    check_model_fits(lambda: GPT(cfg), device, f"{ckpt.path}'s model")
-    model = GPT(cfg)
-    ckpt.load_weights(model, f"{MEMBER}/model.pt")
-    dialogue = ckpt.json("corpus.json").get("dialogue", {}) if "corpus.json" in ckpt.sums else {}
-    return ChatModel(model.to(device).eval(), vocab, dialogue if isinstance(dialogue, dict) else {})
 
 
 def encode_warn(vocab: CharVocab, text: str, warn: Callable[[str], None]) -> list[int]:

@@ -100,8 +100,7 @@ def load_model(args: argparse.Namespace):
     from dataclasses import replace
 
     from trainlab.chat.export import is_export, load_exported
-    from trainlab.chat.repl import load_chat_model, with_weights
-    from trainlab.chat.serve import checkpoint_info
+    from trainlab.chat.loading import checkpoint_info, load_chat_model, with_weights
     from trainlab.engine.device import resolve_device
 
     device = resolve_device(args.device)
@@ -141,7 +140,8 @@ def chat_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from trainlab.chat.repl import default_dialogue
-    from trainlab.chat.serve import Limits, Server, uvicorn_server
+    from trainlab.chat.serve.app import Server, uvicorn_server
+    from trainlab.chat.serve.engine import Limits
 
     for name in ("slots", "max_queue", "max_prompt_chars", "max_tokens_cap"):
         if getattr(args, name) < 1:
