@@ -23,7 +23,7 @@ the boundary whitespace is not part of the text. ``none``, or no boundary before
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -101,6 +101,33 @@ def stop_length(text: str, stop_at: str, min_chars: int) -> int | None:
     return keep if keep >= min_chars else None
 
 
+def settle(text: str, generated: int, cfg: SamplingConfig, stops: Sequence[str] = ()) -> tuple[int, str | None]:
+    """Where a completion stands after its latest character: (how much of ``text`` may be sent,
+    the finish reason or None). ``generate`` and the server's jobs follow this one rule.
+
+    A stop string ends it before the string, a ``stop_at`` boundary where the boundary begins,
+    ``max_new_tokens`` (``generated`` so far) with the whole text ("length"). Until then, text
+    that may still turn out to be part of a stop is held back: trailing whitespace (a boundary
+    may be under way) and the longest tail that begins a stop string. Nothing sent is ever
+    taken back."""
+    for s in stops:
+        at = text.find(s)
+        if at >= 0:
+            return at, "stop"
+    end = stop_length(text, cfg.stop_at, cfg.min_new_tokens)
+    if end is not None:
+        return end, "stop"
+    if generated >= cfg.max_new_tokens:
+        return len(text), "length"
+    ready = len(text.rstrip()) if cfg.stop_at != "none" else len(text)
+    for s in stops:  # the longest tail that begins a stop string is held back
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                ready = min(ready, len(text) - k)
+                break
+    return ready, None
+
+
 def make_generator(seed: int | None) -> torch.Generator:
     g = torch.Generator()
     if seed is None:
@@ -115,8 +142,8 @@ def generate(model, prompt: list[int], cfg: SamplingConfig, decode: Callable[[in
              generator: torch.Generator, fallback_start: int = 0, tuner=None, decoder=None) -> Iterator[str]:
     """Stream the completion of ``prompt`` (token ids) piece by piece.
 
-    Trailing whitespace is held back until a later character shows it is not a
-    boundary, so nothing streamed is ever taken back. The model sees at most its
+    Where it ends and what may go out yet is ``settle``'s rule, the server's too: text that
+    may still be a boundary is held back, so nothing streamed is ever taken back. The model sees at most its
     context: the prompt's last window goes in as one pass, then each character is one
     ``decoder`` pass (a ``chat.decoding.Decoder``; default: the plain pass) over a
     fixed-shape cache; when the cache fills it is rebuilt from the last three quarters
@@ -136,25 +163,21 @@ def generate(model, prompt: list[int], cfg: SamplingConfig, decode: Callable[[in
     try:
         logits = cache.fill(model, tokens[-ctx:])
         text, sent = "", 0
-        for _ in range(cfg.max_new_tokens):
+        for generated in range(1, cfg.max_new_tokens + 1):
             tok = next_token(logits.float(), torch.tensor(tokens[-cfg.repetition_window:] if cfg.repetition_window
                                                           else [], dtype=torch.long), cfg, generator)
             tokens.append(tok)
             text += decode(tok)
-            end = stop_length(text, cfg.stop_at, cfg.min_new_tokens)
-            if end is not None:
-                text = text[:end]
-                break
-            ready = len(text.rstrip())
+            ready, finish = settle(text, generated, cfg)
             if ready > sent:
                 yield text[sent:ready]
                 sent = ready
+            if finish is not None:
+                break
             if cache.length >= ctx:
                 logits = cache.fill(model, tokens[-keep:])
             else:
                 logits = step(lambda: cache.step(decoder, tok))
-        if len(text) > sent:
-            yield text[sent:]
     finally:
         model.train(was_training)
         if tuner is not None:

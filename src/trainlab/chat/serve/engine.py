@@ -16,7 +16,7 @@ import torch
 
 from trainlab.chat.config import SamplingConfig
 from trainlab.chat.loading import ChatModel
-from trainlab.chat.sampling import next_token, stop_length
+from trainlab.chat.sampling import next_token, settle
 from trainlab.chat.slots import PREFILL_CHUNK, SlotCache, check_exactness, decode_rows, prefill_row
 from trainlab.engine.threads import ThreadTuner
 
@@ -83,26 +83,9 @@ class Job:
         if self.first_at is None:
             self.first_at = now
         self.ended_at = now
-        for s in self.stops:
-            at = self.text.find(s)
-            if at >= 0:
-                self._flush(at)
-                return "stop"
-        end = stop_length(self.text, self.cfg.stop_at, self.cfg.min_new_tokens)
-        if end is not None:
-            self._flush(end)
-            return "stop"
-        if self.generated >= self.cfg.max_new_tokens:
-            self._flush(len(self.text))
-            return "length"
-        ready = len(self.text.rstrip()) if self.cfg.stop_at != "none" else len(self.text)
-        for s in self.stops:  # the longest tail that begins a stop string is held back
-            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(s[:k]):
-                    ready = min(ready, len(self.text) - k)
-                    break
+        ready, finish = settle(self.text, self.generated, self.cfg, self.stops)
         self._flush(ready)
-        return None
+        return finish
 
     def _flush(self, upto: int) -> None:
         if upto > self.sent:
