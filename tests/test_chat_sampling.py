@@ -160,3 +160,16 @@ def test_diversity_metrics_on_known_strings():
     assert short["distinct_1"] == 1.0 and all(math.isnan(short[k]) for k in ("distinct_2", "distinct_3", "repeat_4"))
     loop = diversity("to be " * 30)
     assert loop["distinct_2"] < 0.05 and loop["repeat_4"] > 0.9
+
+
+def test_settle_is_one_rule_for_stops_boundaries_length_and_what_is_held_back():
+    from trainlab.chat.sampling import settle
+
+    free = SamplingConfig(stop_at="none", max_new_tokens=50)
+    assert settle("Hello wor", 9, free, ["world"]) == (6, None)  # "wor" may begin a stop: held back
+    assert settle("Hello world!", 12, free, ["world"]) == (6, "stop")  # cut before the stop string
+    assert settle("Hello ", 6, free) == (6, None)  # no boundary can come: nothing held back
+    sentence = SamplingConfig(stop_at="sentence", max_new_tokens=50)
+    assert settle("Hello ", 6, sentence) == (5, None)  # a space may be a boundary under way
+    assert settle("Hi there. ", 10, sentence) == (9, "stop")
+    assert settle("Hi there", 50, sentence) == (8, "length")  # max_new_tokens: all of it goes
