@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from trainlab.allocator import use_tcmalloc
+from trainlab.config import flat_settings
 from trainlab.engine.precision import cpu_summary
 
 # in-process figures with the malloc the trainlab command runs with (tcmalloc where installed:
@@ -131,7 +132,7 @@ def train_for_minutes(kind: str, preset: str, flags: dict, minutes: float):
     started = time.monotonic()
     values = runs.settings(kind, preset, flags={**flags, "minutes": minutes, "max_steps": None})
     summary = runs.train(kind, values, echo=lambda line: None, started=started)
-    cfgs, task = runs.checked_task(kind, runs.flat(summary.config))
+    cfgs, task = runs.checked_task(kind, flat_settings(summary.config))
     pace = next(f["pace"] for f in reversed(summary.budget["fits"]) if "pace" in f)
     return summary, cfgs, task, summary.step, pace
 

@@ -214,6 +214,11 @@ def parse_yaml(text: str, source: str) -> Any:
         raise UsageError(f"{source}: nested too deeply") from None
 
 
+def flat_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved ``config.json`` ({section: {field: value}}) as one mapping {field: value}."""
+    return {k: v for section in config.values() if isinstance(section, dict) for k, v in section.items()}
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     data = parse_yaml(read_small_file(p, "config file"), f"config file {p}") or {}

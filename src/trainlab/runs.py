@@ -35,7 +35,8 @@ from typing import Any, Callable
 from trainlab.chat.config import RESUMABLE_TASK_CHANGES as CHAT_RESUMABLE
 from trainlab.chat.config import TASK_NAME as CHAT_TASK
 from trainlab.chat.config import ChatDataConfig, ChatTaskConfig, GPTConfig
-from trainlab.config import DEFAULT_PRESETS, ConfigError, build, check_known_keys, flag_name, load_preset, load_yaml
+from trainlab.config import DEFAULT_PRESETS, ConfigError, build, check_known_keys, flag_name, flat_settings, \
+    load_preset, load_yaml
 from trainlab.engine.errors import CheckpointError
 from trainlab.engine.train_config import RESUMABLE_CHANGES, TrainConfig
 from trainlab.multiply.config import RESUMABLE_TASK_CHANGES as MULTIPLY_RESUMABLE
@@ -211,11 +212,6 @@ def resume_settings(run_values: dict[str, Any], given: dict[str, Any], free: fro
             warn(f"warning: {flag_name(key)} {new} ignored: run {run_id} was made with {shown}, "
                  f"and a resumed run keeps its own")
     return values
-
-
-def flat(config: dict[str, Any]) -> dict[str, Any]:
-    """{section: {field: value}} -> {field: value}."""
-    return {k: v for section in config.values() if isinstance(section, dict) for k, v in section.items()}
 
 
 def known_settings(command: str | TaskKind, values: dict[str, Any]) -> dict[str, Any]:
@@ -399,7 +395,7 @@ def prepare(command: str | TaskKind, values: dict[str, Any], resume: str | None 
         if resuming is None and fresh is not None:  # auto found nothing: a new run, on the usual defaults
             values = fresh()
     if resuming is not None:
-        saved = flat(resuming.config)
+        saved = flat_settings(resuming.config)
         given = values
         free = RESUMABLE_CHANGES | kind.free
         if _extends_finished(resuming, saved, given, echo):
@@ -491,7 +487,7 @@ def _follow_rank_zero(d: Any, kind: TaskKind, echo: Echo):
     plan = distributed.broadcast(None, d)
     if plan is None:  # rank 0 refused the settings and says why
         return None
-    values = flat(plan["config"])
+    values = flat_settings(plan["config"])
     cfgs = {name: build(cls, values) for name, cls in kind.sections()}
     task = kind.make_task(cfgs)
     run_id, task_name, run_dir = plan["run"]

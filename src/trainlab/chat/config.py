@@ -99,6 +99,11 @@ class GPTConfig:
     def d_ff(self) -> int:
         return self.dim_feedforward or 4 * self.d_model
 
+    @property
+    def classic_block(self) -> bool:
+        """GPT-2's block: learned positions, LayerNorm, an exact-GELU MLP, no QK-norm."""
+        return self.positions == "learned" and self.norm == "layernorm" and self.mlp == "gelu" and not self.qk_norm
+
 
 @dataclass
 class ChatTaskConfig:

@@ -50,11 +50,11 @@ from typing import Any
 import torch
 
 from trainlab import __version__
-from trainlab.chat.config import MEMBER, GPTConfig
+from trainlab.chat.config import GPTConfig
 from trainlab.chat.data import CharVocab
-from trainlab.chat.loading import ChatModel
+from trainlab.chat.loading import ChatModel, last_val_loss
 from trainlab.chat.model import GPT, RMS_EPS
-from trainlab.config import UsageError
+from trainlab.config import UsageError, flat_settings
 from trainlab.engine.errors import CheckpointError
 
 FORMATS = ("hf", "safetensors")
@@ -67,9 +67,8 @@ def architecture(cfg: GPTConfig) -> str:
     """The transformers architecture that computes exactly what ``GPT(cfg)`` does: gpt2 for the
     classic block, llama for rotary + RMSNorm + SwiGLU without biases, qwen3 for that with
     QK-norm; anything else is refused in one line naming the option that has no mapping."""
-    classic = cfg.positions == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu" and not cfg.qk_norm
     extras = bool(cfg.logit_softcap) or cfg.pair_embedding  # pieces no family has
-    if classic and not extras:
+    if cfg.classic_block and not extras:
         return "gpt2"
     if cfg.positions == "rotary" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.bias and not extras:
         return "qwen3" if cfg.qk_norm else "llama"
@@ -305,7 +304,7 @@ HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "
 
 
 def block_words(cfg: GPTConfig) -> str:
-    if cfg.positions == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu" and not cfg.qk_norm:
+    if cfg.classic_block:
         return "trainlab's classic GPT-2 block (pre-LayerNorm, learned positions, exact GELU" + \
             (", character-pair embeddings)" if cfg.pair_embedding else ")")
     parts = [f"{cfg.positions} positions", cfg.norm, f"a {cfg.mlp} MLP"]
@@ -327,19 +326,15 @@ def _meta_from(ckpt: Any) -> dict[str, Any]:
 
     config = ckpt.json("config.json") if "config.json" in ckpt.sums else {}
     corpus = ckpt.json("corpus.json") if "corpus.json" in ckpt.sums else {}
-    values = {k: v for section in config.values() if isinstance(section, dict) for k, v in section.items()} \
-        if isinstance(config, dict) else {}
+    values = flat_settings(config) if isinstance(config, dict) else {}
     meta: dict[str, Any] = {"step": ckpt.step, "corpus_characters": corpus.get("characters"),
                             "corpus_sha256": corpus.get("sha256"), "dialogue": corpus.get("dialogue") or {},
                             "val_fraction": values.get("val_fraction", ChatDataConfig.val_fraction)}
     if values.get("text"):
         meta["corpus_name"] = Path(str(values["text"])).name
-    try:
-        evals = ckpt.tensors(f"{MEMBER}/train_state.pt").get("evals") or []
-        if evals and "val_loss" in evals[-1]:
-            meta["val_loss"] = float(evals[-1]["val_loss"])
-    except (CheckpointError, KeyError, AttributeError):
-        pass
+    loss = last_val_loss(ckpt)
+    if loss is not None:
+        meta["val_loss"] = loss
     # the command that trains it again: every setting of the run that differs from what
     # `chat train` starts from (the defaults under its default preset)
     from trainlab.config import DEFAULT_PRESETS, load_preset

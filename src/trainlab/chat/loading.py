@@ -66,15 +66,23 @@ def load_chat_model(ckpt: Checkpoint, device: torch.device) -> ChatModel:
     return ChatModel(model.to(device).eval(), vocab, dialogue if isinstance(dialogue, dict) else {})
 
 
-def checkpoint_info(ckpt, run_id: str) -> dict[str, Any]:
+def last_val_loss(ckpt: Checkpoint) -> float | None:
+    """The val loss of the checkpoint's last evaluation, if it has one and it can be read (a
+    page or a model card can do without it)."""
+    try:
+        evals = ckpt.tensors(f"{MEMBER}/train_state.pt").get("evals") or []
+        if evals and "val_loss" in evals[-1]:
+            return float(evals[-1]["val_loss"])
+    except Exception:  # noqa: BLE001
+        pass
+    return None
+
+
+def checkpoint_info(ckpt: Checkpoint, run_id: str) -> dict[str, Any]:
     """What the page shows of the checkpoint it serves: run, step, val loss."""
     info: dict[str, Any] = {"model": run_id, "run": run_id, "step": ckpt.step, "checkpoint": str(ckpt.path),
                             "created": int(ckpt.meta.get("saved_at", time.time()))}
-    try:
-        state = ckpt.tensors("gpt/train_state.pt")
-        evals = state.get("evals") or []
-        if evals and "val_loss" in evals[-1]:
-            info["val_loss"] = float(evals[-1]["val_loss"])
-    except Exception:  # noqa: BLE001 (the page can do without it)
-        pass
+    loss = last_val_loss(ckpt)
+    if loss is not None:
+        info["val_loss"] = loss
     return info
