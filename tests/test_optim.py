@@ -135,7 +135,7 @@ def test_muon_iterates_in_the_members_training_dtype():
 
 def test_a_bf16_step_of_the_engine_iterates_muon_in_bf16():
     from trainlab.engine.member import make_member
-    from trainlab.engine.step import member_step, settle
+    from trainlab.engine.step import StepContext, member_step, settle
     from trainlab.engine.task import StepLoss
     from trainlab.engine.train_config import TrainConfig
 
@@ -149,7 +149,7 @@ def test_a_bf16_step_of_the_engine_iterates_muon_in_bf16():
     for precision, expected in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         cfg = TrainConfig(optimizer="muon", precision=precision, lr=0.01)
         m = make_member("m", model, cfg)
-        member_step(m, Task(), {"x": torch.randn(4, 8)}, 0, cfg, {}, torch.device("cpu"), lambda *a: None, 4)
+        member_step(m, Task(), {"x": torch.randn(4, 8)}, 0, 4, StepContext(cfg, torch.device("cpu"), lambda *a: None))
         assert m.optimizer.matmul_dtype == expected and m.step == 0 and len(m.pending) == 1  # not read yet
         settle([m], cfg, None, lambda *a: None)
         assert m.step == 1 and not m.pending

@@ -65,7 +65,7 @@ from trainlab.engine.periodic import (
     timed,
 )
 from trainlab.engine.state import LoopState, restore, seed_everything, settle_best
-from trainlab.engine.step import batch_rows, choose_speed, member_step, settle
+from trainlab.engine.step import StepContext, batch_rows, choose_speed, member_step, settle
 from trainlab.engine.stopping import StopSignals
 from trainlab.engine.task import Task
 from trainlab.engine.tracking import ReadOnlyRun, Run, remove_runs
@@ -196,6 +196,7 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
     s.interval = {m.name: (m.train_seconds, m.examples) for m in members}
     s.last_eval = s.last_save = s.last_sample = state.step
     planned = faults.plan()  # {} unless a test asked for faults
+    ctx = StepContext(cfg, device, s.say, d, state, planned)  # what every step shares
     t_start = s.t_saved = time.perf_counter()
     batches = Batches(task.batch, device)  # on an accelerator the next batch is made while a step trains
     cleanup.callback(batches.close)
@@ -208,7 +209,7 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
         batch = {k: v.to(device, non_blocking=True) for k, v in shard(full, d).items()}
         for m in members:
             t_m = time.perf_counter()
-            member_step(m, task, batch, step, cfg, planned, device, s.say, n_examples, d, state)
+            member_step(m, task, batch, step, n_examples, ctx)
             m.examples += n_examples
             m.train_seconds += time.perf_counter() - t_m
         state.step += 1
@@ -295,7 +296,7 @@ def set_up(task: Task, cfg: TrainConfig, resume: Checkpoint | None, device: torc
         full = task.batch(state.step)
         first = {k: v.to(device) for k, v in shard(full, d).items()}
         for m in members:
-            choose_speed(m, task, first, state.step, batch_rows(full), cfg, device, d, echo)
+            choose_speed(m, task, first, state.step, batch_rows(full), StepContext(cfg, device, echo, d))
     return members, state, budget
 
 

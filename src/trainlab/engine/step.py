@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -34,6 +35,20 @@ def batch_rows(batch: dict[str, torch.Tensor]) -> int:
     return int(next(iter(batch.values())).shape[0])
 
 
+@dataclass(frozen=True)
+class StepContext:
+    """What every step of a run shares, made once by the loop: its settings, the device, this
+    process among the ranks, where lines go, the loop state the host's reads add to, and the
+    faults a test planned (``engine/faults.py``; empty in real runs)."""
+
+    cfg: TrainConfig
+    device: torch.device
+    echo: Callable[[str], None] = print
+    d: Dist = field(default_factory=Dist)
+    state: LoopState | None = None
+    planned: dict[str, set[int]] = field(default_factory=dict)
+
+
 class _AgreedOutOfMemory(MemoryError):
     """Another rank ran out of memory in this step: every rank retries, as one."""
 
@@ -52,21 +67,43 @@ def _close_ddp_round(m: Member, task: Task, batch: dict[str, torch.Tensor], step
 
 
 def forward_backward(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, n_global: int,
-                     planned: dict[str, set[int]], first_try: bool, d: Dist, device: torch.device
-                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     ctx: StepContext, first_try: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Gradients of the whole global batch (``n_global`` examples) from this rank's slice
-    ``batch``, in ``m.micro.count`` micro-batches; returns the global batch's loss (detached)
-    and this rank's share of the stats.
+    ``batch``; returns the global batch's loss (detached) and this rank's share of the stats.
+    One process and one micro-batch is one pass (``_one_pass``); anything else goes through
+    ``_micro_batches``."""
+    m.optimizer.zero_grad(set_to_none=True)
+    if m.micro.count == 1 and not ctx.d.active:
+        return _one_pass(m, task, batch, step, ctx, first_try)
+    return _micro_batches(m, task, batch, step, n_global, ctx, first_try)
+
+
+def _one_pass(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, ctx: StepContext,
+              first_try: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The common case: the whole batch in one forward and backward pass, nothing to weigh or
+    agree on."""
+    faults.raise_if_out_of_memory(ctx.planned, step, batch_rows(batch), first_try)
+    with m.precision.autocast():
+        out = task.loss(m.name, m.ddp, batch, step)
+    loss = faults.poison_loss(ctx.planned, step, out.loss)
+    m.precision.scaler.scale(loss).backward()
+    faults.poison_grads(ctx.planned, step, m.model)
+    return loss.detach(), out.stats
+
+
+def _micro_batches(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, n_global: int,
+                   ctx: StepContext, first_try: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``forward_backward`` in ``m.micro.count`` micro-batches, under torchrun with every rank
+    agreeing on an out-of-memory.
 
     Micro-batch i is back-propagated as loss_i * w_i / ref, where w_i is its loss weight and
     ref = n_global / world is known to every rank in advance; DDP averages over ranks, so the
     gradient is sum(w_i g_i) * world / (n_global * world) and one multiplication by
     n_global / sum(w_i) (summed over ranks) makes it the whole batch's weighted mean. With
     unweighted losses that factor is exactly 1 and is skipped."""
-    m.optimizer.zero_grad(set_to_none=True)
+    d, device, planned = ctx.d, ctx.device, ctx.planned
     scaler = m.precision.scaler
     chunks = split_batch(batch, m.micro.count)
-    plain = len(chunks) == 1 and not d.active  # the common case: one backward, nothing to weigh or agree on
     reference = n_global / d.world
     total: torch.Tensor | float = 0.0
     weight_sum: torch.Tensor | float = 0.0
@@ -84,10 +121,6 @@ def forward_backward(m: Member, task: Task, batch: dict[str, torch.Tensor], step
                 with m.precision.autocast():
                     out = task.loss(m.name, m.ddp, chunk, step)
                 loss = faults.poison_loss(planned, step, out.loss)
-                if plain:
-                    scaler.scale(loss).backward()
-                    faults.poison_grads(planned, step, m.model)
-                    return loss.detach(), out.stats
                 w = n if out.weight is None else out.weight.detach()
                 weighted = weighted or out.weight is not None
                 scaled = scaler.scale(loss * (w / reference))
@@ -132,21 +165,21 @@ def forward_backward(m: Member, task: Task, batch: dict[str, torch.Tensor], step
     return (total / weight_sum).float(), stats
 
 
-def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, cfg: TrainConfig,
-                planned: dict[str, set[int]], device: torch.device, echo, n_global: int, d: Dist = Dist(),
-                state: LoopState | None = None) -> None:
+def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, n_global: int,
+                ctx: StepContext) -> None:
     """Forward, backward and (unless it must not happen) the update of one member on this
     rank's slice ``batch`` of a global batch of ``n_global``, without waiting for the device
     (with ``--on-spike log``): whether the loss and gradients were finite is decided there,
-    and the step joins ``m.pending`` for ``settle`` to read later (into ``state``'s log
-    sums). What went wrong, if anything, is said through ``echo`` then."""
+    and the step joins ``m.pending`` for ``settle`` to read later (into ``ctx.state``'s log
+    sums). What went wrong, if anything, is said through ``ctx.echo`` then."""
+    cfg, device, echo, d = ctx.cfg, ctx.device, ctx.echo, ctx.d
     n_local = batch_rows(batch)
     rng = rng_point(device)  # a retry after an out-of-memory draws the same dropout masks
     first_try = True
     while True:
         failed = False
         try:
-            loss, stats = forward_backward(m, task, batch, step, n_global, planned, first_try, d, device)
+            loss, stats = forward_backward(m, task, batch, step, n_global, ctx, first_try)
         except Exception as e:  # noqa: BLE001 (only out-of-memory is handled; the rest re-raised)
             if not is_out_of_memory(e):
                 raise
@@ -192,7 +225,7 @@ def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int
     scaler.update()  # lowers an fp16 loss scale after an overflow, raises it after a calm stretch (on the device)
     m.pending.append(record)
     if observed is not None:  # already read: the host's part now, before the next step
-        settle([m], cfg, state, echo)
+        settle([m], cfg, ctx.state, echo)
 
 
 class Pending(NamedTuple):
@@ -348,7 +381,7 @@ def time_pass(run: Callable[[], Any], device: torch.device) -> float:
 
 
 def choose_speed(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, n_global: int,
-                 cfg: TrainConfig, device: torch.device, d: Dist, echo) -> None:
+                 ctx: StepContext) -> None:
     """Settle what ``--micro-batch N|auto`` and ``--precision auto`` leave open, once per run
     (both choices are checkpointed). ``auto`` times a forward and backward pass of this batch
     for every pair of candidate precision (fp32 and bf16, on a CPU with native bf16) and
@@ -357,6 +390,7 @@ def choose_speed(m: Member, task: Task, batch: dict[str, torch.Tensor], step: in
     ``BF16_MARGIN``; then the fastest count in that precision (``fastest``). On a CPU a
     smaller working set can beat one large matrix product. Weights, RNG and task state are
     left as they were; under torchrun rank 0's clock decides for all."""
+    cfg, device, d, echo = ctx.cfg, ctx.device, ctx.d, ctx.echo
     n_local = batch_rows(batch)
     if cfg.micro_batch not in ("off", "auto"):
         m.micro.set_floor(min(n_local, -(-n_local // int(cfg.micro_batch))))
@@ -373,7 +407,7 @@ def choose_speed(m: Member, task: Task, batch: dict[str, torch.Tensor], step: in
                                             {"task": type(task).__name__, "micro_batch": cfg.micro_batch,
                                              "compile": cfg.compile})
     kept = load_timings(cfg.runs_dir, key) if key is not None else None
-    timings = kept if kept is not None else _time_candidates(m, task, batch, step, n_global, device, d, modes, counts)
+    timings = kept if kept is not None else _time_candidates(m, task, batch, step, n_global, ctx, modes, counts)
     if kept is None and key is not None:
         save_timings(cfg.runs_dir, key, timings)
     m.micro.count = before
@@ -397,14 +431,15 @@ def choose_speed(m: Member, task: Task, batch: dict[str, torch.Tensor], step: in
 
 
 def _time_candidates(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int, n_global: int,
-                     device: torch.device, d: Dist, modes: tuple[str, ...], counts: list[int]
-                     ) -> dict[tuple[str, int], float]:
+                     ctx: StepContext, modes: tuple[str, ...], counts: list[int]) -> dict[tuple[str, int], float]:
     """Seconds of a forward and backward pass of ``batch`` per (precision, micro-batch count),
     the best of a few rounds; weights, RNG and task state left as they were."""
+    device, d = ctx.device, ctx.d
+    timing = StepContext(ctx.cfg, device, ctx.echo, d)  # no faults: a timed pass is not a step of the run
     rng, task_state = rng_point(device), task.state_dict()
 
     def timed_pass() -> float:
-        return time_pass(lambda: forward_backward(m, task, batch, step, n_global, {}, True, d, device), device)
+        return time_pass(lambda: forward_backward(m, task, batch, step, n_global, timing), device)
 
     def attempt(mode: str, count: int) -> float:
         m.precision.use(mode)
@@ -449,6 +484,7 @@ def seconds_per_step(task: Task, cfg: TrainConfig, device: torch.device | None =
     device = device or torch.device("cpu")
     rng, task_state = rng_point(device), task.state_dict()
     members = [make_member(name, model.to(device), cfg, device) for name, model in task.build_models().items()]
+    ctx = StepContext(cfg, device, lambda line: None)
     t0 = time.perf_counter()
     for i in range(n + warmup):
         if i == warmup:
@@ -457,7 +493,7 @@ def seconds_per_step(task: Task, cfg: TrainConfig, device: torch.device | None =
         full = task.batch(i)
         batch = {k: v.to(device) for k, v in full.items()}
         for m in members:
-            member_step(m, task, batch, i, cfg, {}, device, lambda *a: None, batch_rows(full))
+            member_step(m, task, batch, i, batch_rows(full), ctx)
     synchronize(device)
     seconds = (time.perf_counter() - t0) / n
     rewind_rng(rng, device)
