@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -43,6 +44,7 @@ from trainlab.engine.dropout import Dropout
 from trainlab.engine.dropout import dropout as drop
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per block: keys and values, (B, H, T, hd) each
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, k, v) -> (B, H, T, hd)
 RMS_EPS = 1e-6  # RMSNorm's epsilon (Llama's and Qwen3's default, which the export writes)
 PAIR_ROWS_MAX = 2**16  # past this the pair table is hashed: a 3,000-character vocabulary would need 9M rows
 
@@ -145,10 +147,13 @@ class CausalSelfAttention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                rot: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+                rot: tuple[torch.Tensor, torch.Tensor] | None = None, attend: Attend | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         B, T, D = x.shape
         q, k, v = self.heads(x, rot)
+        if attend is not None:  # the caller's own attention (the server's, over its cache of many rows)
+            y = attend(q, k, v).transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+            return self.resid_drop(self.proj(y)), None
         if cache is not None:
             k = torch.cat([cache[0], k], dim=2)  # (B, H, P+T, hd)
             v = torch.cat([cache[1], v], dim=2)
@@ -197,9 +202,12 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                rot: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        a, kv = self.attn(self.ln1(x), cache, rot)
+                rot: tuple[torch.Tensor, torch.Tensor] | None = None, attend: Attend | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The block on the residual stream ``x`` (B, T, D): attention over ``cache`` and the new
+        positions (returning their keys and values), or through ``attend(q, k, v)`` when given
+        (which sees the new queries, keys and values, (B, H, T, hd) each, and keeps what it needs)."""
+        a, kv = self.attn(self.ln1(x), cache, rot, attend)
         x = x + a
         x = x + self.mlp(self.ln2(x))
         return x, kv

@@ -81,16 +81,12 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 def _serve_forward(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, store, mask: torch.Tensor,
                    before: torch.Tensor | None) -> torch.Tensor:
     """``tokens`` (B, T) at ``positions`` (B, T), after ``before`` (B,; see ``GPT.embed``), through
-    every block, as ``GPT.forward`` does; ``store(i, k, v)`` keeps block i's new keys and values
-    (B, H, T, hd) and returns all that its queries attend to. Returns the logits (B, T, V)."""
+    every block, as ``GPT.forward`` does but attending through ``_attend``: ``store(i, k, v)``
+    keeps block i's new keys and values (B, H, T, hd) and returns all that its queries attend
+    to. Returns the logits (B, T, V)."""
     x, rot = model.embed(tokens, positions, before)  # (B, T, D)
-    B, T, D = x.shape
     for i, block in enumerate(model.blocks):
-        q, k, v = block.attn.heads(block.ln1(x), rot)  # (B, H, T, hd) each
-        keys, values = store(i, k, v)
-        y = _attend(q, keys, values, mask).transpose(1, 2).reshape(B, T, D)  # (B, T, D)
-        x = x + block.attn.proj(y)
-        x = x + block.mlp(block.ln2(x))
+        x, _ = block(x, rot=rot, attend=lambda q, k, v, i=i: _attend(q, *store(i, k, v), mask))  # (B, T, D)
     return model.logits(x)
 
 
