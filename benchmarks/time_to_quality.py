@@ -51,7 +51,7 @@ NANOGPT_README_CPU = ["config/train_shakespeare_char.py", "--device=cpu", "--com
                       "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0",
                       "--dtype=float32"]
 
-# trainlab recipes: flags of `trainlab chat train`. See the README ("Time to quality")
+# trainlab recipes: flags of `trainlab chat train`. See docs/performance.md ("Time to quality")
 # for why the fast one is shaped as it is.
 RECIPES = {
     "nanogpt-cpu": ["--preset", "nanogpt-cpu"],
@@ -146,7 +146,7 @@ def main() -> None:
                 flags = RECIPES.get(name) or name.split()
                 reached, evals, total, run_dir, mode = run_trainlab(args.text, flags, work, args.target, f"r{r}-{i}")
                 rows.append((f"trainlab {name}", r, reached, evals, total, whole_val_loss(run_dir, text), mode))
-    print(f"\nwall seconds from launch until val loss <= {args.target} (tinyshakespeare, 2-core figures in README)")
+    print(f"\nwall seconds from launch until val loss <= {args.target} (tinyshakespeare, 2-core figures in docs/performance.md)")
     for name, r, reached, evals, total, whole, mode in rows:
         trail = ", ".join(f"{s}:{v:.3f}@{t:.0f}s" for t, s, v in evals)
         got = f"{reached:6.1f} s" if reached is not None else "  never"

@@ -16,7 +16,7 @@ character, this character), read from a table of vocab * (vocab + 1) rows (hashe
 ``PAIR_ROWS_MAX`` past that): the first position of a window has no previous character
 (the extra "none" row), as in training, where windows start anywhere. The model sees
 character bigrams from its first layer instead of assembling them through attention,
-which a small model trained for a minute learns much from (README, "Recipes for a time
+which a small model trained for a minute learns much from (docs/chat.md, "Recipes for a time
 budget"). A pass that continues a cache needs the character before its first one
 (``before``). The table starts at zero, so the model starts as it would without it.
 

@@ -5,7 +5,7 @@ body and replaces the update by the nearest semi-orthogonal matrix (the matrix w
 the same singular vectors and all singular values 1), found with a few Newton-Schulz
 iterations. Every direction of the update then moves by the same amount, where Adam's
 updates are dominated by a few large directions. On the char-level GPT here it reaches
-a given val loss in far fewer steps than AdamW (README, "Time to quality").
+a given val loss in far fewer steps than AdamW (docs/performance.md, "Time to quality").
 
 What Muon does not suit (embeddings, the output head, norms, biases, learned latent
 vectors) stays with AdamW, in the same optimizer object, so the engine's schedule,
@@ -19,7 +19,7 @@ a CPU without bf16 kernels is ~20x slower than the whole training step. Here the
 the dtype the member trains in (``matmul_dtype``, which the engine sets from the
 precision each step): float32, or bfloat16 where ``--precision`` chose bf16 because this
 machine runs it faster. On an AMX Xeon that took the iterations of ``chat-90s`` from
-21.8 ms to 7.4 ms a step (of ~130 ms), at no measured cost in loss (README, "Recipes
+21.8 ms to 7.4 ms a step (of ~130 ms), at no measured cost in loss (docs/chat.md, "Recipes
 for a time budget").
 """
 
@@ -231,7 +231,7 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, 
     to one) and an untied output layer (a module named ``head``) their own peak LR, in groups
     of their own that the schedule scales like the others (embeddings then without weight
     decay): a char model's 65-row tables see each row in nearly every batch and move fastest
-    at a higher LR, its head at a lower one (README, "Recipes for a time budget"). Unset, the
+    at a higher LR, its head at a lower one (docs/chat.md, "Recipes for a time budget"). Unset, the
     groups are laid out as before they existed, so an older checkpoint's optimizer state loads."""
     params = [p for p in model.parameters() if p.requires_grad]
     muon = {id(p) for p in hidden_matrices(model)} if name == "muon" else set()  # never an embedding or the head

@@ -39,7 +39,7 @@ from trainlab.engine.errors import CheckpointError
 
 try:
     import fcntl
-except ImportError:  # pragma: no cover - Windows: no locking, documented in README
+except ImportError:  # pragma: no cover - Windows: no locking, documented in docs/robust-training.md
     fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("trainlab")
