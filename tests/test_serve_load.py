@@ -415,13 +415,13 @@ def test_trimmed_passes_are_used_only_where_they_keep_every_bit(long_context, mo
                 toks[:3] = logits[:3].argmax(-1)
             runs.append(torch.stack(out))
         assert torch.equal(runs[0], runs[1])
-    real = model_module._attend
+    real = model_module.attend_written_out
 
     def rounds_differently(q, k, v, mask):
         out = real(q, k, v, mask)
         return out * (1 + 1e-6) if k.shape[2] < ctx else out
 
-    monkeypatch.setattr(model_module, "_attend", rounds_differently)
+    monkeypatch.setattr(model_module, "attend_written_out", rounds_differently)
     assert check_exactness(model).trimmed is False
     srv = Live(long_context)
     try:

@@ -109,15 +109,25 @@ def written_out_is_faster(q: torch.Tensor, dropout: float = 0.0) -> bool:
     return q.dtype in (torch.bfloat16, torch.float16) or dropout > 0
 
 
-def causal_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
-    """Causal attention written out: (B, H, T, hd) queries over as many keys. The softmax is
-    taken in fp32, as the fused kernels accumulate it, and cast back for the product with v."""
-    T = q.shape[2]
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, T)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)  # (T, T)
-    att = torch.softmax(att.masked_fill(future, float("-inf")), dim=-1, dtype=torch.float32).to(v.dtype)
-    att = drop(att, dropout)  # (B, H, T, T)
+def attend_written_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                       dropout: float = 0.0) -> torch.Tensor:
+    """Attention as three plain ops: (B, H, T, hd) queries over (B, H, S, hd) keys where
+    ``allowed`` (broadcast to (B, H, T, S)) is true. The softmax is taken in fp32, as the fused
+    kernels accumulate it, and cast back for the product with v. Training passes on a CPU use
+    it where it is the faster (``written_out_is_faster``), and the server always: unlike
+    ``scaled_dot_product_attention``'s CPU kernel, its result does not change with the thread
+    count, and a served stream must not change with the threads it gets."""
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, S)
+    att = torch.softmax(att.masked_fill(~allowed, float("-inf")), dim=-1, dtype=torch.float32).to(v.dtype)
+    att = drop(att, dropout)  # (B, H, T, S)
     return att @ v  # (B, H, T, hd)
+
+
+def causal_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+    """Causal attention written out: (B, H, T, hd) queries over as many keys."""
+    T = q.shape[2]
+    seen = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T): a query sees itself and before
+    return attend_written_out(q, k, v, seen, dropout)
 
 
 class CausalSelfAttention(nn.Module):

@@ -12,14 +12,13 @@ trimmed shapes keep it on this machine). The server checks at warm-up and uses w
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from trainlab.chat.config import GPTConfig
 from trainlab.chat.decoding import kernel_pass
-from trainlab.chat.model import GPT
+from trainlab.chat.model import GPT, attend_written_out
 
 # A trimmed pass computes 4, 8, 16, ... rows and attends over 64, 128, 256, ... positions:
 # powers of two, since those shapes gave each row the same bits as the whole cache here
@@ -70,23 +69,16 @@ class SlotCache:
                 min(ctx, _power_of_two_at_least(positions, MIN_SPAN)))
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention written out: (B, H, T, hd) queries over (B, H, S, hd) keys where ``mask`` allows.
-    Not ``scaled_dot_product_attention``: its CPU kernel's result changes in the last bit with
-    the thread count, and a served stream must not change with the threads it gets."""
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, S)
-    return torch.softmax(att.masked_fill(~mask, float("-inf")), dim=-1) @ v  # (B, H, T, hd)
-
-
 def _serve_forward(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, store, mask: torch.Tensor,
                    before: torch.Tensor | None) -> torch.Tensor:
     """``tokens`` (B, T) at ``positions`` (B, T), after ``before`` (B,; see ``GPT.embed``), through
-    every block, as ``GPT.forward`` does but attending through ``_attend``: ``store(i, k, v)``
+    every block, as ``GPT.forward`` does but attending through ``attend_written_out`` (which keeps
+    a row's bits at any thread count): ``store(i, k, v)``
     keeps block i's new keys and values (B, H, T, hd) and returns all that its queries attend
     to. Returns the logits (B, T, V)."""
     x, rot = model.embed(tokens, positions, before)  # (B, T, D)
     for i, block in enumerate(model.blocks):
-        x, _ = block(x, rot=rot, attend=lambda q, k, v, i=i: _attend(q, *store(i, k, v), mask))  # (B, T, D)
+        x, _ = block(x, rot=rot, attend=lambda q, k, v, i=i: attend_written_out(q, *store(i, k, v), mask))  # (B, T, D)
     return model.logits(x)
 
 
