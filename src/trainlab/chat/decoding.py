@@ -15,10 +15,12 @@ cache after it, so the pass reads its inputs and writes nothing (a compiled grap
 wrote into a cache handed to it copied the whole cache each call).
 
 ``generate`` and the repl use it, one row at a time (``RowCache``, ``Decoder``). The server
-does not yet: inside a whole pass of several rows, inductor lays the products out
-feature-major and vectorises across the rows, which made such a pass slow and its rows'
-bits depend on the row count (results/decoding/README.md). Without a compiler the same
-pass runs eagerly with ``F.linear`` (``decode_pass(..., linear=F.linear)``).
+walks the same blocks (``walk_blocks``) through its C++ row kernels instead
+(``kernel_pass``, used by ``chat/slots.py``), not through inductor: inside a whole pass of
+several rows, inductor lays the products out feature-major and vectorises across the rows,
+which made such a pass slow and its rows' bits depend on the row count
+(results/decoding/README.md). Without a compiler the same pass runs eagerly with
+``F.linear`` (``decode_pass(..., linear=F.linear)``).
 """
 
 from __future__ import annotations
