@@ -206,7 +206,7 @@ def test_rows_norm_is_the_norm_layer_and_rows_keep_their_bits(kernels, layer):
                            got[2:3])
 
 
-@pytest.mark.parametrize("kw", [MODERN, CLASSIC], ids=["modern", "classic"])
+@pytest.mark.parametrize("kw", [MODERN, CLASSIC, {**CLASSIC, "mlp": "gelu"}], ids=["modern", "classic", "gelu"])
 def test_the_kernel_pass_decodes_as_the_server_pass_does_and_rows_keep_their_bits(kw, kernels):
     """decode_slots against the server's plain pass (decode_rows) on prompts of several lengths,
     character by character; and kernels_exact's verdict on this machine."""

@@ -120,28 +120,39 @@ def decode_pass(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, befor
 
 def kernel_pass(model: GPT, kernels, tokens: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                 before: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor) -> torch.Tensor:
-    """``walk_blocks`` through the row kernels (``chat/kernels.py``) for the cache rows ``rows``
-    (R,) of ``cache_k`` and ``cache_v`` (L, slots, H, ctx, hd): each row's new key and value is
-    written at its position, then its query attends to positions 0..position. A row's logits
-    (R, V) depend on nothing but the row: not on R, the other rows or the thread count."""
-    scale = 1.0 / math.sqrt(model.cfg.d_model // model.cfg.nhead)
+    """One new token for the cache rows ``rows`` (R,) of ``cache_k`` and ``cache_v`` (L, slots,
+    H, ctx, hd), each block one call of the row kernels' ``rows_block`` (``chat/kernels.py``):
+    each row's new key and value is written at its position, then its query attends to
+    positions 0..position. The arithmetic of ``walk_blocks``, with no Python inside a block.
+    A row's logits (R, V) depend on nothing but the row: not on R, the other rows or the
+    thread count."""
+    cfg = model.cfg
+    scale = 1.0 / math.sqrt(cfg.d_model // cfg.nhead)
+    rms = cfg.norm == "rmsnorm"
+    kind = MLP_KINDS[cfg.mlp]
+    x, rot = model.embed(tokens[:, None], positions[:, None], before)  # (R, 1, D)
+    x = x[:, 0].contiguous()  # (R, D)
+    cos, sin = (rot[0][:, 0, 0].contiguous(), rot[1][:, 0, 0].contiguous()) if rot is not None else (None, None)
+    for i, block in enumerate(model.blocks):
+        attn, mlp = block.attn, block.mlp
+        qk = (attn.q_norm.weight, attn.k_norm.weight, _eps(attn.q_norm)) if attn.qk_norm else (None, None, 0.0)
+        gate = (mlp.gate.weight, mlp.gate.bias) if mlp.kind == "swiglu" else (None, None)
+        x = kernels.rows_block(x, block.ln1.weight, getattr(block.ln1, "bias", None), _eps(block.ln1),
+                               attn.qkv.weight, attn.qkv.bias, *qk, cos, sin, cache_k[i], cache_v[i], rows, positions,
+                               scale, attn.proj.weight, attn.proj.bias, block.ln2.weight,
+                               getattr(block.ln2, "bias", None), _eps(block.ln2), mlp.up.weight, mlp.up.bias, *gate,
+                               mlp.down.weight, mlp.down.bias, kind, rms)  # (R, D)
+    h = kernels.rows_norm(x, model.ln_f.weight, getattr(model.ln_f, "bias", None), _eps(model.ln_f), rms)
+    logits = kernels.rows_linear(h, model.head.weight)  # (R, V)
+    c = cfg.logit_softcap
+    return c * torch.tanh(logits / c) if c else logits
 
-    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = kernels.rows_linear(x, weight)
-        return out if bias is None else out + bias
 
-    def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return kernels.rows_attend(q, k, v, cache_k[i], cache_v[i], rows, positions, scale)  # writes k and v first
+MLP_KINDS = {"gelu": 0, "relu2": 1, "swiglu": 2}  # rows_block's mlp_kind
 
-    def norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        rms = isinstance(module, torch.nn.RMSNorm)
-        if not rms and not isinstance(module, torch.nn.LayerNorm):
-            return module(x)
-        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
-        out = kernels.rows_norm(x.reshape(-1, x.shape[-1]), module.weight, getattr(module, "bias", None), eps, rms)
-        return out.view(x.shape)
 
-    return walk_blocks(model, tokens, positions, before, linear, attend, norm)
+def _eps(norm: torch.nn.Module) -> float:
+    return norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
 
 
 SPAN_STEP = 64  # the cached positions a pass reads come in multiples of this (one compiled graph serves all)
