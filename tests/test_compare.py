@@ -426,6 +426,10 @@ def test_budgets_makes_one_figure_and_table_from_comparisons_at_several_minutes(
     refused(folders[0], other, says="differ in test_n")
     refused(folders[0], folders[1], folders[1], says="two comparisons at 0.01 minutes")
     refused(folders[0], says="two budgets at least")
+    capsys.readouterr()
+    assert main(["multiply", "budgets", *map(str, folders), "--out", str(tmp_path / "refused"),
+                 "--reach-minutes", "nan"]) == 2
+    assert "--reach-minutes" in capsys.readouterr().err and not (tmp_path / "refused").exists()
     refused(folders[0], tmp_path / "nowhere", says="no results.json")
     (other / "results.json").write_text("{not json")
     refused(folders[0], other, says="not valid JSON")

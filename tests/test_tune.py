@@ -327,10 +327,12 @@ def test_enqueue_makes_a_recipe_the_first_trial_once(runs_dir, tmp_path, capsys)
     ({"lr": 0.005, "batch_size": 12}, "batch_size: 12 is outside the space"),
     ({"lr": "fast", "batch_size": 16}, "lr: 'fast' is outside the space"),
     ("- a list", "must hold a mapping"),
+    (None, "best.yaml"),  # no such file
 ])
 def test_a_bad_enqueue_file_is_one_line_and_writes_nothing(runs_dir, tmp_path, capsys, recipe, says):
     path = tmp_path / "best.yaml"
-    path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe))
+    if recipe is not None:
+        path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe))
     assert tune(runs_dir, "multiply", "--space", str(space_file(tmp_path)), "--trials", "2", "--budget-steps", "2",
                 "--enqueue", str(path), *MULTIPLY) == 2
     err = capsys.readouterr().err.strip().splitlines()
