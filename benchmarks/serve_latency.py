@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import statistics
 import subprocess
 import sys
@@ -158,6 +159,9 @@ def passes(runs: str, checkpoint: str, rounds: int = 5, n: int = 40) -> dict[str
     if kernels is not None:
         runs_of["row kernels, 1 row"] = lambda: decode_slots(model, kernels, last, slots, [0])
         runs_of["row kernels, 8 rows"] = lambda: decode_slots(model, kernels, last, slots, list(range(8)))
+        one = torch.zeros(1, dtype=torch.long)
+        runs_of["row kernels op by op, 1 row (before rows_block)"] = lambda: kernel_ops_pass(
+            model, kernels, one, one, torch.tensor([len(prompt)]), one, slots.k, slots.v)
     best = {k: float("inf") for k in runs_of}
     with torch.no_grad():
         for _ in range(rounds):
@@ -165,6 +169,32 @@ def passes(runs: str, checkpoint: str, rounds: int = 5, n: int = 40) -> dict[str
                 best[k] = min(best[k], timed(fn))
     assert max(slots.lengths) < ctx
     return best
+
+
+def kernel_ops_pass(model, kernels, tokens, rows, positions, before, cache_k, cache_v):
+    """The served pass as it was before ``rows_block``: ``walk_blocks`` calling the row kernels
+    one by one, with the eager ops between them (kept here to measure what the block kernel
+    saves, side by side)."""
+    import torch
+
+    from trainlab.chat.decoding import walk_blocks
+
+    scale = 1.0 / math.sqrt(model.cfg.d_model // model.cfg.nhead)
+
+    def linear(x, weight, bias):
+        out = kernels.rows_linear(x, weight)
+        return out if bias is None else out + bias
+
+    def attend(i, q, k, v):
+        return kernels.rows_attend(q, k, v, cache_k[i], cache_v[i], rows, positions, scale)
+
+    def norm(module, x):
+        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+        rms = isinstance(module, torch.nn.RMSNorm)
+        return kernels.rows_norm(x.reshape(-1, x.shape[-1]), module.weight, getattr(module, "bias", None), eps,
+                                 rms).view(x.shape)
+
+    return walk_blocks(model, tokens, positions, before, linear, attend, norm)
 
 
 def measure(url: str, runs: str, args, weights: str) -> dict[str, tuple[float, float]]:
