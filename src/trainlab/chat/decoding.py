@@ -31,6 +31,7 @@ import json
 import math
 import shutil
 import time
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -121,31 +122,49 @@ def decode_pass(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, befor
 def kernel_pass(model: GPT, kernels, tokens: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                 before: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor) -> torch.Tensor:
     """One new token for the cache rows ``rows`` (R,) of ``cache_k`` and ``cache_v`` (L, slots,
-    H, ctx, hd), each block one call of the row kernels' ``rows_block`` (``chat/kernels.py``):
-    each row's new key and value is written at its position, then its query attends to
-    positions 0..position. The arithmetic of ``walk_blocks``, with no Python inside a block.
-    A row's logits (R, V) depend on nothing but the row: not on R, the other rows or the
-    thread count."""
-    cfg = model.cfg
-    scale = 1.0 / math.sqrt(cfg.d_model // cfg.nhead)
-    rms = cfg.norm == "rmsnorm"
-    kind = MLP_KINDS[cfg.mlp]
+    H, ctx, hd), the whole pass one call of the row kernels (``chat/kernels.py``: ``RowsModel``,
+    each block a ``rows_block``): each row's new key and value is written at its position, then
+    its query attends to positions 0..position. The arithmetic of ``walk_blocks``, with no
+    Python inside the pass. A row's logits (R, V) depend on nothing but the row: not on R, the
+    other rows or the thread count."""
     x, rot = model.embed(tokens[:, None], positions[:, None], before)  # (R, 1, D)
     x = x[:, 0].contiguous()  # (R, D)
-    cos, sin = (rot[0][:, 0, 0].contiguous(), rot[1][:, 0, 0].contiguous()) if rot is not None else (None, None)
-    for i, block in enumerate(model.blocks):
-        attn, mlp = block.attn, block.mlp
-        qk = (attn.q_norm.weight, attn.k_norm.weight, _eps(attn.q_norm)) if attn.qk_norm else (None, None, 0.0)
-        gate = (mlp.gate.weight, mlp.gate.bias) if mlp.kind == "swiglu" else (None, None)
-        x = kernels.rows_block(x, block.ln1.weight, getattr(block.ln1, "bias", None), _eps(block.ln1),
-                               attn.qkv.weight, attn.qkv.bias, *qk, cos, sin, cache_k[i], cache_v[i], rows, positions,
-                               scale, attn.proj.weight, attn.proj.bias, block.ln2.weight,
-                               getattr(block.ln2, "bias", None), _eps(block.ln2), mlp.up.weight, mlp.up.bias, *gate,
-                               mlp.down.weight, mlp.down.bias, kind, rms)  # (R, D)
-    h = kernels.rows_norm(x, model.ln_f.weight, getattr(model.ln_f, "bias", None), _eps(model.ln_f), rms)
-    logits = kernels.rows_linear(h, model.head.weight)  # (R, V)
-    c = cfg.logit_softcap
+    cos, sin = (rot[0][:, 0, 0].contiguous(), rot[1][:, 0, 0].contiguous()) if rot is not None else (_NONE, _NONE)
+    logits = rows_model(model, kernels).step(x, cos, sin, cache_k, cache_v, rows, positions)  # (R, V)
+    c = model.cfg.logit_softcap
     return c * torch.tanh(logits / c) if c else logits
+
+
+_NONE = torch.empty(0)  # what RowsModel reads as "the model has none"
+_ROWS_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def rows_model(model: GPT, kernels):
+    """The model's weights held by the row kernels (``kernels.RowsModel``), made once per model
+    and kernels module: the tensors are the model's own, so it sees what the model holds."""
+    held = _ROWS_MODELS.get(model)
+    if held is not None and held[0] is kernels:
+        return held[1]
+    cfg = model.cfg
+
+    def t(x: torch.Tensor | None) -> torch.Tensor:
+        return _NONE if x is None else x.detach()
+
+    blocks, eps = [], []
+    for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
+        gate = mlp.gate if mlp.kind == "swiglu" else None
+        blocks.append([t(block.ln1.weight), t(getattr(block.ln1, "bias", None)), t(attn.qkv.weight), t(attn.qkv.bias),
+                       t(attn.q_norm.weight if attn.qk_norm else None), t(attn.k_norm.weight if attn.qk_norm else None),
+                       t(attn.proj.weight), t(attn.proj.bias), t(block.ln2.weight), t(getattr(block.ln2, "bias", None)),
+                       t(mlp.up.weight), t(mlp.up.bias), t(gate.weight if gate is not None else None),
+                       t(gate.bias if gate is not None else None), t(mlp.down.weight), t(mlp.down.bias)])
+        eps += [_eps(block.ln1), _eps(attn.q_norm) if attn.qk_norm else 0.0, _eps(block.ln2)]
+    held = kernels.RowsModel(blocks, eps, t(model.ln_f.weight), t(getattr(model.ln_f, "bias", None)), _eps(model.ln_f),
+                             t(model.head.weight), 1.0 / math.sqrt(cfg.d_model // cfg.nhead), MLP_KINDS[cfg.mlp],
+                             cfg.norm == "rmsnorm")
+    _ROWS_MODELS[model] = (kernels, held)
+    return held
 
 
 MLP_KINDS = {"gelu": 0, "relu2": 1, "swiglu": 2}  # rows_block's mlp_kind

@@ -23,6 +23,8 @@ order is written down:
 - ``rows_block(...)``: a whole block from the three above and per-row loops for the rotation,
   the MLP's activation and the residual adds, with no Python between them: the ~30 eager ops
   a block cost between the kernels took about 0.7 ms of a 3 ms pass (results/decoding/).
+- ``RowsModel(...)``: a model's weights held once on the C++ side, so that a whole pass (every
+  block, the final norm and the head) is one call, ``step``: no per-block argument passing.
 
 Built once per machine with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and
 ninja; about 25 s), kept under ``RUNS/.compiled/kernels-<key>`` (the key hashes the source,
@@ -301,6 +303,44 @@ torch::Tensor rows_block(torch::Tensor x, torch::Tensor ln1_w, c10::optional<tor
   return x + plus_bias(rows_linear(up, down_w), down_b);
 }
 
+// A model's weights held once, so a whole pass is one call: per block (in order) ln1_w, ln1_b,
+// qkv_w, qkv_b, qn_w, kn_w, proj_w, proj_b, ln2_w, ln2_b, up_w, up_b, gate_w, gate_b, down_w,
+// down_b, an empty tensor where the model has none; then the final norm and the head.
+struct RowsModel {
+  std::vector<std::vector<torch::Tensor>> blocks;
+  std::vector<double> eps;  // per block: ln1, qk, ln2
+  torch::Tensor lnf_w, lnf_b, head_w;
+  double lnf_eps, scale;
+  int64_t mlp_kind;
+  bool rms;
+
+  RowsModel(std::vector<std::vector<torch::Tensor>> blocks_, std::vector<double> eps_, torch::Tensor lnf_w_,
+            torch::Tensor lnf_b_, double lnf_eps_, torch::Tensor head_w_, double scale_, int64_t mlp_kind_, bool rms_)
+      : blocks(std::move(blocks_)), eps(std::move(eps_)), lnf_w(lnf_w_), lnf_b(lnf_b_), head_w(head_w_),
+        lnf_eps(lnf_eps_), scale(scale_), mlp_kind(mlp_kind_), rms(rms_) {
+    TORCH_CHECK(eps.size() == 3 * blocks.size(), "RowsModel: three epsilons a block");
+    for (const auto& b : blocks) TORCH_CHECK(b.size() == 16, "RowsModel: sixteen tensors a block");
+  }
+
+  static c10::optional<torch::Tensor> opt(const torch::Tensor& t) {
+    return t.numel() ? c10::optional<torch::Tensor>(t) : c10::nullopt;
+  }
+
+  // x (R, D): the rows' embedded tokens; cos and sin (R, hd), empty without rotary positions;
+  // keys and values (L, slots, H, ctx, hd). Returns the logits (R, V), before any softcap.
+  torch::Tensor step(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor keys, torch::Tensor values,
+                     torch::Tensor rows, torch::Tensor positions) const {
+    TORCH_CHECK(keys.size(0) == static_cast<int64_t>(blocks.size()), "RowsModel: one cache layer a block");
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      const auto& b = blocks[i];
+      x = rows_block(x, b[0], opt(b[1]), eps[3 * i], b[2], opt(b[3]), opt(b[4]), opt(b[5]), eps[3 * i + 1], opt(cos),
+                     opt(sin), keys[i], values[i], rows, positions, scale, b[6], opt(b[7]), b[8], opt(b[9]),
+                     eps[3 * i + 2], b[10], opt(b[11]), opt(b[12]), opt(b[13]), b[14], opt(b[15]), mlp_kind, rms);
+    }
+    return rows_linear(rows_norm(x, lnf_w, opt(lnf_b), lnf_eps, rms), head_w);
+  }
+};
+
 // the GIL is let go while a kernel runs: the server's event loop (another thread) goes on
 // sending what the last tick made while this one computes
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -308,6 +348,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rows_attend", &rows_attend, py::call_guard<py::gil_scoped_release>());
   m.def("rows_norm", &rows_norm, py::call_guard<py::gil_scoped_release>());
   m.def("rows_block", &rows_block, py::call_guard<py::gil_scoped_release>());
+  py::class_<RowsModel>(m, "RowsModel")
+      .def(py::init<std::vector<std::vector<torch::Tensor>>, std::vector<double>, torch::Tensor, torch::Tensor, double,
+                    torch::Tensor, double, int64_t, bool>())
+      .def("step", &RowsModel::step, py::call_guard<py::gil_scoped_release>());
 }
 """
 
