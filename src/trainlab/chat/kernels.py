@@ -14,8 +14,9 @@ order is written down:
   alone. The weights are split among threads by output, so a thread computes whole dot
   products. Rows go four at a time against one weight row, read once for all of them; a
   row in a block of four is summed in the very order of a row alone. (Blocks of four weight
-  rows by four rows, written plainly, ran 1.6-1.9x slower here: the compiler did not keep
-  their sixteen accumulators in vector registers.)
+  rows by four rows, tried written plainly and with GCC's vector types, ran 1.5-1.9x slower
+  here at 4 and 8 rows, bits unchanged: the products of several rows stay compute-bound, and
+  a better blocking is still to find.)
 - ``rows_attend(q, k, v, keys, values, rows, positions, scale)``: writes each row's new key
   and value at its position in its cache row, then its query attends to positions
   0..positions[r]: scores, softmax and the weighted sum of values, each in position order,
