@@ -177,7 +177,7 @@ def kernel_ops_pass(model, kernels, tokens, rows, positions, before, cache_k, ca
     saves, side by side)."""
     import torch
 
-    from trainlab.chat.decoding import walk_blocks
+    from trainlab.chat.decoding import norm_eps, walk_blocks
 
     scale = 1.0 / math.sqrt(model.cfg.d_model // model.cfg.nhead)
 
@@ -189,10 +189,9 @@ def kernel_ops_pass(model, kernels, tokens, rows, positions, before, cache_k, ca
         return kernels.rows_attend(q, k, v, cache_k[i], cache_v[i], rows, positions, scale)
 
     def norm(module, x):
-        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
         rms = isinstance(module, torch.nn.RMSNorm)
-        return kernels.rows_norm(x.reshape(-1, x.shape[-1]), module.weight, getattr(module, "bias", None), eps,
-                                 rms).view(x.shape)
+        return kernels.rows_norm(x.reshape(-1, x.shape[-1]), module.weight, getattr(module, "bias", None),
+                                 norm_eps(module), rms).view(x.shape)
 
     return walk_blocks(model, tokens, positions, before, linear, attend, norm)
 

@@ -159,8 +159,8 @@ def rows_model(model: GPT, kernels):
                        t(attn.proj.weight), t(attn.proj.bias), t(block.ln2.weight), t(getattr(block.ln2, "bias", None)),
                        t(mlp.up.weight), t(mlp.up.bias), t(gate.weight if gate is not None else None),
                        t(gate.bias if gate is not None else None), t(mlp.down.weight), t(mlp.down.bias)])
-        eps += [_eps(block.ln1), _eps(attn.q_norm) if attn.qk_norm else 0.0, _eps(block.ln2)]
-    held = kernels.RowsModel(blocks, eps, t(model.ln_f.weight), t(getattr(model.ln_f, "bias", None)), _eps(model.ln_f),
+        eps += [norm_eps(block.ln1), norm_eps(attn.q_norm) if attn.qk_norm else 0.0, norm_eps(block.ln2)]
+    held = kernels.RowsModel(blocks, eps, t(model.ln_f.weight), t(getattr(model.ln_f, "bias", None)), norm_eps(model.ln_f),
                              t(model.head.weight), 1.0 / math.sqrt(cfg.d_model // cfg.nhead), MLP_KINDS[cfg.mlp],
                              cfg.norm == "rmsnorm")
     _ROWS_MODELS[model] = (kernels, held)
@@ -170,7 +170,8 @@ def rows_model(model: GPT, kernels):
 MLP_KINDS = {"gelu": 0, "relu2": 1, "swiglu": 2}  # rows_block's mlp_kind
 
 
-def _eps(norm: torch.nn.Module) -> float:
+def norm_eps(norm: torch.nn.Module) -> float:
+    """A norm layer's epsilon, as torch applies it (RMSNorm's None: the dtype's own)."""
     return norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
 
 

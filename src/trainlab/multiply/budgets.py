@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from trainlab.config import UsageError, read_small_file
+from trainlab.stats import format_p
 
 MEMBERS = ("simple", "latent")
 # what must agree for comparisons at different budgets to share one figure
@@ -114,10 +115,6 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def _p(p: float) -> str:
-    return "< 1e-300" if p <= 0 else (f"{p:.2g}" if p < 0.001 else f"{p:.3f}")
-
-
 def reach_sentence(summary: dict[str, Any]) -> str:
     reach, rows = summary["reach"], summary["rows"]
     ref = reach["reference_minutes"]
@@ -144,7 +141,7 @@ def table(summary: dict[str, Any]) -> str:
         lines.append(f"| {r['minutes']:g} | {steps} | {_pct(s['exact_match'])} ({_pct(s['ci'][0])}-{_pct(s['ci'][1])})"
                      f" | {_pct(la['exact_match'])} ({_pct(la['ci'][0])}-{_pct(la['ci'][1])}) | "
                      f"{100 * e['mean_diff']:+.2f} ({100 * e['ci'][0]:+.2f} to {100 * e['ci'][1]:+.2f}) | {per_seed} | "
-                     f"{_p(e['p'])} | {r['verdict']} |")
+                     f"{format_p(e['p'])} | {r['verdict']} |")
     return "\n".join(lines)
 
 
