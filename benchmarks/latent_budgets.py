@@ -108,9 +108,10 @@ def study(member: str, minutes: float, trials: int, runs_dir: Path, out: Path) -
 def best_val(run_dir: Path, member: str) -> float:
     """The best 3x3 val exact-match over a finished run's evaluations (what a trial is scored by)."""
     from trainlab.engine.checkpoint import latest_checkpoint
+    from trainlab.tune import best_value
 
     evals = latest_checkpoint(run_dir / "checkpoints").tensors(f"{member}/train_state.pt")["evals"]
-    return max(float(e[OBJECTIVE]) for e in evals if OBJECTIVE in e)
+    return best_value(evals, OBJECTIVE, "maximize")  # what a tune trial's value is
 
 
 def decide(seed0: tuple[float, float], seed1: tuple[float, float] | None) -> bool:
