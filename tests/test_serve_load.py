@@ -431,6 +431,43 @@ def test_trimmed_passes_are_used_only_where_they_keep_every_bit(long_context, mo
         srv.close()
 
 
+def test_prefill_pads_to_whole_quanta_and_every_shape_is_checked_at_each_thread_count(long_context, monkeypatch):
+    """A prompt's pass is padded to the next multiple of 16 (a 200-character prompt costs 208
+    positions, not 256), every such shape a prompt may need is checked at 1 and 2 threads, and a
+    kernel that rounds differently by thread count in one of them turns the thread tuning off."""
+    from trainlab.chat import slots as model_module
+    from trainlab.chat.slots import PREFILL_CHUNK, check_exactness, prefill_chunks, prefill_exact, prefill_shapes
+
+    assert prefill_chunks(200) == [(0, 200, 208)] and prefill_chunks(192) == [(0, 192, 192)]
+    assert prefill_chunks(3) == [(0, 3, 16)]
+    assert prefill_chunks(PREFILL_CHUNK + 20) == [(0, PREFILL_CHUNK, PREFILL_CHUNK), (PREFILL_CHUNK, 20, 32)]
+    assert prefill_shapes(256) == [(0, c) for c in range(16, 257, 16)]
+    assert (PREFILL_CHUNK, 48) in prefill_shapes(PREFILL_CHUNK + 40)
+    cm = load_chat_model(resolve_checkpoint(long_context, "chat", "srv"), torch.device("cpu"))
+    model = cm.model
+    passes = []
+    real_forward = model_module._serve_forward
+
+    def counted(model, tokens, *a, **kw):
+        passes.append((torch.get_num_threads(), tokens.shape[1]))
+        return real_forward(model, tokens, *a, **kw)
+
+    monkeypatch.setattr(model_module, "_serve_forward", counted)
+    prefill_exact(model)  # on this machine's kernels either way; the shapes it ran are what is checked here
+    ctx = model.cfg.context_len
+    assert sorted(passes) == sorted((n, C) for n in (1, 2) for _, C in prefill_shapes(ctx))
+    real = model_module.attend_written_out
+    shape = prefill_shapes(ctx)[-1][1]
+
+    def rounds_by_threads(q, k, v, mask):
+        out = real(q, k, v, mask)
+        return out * (1 + 1e-6) if q.shape[2] == shape and torch.get_num_threads() == 2 else out
+
+    monkeypatch.setattr(model_module, "attend_written_out", rounds_by_threads)
+    assert prefill_exact(model) is False
+    assert check_exactness(model).threads is False
+
+
 def test_bf16_weights_keep_a_stream_the_same_alone_and_among_others(long_context):
     """Where the CPU has native bf16, bf16 weights decode with other numbers than fp32's but a
     stream is still the same alone and among others; elsewhere they fall back to fp32 in one line."""
