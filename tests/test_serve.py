@@ -388,14 +388,21 @@ def test_the_thread_tuner_keeps_the_faster_count_and_gives_the_process_its_own_b
     from trainlab.engine.threads import ThreadTuner
 
     before = torch.get_num_threads()
-    tuner = ThreadTuner(candidates=[1, 2], probe=3, every=1000)
     slow = {1: 0.001, 2: 0.004}  # as beside a training job: one thread is faster
 
     def step():
         time.sleep(slow[torch.get_num_threads()])
         return torch.get_num_threads()
 
-    seen = [tuner.run(step) for _ in range(10)]
-    assert seen[:6] == [1, 1, 1, 2, 2, 2] and tuner.current == 1 and set(seen[6:]) == {1}
-    tuner.restore()
-    assert torch.get_num_threads() == before
+    torch.set_num_threads(2)
+    try:
+        tuner = ThreadTuner(candidates=[1, 2], probe=3, every=1000)
+        seen = [tuner.run(step) for _ in range(10)]
+        assert seen[:6] == [1, 1, 1, 2, 2, 2] and tuner.current == 1 and set(seen[6:]) == {1}
+        # a prompt's pass between the steps (compute-bound) runs on the process's own count, the
+        # next step on the tuned one again
+        assert tuner.whole(torch.get_num_threads) == 2 and tuner.run(step) == 1
+        tuner.restore()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

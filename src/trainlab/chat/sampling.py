@@ -153,6 +153,7 @@ def generate(model, prompt: list[int], cfg: SamplingConfig, decode: Callable[[in
     from trainlab.chat.decoding import Decoder, RowCache
 
     step = tuner.run if tuner is not None else (lambda fn: fn())
+    whole = tuner.whole if tuner is not None else (lambda fn: fn())  # a prompt's pass: every thread
     decoder = decoder if decoder is not None else Decoder(model, compiled=False)
     was_training = model.training
     model.eval()
@@ -161,7 +162,7 @@ def generate(model, prompt: list[int], cfg: SamplingConfig, decode: Callable[[in
     tokens = list(prompt) or [fallback_start]
     cache = RowCache(model)
     try:
-        logits = cache.fill(model, tokens[-ctx:])
+        logits = whole(lambda: cache.fill(model, tokens[-ctx:]))
         text, sent = "", 0
         for generated in range(1, cfg.max_new_tokens + 1):
             tok = next_token(logits.float(), torch.tensor(tokens[-cfg.repetition_window:] if cfg.repetition_window
@@ -175,7 +176,7 @@ def generate(model, prompt: list[int], cfg: SamplingConfig, decode: Callable[[in
             if finish is not None:
                 break
             if cache.length >= ctx:
-                logits = cache.fill(model, tokens[-keep:])
+                logits = whole(lambda: cache.fill(model, tokens[-keep:]))
             else:
                 logits = step(lambda: cache.step(decoder, tok))
     finally:

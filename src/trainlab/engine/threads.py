@@ -68,6 +68,14 @@ class ThreadTuner:
                 self._start_probe()
         return out
 
+    def whole(self, fn: Callable[[], Any]) -> Any:
+        """``fn`` at the process's own thread count, whatever suits the tuned steps: for a
+        compute-bound pass between them (a prompt's), which one thread would take twice as
+        long over (a tuned decoding step is memory-bound and often fastest on one)."""
+        if torch.get_num_threads() != self.initial:
+            torch.set_num_threads(self.initial)
+        return fn()
+
     def restore(self) -> None:
         """The process's thread count as it was before: the count is global, and whatever
         trains in this process next must not inherit what suited decoding."""

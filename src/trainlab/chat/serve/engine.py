@@ -310,9 +310,9 @@ class Engine:
             try:
                 if not job.tokens:  # new: its prompt (its last window of it) goes in alone
                     job.tokens = list(job.prompt)
-                    self._take(r, prefill_row(model, job.tokens[-ctx:], self.cache, r))
+                    self._take(r, self.tuner.whole(lambda: prefill_row(model, job.tokens[-ctx:], self.cache, r)))
                 elif self.cache.lengths[r] >= ctx:  # full: start again from the recent part
-                    self._take(r, prefill_row(model, job.tokens[-keep:], self.cache, r))
+                    self._take(r, self.tuner.whole(lambda: prefill_row(model, job.tokens[-keep:], self.cache, r)))
                 else:
                     decoding[r] = True  # its next character comes from this tick's shared pass
             except Exception as e:  # noqa: BLE001 (this row's own work: the others go on)
