@@ -228,6 +228,12 @@ def test_the_kernel_pass_decodes_as_the_server_pass_does_and_rows_keep_their_bit
             for r in range(3):
                 plain.lengths[r] += 1
                 fast.lengths[r] += 1
+        # the kernels hold packed copies of the weights: changed in place, the copies follow
+        model.head.weight.mul_(-1)
+        model.blocks[0].mlp.down.weight.mul_(0.5)
+        tokens = torch.randint(0, 11, (8,), generator=g)
+        want = decode_rows(model, tokens, plain, [True] * 3)[:3]
+        torch.testing.assert_close(decode_slots(model, kernels, tokens, fast, [0, 1, 2]), want, rtol=1e-4, atol=1e-4)
     assert kernels_exact(model, kernels)
 
 

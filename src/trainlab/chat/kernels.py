@@ -9,25 +9,28 @@ whole pass of several rows it laid the products out feature-major and vectorised
 the rows, and the bits changed with the row count (results/decoding/README.md). Here the
 order is written down:
 
-- ``rows_linear(x, w)``: ``x`` (R, K) times ``w`` (N, K) transposed. Each output is one dot
-  product, summed in 16 lanes over K and the lanes then added in order: an order fixed by K
-  alone. The weights are split among threads by output, so a thread computes whole dot
-  products. Rows go four at a time against one weight row, read once for all of them; a
-  row in a block of four is summed in the very order of a row alone. (Blocks of four weight
-  rows by four rows, tried written plainly and with GCC's vector types, ran 1.5-1.9x slower
-  here at 4 and 8 rows, bits unchanged: the products of several rows stay compute-bound, and
-  a better blocking is still to find.)
+- ``pack_linear(w)`` and ``packed_linear(x, packed, N)``: ``x`` (R, K) times ``w`` (N, K)
+  transposed, with ``w`` packed once into panels of 32 outputs, (ceil(N/32), K, 32), read in
+  one run. Each output is a chain of fused multiply-adds over k in order, from zero, vectorised
+  along the outputs: an order fixed by K alone, whatever the row count, and the same bits with
+  AVX-512, AVX2 or plain C++ (an FMA's result is exact to one rounding). Threads split the
+  panels, so a thread computes whole outputs. A panel is read once for a tile of up to 8 rows
+  (3 on AVX2) held in registers: 8 rows cost about twice one row here, where the earlier
+  kernel (dot products along K, four rows a weight row, the lanes added at the end of each)
+  cost 3-4x; at 1 row the two are alike (memory-bound). ``rows_linear(x, w)`` packs and then
+  multiplies, for one-off use.
 - ``rows_attend(q, k, v, keys, values, rows, positions, scale)``: writes each row's new key
   and value at its position in its cache row, then its query attends to positions
   0..positions[r]: scores, softmax and the weighted sum of values, each in position order,
   one (row, head) per thread at a time.
 - ``rows_norm(x, weight, bias, eps, rms)``: RMSNorm or LayerNorm of each row, its sums in
   the order of a dot product: eager norms cost a dozen small ops each, 33 of them a pass.
-- ``rows_block(...)``: a whole block from the three above and per-row loops for the rotation,
-  the MLP's activation and the residual adds, with no Python between them: the ~30 eager ops
-  a block cost between the kernels took about 0.7 ms of a 3 ms pass (results/decoding/).
-- ``RowsModel(...)``: a model's weights held once on the C++ side, so that a whole pass (every
-  block, the final norm and the head) is one call, ``step``: no per-block argument passing.
+- a block for R rows (C++ only, inside ``RowsModel``): the three above and per-row loops for
+  the rotation, the MLP's activation and the residual adds, with no Python between them: the
+  ~30 eager ops a block cost between the kernels took about 0.7 ms of a 3 ms pass.
+- ``RowsModel(...)``: a model's weights held once on the C++ side (the linear layers packed),
+  so that a whole pass (every block, the final norm and the head) is one call, ``step``.
+  ``decoding.rows_model`` makes it again when the model's parameters change.
 
 Built once per machine with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and
 ninja; about 25 s), kept under ``RUNS/.compiled/kernels-<key>`` (the key hashes the source,
@@ -48,7 +51,12 @@ import torch
 SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <array>
 #include <cmath>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <limits>
 #include <vector>
 
@@ -69,61 +77,129 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t K
   return s + tail;
 }
 
-// four rows of x against one weight row w, each row summed exactly as dot() sums it;
-// out[i * stride] receives row i's sum
-inline void dot4(const float* __restrict w, const float* __restrict x, int64_t K, float* out, int64_t stride) {
-  float a0[LANES] = {0}, a1[LANES] = {0}, a2[LANES] = {0}, a3[LANES] = {0};
-  const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
-  int64_t k = 0;
-  for (; k + LANES <= K; k += LANES)
-    for (int j = 0; j < LANES; ++j) {
-      const float wv = w[k + j];
-      a0[j] += wv * x0[k + j];
-      a1[j] += wv * x1[k + j];
-      a2[j] += wv * x2[k + j];
-      a3[j] += wv * x3[k + j];
+// 16 floats, and acc + x * w for each of them rounded once (a fused multiply-add): AVX-512, two
+// AVX2 halves or plain C++, the same bits on each, since an FMA's result is defined exactly
+#if defined(__AVX512F__)
+struct V16 {
+  __m512 a;
+};
+inline V16 v_zero() { return {_mm512_setzero_ps()}; }
+inline V16 v_load(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline V16 v_fma(float x, const V16& w, const V16& acc) { return {_mm512_fmadd_ps(_mm512_set1_ps(x), w.a, acc.a)}; }
+inline void v_store(float* p, const V16& v) { _mm512_storeu_ps(p, v.a); }
+constexpr int ROW_TILE = 8;  // rows a panel is read once for: 16 accumulators of 32 registers
+#elif defined(__AVX2__) && defined(__FMA__)
+struct V16 {
+  __m256 a, b;
+};
+inline V16 v_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline V16 v_load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline V16 v_fma(float x, const V16& w, const V16& acc) {
+  const __m256 xv = _mm256_set1_ps(x);
+  return {_mm256_fmadd_ps(xv, w.a, acc.a), _mm256_fmadd_ps(xv, w.b, acc.b)};
+}
+inline void v_store(float* p, const V16& v) {
+  _mm256_storeu_ps(p, v.a);
+  _mm256_storeu_ps(p + 8, v.b);
+}
+constexpr int ROW_TILE = 3;  // 12 accumulators of 16 registers
+#else
+struct V16 {
+  float f[16];
+};
+inline V16 v_zero() { return V16{}; }
+inline V16 v_load(const float* p) {
+  V16 v;
+  std::copy(p, p + 16, v.f);
+  return v;
+}
+inline V16 v_fma(float x, const V16& w, const V16& acc) {
+  V16 o;
+  for (int j = 0; j < 16; ++j) o.f[j] = std::fma(x, w.f[j], acc.f[j]);
+  return o;
+}
+inline void v_store(float* p, const V16& v) { std::copy(v.f, v.f + 16, p); }
+constexpr int ROW_TILE = 4;
+#endif
+
+constexpr int64_t PANEL = 32;  // output columns of a packed panel: two V16
+
+// RT rows of x (R, K; row stride K) against one packed panel (K, PANEL): out (RT, PANEL). Each
+// output is a chain of FMAs over k = 0..K-1 in order, from zero: the same whatever RT is.
+template <int RT>
+inline void panel_rows(const float* __restrict xp, int64_t K, const float* __restrict wp, float* __restrict out) {
+  V16 acc[RT][2];
+  for (int i = 0; i < RT; ++i) acc[i][0] = acc[i][1] = v_zero();
+  for (int64_t k = 0; k < K; ++k) {
+    const V16 w0 = v_load(wp + k * PANEL), w1 = v_load(wp + k * PANEL + 16);
+    for (int i = 0; i < RT; ++i) {
+      const float xv = xp[i * K + k];
+      acc[i][0] = v_fma(xv, w0, acc[i][0]);
+      acc[i][1] = v_fma(xv, w1, acc[i][1]);
     }
-  float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
-  for (; k < K; ++k) {
-    t0 += w[k] * x0[k];
-    t1 += w[k] * x1[k];
-    t2 += w[k] * x2[k];
-    t3 += w[k] * x3[k];
   }
-  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-  for (int j = 0; j < LANES; ++j) {
-    s0 += a0[j];
-    s1 += a1[j];
-    s2 += a2[j];
-    s3 += a3[j];
+  for (int i = 0; i < RT; ++i) {
+    v_store(out + i * PANEL, acc[i][0]);
+    v_store(out + i * PANEL + 16, acc[i][1]);
   }
-  out[0] = s0 + t0;
-  out[stride] = s1 + t1;
-  out[2 * stride] = s2 + t2;
-  out[3 * stride] = s3 + t3;
+}
+
+template <int RT>
+inline void panel_tile(int rt, const float* xp, int64_t K, const float* wp, float* out) {
+  if constexpr (RT > 1) {
+    if (rt < RT) return panel_tile<RT - 1>(rt, xp, K, wp, out);
+  }
+  panel_rows<RT>(xp, K, wp, out);
 }
 
 }  // namespace
 
+// w (N, K) as panels of PANEL outputs, (ceil(N / PANEL), K, PANEL), the missing outputs zero: a
+// panel's weights are read in one run, and a product vectorises along the outputs
+torch::Tensor pack_linear(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32, "pack_linear: w (N, K) float32");
+  const int64_t N = w.size(0), K = w.size(1), P = (N + PANEL - 1) / PANEL;
+  auto padded = torch::zeros({P * PANEL, K}, w.options());
+  padded.slice(0, 0, N).copy_(w);
+  return padded.view({P, PANEL, K}).transpose(1, 2).contiguous();  // (P, K, PANEL)
+}
+
+// x (R, K) times the packed w (its first N outputs): (R, N). Threads split the panels, each
+// computing whole outputs for every row; so a row's numbers depend on neither the other rows
+// nor the thread count.
+torch::Tensor packed_linear(torch::Tensor x, const torch::Tensor& packed, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(1) == x.size(1) && packed.size(2) == PANEL &&
+              packed.size(0) * PANEL >= N, "packed_linear: x (R, K) and a packed (P, K, 32) weight");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && packed.scalar_type() == torch::kFloat32,
+              "packed_linear: float32 only");
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "packed_linear: CPU tensors only");
+  x = x.contiguous();
+  const int64_t R = x.size(0), K = x.size(1), P = packed.size(0);
+  auto out = torch::empty({R, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = packed.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    float tile[ROW_TILE * PANEL];
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * PANEL, cols = std::min(PANEL, N - n0);
+      if (cols <= 0) continue;
+      for (int64_t r = 0; r < R; r += ROW_TILE) {
+        const int rt = static_cast<int>(std::min<int64_t>(ROW_TILE, R - r));
+        panel_tile<ROW_TILE>(rt, xp + r * K, K, wp + p * K * PANEL, tile);
+        for (int i = 0; i < rt; ++i) std::copy(tile + i * PANEL, tile + i * PANEL + cols, op + (r + i) * N + n0);
+      }
+    }
+  });
+  return out;
+}
+
+// x (R, K) times w (N, K) transposed, packing w first (RowsModel packs once; this is for one-off use)
 torch::Tensor rows_linear(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "rows_linear: x (R, K) and w (N, K)");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kFloat32, "rows_linear: float32 only");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "rows_linear: CPU tensors only");
-  x = x.contiguous();
-  w = w.contiguous();
-  const int64_t R = x.size(0), K = x.size(1), N = w.size(0);
-  auto out = torch::empty({R, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      int64_t r = 0;
-      for (; r + 4 <= R; r += 4) dot4(wp + n * K, xp + r * K, K, op + r * N + n, N);
-      for (; r < R; ++r) op[r * N + n] = dot(wp + n * K, xp + r * K, K);
-    }
-  });
-  return out;
+  return packed_linear(x, pack_linear(w.contiguous()), w.size(0));
 }
 
 torch::Tensor rows_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor keys, torch::Tensor values,
@@ -244,20 +320,31 @@ torch::Tensor plus_bias(torch::Tensor y, const c10::optional<torch::Tensor>& b) 
 // the second norm, the MLP (mlp_kind 0: exact GELU, 1: ReLU squared, 2: SwiGLU with gate_w)
 // and its residual. Returns the new residual stream (R, D). Every piece is per row, so a
 // row's numbers depend on that row alone, as the kernels it is made of promise.
-torch::Tensor rows_block(torch::Tensor x, torch::Tensor ln1_w, c10::optional<torch::Tensor> ln1_b, double ln1_eps,
-                         torch::Tensor qkv_w, c10::optional<torch::Tensor> qkv_b,
+// A weight packed once (pack_linear) and its real output count
+struct Lin {
+  torch::Tensor packed;
+  int64_t N = 0;
+  Lin() = default;
+  explicit Lin(const torch::Tensor& w)
+      : packed(w.numel() ? pack_linear(w.contiguous()) : torch::Tensor()), N(w.numel() ? w.size(0) : 0) {}
+  bool defined() const { return packed.defined(); }
+  torch::Tensor operator()(const torch::Tensor& x) const { return packed_linear(x, packed, N); }
+};
+
+torch::Tensor rows_block(torch::Tensor x, const torch::Tensor& ln1_w, c10::optional<torch::Tensor> ln1_b, double ln1_eps,
+                         const Lin& qkv_w, c10::optional<torch::Tensor> qkv_b,
                          c10::optional<torch::Tensor> qn_w, c10::optional<torch::Tensor> kn_w, double qk_eps,
                          c10::optional<torch::Tensor> cos, c10::optional<torch::Tensor> sin,
                          torch::Tensor keys, torch::Tensor values, torch::Tensor rows, torch::Tensor positions,
-                         double scale, torch::Tensor proj_w, c10::optional<torch::Tensor> proj_b,
-                         torch::Tensor ln2_w, c10::optional<torch::Tensor> ln2_b, double ln2_eps,
-                         torch::Tensor up_w, c10::optional<torch::Tensor> up_b,
-                         c10::optional<torch::Tensor> gate_w, c10::optional<torch::Tensor> gate_b,
-                         torch::Tensor down_w, c10::optional<torch::Tensor> down_b, int64_t mlp_kind, bool rms) {
+                         double scale, const Lin& proj_w, c10::optional<torch::Tensor> proj_b,
+                         const torch::Tensor& ln2_w, c10::optional<torch::Tensor> ln2_b, double ln2_eps,
+                         const Lin& up_w, c10::optional<torch::Tensor> up_b,
+                         const Lin& gate_w, c10::optional<torch::Tensor> gate_b,
+                         const Lin& down_w, c10::optional<torch::Tensor> down_b, int64_t mlp_kind, bool rms) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "rows_block: x (R, D) float32");
   const int64_t R = x.size(0), D = x.size(1), H = keys.size(1), hd = keys.size(3);
   TORCH_CHECK(H * hd == D, "rows_block: the cache's heads do not make the width");
-  auto qkv = plus_bias(rows_linear(rows_norm(x, ln1_w, ln1_b, ln1_eps, rms), qkv_w), qkv_b).view({R, 3, H, hd});
+  auto qkv = plus_bias(qkv_w(rows_norm(x, ln1_w, ln1_b, ln1_eps, rms)), qkv_b).view({R, 3, H, hd});
   auto q = qkv.select(1, 0).contiguous(), k = qkv.select(1, 1).contiguous(), v = qkv.select(1, 2).contiguous();
   if (qn_w.has_value() && qn_w->defined()) {
     q = rows_norm(q.view({R * H, hd}), *qn_w, c10::nullopt, qk_eps, true).view({R, H, hd});
@@ -288,14 +375,14 @@ torch::Tensor rows_block(torch::Tensor x, torch::Tensor ln1_w, c10::optional<tor
     }
   }
   auto y = rows_attend(q, k, v, keys, values, rows, positions, scale);  // (R, H, hd)
-  x = x + plus_bias(rows_linear(y.view({R, D}), proj_w), proj_b);
+  x = x + plus_bias(proj_w(y.view({R, D})), proj_b);
   auto h = rows_norm(x, ln2_w, ln2_b, ln2_eps, rms);
-  auto up = plus_bias(rows_linear(h, up_w), up_b);
+  auto up = plus_bias(up_w(h), up_b);
   float* u = up.data_ptr<float>();
   const int64_t n = up.numel();
   if (mlp_kind == 2) {
-    TORCH_CHECK(gate_w.has_value() && gate_w->defined(), "rows_block: SwiGLU needs its gate");
-    auto gate = plus_bias(rows_linear(h, *gate_w), gate_b);
+    TORCH_CHECK(gate_w.defined(), "rows_block: SwiGLU needs its gate");
+    auto gate = plus_bias(gate_w(h), gate_b);
     const float* g = gate.data_ptr<float>();
     for (int64_t i = 0; i < n; ++i) u[i] *= g[i] / (1.f + std::exp(-g[i]));
   } else if (mlp_kind == 1) {
@@ -303,7 +390,7 @@ torch::Tensor rows_block(torch::Tensor x, torch::Tensor ln1_w, c10::optional<tor
   } else {
     for (int64_t i = 0; i < n; ++i) u[i] = 0.5f * u[i] * (1.f + std::erf(u[i] * 0.70710678118654752f));
   }
-  return x + plus_bias(rows_linear(up, down_w), down_b);
+  return x + plus_bias(down_w(up), down_b);
 }
 
 // A model's weights held once, so a whole pass is one call: per block (in order) ln1_w, ln1_b,
@@ -311,6 +398,8 @@ torch::Tensor rows_block(torch::Tensor x, torch::Tensor ln1_w, c10::optional<tor
 // down_b, an empty tensor where the model has none; then the final norm and the head.
 struct RowsModel {
   std::vector<std::vector<torch::Tensor>> blocks;
+  std::vector<std::array<Lin, 5>> lins;  // per block, packed: qkv, proj, up, gate, down
+  Lin head;
   std::vector<double> eps;  // per block: ln1, qk, ln2
   torch::Tensor lnf_w, lnf_b, head_w;
   double lnf_eps, scale;
@@ -322,7 +411,11 @@ struct RowsModel {
       : blocks(std::move(blocks_)), eps(std::move(eps_)), lnf_w(lnf_w_), lnf_b(lnf_b_), head_w(head_w_),
         lnf_eps(lnf_eps_), scale(scale_), mlp_kind(mlp_kind_), rms(rms_) {
     TORCH_CHECK(eps.size() == 3 * blocks.size(), "RowsModel: three epsilons a block");
-    for (const auto& b : blocks) TORCH_CHECK(b.size() == 16, "RowsModel: sixteen tensors a block");
+    for (const auto& b : blocks) {
+      TORCH_CHECK(b.size() == 16, "RowsModel: sixteen tensors a block");
+      lins.push_back({Lin(b[2]), Lin(b[6]), Lin(b[10]), Lin(b[12]), Lin(b[14])});
+    }
+    head = Lin(head_w);
   }
 
   static c10::optional<torch::Tensor> opt(const torch::Tensor& t) {
@@ -336,11 +429,12 @@ struct RowsModel {
     TORCH_CHECK(keys.size(0) == static_cast<int64_t>(blocks.size()), "RowsModel: one cache layer a block");
     for (size_t i = 0; i < blocks.size(); ++i) {
       const auto& b = blocks[i];
-      x = rows_block(x, b[0], opt(b[1]), eps[3 * i], b[2], opt(b[3]), opt(b[4]), opt(b[5]), eps[3 * i + 1], opt(cos),
-                     opt(sin), keys[i], values[i], rows, positions, scale, b[6], opt(b[7]), b[8], opt(b[9]),
-                     eps[3 * i + 2], b[10], opt(b[11]), opt(b[12]), opt(b[13]), b[14], opt(b[15]), mlp_kind, rms);
+      const auto& l = lins[i];
+      x = rows_block(x, b[0], opt(b[1]), eps[3 * i], l[0], opt(b[3]), opt(b[4]), opt(b[5]), eps[3 * i + 1], opt(cos),
+                     opt(sin), keys[i], values[i], rows, positions, scale, l[1], opt(b[7]), b[8], opt(b[9]),
+                     eps[3 * i + 2], l[2], opt(b[11]), l[3], opt(b[13]), l[4], opt(b[15]), mlp_kind, rms);
     }
-    return rows_linear(rows_norm(x, lnf_w, opt(lnf_b), lnf_eps, rms), head_w);
+    return head(rows_norm(x, lnf_w, opt(lnf_b), lnf_eps, rms));
   }
 };
 
@@ -348,9 +442,10 @@ struct RowsModel {
 // sending what the last tick made while this one computes
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rows_linear", &rows_linear, py::call_guard<py::gil_scoped_release>());
+  m.def("pack_linear", &pack_linear);
+  m.def("packed_linear", &packed_linear, py::call_guard<py::gil_scoped_release>());
   m.def("rows_attend", &rows_attend, py::call_guard<py::gil_scoped_release>());
   m.def("rows_norm", &rows_norm, py::call_guard<py::gil_scoped_release>());
-  m.def("rows_block", &rows_block, py::call_guard<py::gil_scoped_release>());
   py::class_<RowsModel>(m, "RowsModel", py::module_local())  // local: two builds in one process may both hold one
       .def(py::init<std::vector<std::vector<torch::Tensor>>, std::vector<double>, torch::Tensor, torch::Tensor, double,
                     torch::Tensor, double, int64_t, bool>())
