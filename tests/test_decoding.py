@@ -67,10 +67,14 @@ def test_a_decoding_pass_continues_a_cache_as_the_forward_pass_does(kw, linear):
         assert cache.length == 12
 
 
-def test_generate_through_the_fixed_cache_is_greedy_decoding_of_the_model():
+@pytest.mark.parametrize("kw", [MODERN, CLASSIC], ids=["rotary", "learned"])
+def test_generate_through_the_fixed_cache_is_greedy_decoding_of_the_model(kw):
     """Greedy text from generate (cache, refills past the context) equals argmax of a whole
-    forward pass over the last window at every step."""
-    model = random_model(**MODERN)
+    forward pass over the last window at every step: all of it for learned positions, which
+    rebuild the window when it fills; up to the first slide for rotary ones (past it their
+    keys keep the text that went before, which no whole pass over a window holds; the slide
+    itself is checked below)."""
+    model = random_model(**kw)
     ctx = model.cfg.context_len
     cfg = SamplingConfig(temperature=0, max_new_tokens=40, stop_at="none", repetition_window=0)
     got = "".join(generate(model, [1, 2, 3], cfg, lambda i: "abcdefghijk"[i], torch.Generator()))
@@ -84,7 +88,11 @@ def test_generate_through_the_fixed_cache_is_greedy_decoding_of_the_model():
             tokens.append(tok)
             want += "abcdefghijk"[tok]
             window = window + [tok] if len(window) < ctx else tokens[-keep:]
-    assert got == want
+    if kw.get("positions") == "rotary":
+        n = ctx - 3 + 1  # the characters before the cache first slides
+        assert got[:n] == want[:n] and len(got) == 40
+    else:
+        assert got == want
 
 
 def test_the_cache_folder_names_the_model_shape_and_build(tmp_path):
@@ -268,3 +276,52 @@ def test_a_damaged_kernels_folder_is_built_again_not_trusted(tmp_path, monkeypat
     monkeypatch.setattr(cpp, "load_inline", broken)
     module, note = load_kernels(tmp_path)
     assert module is None and note == "row kernels unavailable (Ninja is required to load C++ extensions)"
+
+
+# -- a full cache: slid (rotary positions) or rebuilt (learned ones) ----------------------------------
+
+
+def test_a_slid_cache_holds_the_kept_keys_turned_to_their_new_positions():
+    """Layer 0's keys and values depend on each position's own character, so after a slide
+    they must be what a fresh pass over the kept characters computes at their new positions:
+    the check that the rotation turns them back by the dropped positions, not forward."""
+    from trainlab.chat.decoding import RowCache, slides
+
+    model = random_model(**{**MODERN, "pair_embedding": False})
+    ctx = model.cfg.context_len
+    tokens = torch.randint(0, 11, (ctx,), generator=torch.Generator().manual_seed(4)).tolist()
+    slid, fresh = RowCache(model), RowCache(model)
+    with torch.no_grad():
+        slid.fill(model, tokens)
+        slid.slide(model, 5)
+        fresh.fill(model, tokens[5:])
+    assert slides(model) and slid.length == fresh.length == ctx - 5 and slid.last == tokens[-1]
+    keep = ctx - 5
+    torch.testing.assert_close(slid.keys[0, :, :, :keep], fresh.keys[0, :, :, :keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(slid.values[0, :, :, :keep], fresh.values[0, :, :, :keep], rtol=0, atol=0)
+    # deeper layers kept what they computed with the dropped text before them: not a fresh pass
+    assert not torch.allclose(slid.keys[1, :, :, :keep], fresh.keys[1, :, :, :keep], atol=1e-3)
+    assert not slides(random_model(**CLASSIC))  # learned positions cannot turn: rebuilt
+
+
+@pytest.mark.parametrize("kw, fills", [(MODERN, 1), (CLASSIC, None)], ids=["rotary", "learned"])
+def test_generate_slides_a_rotary_cache_and_rebuilds_a_learned_one(kw, fills, monkeypatch):
+    """Past the context, a rotary model's generate makes no whole pass after the prompt's; a
+    learned-position model rebuilds its window every quarter of the context."""
+    from trainlab.chat.config import SamplingConfig
+    from trainlab.chat.decoding import RowCache
+    from trainlab.chat.sampling import generate
+
+    model = random_model(**kw)
+    ctx = model.cfg.context_len
+    calls = []
+    real = RowCache.fill
+    monkeypatch.setattr(RowCache, "fill", lambda self, m, t: calls.append(len(t)) or real(self, m, t))
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=3 * ctx, stop_at="none")
+    out = "".join(generate(model, [1, 2, 3], cfg, lambda i: "abcdefghijk"[i], torch.Generator().manual_seed(1)))
+    assert len(out) == 3 * ctx
+    if fills is not None:
+        assert calls == [3]
+    else:
+        keep = ctx - ctx // 4
+        assert calls[0] == 3 and calls[1:] and set(calls[1:]) == {keep}

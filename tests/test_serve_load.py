@@ -129,6 +129,45 @@ def test_random_arrivals_of_every_prompt_length_each_get_their_text_alone(busy):
     assert raw(busy.url, "/health").json() == {"status": "ok"}
 
 
+@pytest.fixture(scope="module")
+def rotary_context(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve-rotary")
+    runs = register_runs_dir(tmp / "runs")
+    corpus = tmp / "play.txt"
+    corpus.write_text(made_up_text(), encoding="utf-8")
+    assert chat_train(runs, corpus, "--run-name", "srv", "--max-steps", "20", "--eval-every", "20", "--context-len",
+                      "48", "--positions", "rotary", "--sample-every", "0") == 0
+    return runs
+
+
+def test_a_rotary_model_slides_its_full_rows_and_each_stream_keeps_its_text_alone(rotary_context, monkeypatch):
+    """Past the context a rotary model's row slides (its oldest quarter dropped, nothing run
+    again): a stream's only whole pass is its prompt's, and its text is the same among others
+    as alone, with the same seed."""
+    import trainlab.chat.serve.engine as engine_module
+
+    passes = []
+    real = engine_module.prefill_row
+    monkeypatch.setattr(engine_module, "prefill_row",
+                        lambda model, tokens, cache, row: passes.append(len(tokens)) or real(model, tokens, cache, row))
+    srv = Live(rotary_context, slots=8)
+    try:
+        passes.clear()  # the warm-up's
+        bodies = [{"prompt": "ANNA:\nThe boat is late.\n" * k, "max_tokens": 48 * 3 + 7 * k, "seed": k,
+                   "stop_at": "none", "temperature": 1.0} for k in range(1, 5)]
+
+        async def together():
+            return await asyncio.gather(*(ask(srv.url, b) for b in bodies))
+
+        among = asyncio.run(together())
+        alone = [asyncio.run(ask(srv.url, b)) for b in bodies]
+        assert among == alone
+        assert all(status == 200 and len(text) == b["max_tokens"] for (status, text, _), b in zip(alone, bodies))
+        assert sorted(passes) == sorted(2 * [min(48, len(b["prompt"])) for b in bodies])  # the prompts only
+    finally:
+        srv.close()
+
+
 def test_a_failing_row_ends_its_own_request_and_the_others_go_on(busy, monkeypatch):
     """A row's own work fails (here: taking its characters, with an exception whose message is
     empty): that request gets OpenAI's error JSON, a stream beside it is untouched, and the

@@ -186,6 +186,27 @@ def span_for(cached: int, context: int) -> int:
     return min(context, max(SPAN_STEP, -(-cached // SPAN_STEP) * SPAN_STEP))
 
 
+def slides(model: GPT) -> bool:
+    """Whether a full cache of ``model`` slides (``slide_cache``) rather than being rebuilt
+    from its recent part: rotary positions, whose keys can be turned to new positions."""
+    return model.cfg.positions == "rotary"
+
+
+def slide_cache(model: GPT, keys: torch.Tensor, values: torch.Tensor, length: int, drop: int) -> int:
+    """Drop the oldest ``drop`` of the ``length`` positions held in ``keys`` and ``values``
+    (..., positions, hd), in place: the rest move to positions 0.. and their keys are turned
+    back by ``drop`` positions (a rotation by -drop angles, since rotary keys hold their
+    position as an angle). Returns the new length. The values, and every key's content, stay
+    as they were computed, with the context they had: where rebuilding the window would run
+    the kept part through the model again (3 positions of work for every new character when
+    a quarter is dropped), this is a copy and a rotation, as llama.cpp's context shift does."""
+    keep = length - drop
+    cos, sin = model.rot_cos[drop], model.rot_sin[drop]  # (hd,): the angles of ``drop`` positions
+    keys[..., :keep, :] = rotate(keys[..., drop:length, :], cos, -sin)  # a new tensor: no overlap
+    values[..., :keep, :] = values[..., drop:length, :].clone()
+    return keep
+
+
 class RowCache:
     """Keys and values of one sequence in fixed-shape buffers, (L, 1, H, ctx + 1, hd) each, for
     ``generate`` and the repl: a new position is written in place, where growing the cache with
@@ -214,6 +235,10 @@ class RowCache:
             self.values[i, :, :, :T] = v
         self.length, self.last = T, tokens[-1]
         return logits[0, -1]
+
+    def slide(self, model: GPT, drop: int) -> None:
+        """Drop the oldest ``drop`` positions (``slide_cache``); the next step goes on after the rest."""
+        self.length = slide_cache(model, self.keys, self.values, self.length, drop)
 
     def step(self, decode: Callable, token: int) -> torch.Tensor:
         """``token`` at the next position through ``decode`` (a ``decode_pass``): its logits (V,).

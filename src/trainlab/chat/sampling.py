@@ -146,11 +146,13 @@ def generate(model, prompt: list[int], cfg: SamplingConfig, decode: Callable[[in
     may still be a boundary is held back, so nothing streamed is ever taken back. The model sees at most its
     context: the prompt's last window goes in as one pass, then each character is one
     ``decoder`` pass (a ``chat.decoding.Decoder``; default: the plain pass) over a
-    fixed-shape cache; when the cache fills it is rebuilt from the last three quarters
-    of it (learned positions cannot slide), costing one window's pass every
-    ``context_len / 4`` characters. ``tuner`` (an ``engine.threads.ThreadTuner``) picks
-    the thread count of the one-character steps by timing them."""
-    from trainlab.chat.decoding import Decoder, RowCache
+    fixed-shape cache. When the cache fills, its oldest quarter goes: a rotary model's cache
+    slides (``decoding.slide_cache``: the rest kept as computed, its keys turned back, no
+    pass), a learned-position model's is rebuilt from the last three quarters of the text
+    in one window's pass (its positions cannot turn), every ``context_len / 4`` characters.
+    The server does the same. ``tuner`` (an ``engine.threads.ThreadTuner``) picks the
+    thread count of the one-character steps by timing them."""
+    from trainlab.chat.decoding import Decoder, RowCache, slides
 
     step = tuner.run if tuner is not None else (lambda fn: fn())
     whole = tuner.whole if tuner is not None else (lambda fn: fn())  # a prompt's pass: every thread
@@ -159,6 +161,7 @@ def generate(model, prompt: list[int], cfg: SamplingConfig, decode: Callable[[in
     model.eval()
     ctx = model.cfg.context_len
     keep = max(1, ctx - ctx // 4)
+    sliding = slides(model)
     tokens = list(prompt) or [fallback_start]
     cache = RowCache(model)
     try:
@@ -175,9 +178,11 @@ def generate(model, prompt: list[int], cfg: SamplingConfig, decode: Callable[[in
                 sent = ready
             if finish is not None:
                 break
-            if cache.length >= ctx:
+            if cache.length >= ctx and not sliding:
                 logits = whole(lambda: cache.fill(model, tokens[-keep:]))
             else:
+                if cache.length >= ctx:
+                    cache.slide(model, ctx - keep)
                 logits = step(lambda: cache.step(decoder, tok))
     finally:
         model.train(was_training)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from trainlab.chat.config import GPTConfig
-from trainlab.chat.decoding import kernel_pass
+from trainlab.chat.decoding import kernel_pass, slide_cache
 from trainlab.chat.model import GPT, attend_written_out
 
 # A trimmed pass computes 4, 8, 16, ... rows and attends over 64, 128, 256, ... positions:
@@ -58,6 +58,13 @@ class SlotCache:
     @property
     def slots(self) -> int:
         return len(self.lengths)
+
+    def slide(self, model: GPT, row: int, drop: int) -> None:
+        """Drop the oldest ``drop`` positions of ``row`` (``decoding.slide_cache``): its next
+        token goes in after the rest. Elementwise, so the row's bits depend on it alone."""
+        n = self.lengths[row]
+        self.lengths[row] = slide_cache(model, self.k[:, row], self.v[:, row], n, drop)
+        self.tokens[row, :n - drop] = self.tokens[row, drop:n].clone()
 
     def shape_for(self, rows_used: int, positions: int) -> tuple[int, int]:
         """(rows, key positions) a pass computes when rows 0..rows_used-1 may be in use and the

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from trainlab.chat.config import SamplingConfig
+from trainlab.chat.decoding import slides
 from trainlab.chat.loading import ChatModel
 from trainlab.chat.sampling import next_token, settle
 from trainlab.chat.slots import PREFILL_CHUNK, SlotCache, check_exactness, decode_rows, prefill_row
@@ -126,6 +127,7 @@ class Engine:
         device = next(cm.model.parameters()).device
         self.device = device
         self.cache = SlotCache(cm.model.cfg, limits.slots, device, dtype=next(cm.model.parameters()).dtype)
+        self.slides = slides(cm.model)  # a full row slides (rotary positions) or is rebuilt, as in generate()
         self.notes: list[str] = []  # what warm-up found about this machine's kernels
         self.rows: list[Job | None] = [None] * limits.slots
         self.waiting: deque[Job] = deque()
@@ -311,9 +313,11 @@ class Engine:
                 if not job.tokens:  # new: its prompt (its last window of it) goes in alone
                     job.tokens = list(job.prompt)
                     self._take(r, self.tuner.whole(lambda: prefill_row(model, job.tokens[-ctx:], self.cache, r)))
-                elif self.cache.lengths[r] >= ctx:  # full: start again from the recent part
+                elif self.cache.lengths[r] >= ctx and not self.slides:  # full: start again from the recent part
                     self._take(r, self.tuner.whole(lambda: prefill_row(model, job.tokens[-keep:], self.cache, r)))
                 else:
+                    if self.cache.lengths[r] >= ctx:  # full, rotary: the oldest quarter goes, the rest stays
+                        self.cache.slide(model, r, ctx - keep)
                     decoding[r] = True  # its next character comes from this tick's shared pass
             except Exception as e:  # noqa: BLE001 (this row's own work: the others go on)
                 self._fail(r, e)
