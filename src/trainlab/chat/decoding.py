@@ -143,8 +143,9 @@ def rows_model(model: GPT, kernels):
     """The model's weights held by the row kernels (``kernels.RowsModel``), made once per model
     and kernels module. It packs each linear layer's weight into panels of outputs (a copy),
     so it is made again when any parameter has changed since (their version counters)."""
-    versions = tuple(p._version for p in model.parameters())
     held = _ROWS_MODELS.get(model)
+    params = held[3] if held is not None else list(model.parameters())  # listed once: parameters() walks the modules
+    versions = tuple((p._version, p.data_ptr()) for p in params)  # changed in place, or given new storage
     if held is not None and held[0] is kernels and held[2] == versions:
         return held[1]
     cfg = model.cfg
@@ -165,7 +166,7 @@ def rows_model(model: GPT, kernels):
     held = kernels.RowsModel(blocks, eps, t(model.ln_f.weight), t(getattr(model.ln_f, "bias", None)), norm_eps(model.ln_f),
                              t(model.head.weight), 1.0 / math.sqrt(cfg.d_model // cfg.nhead), MLP_KINDS[cfg.mlp],
                              cfg.norm == "rmsnorm")
-    _ROWS_MODELS[model] = (kernels, held, versions)
+    _ROWS_MODELS[model] = (kernels, held, versions, params)
     return held
 
 
