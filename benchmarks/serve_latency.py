@@ -171,6 +171,9 @@ def passes(runs: str, checkpoint: str, rounds: int = 5, n: int = 40) -> dict[str
     return best
 
 
+PACKED: dict = {}  # id(weight) -> its packed panels, for kernel_ops_pass (the model lives as long as the run)
+
+
 def kernel_ops_pass(model, kernels, tokens, rows, positions, before, cache_k, cache_v):
     """The served pass as it was before ``rows_block``: ``walk_blocks`` calling the row kernels
     one by one, with the eager ops between them (kept here to measure what the block kernel
@@ -182,7 +185,9 @@ def kernel_ops_pass(model, kernels, tokens, rows, positions, before, cache_k, ca
     scale = 1.0 / math.sqrt(model.cfg.d_model // model.cfg.nhead)
 
     def linear(x, weight, bias):
-        out = kernels.rows_linear(x, weight)
+        if id(weight) not in PACKED:  # packed once, as RowsModel holds them
+            PACKED[id(weight)] = kernels.pack_linear(weight)
+        out = kernels.packed_linear(x, PACKED[id(weight)], weight.shape[0])
         return out if bias is None else out + bias
 
     def attend(i, q, k, v):
