@@ -218,6 +218,7 @@ def test_rows_norm_is_the_norm_layer_and_rows_keep_their_bits(kernels, layer):
 def test_the_kernel_pass_decodes_as_the_server_pass_does_and_rows_keep_their_bits(kw, kernels):
     """decode_slots against the server's plain pass (decode_rows) on prompts of several lengths,
     character by character; and kernels_exact's verdict on this machine."""
+    from trainlab.chat.decoding import forget_rows_model
     from trainlab.chat.slots import SlotCache, decode_rows, decode_slots, kernels_exact, prefill_row
 
     model = random_model(**kw)
@@ -236,9 +237,10 @@ def test_the_kernel_pass_decodes_as_the_server_pass_does_and_rows_keep_their_bit
             for r in range(3):
                 plain.lengths[r] += 1
                 fast.lengths[r] += 1
-        # the kernels hold packed copies of the weights: changed in place, the copies follow
+        # the kernels hold packed copies of the weights: changed, they are made again once forgotten
         model.head.weight.mul_(-1)
         model.blocks[0].mlp.down.weight.mul_(0.5)
+        forget_rows_model(model)
         tokens = torch.randint(0, 11, (8,), generator=g)
         want = decode_rows(model, tokens, plain, [True] * 3)[:3]
         torch.testing.assert_close(decode_slots(model, kernels, tokens, fast, [0, 1, 2]), want, rtol=1e-4, atol=1e-4)

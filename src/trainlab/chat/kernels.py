@@ -29,8 +29,9 @@ order is written down:
   the rotation, the MLP's activation and the residual adds, with no Python between them: the
   ~30 eager ops a block cost between the kernels took about 0.7 ms of a 3 ms pass.
 - ``RowsModel(...)``: a model's weights held once on the C++ side (the linear layers packed),
-  so that a whole pass (every block, the final norm and the head) is one call, ``step``.
-  ``decoding.rows_model`` makes it again when the model's parameters change.
+  so that a whole pass (the embedding, every block, the final norm and the head) is one call,
+  ``step_tokens`` (``step`` from embedded inputs). ``decoding.forget_rows_model`` drops it
+  after a model's weights change.
 
 Built once per machine with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and
 ninja; about 25 s), kept under ``RUNS/.compiled/kernels-<key>`` (the key hashes the source,
@@ -418,6 +419,64 @@ struct RowsModel {
     head = Lin(head_w);
   }
 
+  // the embedding, so a pass can start from token ids: the token table, the pair table (empty
+  // where the model has none; row (before * V + token) % pair_rows), the learned positions'
+  // table (empty: rotary or none) and the rotary cos and sin tables (empty: learned)
+  torch::Tensor tok_w, pair_w, pos_w, cos_t, sin_t;
+  int64_t vocab = 0, pair_rows = 0;
+
+  void set_embedding(torch::Tensor tok, torch::Tensor pair, torch::Tensor pos, torch::Tensor c, torch::Tensor s,
+                     int64_t V, int64_t P) {
+    TORCH_CHECK(tok.dim() == 2 && tok.scalar_type() == torch::kFloat32, "RowsModel: a float32 token table");
+    tok_w = tok.contiguous();
+    pair_w = pair.contiguous();
+    pos_w = pos.contiguous();
+    cos_t = c.contiguous();
+    sin_t = s.contiguous();
+    vocab = V;
+    pair_rows = P;
+  }
+
+  // tokens, before (the token at each row's previous position; V: none) and positions (R,):
+  // the rows' logits, their inputs embedded here as GPT.embed does (the same additions in the
+  // same order), then step()
+  torch::Tensor step_tokens(torch::Tensor tokens, torch::Tensor before, torch::Tensor rows, torch::Tensor positions,
+                            torch::Tensor keys, torch::Tensor values) const {
+    TORCH_CHECK(tok_w.defined(), "RowsModel: set_embedding first");
+    auto t = tokens.to(torch::kLong).contiguous(), b = before.to(torch::kLong).contiguous();
+    auto p = positions.to(torch::kLong).contiguous();
+    const int64_t R = t.numel(), D = tok_w.size(1);
+    TORCH_CHECK(b.numel() == R && p.numel() == R, "RowsModel: tokens, before and positions (R,)");
+    const int64_t* tp = t.data_ptr<int64_t>();
+    const int64_t* bp = b.data_ptr<int64_t>();
+    const int64_t* pp = p.data_ptr<int64_t>();
+    auto x = torch::empty({R, D}, tok_w.options());
+    float* xp = x.data_ptr<float>();
+    const bool pair = pair_w.numel() > 0, learned = pos_w.numel() > 0, rotary = cos_t.numel() > 0;
+    for (int64_t r = 0; r < R; ++r) {
+      TORCH_CHECK(0 <= tp[r] && tp[r] < tok_w.size(0) && 0 <= bp[r] && bp[r] <= vocab, "RowsModel: a token out of range");
+      TORCH_CHECK(0 <= pp[r] && (!learned || pp[r] < pos_w.size(0)) && (!rotary || pp[r] < cos_t.size(0)),
+                  "RowsModel: a position out of range");
+      float* xr = xp + r * D;
+      const float* e = tok_w.data_ptr<float>() + tp[r] * D;
+      std::copy(e, e + D, xr);
+      if (pair) {
+        const float* q = pair_w.data_ptr<float>() + ((bp[r] * vocab + tp[r]) % pair_rows) * D;
+        for (int64_t d = 0; d < D; ++d) xr[d] = xr[d] + q[d];
+      }
+      if (learned) {
+        const float* q = pos_w.data_ptr<float>() + pp[r] * D;
+        for (int64_t d = 0; d < D; ++d) xr[d] = xr[d] + q[d];
+      }
+    }
+    torch::Tensor c = cos_t, s = sin_t;
+    if (rotary) {
+      c = cos_t.index_select(0, p);
+      s = sin_t.index_select(0, p);
+    }
+    return step(x, c, s, keys, values, rows, positions);
+  }
+
   static c10::optional<torch::Tensor> opt(const torch::Tensor& t) {
     return t.numel() ? c10::optional<torch::Tensor>(t) : c10::nullopt;
   }
@@ -449,7 +508,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<RowsModel>(m, "RowsModel", py::module_local())  // local: two builds in one process may both hold one
       .def(py::init<std::vector<std::vector<torch::Tensor>>, std::vector<double>, torch::Tensor, torch::Tensor, double,
                     torch::Tensor, double, int64_t, bool>())
-      .def("step", &RowsModel::step, py::call_guard<py::gil_scoped_release>());
+      .def("set_embedding", &RowsModel::set_embedding)
+      .def("step", &RowsModel::step, py::call_guard<py::gil_scoped_release>())
+      .def("step_tokens", &RowsModel::step_tokens, py::call_guard<py::gil_scoped_release>());
 }
 """
 
