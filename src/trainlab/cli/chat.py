@@ -178,20 +178,40 @@ def chat_serve(args: argparse.Namespace) -> int:
     server = Server(cm, dialogue, info, api_key,
                     Limits(args.slots, args.max_queue, args.max_prompt_chars, args.max_tokens_cap),
                     on_ready=ready, access_log=None if args.quiet else access,
-                    kernels_root=Path(args.runs_dir) / ".compiled")
+                    kernels_root=Path(args.runs_dir) / ".compiled", engine_thread=False)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         warn(f"warning: listening on {args.host}: other machines can reach this server"
              + ("" if api_key else " and no --api-key is set"))
-    # uvicorn takes SIGTERM for a graceful shutdown, then raises it again for the handler it
-    # found: this one notes it, so the process ends with a line and exit 0, not killed by it
+    # The decoding engine runs in this, the main thread (torch's products ran slower from
+    # another), and uvicorn in a second one, where it installs no signal handlers: SIGTERM and
+    # Ctrl+C are taken here and handed to it (a graceful shutdown; a second Ctrl+C forces it),
+    # and SIGTERM is noted, so the process ends with a line and exit 0, not killed by it.
     import signal
+    import threading
 
+    uv = uvicorn_server(server, args.grace, log_level="warning")
     noted: list[int] = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(signum))
+
+    def on_signal(signum, frame) -> None:
+        if signum == signal.SIGTERM:
+            noted.append(signum)
+        uv.handle_exit(signum, frame)
+
+    def http() -> None:
+        try:
+            uv.run(sockets=[sock])
+        finally:
+            server.engine.stop()  # the engine's loop, in the main thread, ends at its next turn
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    web = threading.Thread(target=http, name="trainlab-http", daemon=True)
     try:
-        uvicorn_server(server, args.grace, log_level="warning").run(sockets=[sock])
+        web.start()
+        server.engine.run()
+        web.join()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         server.engine.stop()
         sock.close()
     if noted:

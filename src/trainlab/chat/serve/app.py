@@ -33,7 +33,7 @@ class Server:
 
     def __init__(self, cm: ChatModel, dialogue: Dialogue, info: dict[str, Any], api_key: str | None = None,
                  limits: Limits | None = None, tune_threads: bool = True, on_ready=None,
-                 access_log=None, kernels_root: Path | None = None) -> None:
+                 access_log=None, kernels_root: Path | None = None, engine_thread: bool = True) -> None:
         from starlette.applications import Starlette
         from starlette.routing import Route
 
@@ -41,7 +41,8 @@ class Server:
         self.limits = limits or Limits()
         self.model_id = str(info.get("model", "trainlab-chat"))
         self.loop: asyncio.AbstractEventLoop | None = None  # the event loop serving it, once started
-        self.engine = Engine(cm, self.limits, tune_threads, on_ready=on_ready, kernels_root=kernels_root)
+        self.engine = Engine(cm, self.limits, tune_threads, on_ready=on_ready, kernels_root=kernels_root,
+                             own_thread=engine_thread)  # False: the caller runs engine.run()
         self.metrics = Metrics(self.engine)
         self.access_log = access_log  # one line per request (method, path, status, time), never a body
         routes = [Route(path, self.static) for path in STATIC]

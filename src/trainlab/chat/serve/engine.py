@@ -120,7 +120,11 @@ class Engine:
     STUCK_SECONDS = 30.0  # a tick of the 14M model takes milliseconds; this long means stuck
 
     def __init__(self, cm: ChatModel, limits: Limits, tune_threads: bool = True, warm_up: bool = True,
-                 on_ready=None, kernels_root: Path | None = None) -> None:
+                 on_ready=None, kernels_root: Path | None = None, own_thread: bool = True) -> None:
+        """``own_thread``: decode in a thread of its own, started here; or (False) in the thread
+        that calls ``run``, the process's main thread in ``chat serve``: torch's matrix products
+        (a prompt's pass) ran about 1.4x slower from another thread than from the main one on a
+        2-core EPYC (results/decoding/README.md)."""
         self.cm, self.limits = cm, limits
         self.kernels_root = kernels_root  # where the row kernels are built and kept (None: not used)
         self.kernels = None  # the row kernels, once warm-up has built and checked them
@@ -139,8 +143,21 @@ class Engine:
         self.heartbeat = time.monotonic()
         self.tuner = ThreadTuner(enabled=tune_threads and device.type == "cpu")
         self._warm, self._on_ready = warm_up, on_ready
-        self.thread = threading.Thread(target=self._loop, name="trainlab-engine", daemon=True)
-        self.thread.start()
+        self.own_thread = own_thread
+        if own_thread:
+            self.thread = threading.Thread(target=self._loop, name="trainlab-engine", daemon=True)
+            self.thread.start()
+        else:
+            self.thread = threading.current_thread()  # the caller runs it: see run()
+
+    def run(self) -> None:
+        """Decode in this thread until ``stop``, then end whatever is left (an engine made with
+        ``own_thread=False``)."""
+        self.thread = threading.current_thread()
+        try:
+            self._loop()
+        finally:
+            self._end_all("the server stopped")
 
     def submit(self, job: Job) -> None:
         with self.lock:
@@ -159,11 +176,14 @@ class Engine:
             self.lock.notify()
 
     def stop(self) -> None:
+        """Stop decoding. An engine in its own thread is joined here and what is left ended;
+        one that ``run`` drives ends it there, once its loop has seen this."""
         with self.lock:
             self.running = False
             self.lock.notify()
-        self.thread.join(timeout=10)
-        self._end_all("the server stopped")  # the thread is gone: nobody else will end them
+        if self.own_thread:
+            self.thread.join(timeout=10)
+            self._end_all("the server stopped")  # the thread is gone: nobody else will end them
 
     @property
     def busy(self) -> int:
