@@ -327,3 +327,15 @@ def test_generate_slides_a_rotary_cache_and_rebuilds_a_learned_one(kw, fills, mo
     else:
         keep = ctx - ctx // 4
         assert calls[0] == 3 and calls[1:] and set(calls[1:]) == {keep}
+
+
+def test_a_rotary_model_with_a_context_under_four_still_slides_past_it():
+    """A quarter of a context of 3 is no position: the slide still drops one, so the cache
+    never overflows."""
+    from trainlab.chat.config import SamplingConfig
+    from trainlab.chat.sampling import generate
+
+    model = random_model(**{**MODERN, "context_len": 3})
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=12, stop_at="none")
+    out = "".join(generate(model, [1, 2, 3, 4], cfg, lambda i: "abcdefghijk"[i], torch.Generator().manual_seed(0)))
+    assert len(out) == 12

@@ -182,7 +182,7 @@ def generate(model, prompt: list[int], cfg: SamplingConfig, decode: Callable[[in
                 logits = whole(lambda: cache.fill(model, tokens[-keep:]))
             else:
                 if cache.length >= ctx:
-                    cache.slide(model, ctx - keep)
+                    cache.slide(model, max(1, ctx - keep))  # a context under 4 still drops one
                 logits = step(lambda: cache.step(decoder, tok))
     finally:
         model.train(was_training)

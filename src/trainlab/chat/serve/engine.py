@@ -337,7 +337,7 @@ class Engine:
                     self._take(r, self.tuner.whole(lambda: prefill_row(model, job.tokens[-keep:], self.cache, r)))
                 else:
                     if self.cache.lengths[r] >= ctx:  # full, rotary: the oldest quarter goes, the rest stays
-                        self.cache.slide(model, r, ctx - keep)
+                        self.cache.slide(model, r, max(1, ctx - keep))  # a context under 4 still drops one
                     decoding[r] = True  # its next character comes from this tick's shared pass
             except Exception as e:  # noqa: BLE001 (this row's own work: the others go on)
                 self._fail(r, e)
