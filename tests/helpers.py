@@ -115,6 +115,18 @@ def chat_train(runs, text_path, *flags) -> int:
     return main(["chat", "train", "--text", str(text_path), "--runs-dir", str(runs), *CHAT_TINY, *flags])
 
 
+def trained_play(tmp_path_factory, folder: str, *flags: str):
+    """A runs folder with a tiny chat model (run "srv") trained on a made-up play with ``flags``."""
+    from conftest import register_runs_dir
+
+    tmp = tmp_path_factory.mktemp(folder)
+    runs = register_runs_dir(tmp / "runs")
+    corpus = tmp / "play.txt"
+    corpus.write_text(made_up_text(), encoding="utf-8")
+    assert chat_train(runs, corpus, "--run-name", "srv", *flags) == 0
+    return runs
+
+
 def chat_resume(runs, ref, *flags) -> int:
     """Resume with no preset: a preset given on resume would count as flags against the run's own."""
     from trainlab.cli import main

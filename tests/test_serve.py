@@ -17,8 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import register_runs_dir
-from helpers import KERNELS_ROOT, chat_train, made_up_text
+from helpers import KERNELS_ROOT, trained_play
 
 from trainlab.chat.loading import checkpoint_info, load_chat_model
 from trainlab.chat.repl import default_dialogue
@@ -33,12 +32,7 @@ KEY = "s3cret"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny chat model trained on a made-up play, once for the module."""
-    tmp = tmp_path_factory.mktemp("serve")
-    runs = register_runs_dir(tmp / "runs")
-    corpus = tmp / "play.txt"
-    corpus.write_text(made_up_text(), encoding="utf-8")
-    assert chat_train(runs, corpus, "--run-name", "srv", "--max-steps", "30", "--eval-every", "30") == 0
-    return runs
+    return trained_play(tmp_path_factory, "serve", "--max-steps", "30", "--eval-every", "30")
 
 
 class Live:

@@ -13,8 +13,7 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import register_runs_dir
-from helpers import chat_train, made_up_text
+from helpers import trained_play
 from test_serve import Live, raw
 
 from trainlab.chat.loading import load_chat_model
@@ -27,13 +26,8 @@ CONTEXT = 80  # three prefill chunks of 32: prompts longer than one chunk, and t
 
 @pytest.fixture(scope="module")
 def long_context(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve-load")
-    runs = register_runs_dir(tmp / "runs")
-    corpus = tmp / "play.txt"
-    corpus.write_text(made_up_text(), encoding="utf-8")
-    assert chat_train(runs, corpus, "--run-name", "srv", "--max-steps", "20", "--eval-every", "20",
-                      "--context-len", str(CONTEXT), "--sample-every", "0") == 0
-    return runs
+    return trained_play(tmp_path_factory, "serve-load", "--max-steps", "20", "--eval-every", "20",
+                        "--context-len", str(CONTEXT), "--sample-every", "0")
 
 
 @pytest.fixture(scope="module")
@@ -131,13 +125,8 @@ def test_random_arrivals_of_every_prompt_length_each_get_their_text_alone(busy):
 
 @pytest.fixture(scope="module")
 def rotary_context(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve-rotary")
-    runs = register_runs_dir(tmp / "runs")
-    corpus = tmp / "play.txt"
-    corpus.write_text(made_up_text(), encoding="utf-8")
-    assert chat_train(runs, corpus, "--run-name", "srv", "--max-steps", "20", "--eval-every", "20", "--context-len",
-                      "48", "--positions", "rotary", "--sample-every", "0") == 0
-    return runs
+    return trained_play(tmp_path_factory, "serve-rotary", "--max-steps", "20", "--eval-every", "20",
+                        "--context-len", "48", "--positions", "rotary", "--sample-every", "0")
 
 
 def test_a_rotary_model_slides_its_full_rows_and_each_stream_keeps_its_text_alone(rotary_context, monkeypatch):
