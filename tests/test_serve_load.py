@@ -557,3 +557,50 @@ def test_the_modern_block_decodes_in_the_server_as_its_plain_forward(opts):
         results.append(torch.stack(got))
     torch.testing.assert_close(results[0], plain[29:49], rtol=1e-4, atol=1e-5)
     assert torch.equal(results[0], results[1])
+
+
+def sse_texts(url: str, body: dict) -> list[tuple[float, str]]:
+    """(seconds since the request, text) of every text event of a streamed completion."""
+    out = []
+    t0 = time.perf_counter()
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                text = json.loads(line[6:])["choices"][0]["text"]
+                if text:
+                    out.append((time.perf_counter() - t0, text))
+    return out
+
+
+def test_a_stream_interval_sends_the_same_text_in_fewer_events(long_context):
+    """The first characters go out at once, then what came during an interval goes out as
+    one event; the text is the same as a plain request's, and a 0 interval sends characters
+    as they come (here the decoding outpaces the handler only now and then)."""
+    body = {"prompt": "ANNA:\n", "max_tokens": 60, "seed": 3, "stop_at": "none"}
+    slow = Live(long_context, stream_interval=0.5)
+    try:
+        events = sse_texts(slow.url, body)
+        plain = raw(slow.url, "/v1/completions", body).json()["choices"][0]["text"]
+    finally:
+        slow.close()
+    assert "".join(t for _, t in events) == plain and len(plain) == 60
+    assert len(events) == 2, events  # 60 characters of a tiny model take far less than the interval
+    assert events[1][0] - events[0][0] >= 0.45
+    fast = Live(long_context, stream_interval=0.0)
+    try:
+        events = sse_texts(fast.url, body)
+    finally:
+        fast.close()
+    assert "".join(t for _, t in events) == plain
+    assert len(events) > 5, events
+
+
+@pytest.mark.parametrize("ms", ["-1", "nan", "1001", "soon"])
+def test_a_bad_stream_interval_is_one_line(long_context, capsys, ms):
+    from trainlab.cli import main
+
+    assert main(["chat", "serve", "--checkpoint", "srv", "--runs-dir", str(long_context),
+                 "--stream-interval-ms", ms]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--stream-interval-ms" in err[0], err

@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
     serve.add_argument("--max-queue", type=int, default=16, help="requests that may wait for a slot; past that, 429")
     serve.add_argument("--max-prompt-chars", type=int, default=16384, help="longest prompt accepted")
     serve.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens accepted")
+    serve.add_argument("--stream-interval-ms", type=float, default=20.0, metavar="MS",
+                       help="a stream's text goes out at most once in this many milliseconds, what came "
+                            "meanwhile in one event (0: every character at once; default 20)")
     serve.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
                        help="on SIGTERM or Ctrl+C, how long running requests may go on before they end with a "
                             "final event and the server exits (default 5)")
@@ -146,6 +149,8 @@ def chat_serve(args: argparse.Namespace) -> int:
     for name in ("slots", "max_queue", "max_prompt_chars", "max_tokens_cap"):
         if getattr(args, name) < 1:
             raise ConfigError(name, f"must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.stream_interval_ms <= 1000:  # NaN fails this too
+        raise ConfigError("stream_interval_ms", f"must be 0..1000 milliseconds, got {args.stream_interval_ms}")
     if not 0 <= args.grace <= 3600:  # NaN fails this too
         raise ConfigError("grace", f"must be 0..3600 seconds, got {args.grace}")
     if not 0 < args.port < 65536:
@@ -176,7 +181,8 @@ def chat_serve(args: argparse.Namespace) -> int:
     print(f"serving {info['model']} (step {info.get('step')}) at {where}/ ; OpenAI API at {where}/v1 ; "
           f"/health, /metrics" + ("; API key required" if api_key else "") + " (warming up)", flush=True)
     server = Server(cm, dialogue, info, api_key,
-                    Limits(args.slots, args.max_queue, args.max_prompt_chars, args.max_tokens_cap),
+                    Limits(args.slots, args.max_queue, args.max_prompt_chars, args.max_tokens_cap,
+                           args.stream_interval_ms / 1000),
                     on_ready=ready, access_log=None if args.quiet else access,
                     kernels_root=Path(args.runs_dir) / ".compiled", engine_thread=False)
     if args.host not in ("127.0.0.1", "localhost", "::1"):

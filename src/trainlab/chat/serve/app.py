@@ -296,12 +296,18 @@ class Server:
             try:
                 if chat:
                     yield chunk({"role": "assistant", "content": ""}, None)
-                finish = None
+                finish, sent_at = None, None
+                interval = self.limits.stream_interval
                 while finish is None:
+                    if sent_at is not None and interval > 0:  # the first event goes at once, then one an interval
+                        wait = sent_at + interval - time.perf_counter()
+                        if wait > 0:
+                            await asyncio.sleep(wait)
                     items = await job.out.take()
                     text = "".join(v for k, v in items if k == "text")  # what piled up goes out as one event
                     if text:
                         yield chunk({"content": text} if chat else text, None)
+                        sent_at = time.perf_counter()
                     for kind, value in items:
                         if kind == "end":
                             finish = value

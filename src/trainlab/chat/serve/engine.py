@@ -28,6 +28,10 @@ class Limits:
     max_queue: int = 16
     max_prompt_chars: int = 16384
     max_tokens_cap: int = 4096
+    # A stream's events go out at most this often (seconds; 0: each character as it comes):
+    # one event a character is ~250 bytes of JSON and a wake-up of the server's and the
+    # client's event loops, which on a small machine share the cores the decoding needs.
+    stream_interval: float = 0.02
 
 
 class Outbox:
