@@ -157,6 +157,19 @@ def kernels():
     return module
 
 
+def test_the_kernels_split_their_work_over_torchs_threads(kernels):
+    """at::parallel_for is OpenMP written inline in ATen's headers: a build without -fopenmp
+    ignores it and runs every kernel on one thread (as the kernels did until 2026-12-03, when
+    the thread-count tests below compared one thread with itself)."""
+    previous = torch.get_num_threads()
+    try:
+        for n in (2, 1, 2):
+            torch.set_num_threads(n)
+            assert kernels.parallel_width() == n
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_rows_linear_is_a_linear_layer_whose_rows_keep_their_bits_at_any_row_and_thread_count(kernels):
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(13, 100, generator=g), torch.randn(37, 100, generator=g)  # K and N off every block size
