@@ -67,6 +67,8 @@ def main() -> None:
     tuner = ThreadTuner()
     compiled = Decoder(cm.model, compiled=True, cache_root=Path(runs) / ".compiled")
     print(compiled.prepare(), flush=True)
+    rows = Decoder(cm.model, compiled=True, cache_root=Path(runs) / ".compiled", kernels=True)
+    print(rows.prepare(), flush=True)
 
     # characters over the whole call, the prompt's pass included, on both sides (trainlab's loop
     # holds back trailing spaces, so the time between its pieces is not the time per character)
@@ -80,6 +82,11 @@ def main() -> None:
         text = "".join(complete(cm, ids, cfg, make_generator(0), None, compiled))
         return len(text) / (time.perf_counter() - t0), text
 
+    def kernels() -> tuple[float, str]:  # the row kernels follow the thread count: tuned
+        t0 = time.perf_counter()
+        text = "".join(complete(cm, ids, cfg, make_generator(0), tuner, rows))
+        return len(text) / (time.perf_counter() - t0), text
+
     def theirs() -> tuple[float, str]:
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -87,11 +94,11 @@ def main() -> None:
         new = out[0, len(ids):].tolist()
         return len(new) / (time.perf_counter() - t0), "".join(cm.vocab.chars[i] for i in new)
 
-    plain(), ours(), theirs()  # warm-up: first calls build kernels
-    rates: dict[str, list[float]] = {"plain": [], "trainlab": [], "transformers": []}
+    plain(), ours(), kernels(), theirs()  # warm-up: first calls build kernels
+    rates: dict[str, list[float]] = {"plain": [], "trainlab": [], "kernels": [], "transformers": []}
     texts = {}
     for _ in range(args.rounds):
-        for name, fn in (("plain", plain), ("trainlab", ours), ("transformers", theirs)):
+        for name, fn in (("plain", plain), ("trainlab", ours), ("kernels", kernels), ("transformers", theirs)):
             rate, texts[name] = fn()
             rates[name].append(rate)
     med = {k: statistics.median(v) for k, v in rates.items()}
@@ -100,12 +107,13 @@ def main() -> None:
     print(f"\n14M model ({args.checkpoint}), greedy, prompt {len(ids)} characters, {args.chars} characters, "
           f"median of {args.rounds} alternating rounds, {torch.get_num_threads()} threads")
     for name, label in (("plain", "trainlab, --decode plain"), ("trainlab", "trainlab, --decode compiled"),
-                        ("transformers", "transformers model.generate")):
+                        ("kernels", "trainlab, --decode kernels"), ("transformers", "transformers model.generate")):
         print(f"  {label:32s} {med[name]:7.0f} characters/s ({med[name] / floor:.2f} of the floor)")
     print(f"  ratio compiled / transformers   {med['trainlab'] / med['transformers']:7.2f}x (target >= 1.5)")
+    print(f"  ratio kernels / transformers    {med['kernels'] / med['transformers']:7.2f}x")
     print(f"  ratio plain / transformers      {med['plain'] / med['transformers']:7.2f}x")
-    same = {k: texts[k] == texts["transformers"] for k in ("trainlab", "plain")}
-    print(f"  same text as transformers: compiled {same['trainlab']}, plain {same['plain']}")
+    same = {k: texts[k] == texts["transformers"] for k in ("trainlab", "kernels", "plain")}
+    print(f"  same text as transformers: compiled {same['trainlab']}, kernels {same['kernels']}, plain {same['plain']}")
     print("  " + decoding_floor(cm.model))
 
 

@@ -102,10 +102,10 @@ def run_streams(url: str, k: int, chars: int) -> list[Stream]:
 MODEL = "?"
 
 
-def bare_loop(runs: str, checkpoint: str, chars: int, weights: str = "fp32", compiled: bool = False
+def bare_loop(runs: str, checkpoint: str, chars: int, weights: str = "fp32", decode: str = "plain"
               ) -> tuple[float, float]:
     """(seconds to the first character, characters/s after it) of `chat generate`'s own loop,
-    with the plain or the compiled pass (``--decode``)."""
+    with the plain pass, the compiled one or the row kernels (``--decode``)."""
     from dataclasses import replace
 
     import torch
@@ -122,10 +122,10 @@ def bare_loop(runs: str, checkpoint: str, chars: int, weights: str = "fp32", com
     ids = cm.vocab.encode_known(PROMPT)[0].tolist()
     cfg = SamplingConfig(max_new_tokens=chars, stop_at="none")
     decoder = None
-    if compiled:
+    if decode != "plain":
         from trainlab.chat.decoding import Decoder
 
-        decoder = Decoder(cm.model, compiled=True, cache_root=Path(runs) / ".compiled")
+        decoder = Decoder(cm.model, compiled=True, cache_root=Path(runs) / ".compiled", kernels=decode == "kernels")
         print(decoder.prepare(), flush=True)
     tuner = ThreadTuner(enabled=decoder is None or decoder.compiled is None)
     "".join(complete(cm, ids, SamplingConfig(max_new_tokens=50), make_generator(0), tuner, decoder))  # warm-up
@@ -303,8 +303,9 @@ def main() -> None:
         print(f"server ({weights}): " + " | ".join(line for line in out.splitlines() if line.startswith(("ready", "note"))))
         results[weights]["chat generate (no server)"] = bare_loop(runs, args.checkpoint, args.chars, weights)
         if weights == "fp32":
-            results[weights]["chat generate --decode compiled"] = bare_loop(runs, args.checkpoint, args.chars,
-                                                                             weights, compiled=True)
+            for decode in ("compiled", "kernels"):
+                results[weights][f"chat generate --decode {decode}"] = bare_loop(runs, args.checkpoint, args.chars,
+                                                                                  weights, decode)
     print(f"\n14M model ({args.checkpoint}), prompt {len(PROMPT)} characters, {args.chars} characters a stream, "
           f"median of {args.rounds} tries; through HTTP with the openai client")
     import torch

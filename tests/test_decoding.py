@@ -143,6 +143,13 @@ def test_generate_compiled_writes_the_plain_text_and_survives_a_damaged_cache(ru
         p.write_bytes(b"junk" * 16)
     again = generate_command(runs_dir, "compiled")
     assert "decoding: compiled in" in again.stderr and again.stdout == plain.stdout
+    # the server's row kernels as generate's pass (the suite's build, linked in: a build takes 25-50 s)
+    from trainlab.chat.kernels import kernels_dir, load_kernels
+
+    assert load_kernels(KERNELS_ROOT)[0] is not None
+    kernels_dir(runs_dir / ".compiled").symlink_to(kernels_dir(KERNELS_ROOT), target_is_directory=True)
+    rows = generate_command(runs_dir, "kernels")
+    assert "decoding: row kernels ready" in rows.stderr and rows.stdout == plain.stdout, rows.stderr[-2000:]
 
 
 # -- the row kernels (chat/kernels.py) and the server's pass through them -------------------------

@@ -254,6 +254,12 @@ class RowCache:
         positions, not the whole context."""
         device = self.keys.device
         pos = self.length
+        if getattr(decode, "kernels", None) is not None:  # the row kernels write the new key and value themselves
+            logits = kernel_pass(decode.model, decode.kernels, torch.tensor([token], device=device),
+                                 torch.tensor([0], device=device), torch.tensor([pos], device=device),
+                                 torch.tensor([self.last], device=device), self.keys, self.values)
+            self.length, self.last = pos + 1, token
+            return logits[0]
         span = span_for(pos, self.keys.shape[3] - 1)
         logits, k, v = decode(torch.tensor([token], device=device), torch.tensor([pos], device=device),
                               torch.tensor([self.last], device=device), self.keys[:, :, :, :span],
@@ -277,17 +283,21 @@ def compile_cache_dir(root: Path, model: GPT) -> Path:
 
 
 class Decoder:
-    """``decode_pass`` of one model as a command runs it: compiled by inductor (``prepare``,
+    """``decode_pass`` of one model as a command runs it: through the row kernels
+    (``chat/kernels.py``, the server's; ``kernels=True``) or compiled by inductor (``prepare``,
     at start-up) where that works and agrees with the plain pass, else the plain pass with
     ``F.linear`` (one line says why). Compiled code is specialised to the thread count:
     ``prepare`` compiles for the current one, and the commands then keep it (their thread
-    tuner is off)."""
+    tuner is off); the row kernels follow whatever count is set."""
 
-    def __init__(self, model: GPT, compiled: bool = True, cache_root: Path | None = None) -> None:
+    def __init__(self, model: GPT, compiled: bool = True, cache_root: Path | None = None,
+                 kernels: bool = False) -> None:
         self.model, self.cache_root = model, cache_root
         p = next(model.parameters())
         self.compiled: Callable | None = None
-        self.wanted = compiled and p.device.type == "cpu" and p.dtype == torch.float32
+        self.kernels = None  # the row kernels' module, once ``prepare`` has built and checked them
+        self.wanted_kernels = kernels and cache_root is not None and p.device.type == "cpu" and p.dtype == torch.float32
+        self.wanted = (compiled or kernels) and p.device.type == "cpu" and p.dtype == torch.float32
         self.note = "decoding: plain pass"
         if compiled and not self.wanted:
             self.note += (f" (compiled decoding is for fp32 weights on a CPU; these are {str(p.dtype)[6:]} on "
@@ -304,6 +314,16 @@ class Decoder:
         if not self.wanted:
             return self.note
         t0 = time.perf_counter()
+        if self.wanted_kernels:
+            from trainlab.chat.kernels import load_kernels
+
+            kernels, note = load_kernels(self.cache_root)
+            why = note if kernels is None else self._check_kernels(kernels)
+            if why is None:
+                self.kernels = kernels
+                self.note = f"decoding: {note}"
+                return self.note
+            self.note = f"decoding: {why}; compiling instead"
         for attempt in (1, 2):
             try:
                 self.compiled = self._compile()
@@ -324,6 +344,33 @@ class Decoder:
     @property
     def cache_dir(self) -> Path | None:
         return None if self.cache_root is None else compile_cache_dir(self.cache_root, self.model)
+
+    def _check_kernels(self, kernels) -> str | None:
+        """None where the row kernels' pass agrees with the plain one on a random cache (as a
+        compiled pass must), else why not."""
+        model = self.model
+        try:
+            g = torch.Generator(device="cpu").manual_seed(0)
+            cache = RowCache(model)
+            cache.keys.copy_(torch.randn(cache.keys.shape, generator=g))
+            cache.values.copy_(torch.randn(cache.values.shape, generator=g))
+            V, ctx = model.cfg.vocab_size, model.cfg.context_len
+            pos = ctx // 2
+            with torch.no_grad():
+                plain = decode_pass(model, torch.tensor([1 % V]), torch.tensor([pos]), torch.tensor([2 % V]),
+                                    cache.keys[:, :, :, :pos], cache.values[:, :, :, :pos], linear=F.linear)[0]
+                cache.length, cache.last = pos, 2 % V
+                got = cache.step(self._as_kernels(kernels), 1 % V)[None]
+        except Exception as e:  # noqa: BLE001 (a model the kernels do not take: the next route serves)
+            return "row kernels not used (" + ((str(e).strip().splitlines() or [type(e).__name__])[0][:200]) + ")"
+        if not torch.allclose(got, plain, rtol=1e-3, atol=1e-3 * float(plain.abs().max())):
+            return f"row kernels not used (they differ from the plain pass by {float((got - plain).abs().max()):.2e})"
+        return None
+
+    def _as_kernels(self, kernels) -> "Decoder":
+        probe = Decoder(self.model, compiled=False)
+        probe.kernels = kernels
+        return probe
 
     def _compile(self) -> Callable:
         import os

@@ -67,11 +67,13 @@ def add_parser(sub) -> None:
                             "bytes a character reads: faster where the CPU has native bf16, other text; elsewhere "
                             "fp32 with a warning)")
     for p in (gen, repl):
-        p.add_argument("--decode", choices=("auto", "compiled", "plain"), default="auto",
-                       help="each character's pass: compiled (torch.compile at start-up, about 3x faster on a CPU; "
-                            "the first start compiles for about half a minute, later ones reuse the compiled code "
-                            "kept under the runs folder) or plain; auto compiles for repl, and for generate when "
-                            f"it asks for at least {AUTO_COMPILE_CHARS:,} characters (default auto)")
+        p.add_argument("--decode", choices=("auto", "kernels", "compiled", "plain"), default="auto",
+                       help="each character's pass: kernels (the server's C++ row kernels, built once per machine "
+                            "in 25-50 s and kept under the runs folder; compiled where they cannot be built), "
+                            "compiled (torch.compile at start-up, about 3x faster than plain on a CPU; the first "
+                            "start compiles for about half a minute, later ones reuse it) or plain; auto takes the "
+                            "kernels for repl, and for generate when it asks for at least "
+                            f"{AUTO_COMPILE_CHARS:,} characters (default auto)")
         add_flags(p, SamplingConfig, "sampling (in this order: repetition penalty, temperature, top-k, top-p)")
 
 
@@ -276,11 +278,17 @@ def make_decoder(args: argparse.Namespace, cm, chars: int | None):
     from pathlib import Path
 
     from trainlab.chat.decoding import Decoder
+    from trainlab.chat.kernels import kernels_dir
 
-    wanted = args.decode == "compiled" or (args.decode == "auto" and (chars is None or chars >= AUTO_COMPILE_CHARS))
-    decoder = Decoder(cm.model, compiled=wanted, cache_root=Path(args.runs_dir) / ".compiled")
+    long = args.decode == "auto" and (chars is None or chars >= AUTO_COMPILE_CHARS)
+    wanted = args.decode in ("kernels", "compiled") or long
+    root = Path(args.runs_dir) / ".compiled"
+    decoder = Decoder(cm.model, compiled=wanted, cache_root=root, kernels=args.decode == "kernels" or long)
     if wanted:
-        if decoder.wanted and not any(decoder.cache_dir.glob("*")):
+        if decoder.wanted_kernels and not kernels_dir(root).exists():
+            warn("decoding: building the row kernels (the first time on this machine takes 25-50 s; later starts "
+                 "reuse them)")
+        elif decoder.wanted and not decoder.wanted_kernels and not any(decoder.cache_dir.glob("*")):
             warn("decoding: compiling the decoding pass (the first time for this model shape on this machine takes "
                  "20-40 s; later starts reuse it)")
         warn(decoder.prepare())
