@@ -173,3 +173,28 @@ def test_settle_is_one_rule_for_stops_boundaries_length_and_what_is_held_back():
     assert settle("Hello ", 6, sentence) == (5, None)  # a space may be a boundary under way
     assert settle("Hi there. ", 10, sentence) == (9, "stop")
     assert settle("Hi there", 50, sentence) == (8, "length")  # max_new_tokens: all of it goes
+
+
+def test_sample_rows_draws_what_next_token_draws_row_by_row():
+    """The server's batched sampling gives each row the token next_token gives it alone, and
+    leaves each row's generator where next_token leaves it, whatever rows share the batch:
+    greedy and sampled rows mixed, 1 to 8 rows, sharp and flat distributions, over many draws."""
+    from trainlab.chat.sampling import batchable, sample_rows
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        R = 1 + trial % 8
+        logits = torch.randn(R, 65, generator=g) * float(torch.empty(1).uniform_(0.1, 8, generator=g))
+        temps = [0.0 if (trial + i) % 5 == 0 else float(torch.empty(1).uniform_(0.2, 1.5, generator=g))
+                 for i in range(R)]
+        cfgs = [SamplingConfig(temperature=t) for t in temps]
+        assert all(batchable(c) for c in cfgs)
+        seeds = [trial * 10 + i for i in range(R)]
+        alone = [torch.Generator().manual_seed(s) for s in seeds]
+        batch = [torch.Generator().manual_seed(s) for s in seeds]
+        for _ in range(3):  # the generators go on from where each left them
+            want = [next_token(logits[i], torch.tensor([], dtype=torch.long), cfgs[i], alone[i]) for i in range(R)]
+            assert sample_rows(logits, temps, batch) == want, (trial, temps)
+        assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(alone, batch))
+    assert not batchable(SamplingConfig(top_k=5)) and not batchable(SamplingConfig(top_p=0.9))
+    assert not batchable(SamplingConfig(repetition_penalty=1.3))

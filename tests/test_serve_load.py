@@ -164,10 +164,10 @@ def test_a_failing_row_ends_its_own_request_and_the_others_go_on(busy, monkeypat
     engine = busy.server.engine
     real_take = engine._take
 
-    def take(r, logits):
+    def take(r, logits, tok=None):
         if engine.rows[r].prompt[:1] == busy.server._encode("C")[0]:  # the request that fails
             raise RuntimeError()
-        real_take(r, logits)
+        real_take(r, logits, tok)
 
     ok = {"prompt": "ANNA:\n", "max_tokens": 60, "seed": 5, "stream": True, "stop_at": "none"}
     alone = asyncio.run(ask(busy.url, ok))

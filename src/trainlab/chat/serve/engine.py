@@ -17,7 +17,7 @@ import torch
 from trainlab.chat.config import SamplingConfig
 from trainlab.chat.decoding import slides
 from trainlab.chat.loading import ChatModel
-from trainlab.chat.sampling import next_token, settle
+from trainlab.chat.sampling import batchable, next_token, sample_rows, settle
 from trainlab.chat.slots import PREFILL_CHUNK, SlotCache, check_exactness, decode_rows, prefill_row
 from trainlab.engine.threads import ThreadTuner
 
@@ -71,8 +71,12 @@ class Job:
     submitted_at: float = field(default_factory=time.perf_counter)
     first_at: float | None = None  # when its first character was taken
     ended_at: float | None = None
+    sink: list | None = None  # set during a tick: what it emits waits there, to go out as one call
 
     def emit(self, kind: str, value: Any = None) -> None:
+        if self.sink is not None:  # inside a tick: sent with the tick's others (``Engine._tick``)
+            self.sink.append((self, (kind, value)))
+            return
         try:
             self.loop.call_soon_threadsafe(self.out.put, (kind, value))
         except RuntimeError:  # the event loop is closed: nobody is waiting any more
@@ -96,6 +100,12 @@ class Job:
         if upto > self.sent:
             self.emit("text", self.text[self.sent:upto])
             self.sent = upto
+
+
+def deliver(items: list) -> None:
+    """In the event loop: each (outbox, item) of a tick, in order."""
+    for out, item in items:
+        out.put(item)
 
 
 class QueueFull(Exception):
@@ -311,11 +321,13 @@ class Engine:
         if job is not None:
             job.emit("error", failure_line(e))
 
-    def _take(self, r: int, logits: torch.Tensor) -> None:
-        """Sample row r's next character from ``logits`` and pass it to its job."""
+    def _take(self, r: int, logits: torch.Tensor, tok: int | None = None) -> None:
+        """Sample row r's next character from ``logits`` (unless ``sample_rows`` drew it:
+        ``tok``) and pass it to its job."""
         job = self.rows[r]
-        window = job.tokens[-job.cfg.repetition_window:] if job.cfg.repetition_window else []
-        tok = next_token(logits.float().cpu(), torch.tensor(window, dtype=torch.long), job.cfg, job.generator)
+        if tok is None:
+            window = job.tokens[-job.cfg.repetition_window:] if job.cfg.repetition_window else []
+            tok = next_token(logits.float().cpu(), torch.tensor(window, dtype=torch.long), job.cfg, job.generator)
         job.tokens.append(tok)
         finish = job.add(self.cm.vocab.chars[tok])
         if finish is not None:
@@ -323,6 +335,28 @@ class Engine:
             self._free(r)
 
     def _tick(self) -> None:
+        """One character for every row in use. What the tick's jobs emit goes to the event loop
+        in one call at its end: each call wakes the loop's thread, which then takes the GIL
+        from this one between its kernels."""
+        sink: list = []
+        jobs = [job for job in self.rows if job is not None]
+        for job in jobs:
+            job.sink = sink
+        try:
+            self._tick_rows()
+        finally:
+            for job in jobs:
+                job.sink = None
+            by_loop: dict = {}
+            for job, item in sink:
+                by_loop.setdefault(job.loop, []).append((job.out, item))
+            for loop, items in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(deliver, items)
+                except RuntimeError:  # the event loop is closed: nobody is waiting any more
+                    pass
+
+    def _tick_rows(self) -> None:
         model, ctx = self.cm.model, self.cm.model.cfg.context_len
         keep = max(1, ctx - ctx // 4)  # as generate(): when the context fills, keep its last three quarters
         decoding = [False] * self.cache.slots
@@ -352,9 +386,21 @@ class Engine:
         last = torch.tensor(last + [0] * (self.cache.slots - len(last)), device=self.device)  # (cache rows,)
         logits = self.tuner.run(lambda: self._decode(last, active))  # (len(active), V)
         logits = logits.float().cpu()  # one copy to the host for every row (on a GPU, one wait a tick, not one a row)
+        # most rows: one batched draw (each row's token as next_token's, from its own generator);
+        # a row with non-finite logits goes alone, where next_token's checks end it with an error
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        batch = [i for i, r in enumerate(active) if finite[i] and batchable(self.rows[r].cfg)]
+        drawn: dict[int, int] = {}
+        if len(batch) > 1:  # one row alone: next_token's few ops cost less than the batch's set-up
+            try:
+                toks = sample_rows(logits[batch], [self.rows[active[i]].cfg.temperature for i in batch],
+                                   [self.rows[active[i]].generator for i in batch])
+                drawn = dict(zip(batch, toks))
+            except Exception:  # noqa: BLE001 (each row then samples alone, and fails alone if it must)
+                drawn = {}
         for i, r in enumerate(active):
             try:
                 self.cache.lengths[r] += 1
-                self._take(r, logits[i])
+                self._take(r, logits[i], drawn.get(i))
             except Exception as e:  # noqa: BLE001
                 self._fail(r, e)
