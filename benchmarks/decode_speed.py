@@ -1,6 +1,7 @@
 """`chat generate` from the command's start to its last character: the plain pass against the
-compiled one (``--decode plain|compiled``), the compiled one with a cold cache (the first
-start on a machine) and a warm one, for the 14M model and chat-20min's (4 x 256), each as a
+compiled one and the row kernels (``--decode plain|compiled|kernels``), the compiled one with
+a cold cache (the first start on a machine) and a warm one, the kernels before and after
+their one build, for the 14M model and chat-20min's (4 x 256), each as a
 fraction of the floor measured first, on the idle machine: the weights' bytes over the read
 bandwidth, one pass a character.
 
@@ -63,7 +64,8 @@ def generate(runs: str, run: str, decode: str, chars: int) -> dict:
 
 
 def pass_times(runs: str, run: str) -> dict[str, float]:
-    """Milliseconds of one pass at position 200, plain and compiled, in this process."""
+    """Milliseconds of one pass at position 200, plain, compiled and through the row kernels, in
+    this process."""
     import statistics
 
     import torch
@@ -75,8 +77,8 @@ def pass_times(runs: str, run: str) -> dict[str, float]:
     model = load_chat_model(resolve_checkpoint(runs, "chat", run), torch.device("cpu")).model.eval()
     out = {}
     with torch.no_grad():
-        for name, compiled in (("plain", False), ("compiled", True)):
-            decoder = Decoder(model, compiled=compiled, cache_root=Path(runs) / ".compiled")
+        for name, compiled, kernels in (("plain", False, False), ("compiled", True, False), ("kernels", True, True)):
+            decoder = Decoder(model, compiled=compiled, cache_root=Path(runs) / ".compiled", kernels=kernels)
             decoder.prepare()
             cache = RowCache(model)
             cache.fill(model, [1] * min(200, model.cfg.context_len - 1))
@@ -115,7 +117,8 @@ def main() -> None:
               f"{floor:,.0f} characters/s", flush=True)
         shutil.rmtree(Path(runs) / ".compiled", ignore_errors=True)
         for label, decode in (("plain", "plain"), ("compiled, cold cache", "compiled"),
-                              ("compiled, warm cache", "compiled"), ("plain, again", "plain")):
+                              ("compiled, warm cache", "compiled"), ("kernels, cold build", "kernels"),
+                              ("kernels, built", "kernels"), ("plain, again", "plain")):
             r = generate(runs, run, decode, args.chars)
             print(f"  {label:22s} wall {r['wall']:6.1f} s, first character after {r['first']:5.1f} s, "
                   f"{r['rate']:5.0f} characters/s ({r['rate'] / floor:.2f} of the floor) | {r['line']}", flush=True)
