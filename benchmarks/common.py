@@ -62,20 +62,24 @@ def seconds_per_step(task, cfg, n: int = 12, warmup: int = 3) -> float:
     return engine_seconds(task, cfg, None, n, warmup)
 
 
-def memory_bandwidth() -> float:
-    """Bytes per second this machine reads from memory: a sum over 256 MB (far past any cache,
-    every thread), the fastest of 5; what a pass over weights larger than the cache cannot beat.
+def memory_bandwidth(nbytes: int = 256 * 2**20) -> float:
+    """Bytes per second this machine reads ``nbytes`` again and again: a sum over a buffer of
+    that size (every thread), after one read, the fastest of 10. At the default 256 MB, far
+    past any cache, it is the memory's; at a model's size it is the floor of a pass that reads
+    those weights every time, since part of them stays in a large L3 between passes (here,
+    one process: 57 MB read at 42-58 GB/s where 256 MB read at 29-43; a one-row pass beat a
+    floor taken at 256 MB).
 
     Not a copy counted as its read alone (what this measured until 2026-12-03): a copy also
     writes, and reads each destination line before writing it, so its "read" ran at 0.35-0.5
-    of what reading alone does here (14-18 against 29-43 GB/s, alternating in one process),
-    and a served stream beat that floor (1.06 of it)."""
+    of what reading alone does here (14-18 against 29-43 GB/s), and a served stream beat that
+    floor (1.06 of it)."""
     import time
 
-    src = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MB, its pages touched
+    src = torch.ones(max(1, nbytes // 4), dtype=torch.float32)  # its pages touched
     src.sum()
     best = float("inf")
-    for _ in range(5):
+    for _ in range(10):
         t = time.perf_counter()
         src.sum()
         best = min(best, time.perf_counter() - t)
@@ -100,10 +104,10 @@ def decoding_floor(model) -> str:
     """One line: the time a pass over the model's weights takes at the machine's measured read
     bandwidth, and the characters per second that allows, one character a pass."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    bw = memory_bandwidth()
+    bw = memory_bandwidth(weights)
     per_pass = weights / bw
-    return (f"floor: {weights / 1e6:.1f} MB of weights over {bw / 1e9:.1f} GB/s measured read bandwidth = "
-            f"{1000 * per_pass:.2f} ms a pass ({1 / per_pass:,.0f} characters/s); fp32 matmul rate "
+    return (f"floor: {weights / 1e6:.1f} MB of weights over {bw / 1e9:.1f} GB/s (that many bytes read again and "
+            f"again) = {1000 * per_pass:.2f} ms a pass ({1 / per_pass:,.0f} characters/s); fp32 matmul rate "
             f"{matmul_rate() / 1e9:.0f} GFLOP/s")
 
 

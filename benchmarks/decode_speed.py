@@ -2,8 +2,8 @@
 compiled one and the row kernels (``--decode plain|compiled|kernels``), the compiled one with
 a cold cache (the first start on a machine) and a warm one, the kernels before and after
 their one build, for the 14M model and chat-20min's (4 x 256), each as a
-fraction of the floor measured first, on the idle machine: the weights' bytes over the read
-bandwidth, one pass a character.
+fraction of the floor measured on the idle machine: the weights' bytes over the rate it
+reads that many bytes again and again, one pass a character.
 
     python benchmarks/decode_speed.py                     # 2,000 characters a run
     python benchmarks/decode_speed.py --chars 500 --presets chatgot-14m
@@ -100,8 +100,6 @@ def main() -> None:
     ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
     args = ap.parse_args()
     print_machine()
-    bandwidth = memory_bandwidth()  # first, on the idle machine
-    print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
     runs = tempfile.mkdtemp(prefix="decode-speed-")
     import torch
 
@@ -112,8 +110,10 @@ def main() -> None:
         run = train_one_step(runs, preset, args.text)
         model = load_chat_model(resolve_checkpoint(runs, "chat", run), torch.device("cpu")).model
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        bandwidth = memory_bandwidth(weights)  # the idle machine reading that many bytes again and again
         floor = bandwidth / weights  # characters/s
-        print(f"\n{preset}: {weights / 1e6:.1f} MB of weights; floor {1000 / floor:.2f} ms a pass, "
+        print(f"\n{preset}: {weights / 1e6:.1f} MB of weights read at {bandwidth / 1e9:.1f} GB/s; floor "
+              f"{1000 / floor:.2f} ms a pass, "
               f"{floor:,.0f} characters/s", flush=True)
         shutil.rmtree(Path(runs) / ".compiled", ignore_errors=True)
         for label, decode in (("plain", "plain"), ("compiled, cold cache", "compiled"),

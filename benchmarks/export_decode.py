@@ -3,7 +3,7 @@ cache, greedy) against trainlab's own loop (what ``trainlab chat generate`` runs
 plain and the compiled pass (``--decode plain|compiled``), on the same checkpoint, prompt
 and length, one after the other in alternating rounds, in characters per second over the
 whole call (the prompt's pass included), and as a fraction of the floor (the weights' bytes
-over the measured read bandwidth, one pass a character). Target (issue 37): compiled
+over the rate this machine reads that many bytes again and again, one pass a character). Target (issue 37): compiled
 trainlab >= 1.5x transformers and >= 0.5 of the floor.
 
     python benchmarks/export_decode.py                  # a chatgot-14m trained for one step
@@ -103,7 +103,7 @@ def main() -> None:
             rates[name].append(rate)
     med = {k: statistics.median(v) for k, v in rates.items()}
     weights = sum(p.numel() * p.element_size() for p in cm.model.parameters())
-    floor = memory_bandwidth() / weights  # characters/s at one read of the weights a character
+    floor = memory_bandwidth(weights) / weights  # characters/s at one read of the weights a character
     print(f"\n14M model ({args.checkpoint}), greedy, prompt {len(ids)} characters, {args.chars} characters, "
           f"median of {args.rounds} alternating rounds, {torch.get_num_threads()} threads")
     for name, label in (("plain", "trainlab, --decode plain"), ("trainlab", "trainlab, --decode compiled"),

@@ -6,7 +6,7 @@ turn, alternating, through HTTP with the official client on the same machine (as
 
 For each interval: characters/s of the slowest of 8 streams at once and of 1 stream, events a
 stream received, and the first character's time, with the floor (the weights' bytes over the
-measured read bandwidth, one pass a character).
+rate this machine reads that many bytes again and again, one pass a character).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import serve_latency
 from common import memory_bandwidth, print_machine, untrained_14m
-from serve_latency import PROMPT, run_streams, trainlab, wait_up
+from serve_latency import PROMPT, run_streams, trainlab, wait_up, weight_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,10 +36,10 @@ def main() -> None:
     ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
     args = ap.parse_args()
     print_machine()
-    bandwidth = memory_bandwidth()  # first, on the idle machine
     runs = args.runs_dir or tempfile.mkdtemp(prefix="serve-bench-")
     if args.checkpoint is None:
         args.checkpoint = untrained_14m(runs, args.text)
+    bandwidth = memory_bandwidth(weight_bytes(runs, args.checkpoint))  # first, on the idle machine
     model = serve_latency.MODEL = Path(args.checkpoint).name
     url = f"http://127.0.0.1:{args.port}"
     intervals = [float(x) for x in args.intervals.split(",")]
