@@ -144,14 +144,18 @@ def train_for_minutes(kind: str, preset: str, flags: dict, minutes: float):
     return summary, cfgs, task, summary.step, pace
 
 
-def untrained_14m(runs_dir: str, text) -> str:
-    """A chatgot-14m run trained for one step in ``runs_dir`` (its id): decoding speed does not
-    depend on what the weights have learned, so the benchmarks of decoding serve it."""
+def untrained_14m(runs_dir: str, text, preset: str = "chatgot-14m") -> str:
+    """A run of ``preset`` (default the 14M model) trained for one step in ``runs_dir`` (its
+    id): decoding speed does not depend on what the weights have learned, so the benchmarks of
+    decoding serve it."""
     import subprocess
     import sys
 
+    name = "bench" if preset == "chatgot-14m" else f"bench-{preset}"
+    if (Path(runs_dir) / "chat" / name / "checkpoints").is_dir():  # made by an earlier run of a benchmark
+        return name
     subprocess.run([sys.executable, "-m", "trainlab", "chat", "train", "--text", str(text), "--runs-dir", runs_dir,
-                    "--preset", "chatgot-14m", "--max-steps", "1", "--run-name", "bench", "--no-progress",
+                    "--preset", preset, "--max-steps", "1", "--run-name", name, "--no-progress",
                     "--eval-every", "1000", "--sample-every", "0", "--precision", "fp32", "--batch-size", "4"],
                    check=True, capture_output=True)
-    return "bench"
+    return name
