@@ -300,6 +300,28 @@ def test_a_damaged_kernels_folder_is_built_again_not_trusted(tmp_path, monkeypat
     assert module is None and note == "row kernels unavailable (Ninja is required to load C++ extensions)"
 
 
+def test_kernels_whose_openmp_build_fails_are_built_for_one_thread(tmp_path, monkeypatch):
+    """A compiler whose OpenMP calls torch's library lacks fails the first build: the kernels
+    are then built without OpenMP (one thread) and say so, rather than not at all."""
+    import torch.utils.cpp_extension as cpp
+
+    from trainlab.chat import kernels as k
+
+    monkeypatch.setattr(k, "openmp_runtime", lambda: Path("/opt/torch/lib/libgomp.so.1"))
+    built: list[list[str]] = []
+
+    def builder(name, cpp_sources, build_directory, extra_cflags, extra_ldflags, **kw):
+        built.append(list(extra_cflags))
+        if "-fopenmp" in extra_cflags:
+            raise ImportError("undefined symbol: GOMP_parallel_reductions")
+        return "a module"
+
+    monkeypatch.setattr(cpp, "load_inline", builder)
+    module, note = k.load_kernels(tmp_path)
+    assert module == "a module" and "one thread: the build with torch's OpenMP failed" in note
+    assert built[0][-1] == "-fopenmp" and "-fopenmp" not in built[-1]
+
+
 # -- a full cache: slid (rotary positions) or rebuilt (learned ones) ----------------------------------
 
 

@@ -579,26 +579,33 @@ def _find_ninja() -> None:
 def load_kernels(root: Path) -> tuple[ModuleType | None, str]:
     """The built kernels (built now if this machine has none yet) and one line on what was
     done; (None, why) where they cannot be built. A damaged build folder is wiped and built
-    again once, never trusted."""
+    again once, never trusted; where the build with torch's OpenMP fails (a compiler whose
+    OpenMP calls that library lacks, say), they are built for one thread instead."""
     import time
 
     from torch.utils.cpp_extension import load_inline
 
-    cflags, ldflags = build_flags()
-    folder = kernels_dir(root, (cflags, ldflags))
-    threads = "threads shared with torch" if ldflags else "one thread: no OpenMP runtime found beside torch"
+    flags = build_flags()
+    variants = [(flags, "threads shared with torch" if flags[1] else
+                 "one thread: no OpenMP runtime found beside torch")]
+    if flags[1]:
+        variants.append(((flags[0][:-1], []), "one thread: the build with torch's OpenMP failed"))
     _find_ninja()
     t0 = time.perf_counter()
-    for attempt in (1, 2):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            module = load_inline(name=f"trainlab_rows_{folder.name[8:]}", cpp_sources=[SOURCE], extra_cflags=cflags,
-                                 extra_ldflags=ldflags, build_directory=str(folder), verbose=False)
-            return module, f"row kernels ready in {time.perf_counter() - t0:.1f} s ({folder}; {threads})"
-        except Exception as e:  # noqa: BLE001 (no compiler, no ninja, a damaged build: the plain pass serves)
-            if attempt == 1 and folder.exists():
-                shutil.rmtree(folder, ignore_errors=True)
-                continue
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            return None, f"row kernels unavailable ({why})"
-    return None, "row kernels unavailable"
+    why = "no build tried"
+    for (cflags, ldflags), threads in variants:
+        folder = kernels_dir(root, (cflags, ldflags))
+        for attempt in (1, 2):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                module = load_inline(name=f"trainlab_rows_{folder.name[8:]}", cpp_sources=[SOURCE],
+                                     extra_cflags=cflags, extra_ldflags=ldflags, build_directory=str(folder),
+                                     verbose=False)
+                return module, f"row kernels ready in {time.perf_counter() - t0:.1f} s ({folder}; {threads})"
+            except Exception as e:  # noqa: BLE001 (no compiler, no ninja, a damaged build: the plain pass serves)
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                if attempt == 1 and folder.exists():
+                    shutil.rmtree(folder, ignore_errors=True)
+                    continue
+                break
+    return None, f"row kernels unavailable ({why})"
