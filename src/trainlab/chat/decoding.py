@@ -317,12 +317,12 @@ class Decoder:
         if self.wanted_kernels:
             from trainlab.chat.kernels import load_kernels
 
-            kernels, note = load_kernels(self.cache_root)
-            why = note if kernels is None else self._check_kernels(kernels)
+            self.kernels, note = load_kernels(self.cache_root)
+            why = note if self.kernels is None else self._check_kernels()
             if why is None:
-                self.kernels = kernels
                 self.note = f"decoding: {note}"
                 return self.note
+            self.kernels = None
             self.note = f"decoding: {why}; compiling instead"
         for attempt in (1, 2):
             try:
@@ -345,9 +345,9 @@ class Decoder:
     def cache_dir(self) -> Path | None:
         return None if self.cache_root is None else compile_cache_dir(self.cache_root, self.model)
 
-    def _check_kernels(self, kernels) -> str | None:
-        """None where the row kernels' pass agrees with the plain one on a random cache (as a
-        compiled pass must), else why not."""
+    def _check_kernels(self) -> str | None:
+        """None where the row kernels' pass (``self.kernels``) agrees with the plain one on a
+        random cache (as a compiled pass must), else why not."""
         model = self.model
         try:
             g = torch.Generator(device="cpu").manual_seed(0)
@@ -360,17 +360,12 @@ class Decoder:
                 plain = decode_pass(model, torch.tensor([1 % V]), torch.tensor([pos]), torch.tensor([2 % V]),
                                     cache.keys[:, :, :, :pos], cache.values[:, :, :, :pos], linear=F.linear)[0]
                 cache.length, cache.last = pos, 2 % V
-                got = cache.step(self._as_kernels(kernels), 1 % V)[None]
+                got = cache.step(self, 1 % V)[None]
         except Exception as e:  # noqa: BLE001 (a model the kernels do not take: the next route serves)
             return "row kernels not used (" + ((str(e).strip().splitlines() or [type(e).__name__])[0][:200]) + ")"
         if not torch.allclose(got, plain, rtol=1e-3, atol=1e-3 * float(plain.abs().max())):
             return f"row kernels not used (they differ from the plain pass by {float((got - plain).abs().max()):.2e})"
         return None
-
-    def _as_kernels(self, kernels) -> "Decoder":
-        probe = Decoder(self.model, compiled=False)
-        probe.kernels = kernels
-        return probe
 
     def _compile(self) -> Callable:
         import os

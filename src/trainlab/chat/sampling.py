@@ -100,9 +100,8 @@ def sample_rows(logits: torch.Tensor, temperatures: Sequence[float],
     Why: a server's sampling runs right after a pass that streamed the weights through every
     cache, and each small torch op then costs 5-10x what it does warm (and may hand the GIL
     to the HTTP thread)."""
-    R, V = logits.shape
-    logits = logits.detach().float().cpu()
-    out = [0] * R
+    logits = logits.detach().float().cpu()  # (R, V)
+    out = [0] * logits.shape[0]
     greedy = [i for i, t in enumerate(temperatures) if t == 0]
     drawn = [i for i, t in enumerate(temperatures) if t != 0]
     if greedy:
