@@ -144,6 +144,25 @@ def train_for_minutes(kind: str, preset: str, flags: dict, minutes: float):
     return summary, cfgs, task, summary.step, pace
 
 
+TINYSHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def add_model_args(ap, checkpoint_help: str = "a chat run (default: a chatgot-14m trained for one step)") -> None:
+    """--checkpoint, --runs-dir and --text, as the decoding benchmarks take them."""
+    ap.add_argument("--checkpoint", help=checkpoint_help)
+    ap.add_argument("--runs-dir", default=None)
+    ap.add_argument("--text", type=Path, default=TINYSHAKESPEARE, help="the corpus a model made here trains on")
+
+
+def model_run(args, prefix: str, preset: str = "chatgot-14m") -> tuple[str, str]:
+    """(runs folder, checkpoint) from ``add_model_args``' flags: a ``preset`` model trained for
+    one step in a fresh folder where none is given."""
+    import tempfile
+
+    runs = args.runs_dir or tempfile.mkdtemp(prefix=prefix)
+    return runs, args.checkpoint or untrained_14m(runs, args.text, preset)
+
+
 def untrained_14m(runs_dir: str, text, preset: str = "chatgot-14m") -> str:
     """A run of ``preset`` (default the 14M model) trained for one step in ``runs_dir`` (its
     id): decoding speed does not depend on what the weights have learned, so the benchmarks of

@@ -12,15 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import print_machine, untrained_14m
+from common import add_model_args, model_run, print_machine
 from serve_latency import PROMPT
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def ticks(engine, vocab, rows: int, n: int = 200) -> tuple[float, float]:
@@ -84,20 +81,16 @@ def cold_python(repeats: int = 100) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", help="a chat run (default: a chatgot-14m trained for one step)")
-    ap.add_argument("--runs-dir", default=None)
+    add_model_args(ap)
     ap.add_argument("--rows", default="1,8")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
     args = ap.parse_args()
     print_machine()
     from trainlab.chat.loading import load_chat_model
     from trainlab.chat.serve.engine import Engine, Limits
     from trainlab.engine.tracking import resolve_checkpoint
 
-    runs = args.runs_dir or tempfile.mkdtemp(prefix="tick-bench-")
-    if args.checkpoint is None:
-        args.checkpoint = untrained_14m(runs, args.text)
+    runs, args.checkpoint = model_run(args, "tick-bench-")
     cm = load_chat_model(resolve_checkpoint(runs, "chat", args.checkpoint), torch.device("cpu"))
     engine = Engine(cm, Limits(), own_thread=False, kernels_root=Path(runs) / ".compiled")
     print(f"warm-up {engine.warm_up():.1f} s; " + "; ".join(engine.notes), flush=True)

@@ -23,19 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import decoding_floor, memory_bandwidth, print_machine, untrained_14m
+from common import add_model_args, decoding_floor, memory_bandwidth, model_run, print_machine
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "KING RICHARD III:\nNow is the winter of our discontent\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", help="a chat run (default: a chatgot-14m trained for one step)")
-    ap.add_argument("--runs-dir", default=None)
+    add_model_args(ap)
     ap.add_argument("--chars", type=int, default=200, help="characters to generate (prompt + chars <= context)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -51,9 +48,7 @@ def main() -> None:
     from trainlab.engine.tracking import resolve_checkpoint
 
     print_machine()
-    runs = args.runs_dir or tempfile.mkdtemp(prefix="export-bench-")
-    if args.checkpoint is None:
-        args.checkpoint = untrained_14m(runs, args.text)
+    runs, args.checkpoint = model_run(args, "export-bench-")
     ckpt = resolve_checkpoint(runs, "chat", args.checkpoint)
     folder = Path(tempfile.mkdtemp(prefix="export-bench-hf-")) / "model"
     export(ckpt, folder)

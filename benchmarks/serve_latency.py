@@ -24,14 +24,12 @@ import math
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import decoding_floor, print_machine, untrained_14m
+from common import add_model_args, decoding_floor, model_run, print_machine
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = ("KING RICHARD III:\nNow is the winter of our discontent\nMade glorious summer by this sun of York;\n"
           "And all the clouds that lour'd upon our house\nIn the deep bosom of the ocean buried.\n")[:200]
 
@@ -284,22 +282,18 @@ def measure(url: str, runs: str, args, weights: str) -> dict[str, tuple[float, f
 def main() -> None:
     global MODEL
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", help="a chat run to serve (default: a --preset model trained for one step)")
+    add_model_args(ap, "a chat run to serve (default: a --preset model trained for one step)")
     ap.add_argument("--preset", default="chatgot-14m", help="the model served without --checkpoint (chat-20min: "
                                                            "4 layers of 256, a quarter of the weights)")
-    ap.add_argument("--runs-dir", default=None)
     ap.add_argument("--chars", type=int, default=400)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--weights", default="fp32,bf16", help="the --weights of each server measured, in turn")
-    ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
     args = ap.parse_args()
     print_machine()
     from common import memory_bandwidth
 
-    runs = args.runs_dir or tempfile.mkdtemp(prefix="serve-bench-")
-    if args.checkpoint is None:
-        args.checkpoint = untrained_14m(runs, args.text, args.preset)
+    runs, args.checkpoint = model_run(args, "serve-bench-", args.preset)
     nbytes = weight_bytes(runs, args.checkpoint)
     bandwidth = memory_bandwidth(nbytes)  # first, on the idle machine
     MODEL = Path(args.checkpoint).name

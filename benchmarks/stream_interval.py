@@ -15,30 +15,23 @@ import argparse
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import serve_latency
-from common import memory_bandwidth, print_machine, untrained_14m
+from common import add_model_args, memory_bandwidth, model_run, print_machine
 from serve_latency import PROMPT, run_streams, trainlab, wait_up, weight_bytes
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", help="a chat run to serve (default: a chatgot-14m trained for one step)")
-    ap.add_argument("--runs-dir", default=None)
+    add_model_args(ap, "a chat run to serve (default: a chatgot-14m trained for one step)")
     ap.add_argument("--chars", type=int, default=400)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--intervals", default="0,20", help="the --stream-interval-ms values served, in turn")
     ap.add_argument("--port", type=int, default=8766)
-    ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
     args = ap.parse_args()
     print_machine()
-    runs = args.runs_dir or tempfile.mkdtemp(prefix="serve-bench-")
-    if args.checkpoint is None:
-        args.checkpoint = untrained_14m(runs, args.text)
+    runs, args.checkpoint = model_run(args, "serve-bench-")
     bandwidth = memory_bandwidth(weight_bytes(runs, args.checkpoint))  # first, on the idle machine
     model = serve_latency.MODEL = Path(args.checkpoint).name
     url = f"http://127.0.0.1:{args.port}"
