@@ -190,6 +190,40 @@ def test_a_failing_row_ends_its_own_request_and_the_others_go_on(busy, monkeypat
     assert asyncio.run(ask(busy.url, ok)) == alone
 
 
+def test_a_row_whose_logits_are_not_finite_ends_alone_while_the_others_draw_together(busy, monkeypatch):
+    """Rows of a tick are drawn together (``sample_rows``), but one whose logits hold a NaN is
+    left to ``next_token``, whose checks end that request with an error; the stream beside it
+    keeps its text."""
+    engine = busy.server.engine
+    real_decode = engine._decode
+    bad = busy.server._encode("C")[0]
+
+    def decode(last, rows):
+        logits = real_decode(last, rows).clone()
+        for i, r in enumerate(rows):
+            if engine.rows[r] is not None and engine.rows[r].prompt[:1] == bad:
+                logits[i, 3] = float("nan")
+        return logits
+
+    ok = {"prompt": "ANNA:\n", "max_tokens": 60, "seed": 5, "stream": True, "stop_at": "none"}
+    others = [{**ok, "seed": s} for s in (6, 7)]
+    alone = [asyncio.run(ask(busy.url, body)) for body in (ok, *others)]
+    monkeypatch.setattr(engine, "_decode", decode)
+
+    async def together():
+        good = [asyncio.ensure_future(ask(busy.url, body)) for body in (ok, *others)]
+        await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(timeout=60) as http:
+            failed = await http.post(busy.url + "/v1/completions", json={"prompt": "CLARA:\n", "max_tokens": 20})
+        return [await g for g in good], failed
+
+    good, failed = asyncio.run(together())
+    assert good == alone
+    assert failed.status_code == 500 and failed.json()["error"]["message"].startswith("generation failed")
+    monkeypatch.undo()
+    assert engine.thread.is_alive()
+
+
 def test_a_failing_shared_pass_ends_its_requests_and_the_engine_survives(busy, monkeypatch):
     calls = {"n": 0}
     real = serve_module.decode_rows

@@ -388,10 +388,12 @@ class Engine:
         logits = logits.float().cpu()  # one copy to the host for every row (on a GPU, one wait a tick, not one a row)
         # most rows: one batched draw (each row's token as next_token's, from its own generator);
         # a row with non-finite logits goes alone, where next_token's checks end it with an error
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
-        batch = [i for i, r in enumerate(active) if finite[i] and batchable(self.rows[r].cfg)]
-        drawn: dict[int, int] = {}
+        batch = [i for i, r in enumerate(active) if batchable(self.rows[r].cfg)]
         if len(batch) > 1:  # one row alone: next_token's few ops cost less than the batch's set-up
+            finite = torch.isfinite(logits).all(dim=-1).tolist()
+            batch = [i for i in batch if finite[i]]
+        drawn: dict[int, int] = {}
+        if len(batch) > 1:
             try:
                 toks = sample_rows(logits[batch], [self.rows[active[i]].cfg.temperature for i in batch],
                                    [self.rows[active[i]].generator for i in batch])
