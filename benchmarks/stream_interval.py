@@ -32,7 +32,8 @@ def main() -> None:
     args = ap.parse_args()
     print_machine()
     runs, args.checkpoint = model_run(args, "serve-bench-")
-    bandwidth = memory_bandwidth(weight_bytes(runs, args.checkpoint))  # first, on the idle machine
+    nbytes = weight_bytes(runs, args.checkpoint)
+    bandwidth = memory_bandwidth(nbytes)  # first, on the idle machine
     model = serve_latency.MODEL = Path(args.checkpoint).name
     url = f"http://127.0.0.1:{args.port}"
     intervals = [float(x) for x in args.intervals.split(",")]
@@ -55,13 +56,7 @@ def main() -> None:
             finally:
                 server.terminate()
                 server.wait()
-    import torch
-
-    from trainlab.chat.loading import load_chat_model
-    from trainlab.engine.tracking import resolve_checkpoint
-
-    cm = load_chat_model(resolve_checkpoint(runs, "chat", args.checkpoint), torch.device("cpu"))
-    floor = bandwidth / sum(p.numel() * p.element_size() for p in cm.model.parameters())  # characters/s
+    floor = bandwidth / nbytes  # characters/s
     print(f"\n{model}, fp32, prompt {len(PROMPT)} characters, {args.chars} characters a stream, median of "
           f"{args.rounds} alternating rounds; floor {floor:.0f} characters/s ({bandwidth / 1e9:.1f} GB/s)")
     for ms in intervals:
