@@ -196,12 +196,13 @@ def test_rows_linear_is_a_linear_layer_whose_rows_keep_their_bits_at_any_row_and
         kernels.rows_linear(x, w[:, :50])
 
 
-def test_rows_attend_writes_the_new_key_and_value_then_attends_over_the_rows_own_positions(kernels):
+@pytest.mark.parametrize("hd, ctx, last", [(8, 9, 8), (64, 40, 39)])  # plain FMA chains; 16s in registers
+def test_rows_attend_writes_the_new_key_and_value_then_attends_over_the_rows_own_positions(kernels, hd, ctx, last):
     g = torch.Generator().manual_seed(1)
-    slots, H, ctx, hd = 5, 3, 9, 8
+    slots, H = 5, 3
     keys, values = torch.randn(slots, H, ctx, hd, generator=g), torch.randn(slots, H, ctx, hd, generator=g)
-    q, k, v = (torch.randn(3, H, hd, generator=g) for _ in range(3))
-    rows, positions = torch.tensor([4, 0, 2]), torch.tensor([0, 8, 5])
+    q, k, v = (torch.randn(3, H, hd, generator=g) * 2 for _ in range(3))  # scores of a few units: exp's range
+    rows, positions = torch.tensor([4, 0, 2]), torch.tensor([0, last, 5])
     before_k, before_v = keys.clone(), values.clone()
     got = kernels.rows_attend(q, k, v, keys, values, rows, positions, 0.5)
     want_k, want_v = before_k.clone(), before_v.clone()
@@ -214,9 +215,12 @@ def test_rows_attend_writes_the_new_key_and_value_then_attends_over_the_rows_own
                                     positions[i:i + 1], 0.5)
         assert torch.equal(alone, got[i:i + 1])
     with pytest.raises(RuntimeError, match="out of range"):
-        kernels.rows_attend(q, k, v, keys, values, rows, torch.tensor([0, 9, 5]), 0.5)
+        kernels.rows_attend(q, k, v, keys, values, rows, torch.tensor([0, ctx, 5]), 0.5)
     with pytest.raises(RuntimeError, match="a row twice"):
         kernels.rows_attend(q, k, v, keys, values, torch.tensor([1, 3, 1]), positions, 0.5)
+    q[1, 0, 0] = float("nan")  # a NaN score gives that head NaN, as the plain pass does, and only that head
+    got = kernels.rows_attend(q, k, v, keys, values, rows, positions, 0.5)
+    assert got[1, 0].isnan().all() and not got[1, 1:].isnan().any() and not got[[0, 2]].isnan().any()
 
 
 @pytest.mark.parametrize("layer", [torch.nn.RMSNorm(24, eps=1e-6), torch.nn.LayerNorm(24),

@@ -22,12 +22,16 @@ order is written down:
 - ``rows_attend(q, k, v, keys, values, rows, positions, scale)``: writes each row's new key
   and value at its position in its cache row, then its query attends to positions
   0..positions[r]: scores, softmax and the weighted sum of values, each in position order,
-  one (row, head) per thread at a time.
+  one (row, head) per thread at a time; the exponentials 16 at a time (``v_exp``, the same
+  bits on every ISA), the weighted sum held in registers, the cache's lines asked for ahead.
+  At 8 rows and 256 positions a pass reads 50 MB of cache beside 57 MB of weights, straight
+  from DRAM (``benchmarks/kernels_ab.py`` prints that floor).
 - ``rows_norm(x, weight, bias, eps, rms)``: RMSNorm or LayerNorm of each row, its sums in
   the order of a dot product: eager norms cost a dozen small ops each, 33 of them a pass.
 - a block for R rows (C++ only, inside ``RowsModel``): the three above and per-row loops for
-  the rotation, the MLP's activation and the residual adds, with no Python between them: the
-  ~30 eager ops a block cost between the kernels took about 0.7 ms of a 3 ms pass.
+  the rotation, the MLP's activation (SwiGLU's 16 at a time, over the threads) and the
+  residual adds, with no Python between them: the ~30 eager ops a block cost between the
+  kernels took about 0.7 ms of a 3 ms pass.
 - ``RowsModel(...)``: a model's weights held once on the C++ side (the linear layers packed),
   so that a whole pass (the embedding, every block, the final norm and the head) is one call,
   ``step_tokens`` (``step`` from embedded inputs). ``decoding.forget_rows_model`` drops it
@@ -55,6 +59,7 @@ SOURCE = r"""
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -88,6 +93,26 @@ inline V16 v_zero() { return {_mm512_setzero_ps()}; }
 inline V16 v_load(const float* p) { return {_mm512_loadu_ps(p)}; }
 inline V16 v_fma(float x, const V16& w, const V16& acc) { return {_mm512_fmadd_ps(_mm512_set1_ps(x), w.a, acc.a)}; }
 inline void v_store(float* p, const V16& v) { _mm512_storeu_ps(p, v.a); }
+inline V16 v_fmav(const V16& x, const V16& w, const V16& acc) { return {_mm512_fmadd_ps(x.a, w.a, acc.a)}; }
+inline V16 v_add(const V16& x, const V16& y) { return {_mm512_add_ps(x.a, y.a)}; }
+inline V16 v_set(float x) { return {_mm512_set1_ps(x)}; }
+inline V16 v_clamp(const V16& x, float lo, float hi) {  // max then min, as x86 orders them
+  return {_mm512_min_ps(_mm512_max_ps(x.a, _mm512_set1_ps(lo)), _mm512_set1_ps(hi))};
+}
+inline V16 v_sub(const V16& x, const V16& y) { return {_mm512_sub_ps(x.a, y.a)}; }
+inline V16 v_mul(const V16& x, const V16& y) { return {_mm512_mul_ps(x.a, y.a)}; }
+inline V16 v_div(const V16& x, const V16& y) { return {_mm512_div_ps(x.a, y.a)}; }
+inline V16 v_pow2(const V16& n) {  // 2^n for whole n in [-126, 127]
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n.a), _mm512_set1_epi32(127)), 23))};
+}
+inline float v_hsum(const V16& v) {  // lanes i + (i + 8), then + 4, + 2, + 1
+  const __m256 lo = _mm512_castps512_ps256(v.a);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v.a), 1));
+  const __m256 s8 = _mm256_add_ps(lo, hi);
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
 constexpr int ROW_TILE = 8;  // rows a panel is read once for: 16 accumulators of 32 registers
 #elif defined(__AVX2__) && defined(__FMA__)
 struct V16 {
@@ -102,6 +127,29 @@ inline V16 v_fma(float x, const V16& w, const V16& acc) {
 inline void v_store(float* p, const V16& v) {
   _mm256_storeu_ps(p, v.a);
   _mm256_storeu_ps(p + 8, v.b);
+}
+inline V16 v_fmav(const V16& x, const V16& w, const V16& acc) {
+  return {_mm256_fmadd_ps(x.a, w.a, acc.a), _mm256_fmadd_ps(x.b, w.b, acc.b)};
+}
+inline V16 v_add(const V16& x, const V16& y) { return {_mm256_add_ps(x.a, y.a), _mm256_add_ps(x.b, y.b)}; }
+inline V16 v_set(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+inline V16 v_clamp(const V16& x, float lo, float hi) {
+  const __m256 l = _mm256_set1_ps(lo), h = _mm256_set1_ps(hi);
+  return {_mm256_min_ps(_mm256_max_ps(x.a, l), h), _mm256_min_ps(_mm256_max_ps(x.b, l), h)};
+}
+inline V16 v_sub(const V16& x, const V16& y) { return {_mm256_sub_ps(x.a, y.a), _mm256_sub_ps(x.b, y.b)}; }
+inline V16 v_mul(const V16& x, const V16& y) { return {_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
+inline V16 v_div(const V16& x, const V16& y) { return {_mm256_div_ps(x.a, y.a), _mm256_div_ps(x.b, y.b)}; }
+inline V16 v_pow2(const V16& n) {
+  const __m256i bias = _mm256_set1_epi32(127);
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.a), bias), 23)),
+          _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.b), bias), 23))};
+}
+inline float v_hsum(const V16& v) {
+  const __m256 s8 = _mm256_add_ps(v.a, v.b);
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 }
 constexpr int ROW_TILE = 3;  // 12 accumulators of 16 registers
 #else
@@ -120,10 +168,196 @@ inline V16 v_fma(float x, const V16& w, const V16& acc) {
   return o;
 }
 inline void v_store(float* p, const V16& v) { std::copy(v.f, v.f + 16, p); }
+inline V16 v_fmav(const V16& x, const V16& w, const V16& acc) {
+  V16 o;
+  for (int j = 0; j < 16; ++j) o.f[j] = std::fma(x.f[j], w.f[j], acc.f[j]);
+  return o;
+}
+inline V16 v_add(const V16& x, const V16& y) {
+  V16 o;
+  for (int j = 0; j < 16; ++j) o.f[j] = x.f[j] + y.f[j];
+  return o;
+}
+inline V16 v_set(float x) {
+  V16 o;
+  std::fill(o.f, o.f + 16, x);
+  return o;
+}
+inline V16 v_clamp(const V16& x, float lo, float hi) {
+  V16 o;
+  for (int j = 0; j < 16; ++j) {
+    const float m = x.f[j] > lo ? x.f[j] : lo;  // x86's max: the second operand where either is NaN
+    o.f[j] = m < hi ? m : hi;
+  }
+  return o;
+}
+inline V16 v_sub(const V16& x, const V16& y) {
+  V16 o;
+  for (int j = 0; j < 16; ++j) o.f[j] = x.f[j] - y.f[j];
+  return o;
+}
+inline V16 v_mul(const V16& x, const V16& y) {
+  V16 o;
+  for (int j = 0; j < 16; ++j) o.f[j] = x.f[j] * y.f[j];
+  return o;
+}
+inline V16 v_div(const V16& x, const V16& y) {
+  V16 o;
+  for (int j = 0; j < 16; ++j) o.f[j] = x.f[j] / y.f[j];
+  return o;
+}
+inline V16 v_pow2(const V16& n) {
+  V16 o;
+  for (int j = 0; j < 16; ++j) {
+    const int32_t bits = (static_cast<int32_t>(n.f[j]) + 127) << 23;
+    std::memcpy(&o.f[j], &bits, 4);
+  }
+  return o;
+}
+inline float v_hsum(const V16& v) {
+  float s8[8], s4[4];
+  for (int j = 0; j < 8; ++j) s8[j] = v.f[j] + v.f[j + 8];
+  for (int j = 0; j < 4; ++j) s4[j] = s8[j] + s8[j + 4];
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
 constexpr int ROW_TILE = 4;
 #endif
 
 constexpr int64_t PANEL = 32;  // output columns of a packed panel: two V16
+
+// e^x for 16 lanes, x clamped to [-87, 88]: n = round(x / ln 2) (the 1.5 * 2^23 trick, one FMA),
+// r = x - n ln 2 in two parts, e^r by its Taylor series to r^7 (|r| <= 0.35: error under one
+// float ulp), times 2^n. The same FMAs in the same order on every ISA, so the same bits; within
+// two ulps of std::exp, and 16 at once where glibc's expf takes one (the softmax and SwiGLU
+// spent more time in expf than in their memory reads).
+inline V16 v_exp(const V16& x) {
+  const V16 xc = v_clamp(x, -87.f, 88.f);
+  const V16 magic = v_set(12582912.f);
+  const V16 n = v_sub(v_fmav(xc, v_set(1.44269504088896341f), magic), magic);
+  V16 r = v_fmav(n, v_set(-0.693359375f), xc);
+  r = v_fmav(n, v_set(2.12194440e-4f), r);
+  V16 p = v_set(1.f / 5040.f);
+  for (float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = v_fmav(p, r, v_set(c));
+  return v_mul(p, v_pow2(n));
+}
+
+// ask for the line at p early (the cache's positions are read once a pass, straight from DRAM)
+inline void fetch(const float* p) {
+#if defined(__AVX2__) || defined(__AVX512F__)
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+#else
+  (void)p;
+#endif
+}
+constexpr int64_t AHEAD = 8;  // positions ahead a loop over the cache asks for
+
+// q . k for C chunks of 16 floats: one FMA chain a lane, then the lanes in v_hsum's order
+template <int C>
+inline float dot_chunks(const float* __restrict q, const float* __restrict k) {
+  V16 acc = v_zero();
+  for (int c = 0; c < C; ++c) acc = v_fmav(v_load(q + 16 * c), v_load(k + 16 * c), acc);
+  return v_hsum(acc);
+}
+
+// the softmax weights of positions 0..n-1 (scores in w, padded to whole 16s) turned into
+// e^(score - top) in place, the padding zeroed; returns their sum, in v_hsum's order over
+// per-lane sums taken in position order
+inline float softmax_weights(float* w, int64_t n, float top) {
+  const int64_t padded = (n + 15) / 16 * 16;
+  for (int64_t s = n; s < padded; ++s) w[s] = top;
+  V16 z = v_zero();
+  const V16 t = v_set(top);
+  for (int64_t s = 0; s < padded; s += 16) {
+    v_store(w + s, v_exp(v_sub(v_load(w + s), t)));
+  }
+  for (int64_t s = n; s < padded; ++s) w[s] = 0.f;
+  for (int64_t s = 0; s < padded; s += 16) z = v_add(z, v_load(w + s));
+  return v_hsum(z);
+}
+
+// o = (sum over positions s < n of w[s] v_s) * inv, v_s at v + s * 16C, in position order, held
+// in registers (the earlier loop kept the output in memory and divided every weight by the sum)
+template <int C>
+inline void weighted_chunks(const float* __restrict w, const float* __restrict v, int64_t n, float inv, float* o) {
+  V16 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = v_zero();
+  for (int64_t s = 0; s < n; ++s) {
+    for (int c = 0; c < C; ++c) fetch(v + ((s + AHEAD) * C + c) * 16);
+    for (int c = 0; c < C; ++c) acc[c] = v_fma(w[s], v_load(v + (s * C + c) * 16), acc[c]);
+  }
+  const V16 scale = v_set(inv);
+  for (int c = 0; c < C; ++c) v_store(o + 16 * c, v_mul(acc[c], scale));
+}
+
+// one (row, head): scores of positions 0..n-1 against q, softmax, weighted values; C = hd / 16
+template <int C>
+void attend_one(const float* q, const float* keys, const float* values, int64_t n, float scale, float* w, float* o) {
+  float top = -std::numeric_limits<float>::infinity();
+  bool nan = false;
+  for (int64_t s = 0; s < n; ++s) {
+    for (int c = 0; c < C; ++c) fetch(keys + ((s + AHEAD) * C + c) * 16);
+    if (s < AHEAD)
+      for (int c = 0; c < C; ++c) fetch(values + (s * C + c) * 16);  // the values' first lines, for the second loop
+    w[s] = dot_chunks<C>(q, keys + s * 16 * C) * scale;
+    nan |= w[s] != w[s];
+    top = std::max(top, w[s]);
+  }
+  if (nan) {  // e^NaN clamps to a number: say NaN, as the plain pass does
+    std::fill(o, o + 16 * C, std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
+  weighted_chunks<C>(w, values, n, 1.f / softmax_weights(w, n, top), o);
+}
+
+// SwiGLU's u * silu(g) = u * g / (1 + e^-g) in place over rows of F, 16 at a time (a row's last
+// partial 16 through a padded copy, so every element takes the same path wherever it sits), the
+// rows' 16s split over the threads: elementwise, so the split changes no bits
+void swiglu_rows(float* u, const float* g, int64_t rows, int64_t F) {
+  const int64_t per_row = (F + 15) / 16;
+  at::parallel_for(0, rows * per_row, 64, [&](int64_t i0, int64_t i1) {
+    const V16 one = v_set(1.f), zero = v_zero();
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / per_row, c0 = (i % per_row) * 16, cols = std::min<int64_t>(16, F - c0);
+      float* ur = u + r * F + c0;
+      const float* gr = g + r * F + c0;
+      if (cols == 16) {
+        const V16 gv = v_load(gr);
+        v_store(ur, v_div(v_mul(v_load(ur), gv), v_add(one, v_exp(v_sub(zero, gv)))));
+      } else {
+        float ub[16] = {0}, gb[16] = {0};
+        std::copy(ur, ur + cols, ub);
+        std::copy(gr, gr + cols, gb);
+        const V16 gv = v_load(gb);
+        v_store(ub, v_div(v_mul(v_load(ub), gv), v_add(one, v_exp(v_sub(zero, gv)))));
+        std::copy(ub, ub + cols, ur);
+      }
+    }
+  });
+}
+
+// the same for a head width that is not a whole number of 16s, or is over 128: plain FMA chains
+void attend_one_any(const float* q, const float* keys, const float* values, int64_t n, int64_t hd, float scale,
+                    float* w, float* o) {
+  float top = -std::numeric_limits<float>::infinity();
+  bool nan = false;
+  for (int64_t s = 0; s < n; ++s) {
+    float a = 0.f;
+    for (int64_t d = 0; d < hd; ++d) a = std::fma(q[d], keys[s * hd + d], a);
+    w[s] = a * scale;
+    nan |= w[s] != w[s];
+    top = std::max(top, w[s]);
+  }
+  if (nan) {
+    std::fill(o, o + hd, std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
+  const float inv = 1.f / softmax_weights(w, n, top);
+  for (int64_t d = 0; d < hd; ++d) {
+    float a = 0.f;
+    for (int64_t s = 0; s < n; ++s) a = std::fma(w[s], values[s * hd + d], a);
+    o[d] = a * inv;
+  }
+}
 
 // RT rows of x (R, K; row stride K) against one packed panel (K, PANEL): out (RT, PANEL). Each
 // output is a chain of FMAs over k = 0..K-1 in order, from zero: the same whatever RT is.
@@ -225,7 +459,7 @@ torch::Tensor rows_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, tor
     TORCH_CHECK(0 <= rp[r] && rp[r] < slots && 0 <= pp[r] && pp[r] < ctx, "rows_attend: row or position out of range");
   for (int64_t r = 0; r < R; ++r)
     for (int64_t j = r + 1; j < R; ++j) TORCH_CHECK(rp[r] != rp[j], "rows_attend: a row twice");
-  auto out = torch::zeros({R, H, hd}, q.options());
+  auto out = torch::empty({R, H, hd}, q.options());
   const float* qp = q.data_ptr<float>();
   float* kp = keys.data_ptr<float>();
   float* vp = values.data_ptr<float>();
@@ -234,29 +468,23 @@ torch::Tensor rows_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, tor
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, R * H, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> w(ctx);
+    std::vector<float> w((ctx + 15) / 16 * 16);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r = b / H, h = b % H, last = pp[r];
-      const float* qr = qp + b * hd;
       float* kr = kp + (rp[r] * H + h) * ctx * hd;
       float* vr = vp + (rp[r] * H + h) * ctx * hd;
       std::copy(knew + b * hd, knew + (b + 1) * hd, kr + last * hd);  // the new position's key and value
       std::copy(vnew + b * hd, vnew + (b + 1) * hd, vr + last * hd);
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t s = 0; s <= last; ++s) {
-        w[s] = dot(qr, kr + s * hd, hd) * sc;
-        top = std::max(top, w[s]);
-      }
-      float z = 0.f;
-      for (int64_t s = 0; s <= last; ++s) {
-        w[s] = std::exp(w[s] - top);
-        z += w[s];
-      }
+      const float* qr = qp + b * hd;
       float* o = op + b * hd;
-      for (int64_t s = 0; s <= last; ++s) {
-        const float ws = w[s] / z;
-        const float* v = vr + s * hd;
-        for (int64_t d = 0; d < hd; ++d) o[d] += ws * v[d];
+      switch (hd) {
+        case 16: attend_one<1>(qr, kr, vr, last + 1, sc, w.data(), o); break;
+        case 32: attend_one<2>(qr, kr, vr, last + 1, sc, w.data(), o); break;
+        case 48: attend_one<3>(qr, kr, vr, last + 1, sc, w.data(), o); break;
+        case 64: attend_one<4>(qr, kr, vr, last + 1, sc, w.data(), o); break;
+        case 96: attend_one<6>(qr, kr, vr, last + 1, sc, w.data(), o); break;
+        case 128: attend_one<8>(qr, kr, vr, last + 1, sc, w.data(), o); break;
+        default: attend_one_any(qr, kr, vr, last + 1, hd, sc, w.data(), o);
       }
     }
   });
@@ -384,8 +612,7 @@ torch::Tensor rows_block(torch::Tensor x, const torch::Tensor& ln1_w, c10::optio
   if (mlp_kind == 2) {
     TORCH_CHECK(gate_w.defined(), "rows_block: SwiGLU needs its gate");
     auto gate = plus_bias(gate_w(h), gate_b);
-    const float* g = gate.data_ptr<float>();
-    for (int64_t i = 0; i < n; ++i) u[i] *= g[i] / (1.f + std::exp(-g[i]));
+    swiglu_rows(u, gate.data_ptr<float>(), R, up.size(1));
   } else if (mlp_kind == 1) {
     for (int64_t i = 0; i < n; ++i) u[i] = u[i] > 0.f ? u[i] * u[i] : 0.f;
   } else {
