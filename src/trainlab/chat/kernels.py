@@ -23,8 +23,8 @@ order is written down:
   and value at its position in its cache row, then its query attends to positions
   0..positions[r]: scores, softmax and the weighted sum of values, each in position order,
   one (row, head) per thread at a time; the exponentials 16 at a time (``v_exp``, the same
-  bits on every ISA), the weighted sum held in registers, the cache's lines asked for ahead.
-  At 8 rows and 256 positions a pass reads 50 MB of cache beside 57 MB of weights, straight
+  bits on every ISA), the weighted sum held in registers. Software prefetch, tried here and
+  in the products, made both slower (3-7% and 2-15%): the hardware's streams do it. At 8 rows and 256 positions a pass reads 50 MB of cache beside 57 MB of weights, straight
   from DRAM (``benchmarks/kernels_ab.py`` prints that floor).
 - ``rows_norm(x, weight, bias, eps, rms)``: RMSNorm or LayerNorm of each row, its sums in
   the order of a dot product: eager norms cost a dozen small ops each, 33 of them a pass.
@@ -241,16 +241,6 @@ inline V16 v_exp(const V16& x) {
   return v_mul(p, v_pow2(n));
 }
 
-// ask for the line at p early (the cache's positions are read once a pass, straight from DRAM)
-inline void fetch(const float* p) {
-#if defined(__AVX2__) || defined(__AVX512F__)
-  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
-#else
-  (void)p;
-#endif
-}
-constexpr int64_t AHEAD = 8;  // positions ahead a loop over the cache asks for
-
 // q . k for C chunks of 16 floats: one FMA chain a lane, then the lanes in v_hsum's order
 template <int C>
 inline float dot_chunks(const float* __restrict q, const float* __restrict k) {
@@ -281,10 +271,8 @@ template <int C>
 inline void weighted_chunks(const float* __restrict w, const float* __restrict v, int64_t n, float inv, float* o) {
   V16 acc[C];
   for (int c = 0; c < C; ++c) acc[c] = v_zero();
-  for (int64_t s = 0; s < n; ++s) {
-    for (int c = 0; c < C; ++c) fetch(v + ((s + AHEAD) * C + c) * 16);
+  for (int64_t s = 0; s < n; ++s)
     for (int c = 0; c < C; ++c) acc[c] = v_fma(w[s], v_load(v + (s * C + c) * 16), acc[c]);
-  }
   const V16 scale = v_set(inv);
   for (int c = 0; c < C; ++c) v_store(o + 16 * c, v_mul(acc[c], scale));
 }
@@ -295,9 +283,6 @@ void attend_one(const float* q, const float* keys, const float* values, int64_t 
   float top = -std::numeric_limits<float>::infinity();
   bool nan = false;
   for (int64_t s = 0; s < n; ++s) {
-    for (int c = 0; c < C; ++c) fetch(keys + ((s + AHEAD) * C + c) * 16);
-    if (s < AHEAD)
-      for (int c = 0; c < C; ++c) fetch(values + (s * C + c) * 16);  // the values' first lines, for the second loop
     w[s] = dot_chunks<C>(q, keys + s * 16 * C) * scale;
     nan |= w[s] != w[s];
     top = std::max(top, w[s]);
