@@ -24,8 +24,9 @@ order is written down:
   0..positions[r]: scores, softmax and the weighted sum of values, each in position order,
   one (row, head) per thread at a time; the exponentials 16 at a time (``v_exp``, the same
   bits on every ISA), the weighted sum held in registers. Software prefetch, tried here and
-  in the products, made both slower (3-7% and 2-15%): the hardware's streams do it. At 8 rows and 256 positions a pass reads 50 MB of cache beside 57 MB of weights, straight
-  from DRAM (``benchmarks/kernels_ab.py`` prints that floor).
+  in the products, made both slower (3-7% and 2-15%): the hardware's streams do it. At 8
+  rows and 256 positions a pass reads 50 MB of cache beside 57 MB of weights, straight from
+  DRAM (``benchmarks/kernels_ab.py`` prints that floor).
 - ``rows_norm(x, weight, bias, eps, rms)``: RMSNorm or LayerNorm of each row, its sums in
   the order of a dot product: eager norms cost a dozen small ops each, 33 of them a pass.
 - a block for R rows (C++ only, inside ``RowsModel``): the three above and per-row loops for
@@ -226,10 +227,9 @@ constexpr int ROW_TILE = 4;
 constexpr int64_t PANEL = 32;  // output columns of a packed panel: two V16
 
 // e^x for 16 lanes, x clamped to [-87, 88]: n = round(x / ln 2) (the 1.5 * 2^23 trick, one FMA),
-// r = x - n ln 2 in two parts, e^r by its Taylor series to r^7 (|r| <= 0.35: error under one
-// float ulp), times 2^n. The same FMAs in the same order on every ISA, so the same bits; within
-// two ulps of std::exp, and 16 at once where glibc's expf takes one (the softmax and SwiGLU
-// spent more time in expf than in their memory reads).
+// r = x - n ln 2 in two parts, e^r by its Taylor series to r^7 (|r| <= 0.35: the terms left out
+// are under a tenth of float's rounding), times 2^n. The same FMAs in the same order on every
+// ISA, so the same bits (benchmarks/kernels_isa.py); 16 at once where glibc's expf takes one.
 inline V16 v_exp(const V16& x) {
   const V16 xc = v_clamp(x, -87.f, 88.f);
   const V16 magic = v_set(12582912.f);
@@ -277,21 +277,29 @@ inline void weighted_chunks(const float* __restrict w, const float* __restrict v
   for (int c = 0; c < C; ++c) v_store(o + 16 * c, v_mul(acc[c], scale));
 }
 
-// one (row, head): scores of positions 0..n-1 against q, softmax, weighted values; C = hd / 16
-template <int C>
-void attend_one(const float* q, const float* keys, const float* values, int64_t n, float scale, float* w, float* o) {
+// the scores of positions 0..n-1 (score(s) times scale) into w, then their softmax weights;
+// returns 1 / their sum, or NaN where a score is NaN (e^NaN would clamp to a number: the head
+// says NaN instead, as the plain pass does)
+template <class Score>
+inline float softmax_of(Score score, int64_t n, float scale, float* w) {
   float top = -std::numeric_limits<float>::infinity();
   bool nan = false;
   for (int64_t s = 0; s < n; ++s) {
-    w[s] = dot_chunks<C>(q, keys + s * 16 * C) * scale;
+    w[s] = score(s) * scale;
     nan |= w[s] != w[s];
     top = std::max(top, w[s]);
   }
-  if (nan) {  // e^NaN clamps to a number: say NaN, as the plain pass does
-    std::fill(o, o + 16 * C, std::numeric_limits<float>::quiet_NaN());
-    return;
-  }
-  weighted_chunks<C>(w, values, n, 1.f / softmax_weights(w, n, top), o);
+  return nan ? std::numeric_limits<float>::quiet_NaN() : 1.f / softmax_weights(w, n, top);
+}
+
+// one (row, head): scores of positions 0..n-1 against q, softmax, weighted values; C = hd / 16
+template <int C>
+void attend_one(const float* q, const float* keys, const float* values, int64_t n, float scale, float* w, float* o) {
+  const float inv = softmax_of([&](int64_t s) { return dot_chunks<C>(q, keys + s * 16 * C); }, n, scale, w);
+  if (inv != inv)
+    std::fill(o, o + 16 * C, inv);
+  else
+    weighted_chunks<C>(w, values, n, inv, o);
 }
 
 // SwiGLU's u * silu(g) = u * g / (1 + e^-g) in place over rows of F, 16 at a time (a row's last
@@ -305,15 +313,17 @@ void swiglu_rows(float* u, const float* g, int64_t rows, int64_t F) {
       const int64_t r = i / per_row, c0 = (i % per_row) * 16, cols = std::min<int64_t>(16, F - c0);
       float* ur = u + r * F + c0;
       const float* gr = g + r * F + c0;
+      auto swiglu = [&](float* uu, const float* gg) {
+        const V16 gv = v_load(gg);
+        v_store(uu, v_div(v_mul(v_load(uu), gv), v_add(one, v_exp(v_sub(zero, gv)))));
+      };
       if (cols == 16) {
-        const V16 gv = v_load(gr);
-        v_store(ur, v_div(v_mul(v_load(ur), gv), v_add(one, v_exp(v_sub(zero, gv)))));
+        swiglu(ur, gr);
       } else {
         float ub[16] = {0}, gb[16] = {0};
         std::copy(ur, ur + cols, ub);
         std::copy(gr, gr + cols, gb);
-        const V16 gv = v_load(gb);
-        v_store(ub, v_div(v_mul(v_load(ub), gv), v_add(one, v_exp(v_sub(zero, gv)))));
+        swiglu(ub, gb);
         std::copy(ub, ub + cols, ur);
       }
     }
@@ -323,20 +333,15 @@ void swiglu_rows(float* u, const float* g, int64_t rows, int64_t F) {
 // the same for a head width that is not a whole number of 16s, or is over 128: plain FMA chains
 void attend_one_any(const float* q, const float* keys, const float* values, int64_t n, int64_t hd, float scale,
                     float* w, float* o) {
-  float top = -std::numeric_limits<float>::infinity();
-  bool nan = false;
-  for (int64_t s = 0; s < n; ++s) {
+  const float inv = softmax_of([&](int64_t s) {
     float a = 0.f;
     for (int64_t d = 0; d < hd; ++d) a = std::fma(q[d], keys[s * hd + d], a);
-    w[s] = a * scale;
-    nan |= w[s] != w[s];
-    top = std::max(top, w[s]);
-  }
-  if (nan) {
-    std::fill(o, o + hd, std::numeric_limits<float>::quiet_NaN());
+    return a;
+  }, n, scale, w);
+  if (inv != inv) {
+    std::fill(o, o + hd, inv);
     return;
   }
-  const float inv = 1.f / softmax_weights(w, n, top);
   for (int64_t d = 0; d < hd; ++d) {
     float a = 0.f;
     for (int64_t s = 0; s < n; ++s) a = std::fma(w[s], values[s * hd + d], a);
