@@ -288,7 +288,7 @@ def test_budget_minutes_gives_each_member_its_own_fitted_steps_once(runs_dir, tm
     monkeypatch.setenv(faults.ENV, "interrupt=4")  # the first run stops early: the fit must survive that
     assert compare(runs_dir, *flags) == 130
     monkeypatch.delenv(faults.ENV)
-    assert timed == [16]
+    assert timed == [16, 32]  # both members timed before the first run trains, one after the other
     assert compare(runs_dir, *flags) == 0
     assert timed == [16, 32]  # each member timed once, not once a seed or once a resume
     folder = runs_dir / "compare" / "timed"

@@ -10,8 +10,9 @@ seed trains to its ``--max-steps``; the comparison resumes where it stopped, see
 the held-out test split; it is not part of what the comparison is, so the same runs can be
 scored again that way. ``--budget-minutes M`` instead gives every member M
 minutes of its own training: its step count is fitted once from a short timing (as a tune
-trial's is), recorded in ``compare.json`` and reused by every seed and by a resumed
-comparison, so members with different recipes (a wider batch, a deeper model) get equal
+trial's is; every member's, one after the other, before any seed trains), recorded in
+``compare.json`` and reused by every seed and by a resumed comparison, so members with
+different recipes (a wider batch, a deeper model) get equal
 time rather than equal steps. Then each seed's final models answer the same
 ``--test-n`` held-out test problems (all of them when the range has fewer), free-running.
 
@@ -300,10 +301,20 @@ def run(plan: Plan, say=print) -> tuple[dict[str, Any], Path] | None:
     from trainlab.multiply.inference import evaluation_dataset
 
     check_or_record(plan)
+    runs = plan.runs()
+    fitted: dict[str, int] = {}
+    if plan.budget_minutes is not None:
+        # every member fitted before any seed trains, one right after the other: fitted each
+        # before its own first run, the members were timed a whole run apart, and a shared
+        # machine's drift over those minutes decided their steps (19% apart at 30 minutes,
+        # results/multiply-budgets/README.md)
+        for _, _, members, values in runs:
+            if "+".join(members) not in fitted:
+                fitted["+".join(members)] = budget_steps(plan, members, values, say)
     by_seed: dict[int, list[tuple[str, list[str]]]] = {}
-    for seed, name, members, values in plan.runs():
+    for seed, name, members, values in runs:
         if plan.budget_minutes is not None:
-            steps = budget_steps(plan, members, values, say)
+            steps = fitted["+".join(members)]
             values = {**values, "max_steps": steps, "lr_decay_steps": steps}
         say(f"comparison {plan.id}: seed {seed}, run {name} ({'+'.join(members)})")
         _, summary = run_to_end("multiply", values, name, extra={"comparison": plan.id, "seed": seed}, echo=say)
