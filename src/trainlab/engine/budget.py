@@ -6,7 +6,8 @@ How the minutes are spent, and measured rather than assumed:
 - the clock starts when the process did (``process_age``: interpreter start-up and imports
   count), so what a user times from outside is what the budget holds;
 - the first fit comes after a few real training steps (``FIT_AFTER``), once every automatic
-  choice (precision, micro-batch, compile) is made: the pace is the median of those steps.
+  choice (precision, micro-batch, compile) is made: the pace is the mean of those steps (the
+  odd slow step is part of what the minutes must hold).
   An evaluation (``PROBE_PART`` of its batches, where the task can run a part, scaled by the
   share that ran) and a sample are timed once there (their results thrown away, the RNG left
   as it was), and a real checkpoint is saved and timed, so every pause has a measured cost;
