@@ -20,26 +20,28 @@ def corpus(tmp_path):
     return path
 
 
-def fake_paces(monkeypatch, paces: dict[int, float]) -> list[int]:
-    """Every recipe's seconds a step by its width, without training; returns the widths timed."""
-    timed: list[int] = []
+def fake_paces(monkeypatch, paces: dict) -> list:
+    """Every recipe's seconds a step by its width, or by (width, context) where given, without
+    training; returns the widths timed (a context-256 recipe as (width, 256))."""
+    timed: list = []
 
     def fake(task, cfg, device=None, n=10, warmup=5):
-        width = task.model_cfg.d_model
-        timed.append(width)
-        return paces[width], "fp32", {"fp32": paces[width]}
+        width, ctx = task.model_cfg.d_model, task.model_cfg.context_len
+        key = (width, ctx) if (width, ctx) in paces else width
+        timed.append(key)
+        return paces[key], "fp32", {"fp32": paces[key]}
 
     monkeypatch.setattr("trainlab.engine.step.fitted_seconds_per_step", fake)
     return timed
 
 
-# widths: chat-quick 128, chat-1min 192, chat-20min 256, chatgot-14m 384
-LAPTOP = {128: 0.03, 192: 0.12, 256: 0.4, 384: 3.0}
+# widths: chat-quick 128, chat-1min 192, chat-20min 256 (chat-20min-ctx256: (256, 256)), chatgot-14m 384
+LAPTOP = {128: 0.03, 192: 0.12, 256: 0.4, (256, 256): 0.5, 384: 3.0}
 
 
 def test_the_budget_chooses_the_recipe_and_larger_ones_are_timed_only_when_in_reach(monkeypatch, corpus):
     names = [c.preset for c in auto.CANDIDATES["chat"]]
-    assert names == ["chat-quick", "chat-1min", "chat-20min", "chatgot-14m"]
+    assert names == ["chat-quick", "chat-1min", "chat-20min", "chat-20min-ctx256", "chatgot-14m"]
     sizes = [auto.flops_per_char(runs.settings("chat", n, flags={"text": str(corpus)})) for n in names]
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1] / 50  # the list goes up in cost
 
@@ -55,7 +57,13 @@ def test_the_budget_chooses_the_recipe_and_larger_ones_are_timed_only_when_in_re
 
     timed.clear()
     name, record = auto.choose("chat", None, {**flags, "minutes": 20.0}, time.monotonic(), echo=lambda s: None)
-    assert name == "chat-20min" and timed == [128, 192, 256]  # the 14M model's bound is far short of 40M
+    # context 256 reads 0.85 x 1,200 s / 0.5 s x 4,096 = 8.4M >= 6M; the 14M model's bound is far short of 40M
+    assert name == "chat-20min-ctx256" and timed == [128, 192, 256, (256, 256)]
+    slow = fake_paces(monkeypatch, {**LAPTOP, 256: 0.8, (256, 256): 1.0})  # fp32 on a CPU without bf16
+    name, record = auto.choose("chat", None, {**flags, "minutes": 20.0}, time.monotonic(), echo=lambda s: None)
+    assert name == "chat-20min" and slow == [128, 192, 256, (256, 256)]  # 4.2M at context 256: short of 6M
+    assert record["auto"]["probes"][-1]["preset"] == "chat-20min-ctx256"
+    timed = fake_paces(monkeypatch, LAPTOP)
     timed.clear()
     name, _ = auto.choose("chat", None, {**flags, "minutes": 0.15}, time.monotonic(), echo=lambda s: None)
     assert name == "chat-quick" and timed == [128]  # even chat-1min's bound is short of 0.6M in 9 s

@@ -3,8 +3,9 @@ this machine, chosen by measuring it.
 
 The studies (results/chat-tune/, results/auto/) found that the best shape depends on how
 much text the budget lets a model read: a minute of training favours two layers of 192,
-twenty minutes four of 256, and the same recipe given more time than it was made for can
-end worse (chat-1min's two layers overfit tinyshakespeare at 5 minutes). What a budget
+twenty minutes four of 256 (with a window of 256 characters once they read 6M or more),
+and the same recipe given more time than it was made for can end worse (chat-1min's two
+layers overfit tinyshakespeare at 5 minutes). What a budget
 affords differs threefold between a CPU with native bf16 and one without, and a
 hundredfold on a GPU, so minutes alone cannot choose: characters can.
 
@@ -67,6 +68,10 @@ CANDIDATES: dict[str, tuple[Candidate, ...]] = {
         Candidate("chat-20min", 2.0e6, "best at 5 minutes in bf16 on tinyshakespeare (2.6M characters, 11 passes "
                                        "of chat-1min), behind it at 1.3M (fp32) and on the Bible (3 passes)",
                   after_passes=5.0),
+        Candidate("chat-20min-ctx256", 6.0e6, "ahead of chat-20min at 20 minutes in bf16 on tinyshakespeare "
+                                              "(7.4-8.5M characters: 1.4407, 1.4421 against 1.4501-1.4586), level "
+                                              "in fp32 (5.1M: 1.4743 against 1.4725-1.4780), far behind at 5 "
+                                              "minutes in bf16 (1.6M: 1.6137 against 1.5347)"),
         Candidate("chatgot-14m", 40e6, "not measured: an extrapolation from nanoGPT's 6 x 384 (1.4697 on "
                                        "82M characters); past 40M characters a 2.5M-parameter model is "
                                        "many passes over a small corpus"),
