@@ -89,3 +89,29 @@ def test_too_short_for_the_context():
     c.check_windows(8)
     with pytest.raises(UsageError, match="too short"):
         c.check_windows(10)  # val holds 10 characters, a window needs 11
+
+
+@pytest.mark.parametrize("context", [16, 100, 200])
+def test_a_shuffled_pass_reads_every_character_once(context):
+    c = TextCorpus.from_text(TEXT * 3, val_fraction=0.1)
+    n = len(c.train)
+    k, offsets = c.pass_windows("train", context)
+    seen = set()
+    for seed in range(6):
+        starts = c.pass_starts("train", context, np.random.default_rng(seed))
+        assert len(starts) == k == len(set(starts.tolist()))
+        assert starts.min() >= 0 and starts.max() + context + 1 <= n  # never reads into val
+        ordered = np.sort(starts)
+        assert np.all(np.diff(ordered) == context)  # side by side: each target character once
+        assert ordered[0] < offsets <= context
+        seen.add(tuple(starts.tolist()))
+    assert len(seen) == 6  # each pass its own offset and order
+    # the windows tile all but less than two windows' worth of the span
+    assert n - k * context < 2 * context + 1
+
+
+def test_a_span_too_short_for_two_windows_gives_one():
+    c = TextCorpus.from_text("abcdefghij" * 5, val_fraction=0.2)  # 40 train characters
+    assert c.pass_windows("train", 30) == (1, 10)
+    starts = c.pass_starts("train", 30, np.random.default_rng(0))
+    assert len(starts) == 1 and 0 <= starts[0] <= len(c.train) - 31

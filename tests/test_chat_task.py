@@ -62,10 +62,10 @@ def test_a_tiny_model_learns_a_made_up_play(learned, capsys):
         assert capsys.readouterr().out == "ANNA:\nWe sail at noon.\n"
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_resume_after_an_interrupt_equals_an_unbroken_run(runs_dir, corpus, monkeypatch, optimizer):
+@pytest.mark.parametrize("optimizer, windows", [("adamw", "random"), ("muon", "random"), ("muon", "shuffled")])
+def test_resume_after_an_interrupt_equals_an_unbroken_run(runs_dir, corpus, monkeypatch, optimizer, windows):
     flags = ["--max-steps", "12", "--eval-every", "4", "--sample-every", "3", "--save-every", "5", "--log-every", "2",
-             "--dropout", "0.1", "--optimizer", optimizer]
+             "--dropout", "0.1", "--optimizer", optimizer, "--windows", windows]
     assert chat_train(runs_dir, corpus, "--run-name", "straight", *flags) == 0
     monkeypatch.setenv(faults.ENV, "interrupt=7")
     assert chat_train(runs_dir, corpus, "--run-name", "broken", *flags) == 130
@@ -179,6 +179,7 @@ def test_a_changed_corpus_is_refused_but_a_moved_one_is_fine(runs_dir, corpus, t
     (["--sample-temperature", "warm"], "--sample-temperature"),
     (["--preset", "chatgot-huge"], "--preset"),
     (["--nhead", "5"], "--d-model"),
+    (["--windows", "sorted"], "--windows"),
 ])
 def test_bad_flags_are_one_line_and_leave_nothing(runs_dir, corpus, capsys, flags, message):
     assert chat_train(runs_dir, corpus, *flags) == 2
@@ -247,3 +248,33 @@ def test_dialogue_style_detection():
     block = detect_speakers(made_up_text(20))
     assert block["style"] == "block" and len(block["speakers"]) == 3
     assert detect_speakers("just some prose, no speakers at all.")["style"] == "none"
+
+
+def test_shuffled_windows_are_a_function_of_the_step_across_passes():
+    """Each pass reads every window once; a task built afresh (a resumed run) reads the same
+    windows at any step as one that read every step before it."""
+    import numpy as np
+
+    from trainlab.chat.config import ChatTaskConfig, GPTConfig
+    from trainlab.chat.data import TextCorpus
+    from trainlab.chat.task import ChatTask
+    from trainlab.engine.train_config import TrainConfig
+
+    corpus = TextCorpus.from_text(made_up_text(), val_fraction=0.1)
+    model = GPTConfig(d_model=16, nhead=2, num_layers=1, context_len=32, vocab_size=corpus.vocab.size)
+    train = TrainConfig(max_steps=100, batch_size=10, seed=3)
+    straight = ChatTask(corpus, model, ChatTaskConfig(windows="shuffled"), train)
+    k, _ = corpus.pass_windows("train", 32)
+    steps = 2 * k // 10 + 2  # past the end of the second pass
+    starts = np.concatenate([straight.shuffled_starts(s * 10, 10) for s in range(steps)])
+    first, second = starts[:k], starts[k:2 * k]
+    assert len(set(first.tolist())) == k and len(set(second.tolist())) == k  # no window twice in a pass
+    assert set(first.tolist()) != set(second.tolist())  # a new offset each pass
+    rows = [straight.batch(s)["x"] for s in range(steps)]
+    for s in (3, k // 10):
+        assert np.array_equal(rows[s], corpus.windows("train", starts[s * 10:s * 10 + 10], 32)["x"])
+    fresh = ChatTask(corpus, model, ChatTaskConfig(windows="shuffled"), train)
+    for s in (steps - 1, k // 10, 0):  # out of order, across a pass boundary
+        assert np.array_equal(fresh.batch(s)["x"], rows[s])
+    other_seed = ChatTask(corpus, model, ChatTaskConfig(windows="shuffled"), TrainConfig(max_steps=100, batch_size=10))
+    assert not np.array_equal(other_seed.shuffled_starts(0, k), first)

@@ -20,6 +20,7 @@ STOP_AT = ("none", "line", "sentence", "paragraph")
 POSITIONS = ("learned", "rotary")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "relu2", "swiglu")
+WINDOWS = ("random", "shuffled")
 
 
 # `--decode auto` compiles the decoding pass for a `generate` of at least this many characters:
@@ -113,10 +114,17 @@ class ChatTaskConfig:
     sample_temperature: str = field(default="auto", metadata={"help": "temperature of training samples: a number, "
                                                                       "or auto (cooler as val loss falls)"})
     prompt_chars: int = field(default=48, metadata={"help": "characters of val text that prompt each sample"})
+    # "random" is what every run before this setting trained with, so a saved task config
+    # without it resumes as it began
+    windows: str = field(default="random", metadata={"help": "how training windows are drawn: random (each "
+                                                             "anywhere in the text, independently) or shuffled "
+                                                             "(each pass cuts the text into windows at a random "
+                                                             "offset and reads every one once, in random order)"})
 
     def __post_init__(self) -> None:
         for name in ("eval_batches", "sample_tokens", "prompt_chars"):
             positive(name, getattr(self, name))
+        one_of("windows", self.windows, WINDOWS)
         if self.sample_temperature != "auto":
             try:
                 t = float(self.sample_temperature)

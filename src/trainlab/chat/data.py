@@ -12,9 +12,14 @@ contiguous spans, so no validation window overlaps a training one. (Random windo
 split at random would put the same lines on both sides and flatter the val loss.)
 
 Windows. A training batch is ``batch_size`` windows of ``context_len + 1`` characters
-at random offsets inside the train span; the input is the first ``context_len``, the
-target the last ``context_len`` (shifted by one). Offsets come from
-``rng(seed, step)``, so a run's data position is its step count.
+inside the train span; the input is the first ``context_len``, the target the last
+``context_len`` (shifted by one). ``--windows random`` draws each window's offset anywhere,
+from ``rng(seed, step)``. ``--windows shuffled`` reads the text in passes: pass ``p`` cuts
+the span into ``context_len``-character windows from an offset below ``context_len``, both
+the offset and the order drawn from ``rng(seed, p)``, and window ``i`` of the run is the
+``i % K``-th of pass ``i // K`` (``K`` windows a pass). Every character is then a target
+once a pass, where random offsets read some parts of the text several times as often as
+others. Either way a run's data position is its step count.
 
 Storage. Tokens are uint8 when the vocabulary fits in 256 ids, else uint16. A corpus
 larger than ``MMAP_BYTES`` is decoded in chunks into a cache file named by its sha256
@@ -194,6 +199,20 @@ class TextCorpus:
     def random_starts(self, split: str, n: int, context_len: int, rng: np.random.Generator) -> np.ndarray:
         data = self.train if split == "train" else self.val
         return rng.integers(0, len(data) - context_len, size=n)
+
+    def pass_windows(self, split: str, context_len: int) -> tuple[int, int]:
+        """(K, offsets): a pass over ``split`` is K windows, from an offset below ``offsets``.
+        The last window of a pass starts at most at ``len - context_len - 1``, as a random one
+        does; a span too short for two windows gives one, anywhere."""
+        n = len(self.train if split == "train" else self.val)
+        k = max(1, (n - 1 - context_len) // context_len)
+        return k, min(context_len, n - k * context_len)
+
+    def pass_starts(self, split: str, context_len: int, rng: np.random.Generator) -> np.ndarray:
+        """The starts of one pass over ``split``, in the order it reads them (module docstring)."""
+        k, offsets = self.pass_windows(split, context_len)
+        offset = int(rng.integers(0, offsets))
+        return offset + context_len * rng.permutation(k)
 
     def info(self) -> dict:
         return {"sha256": self.sha256, "characters": int(len(self.tokens)), "train_characters": int(len(self.train)),

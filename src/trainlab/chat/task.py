@@ -98,6 +98,7 @@ class ChatTask:
         newline = corpus.vocab.encode_known("\n")[0]
         self._line_starts = np.flatnonzero(np.asarray(corpus.val[:-1]) == newline[0]) + 1 if len(newline) else None
         self._fixed: dict[str, np.ndarray] = {}
+        self._pass: tuple[int, np.ndarray] | None = None  # (index, starts) of the last pass read
 
     # -- models and batches ----------------------------------------------------------
     def build_models(self) -> dict[str, nn.Module]:
@@ -105,9 +106,27 @@ class ChatTask:
         return {MEMBER: GPT(self.model_cfg)}
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.train_cfg.seed, step])
+        ctx, B = self.model_cfg.context_len, self.train_cfg.batch_size
+        if self.task_cfg.windows == "shuffled":
+            starts = self.shuffled_starts(step * B, B)
+        else:
+            starts = self.corpus.random_starts("train", B, ctx, np.random.default_rng([self.train_cfg.seed, step]))
+        return self.corpus.windows("train", starts, ctx)
+
+    def shuffled_starts(self, first: int, n: int) -> np.ndarray:
+        """Starts of the run's windows ``first`` to ``first + n - 1`` under ``--windows shuffled``:
+        a function of the index alone, so a resumed run reads on where it stopped."""
         ctx = self.model_cfg.context_len
-        return self.corpus.windows("train", self.corpus.random_starts("train", self.train_cfg.batch_size, ctx, rng), ctx)
+        k, _ = self.corpus.pass_windows("train", ctx)
+        out = np.empty(n, dtype=np.int64)
+        for i in range(n):
+            p, j = divmod(first + i, k)
+            if self._pass is None or self._pass[0] != p:  # a pass's order is drawn once, not per batch
+                # 1 marks the stream apart from the random windows' rng(seed, step)
+                rng = np.random.default_rng([self.train_cfg.seed, 1, p])
+                self._pass = (p, self.corpus.pass_starts("train", ctx, rng))
+            out[i] = self._pass[1][j]
+        return out
 
     def loss(self, member: str, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> StepLoss:
         logits, _ = model(batch["x"])  # (B, T, V)
