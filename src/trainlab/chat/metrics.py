@@ -13,7 +13,6 @@ model stuck in a loop. TensorBoard leaves such points out.
 from __future__ import annotations
 
 import math
-
 import re
 
 WORD = re.compile(r"\w+|[^\w\s]")
