@@ -16,7 +16,7 @@ inside the train span; the input is the first ``context_len``, the target the la
 ``context_len`` (shifted by one). ``--windows random`` draws each window's offset anywhere,
 from ``rng(seed, step)``. ``--windows shuffled`` reads the text in passes: pass ``p`` cuts
 the span into ``context_len``-character windows from an offset below ``context_len``, both
-the offset and the order drawn from ``rng(seed, p)``, and window ``i`` of the run is the
+the offset and the order drawn from ``rng(seed, 1, p)``, and window ``i`` of the run is the
 ``i % K``-th of pass ``i // K`` (``K`` windows a pass). Every character is then a target
 once a pass, where random offsets read some parts of the text several times as often as
 others. Either way a run's data position is its step count.
