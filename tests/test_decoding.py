@@ -304,6 +304,34 @@ def test_a_damaged_kernels_folder_is_built_again_not_trusted(tmp_path, monkeypat
     assert module is None and note == "row kernels unavailable (Ninja is required to load C++ extensions)"
 
 
+def test_a_lock_left_by_a_killed_build_is_cleared_and_a_linked_folder_builds_at_its_real_path(tmp_path,
+                                                                                               monkeypatch):
+    """torch's builder waits while a ``lock`` file stands in the folder, and a build killed
+    mid-way leaves one: every later ``chat serve`` then waited forever. And ninja keys a build by
+    its command, so a folder reached through a link (the suite links its build into each runs
+    folder) was built again under the other path. torch's builder stands in here."""
+    import torch.utils.cpp_extension as cpp
+
+    from trainlab.chat.kernels import kernels_dir, load_kernels
+
+    real = kernels_dir(tmp_path / "built")
+    real.mkdir(parents=True)
+    (real / "lock").touch()  # what a build killed mid-way leaves
+    linked = kernels_dir(tmp_path / "runs" / ".compiled")
+    linked.parent.mkdir(parents=True)
+    linked.symlink_to(real, target_is_directory=True)
+    seen: list[tuple[str, list[str]]] = []
+
+    def builder(name, cpp_sources, build_directory, **kw):
+        seen.append((build_directory, sorted(p.name for p in Path(build_directory).iterdir())))
+        return "a module"
+
+    monkeypatch.setattr(cpp, "load_inline", builder)
+    module, note = load_kernels(tmp_path / "runs" / ".compiled")
+    assert module == "a module" and note.startswith("row kernels ready")
+    assert seen == [(str(real.resolve()), [])]  # built where it really is, the leftover lock gone
+
+
 def test_kernels_whose_openmp_build_fails_are_built_for_one_thread(tmp_path, monkeypatch):
     """A compiler whose OpenMP calls torch's library lacks fails the first build: the kernels
     are then built without OpenMP (one thread) and say so, rather than not at all."""
