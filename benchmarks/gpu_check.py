@@ -76,7 +76,8 @@ class Check:
         self.args, self.device, self.tiny = args, args.device, args.tiny
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.runs = Path(tempfile.mkdtemp(prefix="gpu-check-runs-"))
+        self.runs = Path(args.runs_dir) if args.runs_dir else Path(tempfile.mkdtemp(prefix="gpu-check-runs-"))
+        self.runs.mkdir(parents=True, exist_ok=True)
         self.log_file = open(self.out / "log.txt", "a", encoding="utf-8")
         self.result: dict[str, Any] = {"machine": machine(args.device), "parts": {}}
         self.deadline = 0.0
@@ -341,6 +342,7 @@ def serve(c: Check) -> dict[str, Any]:
                               stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     chars = 300 if not c.tiny else 40
+    started = time.monotonic()
     try:
         while True:
             try:
@@ -349,7 +351,11 @@ def serve(c: Check) -> dict[str, Any]:
             except httpx.HTTPError:
                 pass
             if server.poll() is not None or time.monotonic() > c.deadline:
-                raise RuntimeError(f"the server did not come up: {(server.stdout.read() or '')[-300:]}")
+                # stopped before its output is read: reading a live server's stdout waits for an end
+                # that never comes (the suite hung here when the kernels' build outlasted the cap)
+                server.kill()
+                said = server.communicate(timeout=15)[0] or ""
+                raise RuntimeError(f"the server did not come up in {time.monotonic() - started:.0f} s: {said[-300:]}")
             time.sleep(0.3)
 
         async def stream(client: httpx.AsyncClient, seed: int) -> tuple[int, float]:
@@ -417,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
     ap.add_argument("--nanogpt", help="a copy of nanoGPT (train.py, model.py, configurator.py, config/)")
     ap.add_argument("--parts", default=",".join(name for name, _ in PARTS))
+    ap.add_argument("--runs-dir", help="where the check's runs go (default: a new temporary folder); the server's "
+                                       "row kernels are built under it once (RUNS/.compiled)")
     args = ap.parse_args(argv)
     if not args.text.is_file():
         raise SystemExit(f"gpu_check: no corpus at {args.text} (--text)")

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from helpers import made_up_text
+from helpers import KERNELS_ROOT, made_up_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,16 @@ def test_every_part_runs_on_a_cpu_and_writes_its_figures(gpu_check, tmp_path, mo
     text.write_text(made_up_text(3000), encoding="utf-8")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "check"
-    code = gpu_check.main(["--device", "cpu", "--tiny", "--out", str(out), "--text", str(text)])
+    # the serving part's row kernels: the suite's build, linked in. Built here, they took 70 s on a
+    # 2-core AVX2 EPYC, past the part's cap of 60 s
+    from trainlab.chat.kernels import kernels_dir, load_kernels
+
+    assert load_kernels(KERNELS_ROOT)[0] is not None
+    runs = tmp_path / "runs"
+    kernels_dir(runs / ".compiled").parent.mkdir(parents=True)
+    kernels_dir(runs / ".compiled").symlink_to(kernels_dir(KERNELS_ROOT), target_is_directory=True)
+    code = gpu_check.main(["--device", "cpu", "--tiny", "--out", str(out), "--text", str(text),
+                           "--runs-dir", str(runs)])
     result = json.loads((out / "results.json").read_text())
     parts = result["parts"]
     assert list(parts) == [name for name, _ in gpu_check.PARTS]
@@ -47,3 +57,22 @@ def test_every_part_runs_on_a_cpu_and_writes_its_figures(gpu_check, tmp_path, mo
     assert parts["serve"]["eight_streams_chars_per_sec_each"] > 0 and parts["serve"]["chars"] == [40] * 8
     assert parts["export"]["same_greedy_text"] is True
     assert (out / "log.txt").read_text().count("== ") == len(parts)
+
+
+def test_a_server_that_does_not_come_up_in_time_is_stopped_and_reported_not_waited_on(gpu_check, tmp_path,
+                                                                                      monkeypatch):
+    """The serving part stops a server still starting at its deadline and says what it printed:
+    reading a live server's output first waited forever (the suite hung behind a kernels' build)."""
+    popen = gpu_check.subprocess.Popen
+
+    def starting_forever(cmd, **kw):  # a server that is still building when the cap comes
+        return popen([sys.executable, "-c", "import time; print('still building', flush=True); time.sleep(300)"], **kw)
+
+    monkeypatch.setattr(gpu_check.subprocess, "Popen", starting_forever)
+    args = gpu_check.argparse.Namespace(device="cpu", tiny=True, out=str(tmp_path / "out"), runs_dir=None)
+    c = gpu_check.Check(args)
+    c.deadline = time.monotonic() + 1.0
+    t = time.monotonic()
+    with pytest.raises(RuntimeError, match="did not come up in .*still building"):
+        gpu_check.serve(c)
+    assert time.monotonic() - t < 30
