@@ -47,7 +47,8 @@ def test_every_part_runs_on_a_cpu_and_writes_its_figures(gpu_check, tmp_path, mo
     assert "cpu" in result["machine"] and "torch" in result["machine"]
     n = parts["nanogpt_settings"]
     assert sorted(n["val_loss_by_step"]) == ["10", "20"] and n["whole_span"] > 0
-    assert parts["best_recipe"]["chose"] == "chat-quick" and parts["best_recipe"]["whole_span"] > 0
+    # the two smallest: which one depends on this machine's pace (chat-1min from 0.6M characters)
+    assert parts["best_recipe"]["chose"] in ("chat-quick", "chat-1min") and parts["best_recipe"]["whole_span"] > 0
     t = parts["throughput"]
     assert t["speed-eager"]["chars_per_sec"] > 0 and "speed-compiled" not in t  # compiling: its own test
     assert t["nanogpt"] == "not given"
