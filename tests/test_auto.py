@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -35,33 +36,37 @@ def fake_paces(monkeypatch, paces: dict) -> list:
     return timed
 
 
-# widths: chat-quick 128, chat-1min 192, chat-20min 256 (chat-20min-ctx256: (256, 256)), chatgot-14m 384
-LAPTOP = {128: 0.03, 192: 0.12, 256: 0.4, (256, 256): 0.5, 384: 3.0}
+# widths: chat-quick 128, chat-1min and chat-1min-dropout 192, chat-5min (192, 128), chat-20min 256
+# (chat-20min-ctx256: (256, 256)), chatgot-14m 384
+LAPTOP = {128: 0.03, 192: 0.12, (192, 128): 0.25, 256: 0.4, (256, 256): 0.5, 384: 3.0}
 
 
 def test_the_budget_chooses_the_recipe_and_larger_ones_are_timed_only_when_in_reach(monkeypatch, corpus):
     names = [c.preset for c in auto.CANDIDATES["chat"]]
-    assert names == ["chat-quick", "chat-1min", "chat-20min", "chat-20min-ctx256", "chatgot-14m"]
+    assert names == ["chat-quick", "chat-1min", "chat-1min-dropout", "chat-5min", "chat-20min", "chat-20min-ctx256",
+                     "chatgot-14m"]
     sizes = [auto.flops_per_char(runs.settings("chat", n, flags={"text": str(corpus)})) for n in names]
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1] / 50  # the list goes up in cost
 
     timed = fake_paces(monkeypatch, LAPTOP)
     flags = {"text": str(corpus), "minutes": 1.0}
     name, record = auto.choose("chat", None, flags, time.monotonic(), echo=lambda s: None)
-    # 0.85 x 60 s / 0.12 s x 4,096 characters = 1.7M >= chat-1min's 0.6M; chat-20min's bound
-    # (chat-1min's pace scaled by FLOPs, halved) falls short of its 2M, so it is never timed
-    assert name == "chat-1min" and timed == [128, 192]
+    # 0.85 x 60 s / 0.12 s x 4,096 characters = 1.7M >= chat-1min's 0.6M, 30 passes over this small
+    # text, so chat-1min-dropout is timed (same pace) and taken; chat-5min's bound (that pace scaled
+    # by FLOPs, halved) falls short of its 3.7M, so it is never timed
+    assert name == "chat-1min-dropout" and timed == [128, 192, 192]
     probes = record["auto"]["probes"]
-    assert [p["preset"] for p in probes] == ["chat-quick", "chat-1min", "chat-20min"]
+    assert [p["preset"] for p in probes] == ["chat-quick", "chat-1min", "chat-1min-dropout", "chat-5min"]
     assert probes[-1]["seconds_per_step"] is None and probes[-1]["chars"] < probes[-1]["from_chars"]
 
     timed.clear()
     name, record = auto.choose("chat", None, {**flags, "minutes": 20.0}, time.monotonic(), echo=lambda s: None)
     # context 256 reads 0.85 x 1,200 s / 0.5 s x 4,096 = 8.4M >= 6M; the 14M model's bound is far short of 40M
-    assert name == "chat-20min-ctx256" and timed == [128, 192, 256, (256, 256)]
-    slow = fake_paces(monkeypatch, {**LAPTOP, 256: 0.8, (256, 256): 1.0})  # fp32 on a CPU without bf16
+    assert name == "chat-20min-ctx256" and timed == [128, 192, 192, (192, 128), 256, (256, 256)]
+    slow = fake_paces(monkeypatch, {**LAPTOP, 256: 0.8, (256, 256): 1.0})  # fp32 on a CPU with bf16
     name, record = auto.choose("chat", None, {**flags, "minutes": 20.0}, time.monotonic(), echo=lambda s: None)
-    assert name == "chat-20min" and slow == [128, 192, 256, (256, 256)]  # 4.2M at context 256: short of 6M
+    # chat-20min reads 5.2M >= 4.2M, context 256 4.2M: short of 6M
+    assert name == "chat-20min" and slow == [128, 192, 192, (192, 128), 256, (256, 256)]
     assert record["auto"]["probes"][-1]["preset"] == "chat-20min-ctx256"
     timed = fake_paces(monkeypatch, LAPTOP)
     timed.clear()
@@ -75,19 +80,37 @@ def test_the_budget_chooses_the_recipe_and_larger_ones_are_timed_only_when_in_re
     assert record["auto"]["timings"] == {"fp32": 0.004}  # the chosen recipe's, for the run to decide by
 
 
-def test_a_larger_recipe_waits_until_the_smaller_one_has_run_out_of_text(monkeypatch, tmp_path, corpus):
+def test_a_recipe_is_passed_over_until_the_one_before_it_has_run_out_of_text(monkeypatch, tmp_path, corpus):
     big = tmp_path / "big.txt"
     big.write_text(corpus.read_text(encoding="utf-8") * 50, encoding="utf-8")  # 2.8M characters
-    paces = {128: 0.03, 192: 0.03, 256: 0.1, 384: 3.0}
+    paces = {128: 0.03, 192: 0.03, (192, 128): 0.1, 256: 0.1, 384: 3.0}
     timed = fake_paces(monkeypatch, paces)
     said: list[str] = []
-    # chat-1min reads 0.85 x 60 s / 0.03 s x 4,096 = 7M characters: 3 passes over the big text, 140 over the small
+    # chat-1min reads 0.85 x 60 s / 0.03 s x 4,096 = 7M characters: 3 passes over the big text, 140
+    # over the small. Over the big one, both recipes that wait for 4 passes are passed over, and
+    # chat-20min's bound (chat-1min's pace scaled by FLOPs, halved) is short of its 4.2M
     name, record = auto.choose("chat", None, {"text": str(big), "minutes": 1.0}, time.monotonic(), echo=said.append)
-    assert name == "chat-1min" and timed == [128, 192] and "only once chat-1min would read its text 5 times" in said[0]
+    assert name == "chat-1min" and timed == [128, 192]
+    assert re.search(r"chat-1min-dropout only once chat-1min would read its text 4 times \(2\.\d here\)", said[0])
+    assert re.search(r"chat-5min only once chat-1min would read its text 4 times \(2\.\d here\)", said[0])
+    assert re.search(r"chat-20min would train on [\d.]+M of the 4.2M it needs \(bound, not timed\)", said[0])
+    over = record["auto"]["passed_over"]
+    assert [o["preset"] for o in over] == ["chat-1min-dropout", "chat-5min"]
+    assert over[0]["after"] == "chat-1min" and 2.5 < over[0]["passes"] < 3
     assert 2e6 < record["auto"]["text_chars"] < 3e6  # 90% of the text
     timed.clear()
     name, _ = auto.choose("chat", None, {"text": str(corpus), "minutes": 1.0}, time.monotonic(), echo=said.append)
-    assert name == "chat-20min" and timed == [128, 192, 256]  # 2.1M characters of its own, and chat-1min used up
+    assert name == "chat-1min-dropout" and timed == [128, 192, 192, (192, 128)]  # chat-1min used up
+
+    # a CPU without native bf16 at 20 minutes on a text of tinyshakespeare's size (1M characters to
+    # train on): chat-1min would read it 6 times, chat-5min 2.2M characters: the 2-layer model with dropout
+    shakespeare = tmp_path / "one-million.txt"
+    shakespeare.write_text(corpus.read_text(encoding="utf-8") * 20, encoding="utf-8")
+    avx2 = fake_paces(monkeypatch, {128: 0.12, 192: 0.7, (192, 128): 1.9, 256: 3.2, (256, 256): 3.8, 384: 20.0})
+    name, record = auto.choose("chat", None, {"text": str(shakespeare), "minutes": 20.0}, time.monotonic(),
+                               echo=lambda s: None)
+    assert name == "chat-1min-dropout" and avx2 == [128, 192, 192, (192, 128)]
+    assert record["auto"]["passed_over"] == []
 
 
 def test_flags_and_files_apply_to_every_recipe_timed(monkeypatch, corpus):

@@ -3,9 +3,11 @@ this machine, chosen by measuring it.
 
 The studies (results/chat-tune/, results/auto/) found that the best shape depends on how
 much text the budget lets a model read: a minute of training favours two layers of 192,
-twenty minutes four of 256 (with a window of 256 characters once they read 6M or more),
-and the same recipe given more time than it was made for can end worse (chat-1min's two
-layers overfit tinyshakespeare at 5 minutes). What a budget
+2-6M characters four of 192, twenty minutes on a bf16 CPU four of 256 (with a window of
+256 characters once they read 6M or more), and the same recipe given more time than it was
+made for can end worse (chat-1min's two layers, without dropout, overfit tinyshakespeare at
+5 minutes; with dropout they are the better choice where a larger model reads too little).
+What a budget
 affords differs threefold between a CPU with native bf16 and one without, and a
 hundredfold on a GPU, so minutes alone cannot choose: characters can.
 
@@ -18,7 +20,9 @@ same timing a budget's fit and ``tune --budget-minutes`` use), and the character
 that falls short: a larger one reads fewer characters in the same time. A recipe whose
 bound (the last measured pace scaled by the model's FLOPs per character, and allowed to run
 twice as efficiently) already falls short is not timed at all, so a one-minute budget does
-not spend seconds timing a 20-minute model.
+not spend seconds timing a 20-minute model. A recipe with ``after_passes`` is passed over
+(and the probing goes on) until the recipe chosen before it would read the training text
+that many times.
 
 The probe's seconds count against the budget (the run's clock started with the process);
 the choice, and every pace measured, go into the run's ``run.json`` (``auto``). The run's
@@ -54,9 +58,9 @@ class Candidate:
     preset: str
     from_chars: float  # the fewest characters of training at which it beat the recipe before it
     why: str  # where that number comes from
-    # ... and only once the recipe before it would read its training text this many times: a
-    # smaller model stays the better one until it runs out of text (chat-1min overfit
-    # tinyshakespeare at 11 passes, and still led on the 4x larger Bible at 3)
+    # ... and only once the recipe chosen before it would read its training text this many
+    # times; until then it is passed over, not the end of the list: chat-1min without dropout
+    # is the better model while it has text left, and overfits once it has read it 5-10 times
     after_passes: float = 0.0
 
 
@@ -65,9 +69,20 @@ CANDIDATES: dict[str, tuple[Candidate, ...]] = {
         Candidate("chat-quick", 0.0, "the smallest: best of the chat-9s study (about 0.5M characters)"),
         Candidate("chat-1min", 0.6e6, "best at 1 minute in bf16 (1.9M characters) and in fp32 (0.97M; "
                                       "results/auto/); chat-quick best at 10 s (about 0.26M)"),
-        Candidate("chat-20min", 2.0e6, "best at 5 minutes in bf16 on tinyshakespeare (2.6M characters, 11 passes "
-                                       "of chat-1min), behind it at 1.3M (fp32) and on the Bible (3 passes)",
-                  after_passes=5.0),
+        Candidate("chat-1min-dropout", 0.6e6, "chat-1min with dropout 0.1: ahead of it on tinyshakespeare at 5 "
+                                              "minutes, in fp32 at 5.6 passes (1.5350 against 1.5512) and in bf16 "
+                                              "at 10 (1.5076 against 1.6436); behind it at 1 minute, 2.5 passes "
+                                              "(1.5825 against 1.5420)",
+                  after_passes=4.0),
+        Candidate("chat-5min", 3.7e6, "4 x 192: behind chat-1min-dropout at 2.4M characters (5 minutes, fp32: "
+                                      "1.5606 against 1.5350), ahead at 5.9M (5 minutes, bf16: 1.4637 against "
+                                      "1.5076); the threshold interpolated between. Behind chat-1min on the "
+                                      "Bible at 5 minutes, where chat-1min read the text 3.2 times (1.2390 "
+                                      "against 1.2053)",
+                  after_passes=4.0),
+        Candidate("chat-20min", 4.2e6, "4 x 256: behind chat-5min at 3.5M characters (5 minutes, bf16: 1.4950 "
+                                       "against 1.4637), ahead of 4 x 192 at 4.8-6.2M (20 minutes, fp32: "
+                                       "1.4619-1.4760 against 1.4845)"),
         Candidate("chat-20min-ctx256", 6.0e6, "ahead of chat-20min at 20 minutes in bf16 on tinyshakespeare "
                                               "(7.4-8.5M characters: 1.4407, 1.4421 against 1.4501-1.4586) and on the "
                                               "Bible (7.8M, 2 passes: 1.1841 against 1.2010), level "
@@ -137,9 +152,14 @@ def choose(command: str, config_file: str | Path | None, flags: dict[str, Any], 
     chosen: tuple[Candidate, dict[str, Any]] | None = None
     last: tuple[float, float] | None = None  # (seconds a step, FLOPs a step) of the last recipe timed
     text_chars: float | None = None  # characters of training text (the corpus's train split)
+    passed_over: list[dict[str, Any]] = []  # recipes skipped because the one chosen so far has text left
     for cand in CANDIDATES[command]:
         if chosen is not None and text_chars and probes[-1].chars / text_chars < cand.after_passes:
-            break  # the recipe before it has not run out of text in this budget
+            # the recipe chosen so far has not run out of text in this budget; a larger recipe
+            # after this one may still be taken by its own characters
+            passed_over.append({"preset": cand.preset, "after": chosen[0].preset, "after_passes": cand.after_passes,
+                                "passes": round(probes[-1].chars / text_chars, 2)})
+            continue
         values = runs.settings(command, cand.preset, config_file, flags)
         per_step = chars_per_step(values)
         left = max(0.0, budget - (time.monotonic() - started))
@@ -165,11 +185,8 @@ def choose(command: str, config_file: str | Path | None, flags: dict[str, Any], 
     after = probes[-1] if probes[-1].preset != cand.preset else None
     why = (f"; {after.preset} would train on {after.chars / 1e6:.2g}M of the {after.from_chars / 1e6:.2g}M it "
            f"needs{'' if after.seconds_per_step else ' (bound, not timed)'}" if after else "")
-    names = [c.preset for c in CANDIDATES[command]]
-    if after is None and text_chars and cand.preset != names[-1]:
-        nxt = CANDIDATES[command][names.index(cand.preset) + 1]
-        why = (f"; {nxt.preset} only once {cand.preset} would read its text {nxt.after_passes:g} times "
-               f"({took.chars / text_chars:.2g} here)")
+    why += "".join(f"; {p['preset']} only once {p['after']} would read its text {p['after_passes']:g} times "
+                   f"({p['passes']:.2g} here)" for p in passed_over)
     took_seconds = time.monotonic() - started
     echo(f"--preset auto: {cand.preset} for {float(minutes):g} minutes ({values['num_layers']} x {values['d_model']}, "
          f"context {values['context_len']}): about {took.chars / 1e6:.2g}M characters of training at "
@@ -179,5 +196,5 @@ def choose(command: str, config_file: str | Path | None, flags: dict[str, Any], 
     # would cost a second of a one-minute budget to learn the same
     return cand.preset, {"auto": {"preset": cand.preset, "minutes": float(minutes), "chosen_at": round(took_seconds, 2),
                                   "timings": took.timings, "text_chars": text_chars,
-                                  "probes": [p.record() for p in probes]}}
+                                  "probes": [p.record() for p in probes], "passed_over": passed_over}}
 
