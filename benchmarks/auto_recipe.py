@@ -9,8 +9,9 @@ each, auto's choice, and auto's distance from the best (target: within 0.01).
     python benchmarks/auto_recipe.py --minutes 20 --recipes auto --precision fp32 --out results/auto/avx512-bf16.json
 
 A recipe may carry changed settings (``chat-20min+dropout=0.2``): how a new candidate is
-tried at equal minutes before it is shipped. A recipe is left out at a budget it cannot start in (chat-quick's 12 s and chatgot-14m's
-hour are not compared at 20 minutes and 1 minute: ``--recipes`` names them). Results go to
+tried at equal minutes before it is shipped. A recipe is left out at a budget it cannot
+start in (chat-quick's 12 s and chatgot-14m's hour are not compared at 20 minutes and 1
+minute: ``--recipes`` names them). Results go to
 ``--out`` after every run; a rerun with the same ``--out`` skips the runs already there.
 """
 
@@ -32,8 +33,9 @@ from minutes_accuracy import one_run  # noqa: E402
 CORPORA = {"tinyshakespeare": ROOT.parent / "shared" / "data" / "tinyshakespeare.txt",
            "kjv": ROOT / "build" / "corpora" / "kjv.txt"}
 # the recipes worth comparing at a budget (the others cannot start, or are far from their size)
-DEFAULT_RECIPES = {1.0: "auto,chat-quick,chat-1min,chat-20min", 5.0: "auto,chat-1min,chat-20min",
-                   20.0: "auto,chat-1min,chat-20min"}
+DEFAULT_RECIPES = {1.0: "auto,chat-quick,chat-1min,chat-20min",
+                   5.0: "auto,chat-1min,chat-1min-dropout,chat-5min,chat-20min",
+                   20.0: "auto,chat-1min-dropout,chat-5min,chat-20min,chat-20min-ctx256"}
 
 
 def main() -> None:
@@ -94,7 +96,7 @@ def summarize(done: list[dict]) -> None:
     groups: dict[tuple, list[dict]] = {}
     for r in done:
         groups.setdefault((r["corpus"], r["minutes"], r["precision_asked"]), []).append(r)
-    names = ["chat-quick", "chat-1min", "chat-20min"]
+    names = ["chat-quick", "chat-1min", "chat-1min-dropout", "chat-5min", "chat-20min", "chat-20min-ctx256"]
     print("| corpus | minutes | --precision | auto chose (ran in) | auto | " + " | ".join(names) + " | auto - best |")
     print("|---|---|---|---|---|" + "---|" * len(names) + "---|")
     for (corpus, minutes, precision), rows in sorted(groups.items()):
