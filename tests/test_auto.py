@@ -65,9 +65,9 @@ def test_the_budget_chooses_the_recipe_and_larger_ones_are_timed_only_when_in_re
     assert name == "chat-20min-ctx256" and timed == [128, 192, 192, (192, 128), 256, (256, 256)]
     slow = fake_paces(monkeypatch, {**LAPTOP, 256: 0.8, (256, 256): 1.0})  # fp32 on a CPU with bf16
     name, record = auto.choose("chat", None, {**flags, "minutes": 20.0}, time.monotonic(), echo=lambda s: None)
-    # chat-20min reads 5.2M >= 4.2M, context 256 4.2M: short of 6M
-    assert name == "chat-20min" and slow == [128, 192, 192, (192, 128), 256, (256, 256)]
-    assert record["auto"]["probes"][-1]["preset"] == "chat-20min-ctx256"
+    # chat-20min reads 5.2M, short of its 7M: chat-5min, and context 256 is never timed
+    assert name == "chat-5min" and slow == [128, 192, 192, (192, 128), 256]
+    assert record["auto"]["probes"][-1]["preset"] == "chat-20min"
     timed = fake_paces(monkeypatch, LAPTOP)
     timed.clear()
     name, _ = auto.choose("chat", None, {**flags, "minutes": 0.15}, time.monotonic(), echo=lambda s: None)
@@ -93,7 +93,7 @@ def test_a_recipe_is_passed_over_until_the_one_before_it_has_run_out_of_text(mon
     assert name == "chat-1min" and timed == [128, 192]
     assert re.search(r"chat-1min-dropout only once chat-1min would read its text 4 times \(2\.\d here\)", said[0])
     assert re.search(r"chat-5min only once chat-1min would read its text 4 times \(2\.\d here\)", said[0])
-    assert re.search(r"chat-20min would train on [\d.]+M of the 4.2M it needs \(bound, not timed\)", said[0])
+    assert re.search(r"chat-20min would train on [\d.]+M of the 7M it needs \(bound, not timed\)", said[0])
     over = record["auto"]["passed_over"]
     assert [o["preset"] for o in over] == ["chat-1min-dropout", "chat-5min"]
     assert over[0]["after"] == "chat-1min" and 2.5 < over[0]["passes"] < 3

@@ -3,8 +3,8 @@ this machine, chosen by measuring it.
 
 The studies (results/chat-tune/, results/auto/) found that the best shape depends on how
 much text the budget lets a model read: a minute of training favours two layers of 192,
-2-6M characters four of 192, twenty minutes on a bf16 CPU four of 256 (with a window of
-256 characters once they read 6M or more), and the same recipe given more time than it was
+from 4M characters four of 192 (20 minutes in fp32 too), twenty minutes on a bf16 CPU four
+of 256 with a window of 256 characters, and the same recipe given more time than it was
 made for can end worse (chat-1min's two layers, without dropout, overfit tinyshakespeare at
 5 minutes; with dropout they are the better choice where a larger model reads too little).
 What a budget
@@ -80,9 +80,11 @@ CANDIDATES: dict[str, tuple[Candidate, ...]] = {
                                       "Bible at 5 minutes, where chat-1min read the text 3.2 times (1.2390 "
                                       "against 1.2053)",
                   after_passes=4.0),
-        Candidate("chat-20min", 4.2e6, "4 x 256: behind chat-5min at 3.5M characters (5 minutes, bf16: 1.4950 "
-                                       "against 1.4637), ahead of 4 x 192 at 4.8-6.2M (20 minutes, fp32: "
-                                       "1.4619-1.4760 against 1.4845)"),
+        Candidate("chat-20min", 7.0e6, "4 x 256: behind chat-5min at 3.5M characters (5 minutes, bf16: 1.4950 "
+                                       "against 1.4637) and at 4.7-6.1M (20 minutes, fp32: 1.4619-1.4725, where "
+                                       "chat-5min reached 1.4390 on 10.8M); taken where it reads more than "
+                                       "measured so far, for chat-20min-ctx256 after it (bf16 at 20 minutes: "
+                                       "7.6-14M)"),
         Candidate("chat-20min-ctx256", 6.0e6, "ahead of chat-20min at 20 minutes in bf16 on tinyshakespeare "
                                               "(7.4-8.5M characters: 1.4407, 1.4421 against 1.4501-1.4586) and on the "
                                               "Bible (7.8M, 2 passes: 1.1841 against 1.2010), level "
