@@ -81,7 +81,7 @@ CANDIDATES: dict[str, tuple[Candidate, ...]] = {
                                       "against 1.2053)",
                   after_passes=4.0),
         Candidate("chat-20min", 7.0e6, "4 x 256: behind chat-5min at 3.5M characters (5 minutes, bf16: 1.4950 "
-                                       "against 1.4637) and at 4.7-6.1M (20 minutes, fp32: 1.4619-1.4725, where "
+                                       "against 1.4637) and at 4.7-7.2M (20 minutes, fp32: 1.4483-1.4725, where "
                                        "chat-5min reached 1.4390 on 10.8M); taken where it reads more than "
                                        "measured so far, for chat-20min-ctx256 after it (bf16 at 20 minutes: "
                                        "7.6-14M)"),
