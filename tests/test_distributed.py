@@ -4,13 +4,16 @@ run in fp32: the comparison is of numbers, at fp32 tolerances."""
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+import weakref
 
 import torch
+from conftest import tiny_train_config
+from helpers import CHAT_TINY, TINY, chat_train, cli_train, made_up_text, tiny_multiply
 
-from helpers import CHAT_TINY, TINY, chat_train, cli_train, made_up_text
 from trainlab.engine import faults
 from trainlab.engine.checkpoint import latest_checkpoint
 from trainlab.engine.distributed import Dist, shard
@@ -46,6 +49,31 @@ def test_shard_gives_each_rank_a_disjoint_slice():
     parts = [shard(batch, Dist(rank=r, world=3))["x"].tolist() for r in range(3)]
     assert sum(parts, []) == list(range(10)) and [len(p) for p in parts] == [4, 3, 3]
     assert shard(batch, Dist())["x"] is batch["x"]
+
+
+def test_the_training_wrapper_is_released_when_the_run_ends(runs_dir, monkeypatch):
+    # DDP's wrapper holds the process group; one that outlived the run (in the summary the CLI
+    # keeps) let gloo's group die in the interpreter's shutdown, which aborted rank 1 now and then
+    from trainlab.engine import loop
+    from trainlab.engine.tracking import new_run
+
+    wrappers = []
+
+    def stand_in(model, device, d):
+        w = torch.nn.ModuleDict({"module": model})  # DDP's place, without a process group
+        w.forward = model.forward
+        wrappers.append(weakref.ref(w))
+        return w
+
+    monkeypatch.setattr(loop, "wrap", stand_in)
+    cfg = tiny_train_config(runs_dir)
+    task, config = tiny_multiply(cfg)
+    summary = loop.train(task, cfg, new_run(cfg.runs_dir, task.name, "wrapped", "test", config), config,
+                         echo=lambda *a: None)
+    assert len(wrappers) == len(summary.members) == 2
+    assert all(m.ddp is m.model for m in summary.members)
+    gc.collect()
+    assert all(w() is None for w in wrappers)
 
 
 def test_multiply_on_two_processes_matches_one_and_agrees_on_faults(runs_dir, monkeypatch):

@@ -26,6 +26,7 @@ How the work is divided:
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -89,8 +90,14 @@ def barrier(d: Dist) -> None:
 
 
 def teardown() -> None:
+    """Leave the process group while the interpreter is whole. Whatever still holds it (a
+    DDP wrapper in a reference cycle, say) is collected first: a process group destroyed
+    during the interpreter's own shutdown aborts the process (SIGABRT, "terminate called
+    without an active exception"), and torchrun then fails a run that trained to its end."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def device_for(device: torch.device, d: Dist) -> torch.device:

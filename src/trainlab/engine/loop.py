@@ -328,6 +328,10 @@ def finish(s: Session, bar, stop: StopSignals, start_step: int, fresh: bool, t_s
         evaluate_all(s, track_best=False)
     for w in s.writers.values():
         w.close()
+    for m in s.members:
+        # DDP's reducer holds the process group: a wrapper that outlived the run kept it alive
+        # past destroy_process_group, and gloo's threads then aborted the process at exit
+        m.ddp = m.model
     wall = time.perf_counter() - t_start
     if interrupted:
         why = f" ({stop.reason})" if stop.reason else ""
