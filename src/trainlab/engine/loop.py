@@ -256,6 +256,16 @@ def _train(task: Task, cfg: TrainConfig, run: Run, config: dict[str, Any], resum
     return finish(s, bar, stop, start_step, resume is None, t_start, echo)
 
 
+def timings_decide(timed: dict[str, float], candidates: list[str]) -> bool:
+    """Whether timings made before the run (``--preset auto``'s) settle its ``--precision auto``:
+    every candidate timed, or a faster mode than fp32 timed alone (auto times a larger recipe in
+    bf16 only once bf16 has beaten fp32 on a smaller one, whose matmuls gain less from it). fp32
+    alone, or a mode this machine does not offer, settles nothing: the run times them itself."""
+    if not set(timed) <= set(candidates):
+        return False
+    return set(timed) == set(candidates) or "fp32" not in timed
+
+
 def set_up(task: Task, cfg: TrainConfig, resume: Checkpoint | None, device: torch.device, d: Dist, echo,
            started: float, timed_precisions: dict[str, float] | None = None
            ) -> tuple[list[Member], LoopState, Budget | None]:
@@ -275,7 +285,7 @@ def set_up(task: Task, cfg: TrainConfig, resume: Checkpoint | None, device: torc
         echo(f"already at step {state.step} of --max-steps {cfg.max_steps}: nothing to train")
     for m in members:
         if timed_precisions and resume is None and m.precision.undecided \
-                and set(timed_precisions) == set(m.precision.candidates):
+                and timings_decide(timed_precisions, m.precision.candidates):
             chose = m.precision.decide(timed_precisions)
             shown = ", ".join(f"{p} {t:.3g} s" for p, t in timed_precisions.items())
             echo(f"{m.name}: --precision auto: {chose} (as timed a step before the run: {shown})")
@@ -330,8 +340,10 @@ def finish(s: Session, bar, stop: StopSignals, start_step: int, fresh: bool, t_s
         w.close()
     for m in s.members:
         # DDP's reducer holds the process group: a wrapper that outlived the run kept it alive
-        # past destroy_process_group, and gloo's threads then aborted the process at exit
-        m.ddp = m.model
+        # past destroy_process_group, and gloo's threads then aborted the process at exit.
+        # torch.compile's module around the plain model holds none: it stays, to be looked at
+        if getattr(m.ddp, "_orig_mod", m.ddp) is not m.model:
+            m.ddp = m.model
     wall = time.perf_counter() - t_start
     if interrupted:
         why = f" ({stop.reason})" if stop.reason else ""
