@@ -12,6 +12,7 @@ from helpers import made_up_text
 from trainlab import auto, runs
 from trainlab.config import ConfigError
 from trainlab.engine import budget as engine_budget
+from trainlab.engine.precision import pick_precision
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def fake_paces(monkeypatch, paces: dict) -> list:
     training; returns the widths timed (a context-256 recipe as (width, 256))."""
     timed: list = []
 
-    def fake(task, cfg, device=None, n=10, warmup=5):
+    def fake(task, cfg, device=None, n=10, warmup=5, known=None):
         width, ctx = task.model_cfg.d_model, task.model_cfg.context_len
         key = (width, ctx) if (width, ctx) in paces else width
         timed.append(key)
@@ -113,10 +114,36 @@ def test_a_recipe_is_passed_over_until_the_one_before_it_has_run_out_of_text(mon
     assert record["auto"]["passed_over"] == []
 
 
+def test_once_bf16_wins_the_larger_recipes_are_timed_in_it_alone(monkeypatch, corpus):
+    """Timing fp32 beside bf16 for every recipe cost about half of a 15 s probe at 5 minutes; a
+    larger recipe's matmuls gain more from bf16 than a smaller one's, so its win carries up."""
+    timed: list = []
+
+    def fake(task, cfg, device=None, n=10, warmup=5, known=None):
+        width = task.model_cfg.d_model
+        both = {"fp32": 0.01 * width / 128, "bf16": ratio[width] * 0.01 * width / 128}
+        timings = {known: both[known]} if known else both
+        timed.append((width, tuple(timings)))
+        pick = pick_precision(timings)
+        return timings[pick], pick, timings
+
+    monkeypatch.setattr("trainlab.engine.step.fitted_seconds_per_step", fake)
+    ratio = {128: 0.6, 192: 0.5, 256: 0.4, 384: 0.4}  # bf16 wins from the first recipe on
+    name, record = auto.choose("chat", None, {"text": str(corpus), "minutes": 1.0}, time.monotonic(),
+                               echo=lambda s: None)
+    assert timed[0] == (128, ("fp32", "bf16")) and len(timed) > 1
+    assert all(t == ("bf16",) for _, t in timed[1:])
+    assert name != "chat-quick" and list(record["auto"]["timings"]) == ["bf16"]  # the run decides by it
+    timed.clear()
+    ratio = {128: 0.97, 192: 0.5, 256: 0.4, 384: 0.4}  # fp32 keeps chat-quick: the next is timed in both
+    auto.choose("chat", None, {"text": str(corpus), "minutes": 1.0}, time.monotonic(), echo=lambda s: None)
+    assert [t for _, t in timed[:3]] == [("fp32", "bf16"), ("fp32", "bf16"), ("bf16",)]
+
+
 def test_flags_and_files_apply_to_every_recipe_timed(monkeypatch, corpus):
     seen = []
 
-    def fake(task, cfg, device=None, n=10, warmup=5):
+    def fake(task, cfg, device=None, n=10, warmup=5, known=None):
         seen.append((cfg.precision, cfg.max_steps))
         return 0.01, cfg.precision, {cfg.precision: 0.01}
 

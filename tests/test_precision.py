@@ -256,6 +256,12 @@ def test_auto_decides_by_timings_made_just_before_the_run_without_timing_again(r
     summary = train(task, cfg, new_run(cfg.runs_dir, task.name, "other", "test", config), config,
                     echo=lines.append, timed_precisions={"fp32": 0.3})
     assert modes == ["fp32", "bf16"] * 2 and summary.members[0].precision.mode == "fp32"
+    # bf16 timed alone (auto had seen it beat fp32 on a smaller recipe) settles it as well
+    modes.clear()
+    summary = train(task, cfg, new_run(cfg.runs_dir, task.name, "bf16-alone", "test", config), config,
+                    echo=lines.append, timed_precisions={"bf16": 0.1})
+    assert modes == [] and summary.members[0].precision.mode == "bf16"
+    assert "simple: --precision auto: bf16 (as timed a step before the run: bf16 0.1 s)" in lines
 
 
 def test_auto_keeps_fp32_when_bf16_is_not_faster_by_the_margin(runs_dir, monkeypatch):
@@ -381,9 +387,14 @@ def test_a_budget_is_fitted_in_the_precision_auto_will_pick(runs_dir, monkeypatc
     seconds, label, timings = engine_step.fitted_seconds_per_step(task, cfg)
     assert timed == ["fp32", "bf16"] and timings == {"fp32": 1.0, "bf16": bf16_seconds}
     assert seconds == {"fp32": 1.0, "bf16": bf16_seconds}[picked] and label.startswith(f"auto -> {picked}")
+    timed.clear()  # a mode already known to win (auto's larger recipes) is timed alone
+    seconds, label, timings = engine_step.fitted_seconds_per_step(task, cfg, known="bf16")
+    assert timed == ["bf16"] and timings == {"bf16": bf16_seconds} and seconds == bf16_seconds
     monkeypatch.setenv(precision.AUTO_ENV, "fp32")
     timed.clear()
     assert engine_step.fitted_seconds_per_step(task, cfg) == (1.0, "fp32", {"fp32": 1.0}) and timed == ["fp32"]
+    timed.clear()  # known, but not a candidate here: what the machine offers is timed
+    assert engine_step.fitted_seconds_per_step(task, cfg, known="bf16") == (1.0, "fp32", {"fp32": 1.0})
 
 
 def test_timing_precisions_stops_once_more_rounds_could_not_change_the_choice(runs_dir, monkeypatch):

@@ -502,13 +502,16 @@ def seconds_per_step(task: Task, cfg: TrainConfig, device: torch.device | None =
 
 
 def fitted_seconds_per_step(task: Task, cfg: TrainConfig, device: torch.device | None = None, n: int = 10,
-                            warmup: int = 5) -> tuple[float, str, dict[str, float]]:
+                            warmup: int = 5, known: str | None = None) -> tuple[float, str, dict[str, float]]:
     """(seconds a step, the precision it is for, the seconds of every precision timed) as the
     run will train: timed after ``warmup``
     steps, in the precision ``--precision auto`` will pick (every candidate timed and the same
     rule applied), else the one set. What fits a step count to minutes: a plain
     ``seconds_per_step`` under ``auto`` would time fp32, or bf16's slow first steps, and a
-    trial or benchmark that then trains in bf16 would use only part of its budget."""
+    trial or benchmark that then trains in bf16 would use only part of its budget.
+
+    ``known``: a candidate the caller already knows ``auto`` picks here, timed alone (``--preset
+    auto`` times a larger recipe in bf16 only, once bf16 beat fp32 on a smaller one)."""
     from dataclasses import replace
 
     from trainlab.engine.device import resolve_device
@@ -516,6 +519,9 @@ def fitted_seconds_per_step(task: Task, cfg: TrainConfig, device: torch.device |
 
     device = device or resolve_device(cfg.device)
     candidates = precision_candidates(cfg.precision, device)
+    if known in candidates and len(candidates) > 1:
+        seconds = seconds_per_step(task, replace(cfg, precision=known), device, n, warmup)
+        return seconds, f"auto -> {known} ({known} {seconds:.3f} s; the others not timed)", {known: seconds}
     if len(candidates) == 1:
         seconds = seconds_per_step(task, replace(cfg, precision=candidates[0]), device, n, warmup)
         return seconds, candidates[0], {candidates[0]: seconds}
