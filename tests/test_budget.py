@@ -93,9 +93,29 @@ def test_a_budgeted_run_ends_in_time_decayed_and_records_its_fits(runs_dir, cloc
     assert info["config"]["train"]["eval_every"] > 5  # evaluations made rarer to fit their share
     lrs = dict(tb_scalars(run_dir(runs_dir, "b") / "simple", "train/lr"))
     assert lrs[steps] == pytest.approx(1e-3 * 0.1)  # decayed to the final LR by the end, not cut
+    assert b["last_lr_factor"] == pytest.approx(0.1)
     assert lrs[steps // 2] > 2 * lrs[steps]
     report = (run_dir(runs_dir, "b") / "report.md").read_text()
     assert "Time budget: 0.2 minutes" in report and "fit at step 5" in report
+
+
+def test_a_plateau_cut_shows_in_the_budgets_last_lr(runs_dir, clock_from_now, monkeypatch):
+    # run.json's last_lr_factor said where the schedule ended, and a plateau cut (on by default)
+    # that had halved the LR under it went unseen: the benchmarks read it as ended at the final LR
+    from trainlab.engine.monitor import Plateau
+
+    def cut_once(self, val_loss, lr_now):
+        if self.cuts:
+            return False
+        self.scale, self.cuts = 0.5, 1
+        return True
+
+    monkeypatch.setattr(Plateau, "observe", cut_once)
+    assert cli_train(runs_dir, "--minutes", "0.1", "--run-name", "cut", "--warmup-steps", "2") == 0
+    info = json.loads((run_dir(runs_dir, "cut") / "run.json").read_text())
+    assert info["budget"]["last_lr_factor"] == pytest.approx(0.1 * 0.5)
+    lrs = dict(tb_scalars(run_dir(runs_dir, "cut") / "simple", "train/lr"))
+    assert lrs[info["step"]] == pytest.approx(1e-3 * 0.1 * 0.5)
 
 
 def info_steps_kept(info) -> bool:

@@ -354,8 +354,10 @@ def finish(s: Session, bar, stop: StopSignals, start_step: int, fresh: bool, t_s
         budget = s.budget.state_dict(s.started)
         budget["steps"] = state.step
         budget["train_seconds"] = round(sum(m.train_seconds for m in s.members), 3)  # every attempt's
-        # where the schedule stood at the last step: 1.0 is its peak, min_lr_ratio its end
-        budget["last_lr_factor"] = round(lr_lambda(cfg)(max(0, state.step - 1)), 6)
+        # where the LR stood at the last step: 1.0 is the schedule's peak, min_lr_ratio its end; a
+        # plateau cut (the lowest member's) shows as less than the end, not hidden behind the schedule
+        scale = min((m.plateau.scale for m in s.members), default=1.0)
+        budget["last_lr_factor"] = round(lr_lambda(cfg)(max(0, state.step - 1)) * scale, 6)
     return Summary(s.run, s.members, state.step, wall, interrupted, s.config, stop.signum, stop.reason, budget)
 
 
