@@ -111,11 +111,18 @@ def test_a_plateau_cut_shows_in_the_budgets_last_lr(runs_dir, clock_from_now, mo
         return True
 
     monkeypatch.setattr(Plateau, "observe", cut_once)
-    assert cli_train(runs_dir, "--minutes", "0.1", "--run-name", "cut", "--warmup-steps", "2") == 0
+    # evaluations during the run (the budget makes them rarer than 5), so the cut comes before the end
+    assert cli_train(runs_dir, "--minutes", "0.1", "--run-name", "cut", "--warmup-steps", "2", "--eval-every", "5") == 0
     info = json.loads((run_dir(runs_dir, "cut") / "run.json").read_text())
     assert info["budget"]["last_lr_factor"] == pytest.approx(0.1 * 0.5)
     lrs = dict(tb_scalars(run_dir(runs_dir, "cut") / "simple", "train/lr"))
     assert lrs[info["step"]] == pytest.approx(1e-3 * 0.1 * 0.5)
+    # a cut at the final evaluation, after the last step, leaves that step at the schedule's end
+    assert cli_train(runs_dir, "--minutes", "0.1", "--run-name", "late", "--warmup-steps", "2",
+                     "--eval-every", "100000") == 0
+    info = json.loads((run_dir(runs_dir, "late") / "run.json").read_text())
+    lrs = dict(tb_scalars(run_dir(runs_dir, "late") / "simple", "train/lr"))
+    assert info["budget"]["last_lr_factor"] == pytest.approx(0.1) and lrs[info["step"]] == pytest.approx(1e-4)
 
 
 def info_steps_kept(info) -> bool:

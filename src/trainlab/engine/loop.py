@@ -314,6 +314,8 @@ def finish(s: Session, bar, stop: StopSignals, start_step: int, fresh: bool, t_s
     """After the last step: the last log, evaluation and sample an unbroken run ends with, the
     final checkpoint, and the run's status."""
     state, cfg, interrupted = s.state, s.cfg, stop.requested
+    # the plateau scale the last step ran at: the final evaluation below may cut it after that step
+    last_scale = min((m.plateau.scale for m in s.members), default=1.0)
     settle(s.members, cfg, state, s.say)
     trained = state.step > start_step
     if not interrupted:
@@ -356,8 +358,7 @@ def finish(s: Session, bar, stop: StopSignals, start_step: int, fresh: bool, t_s
         budget["train_seconds"] = round(sum(m.train_seconds for m in s.members), 3)  # every attempt's
         # where the LR stood at the last step: 1.0 is the schedule's peak, min_lr_ratio its end; a
         # plateau cut (the lowest member's) shows as less than the end, not hidden behind the schedule
-        scale = min((m.plateau.scale for m in s.members), default=1.0)
-        budget["last_lr_factor"] = round(lr_lambda(cfg)(max(0, state.step - 1)) * scale, 6)
+        budget["last_lr_factor"] = round(lr_lambda(cfg)(max(0, state.step - 1)) * last_scale, 6)
     return Summary(s.run, s.members, state.step, wall, interrupted, s.config, stop.signum, stop.reason, budget)
 
 
