@@ -179,11 +179,11 @@ def choose(command: str, config_file: str | Path | None, flags: dict[str, Any], 
         text_chars = text_chars or len(getattr(getattr(task, "corpus", None), "train", ()))
         sps, how, timings = fitted_seconds_per_step(task, cfgs["train"], None, n=PROBE_STEPS, warmup=PROBE_WARMUP,
                                                     known=known)
-        if known is None and len(timings) > 1 and pick_precision(timings) != "fp32":
+        if known is None and len(timings) > 1 and (picked := pick_precision(timings)) != "fp32":
             # bf16's gain grows with the matmuls (1.7x for chat-quick, 2.7x for chat-20min on an
-            # AVX-512-BF16 EPYC): once it wins, the larger recipes are timed in it alone, which
-            # at 5 minutes left about 8 s of a 15 s probe to training
-            known = pick_precision(timings)
+            # AVX-512-BF16 EPYC): once it wins, the larger recipes are timed in it alone. There
+            # it chose in 2.9 s at 5 minutes where timing both took 7.9 (benchmarks/auto_probe.py)
+            known = picked
         left = max(0.0, budget - (time.monotonic() - started))
         chars = TRAIN_SHARE * left / sps * per_step
         probes.append(Probe(cand.preset, chars, sps, how, cand.from_chars, timings))
