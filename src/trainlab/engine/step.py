@@ -519,9 +519,8 @@ def fitted_seconds_per_step(task: Task, cfg: TrainConfig, device: torch.device |
 
     device = device or resolve_device(cfg.device)
     candidates = precision_candidates(cfg.precision, device)
-    if known in candidates and len(candidates) > 1:
-        seconds = seconds_per_step(task, replace(cfg, precision=known), device, n, warmup)
-        return seconds, f"auto -> {known} ({known} {seconds:.3f} s; the others not timed)", {known: seconds}
+    if known in candidates:
+        candidates = [known]
     if len(candidates) == 1:
         seconds = seconds_per_step(task, replace(cfg, precision=candidates[0]), device, n, warmup)
         return seconds, candidates[0], {candidates[0]: seconds}
