@@ -70,16 +70,18 @@ CANDIDATES: dict[str, tuple[Candidate, ...]] = {
         Candidate("chat-quick", 0.0, "the smallest: best of the chat-9s study (about 0.5M characters)"),
         Candidate("chat-1min", 0.6e6, "best at 1 minute in bf16 (1.9M characters) and in fp32 (0.97M; "
                                       "results/auto/); chat-quick best at 10 s (about 0.26M)"),
-        Candidate("chat-1min-dropout", 0.6e6, "chat-1min with dropout 0.1: ahead of it on tinyshakespeare at 5 "
-                                              "minutes, in fp32 at 5.6 passes (1.5350 against 1.5512) and in bf16 "
-                                              "at 10 (1.5076 against 1.6436); behind it at 1 minute, 2.5 passes "
-                                              "(1.5825 against 1.5420)",
+        Candidate("chat-1min-dropout", 0.6e6, "chat-1min's model with dropout 0.05, context 128 at batch 32 and "
+                                              "shuffled windows: at 5 minutes in fp32 on tinyshakespeare (5.7 "
+                                              "passes) 1.4803, where its first version (dropout 0.1) reached "
+                                              "1.5258 and chat-1min 1.5512; that first version was behind "
+                                              "chat-1min at 1 minute, 2.5 passes (1.5825 against 1.5420)",
                   after_passes=4.0),
-        Candidate("chat-5min", 3.7e6, "4 x 192: behind chat-1min-dropout at 2.4M characters (5 minutes, fp32: "
-                                      "1.5606 against 1.5350), ahead at 5.9M (5 minutes, bf16: 1.4637 against "
-                                      "1.5076); the threshold interpolated between. Behind chat-1min on the "
-                                      "Bible at 5 minutes, where chat-1min read the text 3.2 times (1.2390 "
-                                      "against 1.2053)",
+        Candidate("chat-5min", 5.0e6, "4 x 192, against chat-1min-dropout as it ships since 2026-12-05, at "
+                                      "the steps each gets: behind at 2.5M characters (1.5560 against "
+                                      "1.4835), ahead at 5.9M (1.4655 against 1.4868); the threshold "
+                                      "interpolated between (it was 3.7M against the first chat-1min-dropout). "
+                                      "Behind chat-1min on the Bible at 5 minutes, where chat-1min read the "
+                                      "text 3.2 times (1.2390 against 1.2053)",
                   after_passes=4.0),
         Candidate("chat-20min", 7.0e6, "4 x 256: behind chat-5min at 3.5M characters (5 minutes, bf16: 1.4950 "
                                        "against 1.4637) and at 4.7-7.2M (20 minutes, fp32: 1.4483-1.4725, where "
