@@ -14,6 +14,12 @@ from trainlab.config import ConfigError
 from trainlab.engine import budget as engine_budget
 from trainlab.engine.budget import SHARES, Budget, BudgetTooSmall, fit_steps, plan, seconds_to_end
 
+# The budget's bookkeeping (checks, refits, resumes, extensions, evaluation shares) does not
+# depend on the precision a step runs in, so those tests pin fp32 and stay out of the suite's
+# bf16 pass, where they repeated a minute of wall-clock budgets (emulated bf16 on an AVX2 CPU
+# besides). The fit after auto's choice, in bf16 too, is the first budgeted run's below.
+FP32 = ("--precision", "fp32")
+
 
 @pytest.fixture
 def clock_from_now(monkeypatch):
@@ -112,14 +118,15 @@ def test_a_plateau_cut_shows_in_the_budgets_last_lr(runs_dir, clock_from_now, mo
 
     monkeypatch.setattr(Plateau, "observe", cut_once)
     # evaluations during the run (the budget makes them rarer than 5), so the cut comes before the end
-    assert cli_train(runs_dir, "--minutes", "0.1", "--run-name", "cut", "--warmup-steps", "2", "--eval-every", "5") == 0
+    assert cli_train(runs_dir, "--minutes", "0.1", "--run-name", "cut", "--warmup-steps", "2", "--eval-every", "5",
+                     *FP32) == 0
     info = json.loads((run_dir(runs_dir, "cut") / "run.json").read_text())
     assert info["budget"]["last_lr_factor"] == pytest.approx(0.1 * 0.5)
     lrs = dict(tb_scalars(run_dir(runs_dir, "cut") / "simple", "train/lr"))
     assert lrs[info["step"]] == pytest.approx(1e-3 * 0.1 * 0.5)
     # a cut at the final evaluation, after the last step, leaves that step at the schedule's end
     assert cli_train(runs_dir, "--minutes", "0.1", "--run-name", "late", "--warmup-steps", "2",
-                     "--eval-every", "100000") == 0
+                     "--eval-every", "100000", *FP32) == 0
     info = json.loads((run_dir(runs_dir, "late") / "run.json").read_text())
     lrs = dict(tb_scalars(run_dir(runs_dir, "late") / "simple", "train/lr"))
     assert info["budget"]["last_lr_factor"] == pytest.approx(0.1) and lrs[info["step"]] == pytest.approx(1e-4)
@@ -140,7 +147,8 @@ def test_a_budgeted_run_resumed_after_its_check_ends_as_the_same_steps_would(run
     # at step 123 of 2,371 on a fast day (4.6 ms a step, CI 2026-12-04); at 0.01 it holds to 11,000
     monkeypatch.setattr(engine_budget, "CHECKS", (0.01, 0.4, 0.65, 0.85))
     monkeypatch.setenv("TRAINLAB_FAULTS", "interrupt=120")  # a tiny model: 7-45 ms a step, 150-1,000 steps
-    assert cli_train(runs_dir, "--minutes", "0.2", "--run-name", "cut", "--warmup-steps", "10") == 130  # 12 s: as above
+    # 12 s: as above
+    assert cli_train(runs_dir, "--minutes", "0.2", "--run-name", "cut", "--warmup-steps", "10", *FP32) == 130
     monkeypatch.delenv("TRAINLAB_FAULTS")
     saved = json.loads((run_dir(runs_dir, "cut") / "run.json").read_text())
     steps = saved["max_steps"]
@@ -153,13 +161,13 @@ def test_a_budgeted_run_resumed_after_its_check_ends_as_the_same_steps_would(run
     tc = info["config"]["train"]
     assert cli_train(runs_dir, "--max-steps", str(steps), "--lr-decay-steps", str(tc["lr_decay_steps"]),
                      "--eval-every", str(tc["eval_every"]), "--save-every", str(tc["save_every"]),
-                     "--run-name", "steps", "--warmup-steps", "10") == 0
+                     "--run-name", "steps", "--warmup-steps", "10", *FP32) == 0
     same_training(runs_dir, "cut", "steps")
 
 
 def test_a_budgeted_run_cut_before_its_check_checks_on_resume(runs_dir, clock_from_now, monkeypatch):
     monkeypatch.setenv("TRAINLAB_FAULTS", "interrupt=7")
-    assert cli_train(runs_dir, "--minutes", "0.1", "--run-name", "early", "--warmup-steps", "3") == 130
+    assert cli_train(runs_dir, "--minutes", "0.1", "--run-name", "early", "--warmup-steps", "3", *FP32) == 130
     monkeypatch.delenv("TRAINLAB_FAULTS")
     saved = json.loads((run_dir(runs_dir, "early") / "run.json").read_text())["budget"]
     assert saved["refit_at"] is not None and [f["kind"] for f in saved["fits"]] == ["fit"]
@@ -173,7 +181,7 @@ def test_a_budgeted_run_cut_before_its_check_checks_on_resume(runs_dir, clock_fr
 def test_a_finished_budget_extends_by_new_minutes_at_its_final_lr(runs_dir, clock_from_now, capsys):
     # no plateau cuts: one would take the LR under the final one checked below (as above)
     assert cli_train(runs_dir, "--minutes", "0.1", "--run-name", "ext", "--warmup-steps", "2", "--log-every", "1",
-                     "--plateau-patience", "0") == 0
+                     "--plateau-patience", "0", *FP32) == 0
     first = json.loads((run_dir(runs_dir, "ext") / "run.json").read_text())["max_steps"]
     capsys.readouterr()
     assert cli_train(runs_dir, "--resume", "ext", "--minutes", "0.1", "--log-every", "1") == 0
@@ -294,7 +302,7 @@ def test_a_budget_times_part_of_an_evaluation_and_scales_it_up(runs_dir, clock_f
 
     monkeypatch.setattr(multiply_task.MultiplyTask, "evaluate_part", slow_part, raising=False)
     monkeypatch.setattr(multiply_task.MultiplyTask, "report_part", slow_report, raising=False)
-    assert cli_train(runs_dir, "--minutes", "0.2", "--run-name", "p", "--warmup-steps", "3") == 0
+    assert cli_train(runs_dir, "--minutes", "0.2", "--run-name", "p", "--warmup-steps", "3", *FP32) == 0
     fit = json.loads((run_dir(runs_dir, "p") / "run.json").read_text())["budget"]["fits"][0]
     p = engine_budget.PROBE_PART  # each member's evaluation probed once, at the first fit, and the report once
     assert parts == [p, p, ("report", p, ["latent", "simple"])]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import KERNELS_ROOT, chat_train, made_up_text
+from helpers import KERNELS_ROOT, chat_train, link_suite_kernels, made_up_text
 
 from trainlab.chat.config import GPTConfig, SamplingConfig
 from trainlab.chat.decoding import Decoder, RowCache, compile_cache_dir, decode_pass, rowwise_linear
@@ -144,10 +144,7 @@ def test_generate_compiled_writes_the_plain_text_and_survives_a_damaged_cache(ru
     again = generate_command(runs_dir, "compiled")
     assert "decoding: compiled in" in again.stderr and again.stdout == plain.stdout
     # the server's row kernels as generate's pass (the suite's build, linked in: a build takes 25-50 s)
-    from trainlab.chat.kernels import kernels_dir, load_kernels
-
-    assert load_kernels(KERNELS_ROOT)[0] is not None
-    kernels_dir(runs_dir / ".compiled").symlink_to(kernels_dir(KERNELS_ROOT), target_is_directory=True)
+    link_suite_kernels(runs_dir)
     rows = generate_command(runs_dir, "kernels")
     assert "decoding: row kernels ready" in rows.stderr and rows.stdout == plain.stdout, rows.stderr[-2000:]
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import KERNELS_ROOT, made_up_text
+from helpers import link_suite_kernels, made_up_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,12 +32,8 @@ def test_every_part_runs_on_a_cpu_and_writes_its_figures(gpu_check, tmp_path, mo
     out = tmp_path / "check"
     # the serving part's row kernels: the suite's build, linked in. Built here, they took 70 s on a
     # 2-core AVX2 EPYC, past the part's cap of 60 s
-    from trainlab.chat.kernels import kernels_dir, load_kernels
-
-    assert load_kernels(KERNELS_ROOT)[0] is not None
     runs = tmp_path / "runs"
-    kernels_dir(runs / ".compiled").parent.mkdir(parents=True)
-    kernels_dir(runs / ".compiled").symlink_to(kernels_dir(KERNELS_ROOT), target_is_directory=True)
+    link_suite_kernels(runs)
     code = gpu_check.main(["--device", "cpu", "--tiny", "--out", str(out), "--text", str(text),
                            "--runs-dir", str(runs)])
     result = json.loads((out / "results.json").read_text())
