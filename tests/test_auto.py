@@ -23,15 +23,13 @@ def corpus(tmp_path):
 
 
 def fake_paces(monkeypatch, paces: dict) -> list:
-    """Every recipe's seconds a step by its width, or by (width, context) or (width, context,
-    layers) where given, without training; returns the keys timed (a context-256 recipe as
-    (width, 256))."""
+    """Every recipe's seconds a step by its width, or by (width, context) where given, without
+    training; returns the keys timed (a context-256 recipe as (width, 256))."""
     timed: list = []
 
     def fake(task, cfg, device=None, n=10, warmup=5, known=None):
         m = task.model_cfg
-        key = next(k for k in ((m.d_model, m.context_len, m.num_layers), (m.d_model, m.context_len), m.d_model)
-                   if k in paces)
+        key = next(k for k in ((m.d_model, m.context_len), m.d_model) if k in paces)
         timed.append(key)
         return paces[key], "fp32", {"fp32": paces[key]}
 
@@ -39,9 +37,9 @@ def fake_paces(monkeypatch, paces: dict) -> list:
     return timed
 
 
-# widths: chat-quick 128, chat-1min 192, chat-1min-dropout (192, 128, 2), chat-5min (192, 128),
+# widths: chat-quick 128, chat-1min 192, chat-1min-dropout (192, 256), chat-5min (192, 128),
 # chat-20min 256 (chat-20min-ctx256: (256, 256)), chatgot-14m 384
-LAPTOP = {128: 0.03, 192: 0.12, (192, 128, 2): 0.13, (192, 128): 0.25, 256: 0.4, (256, 256): 0.5, 384: 3.0}
+LAPTOP = {128: 0.03, 192: 0.12, (192, 256): 0.13, (192, 128): 0.25, 256: 0.4, (256, 256): 0.5, 384: 3.0}
 
 
 def test_the_budget_chooses_the_recipe_and_larger_ones_are_timed_only_when_in_reach(monkeypatch, corpus):
@@ -57,7 +55,7 @@ def test_the_budget_chooses_the_recipe_and_larger_ones_are_timed_only_when_in_re
     # 0.85 x 60 s / 0.12 s x 4,096 characters = 1.7M >= chat-1min's 0.6M, 30 passes over this small
     # text, so chat-1min-dropout is timed (same pace) and taken; chat-5min's bound (that pace scaled
     # by FLOPs, halved) falls short of its 5M, so it is never timed
-    assert name == "chat-1min-dropout" and timed == [128, 192, (192, 128, 2)]
+    assert name == "chat-1min-dropout" and timed == [128, 192, (192, 256)]
     probes = record["auto"]["probes"]
     assert [p["preset"] for p in probes] == ["chat-quick", "chat-1min", "chat-1min-dropout", "chat-5min"]
     assert probes[-1]["seconds_per_step"] is None and probes[-1]["chars"] < probes[-1]["from_chars"]
@@ -65,11 +63,11 @@ def test_the_budget_chooses_the_recipe_and_larger_ones_are_timed_only_when_in_re
     timed.clear()
     name, record = auto.choose("chat", None, {**flags, "minutes": 20.0}, time.monotonic(), echo=lambda s: None)
     # context 256 reads 0.85 x 1,200 s / 0.5 s x 4,096 = 8.4M >= 6M; the 14M model's bound is far short of 40M
-    assert name == "chat-20min-ctx256" and timed == [128, 192, (192, 128, 2), (192, 128), 256, (256, 256)]
+    assert name == "chat-20min-ctx256" and timed == [128, 192, (192, 256), (192, 128), 256, (256, 256)]
     slow = fake_paces(monkeypatch, {**LAPTOP, 256: 0.8, (256, 256): 1.0})  # fp32 on a CPU with bf16
     name, record = auto.choose("chat", None, {**flags, "minutes": 20.0}, time.monotonic(), echo=lambda s: None)
     # chat-20min reads 5.2M, short of its 7M: chat-5min, and context 256 is never timed
-    assert name == "chat-5min" and slow == [128, 192, (192, 128, 2), (192, 128), 256]
+    assert name == "chat-5min" and slow == [128, 192, (192, 256), (192, 128), 256]
     assert record["auto"]["probes"][-1]["preset"] == "chat-20min"
     timed = fake_paces(monkeypatch, LAPTOP)
     timed.clear()
@@ -86,7 +84,7 @@ def test_the_budget_chooses_the_recipe_and_larger_ones_are_timed_only_when_in_re
 def test_a_recipe_is_passed_over_until_the_one_before_it_has_run_out_of_text(monkeypatch, tmp_path, corpus):
     big = tmp_path / "big.txt"
     big.write_text(corpus.read_text(encoding="utf-8") * 50, encoding="utf-8")  # 2.8M characters
-    paces = {128: 0.03, 192: 0.03, (192, 128, 2): 0.03, (192, 128): 0.1, 256: 0.1, 384: 3.0}
+    paces = {128: 0.03, 192: 0.03, (192, 256): 0.03, (192, 128): 0.1, 256: 0.1, 384: 3.0}
     timed = fake_paces(monkeypatch, paces)
     said: list[str] = []
     # chat-1min reads 0.85 x 60 s / 0.03 s x 4,096 = 7M characters: 3 passes over the big text, 140
@@ -103,17 +101,17 @@ def test_a_recipe_is_passed_over_until_the_one_before_it_has_run_out_of_text(mon
     assert 2e6 < record["auto"]["text_chars"] < 3e6  # 90% of the text
     timed.clear()
     name, _ = auto.choose("chat", None, {"text": str(corpus), "minutes": 1.0}, time.monotonic(), echo=said.append)
-    assert name == "chat-1min-dropout" and timed == [128, 192, (192, 128, 2), (192, 128)]  # chat-1min used up
+    assert name == "chat-1min-dropout" and timed == [128, 192, (192, 256), (192, 128)]  # chat-1min used up
 
     # a CPU without native bf16 at 20 minutes on a text of tinyshakespeare's size (1M characters to
     # train on): chat-1min would read it 6 times, chat-5min 2.2M characters: the 2-layer model with dropout
     shakespeare = tmp_path / "one-million.txt"
     shakespeare.write_text(corpus.read_text(encoding="utf-8") * 20, encoding="utf-8")
-    avx2 = fake_paces(monkeypatch, {128: 0.12, 192: 0.7, (192, 128, 2): 0.8, (192, 128): 1.9, 256: 3.2, (256, 256): 3.8,
+    avx2 = fake_paces(monkeypatch, {128: 0.12, 192: 0.7, (192, 256): 0.8, (192, 128): 1.9, 256: 3.2, (256, 256): 3.8,
                                     384: 20.0})
     name, record = auto.choose("chat", None, {"text": str(shakespeare), "minutes": 20.0}, time.monotonic(),
                                echo=lambda s: None)
-    assert name == "chat-1min-dropout" and avx2 == [128, 192, (192, 128, 2), (192, 128)]
+    assert name == "chat-1min-dropout" and avx2 == [128, 192, (192, 256), (192, 128)]
     assert record["auto"]["passed_over"] == []
 
 

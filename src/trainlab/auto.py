@@ -70,16 +70,19 @@ CANDIDATES: dict[str, tuple[Candidate, ...]] = {
         Candidate("chat-quick", 0.0, "the smallest: best of the chat-9s study (about 0.5M characters)"),
         Candidate("chat-1min", 0.6e6, "best at 1 minute in bf16 (1.9M characters) and in fp32 (0.97M; "
                                       "results/auto/); chat-quick best at 10 s (about 0.26M)"),
-        Candidate("chat-1min-dropout", 0.6e6, "chat-1min's model with dropout 0.05, context 128 at batch 32 and "
-                                              "shuffled windows: at 5 minutes in fp32 on tinyshakespeare (5.7 "
-                                              "passes) 1.4803, where its first version (dropout 0.1) reached "
-                                              "1.5258 and chat-1min 1.5512; that first version was behind "
-                                              "chat-1min at 1 minute, 2.5 passes (1.5825 against 1.5420)",
+        Candidate("chat-1min-dropout", 0.6e6, "chat-1min's model with dropout 0.05, context 256 at batch 16 and "
+                                              "shuffled windows: at 5 minutes in fp32 on tinyshakespeare (4.6-4.8 "
+                                              "passes) 1.4725-1.4785, where context 128 reached 1.4844-1.4856, "
+                                              "its first version (dropout 0.1, context 64) 1.5258 and chat-1min "
+                                              "1.5512; behind chat-1min at 2 passes (bf16 steps: 1.5575 against "
+                                              "1.5193-1.5220)",
                   after_passes=4.0),
-        Candidate("chat-5min", 5.0e6, "4 x 192, against chat-1min-dropout as it ships since 2026-12-05, at "
+        Candidate("chat-5min", 5.0e6, "4 x 192, against chat-1min-dropout at context 128 (2026-12-05), at "
                                       "the steps each gets: behind at 2.5M characters (1.5560 against "
                                       "1.4835), ahead at 5.9M (1.4655 against 1.4868); the threshold "
                                       "interpolated between (it was 3.7M against the first chat-1min-dropout). "
+                                      "Context 256 took chat-1min-dropout 0.010-0.012 further at 4-5 passes, "
+                                      "short of moving it. "
                                       "Behind chat-1min on the Bible at 5 minutes, where chat-1min read the "
                                       "text 3.2 times (1.2390 against 1.2053)",
                   after_passes=4.0),
