@@ -81,7 +81,7 @@ CANDIDATES: dict[str, tuple[Candidate, ...]] = {
                                       "the steps each gets: behind at 2.5M characters (1.5560 against "
                                       "1.4835), ahead at 5.9M (1.4655 against 1.4868); the threshold "
                                       "interpolated between (it was 3.7M against the first chat-1min-dropout). "
-                                      "Context 256 took chat-1min-dropout 0.010-0.012 further at 4-5 passes, "
+                                      "Context 256 took chat-1min-dropout 0.007-0.012 further at 4-5 passes, "
                                       "short of moving it. "
                                       "Behind chat-1min on the Bible at 5 minutes, where chat-1min read the "
                                       "text 3.2 times (1.2390 against 1.2053)",
