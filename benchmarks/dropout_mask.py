@@ -9,7 +9,11 @@ so only ratios measured together mean much):
    mask and the output once over this machine's measured bandwidth;
 2. a whole training step of the preset (forward, backward, optimizer) in fp32 and bf16, with
    PyTorch's dropout (the fused attention kernel with its ``dropout_p`` in fp32, as before)
-   against trainlab's: the milliseconds per step and the ratio.
+   against trainlab's: the milliseconds per step and the ratio;
+3. a whole fp32 step of the preset as it is against the same with ``--attn-dropout 0``
+   (dropout on the residual paths only, so attention takes the fused kernel).
+
+    python benchmarks/dropout_mask.py --preset chat-1min-dropout --rounds 5
 """
 
 from __future__ import annotations
@@ -90,6 +94,22 @@ def steps(preset: str, rounds: int) -> None:
               f"(rounds: {', '.join(f'{x:.0f}' for x in theirs)} / {', '.join(f'{x:.0f}' for x in ours)})", flush=True)
 
 
+def attention_off(preset: str, rounds: int) -> None:
+    """A whole fp32 step with attention's dropout (the preset's) and without it (``--attn-dropout 0``)."""
+    tasks = []
+    for flags in ({}, {"attn_dropout": 0.0}):
+        values = runs.settings("chat", preset, None, {"text": str(TEXT), "precision": "fp32", **flags})
+        tasks.append(runs.checked_task("chat", {**values, "max_steps": 1, "minutes": None}))
+    times: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for i, (cfgs, task) in enumerate(tasks):
+            times[i].append(seconds_per_step(task, cfgs["train"], None, 8, 3) * 1e3)
+    a, b = (statistics.median(t) for t in times)
+    print(f"{preset}, fp32: with attention's dropout {a:.0f} ms a step, --attn-dropout 0 {b:.0f} ms: {a / b:.2f}x "
+          f"(rounds: {', '.join(f'{x:.0f}' for x in times[0])} / {', '.join(f'{x:.0f}' for x in times[1])})",
+          flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="chat-20min")
@@ -100,6 +120,8 @@ def main() -> None:
     masks(args.rounds, values["batch_size"], values["nhead"], values["context_len"], values["d_model"],
           values["dropout"])
     steps(args.preset, args.rounds)
+    if values["dropout"] > 0:
+        attention_off(args.preset, args.rounds)
 
 
 if __name__ == "__main__":

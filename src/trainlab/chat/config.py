@@ -54,6 +54,12 @@ class GPTConfig:
     dim_feedforward: int = field(default=0, metadata={"help": "MLP hidden size; 0 means 4 * d_model"})
     context_len: int = field(default=256, metadata={"help": "characters the model sees at once"})
     dropout: float = field(default=0.1, metadata={"help": "dropout probability"})
+    # a field of its own because attention's dropout decides the kernel: with any, a CPU runs the
+    # written-out product (the fused kernels take none there), which made a fp32 step of
+    # chat-1min-dropout 1.17x as long (results/dropout-mask/)
+    attn_dropout: float | None = field(default=None, metadata={"help": "dropout on attention's probabilities "
+                                                                        "(default: --dropout); 0 leaves a CPU the "
+                                                                        "fused attention kernel in fp32"})
     tie_weights: bool = field(default=True, metadata={"help": "share the token embedding with the output head"})
     bias: bool = field(default=False, metadata={"help": "biases in linear layers and LayerNorms"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute each block's activations in the "
@@ -83,6 +89,8 @@ class GPTConfig:
         non_negative("dim_feedforward", self.dim_feedforward)
         check_heads(self.d_model, self.nhead)
         in_range("dropout", self.dropout, 0, 1, high_open=True)
+        if self.attn_dropout is not None:
+            in_range("attn_dropout", self.attn_dropout, 0, 1, high_open=True)
         one_of("positions", self.positions, POSITIONS)
         one_of("norm", self.norm, NORMS)
         one_of("mlp", self.mlp, MLPS)
@@ -95,6 +103,10 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.nhead
+
+    @property
+    def attention_dropout(self) -> float:
+        return self.dropout if self.attn_dropout is None else self.attn_dropout
 
     @property
     def d_ff(self) -> int:

@@ -140,7 +140,7 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = nn.RMSNorm(cfg.head_dim, eps=RMS_EPS)
             self.k_norm = nn.RMSNorm(cfg.head_dim, eps=RMS_EPS)
         self.qk_norm = cfg.qk_norm
-        self.dropout = cfg.dropout
+        self.dropout = cfg.attention_dropout  # on the attention probabilities; the residual's is cfg.dropout
         self.resid_drop = Dropout(cfg.dropout)
 
     def heads(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor] | None
