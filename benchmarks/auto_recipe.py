@@ -35,7 +35,7 @@ CORPORA = {"tinyshakespeare": ROOT.parent / "shared" / "data" / "tinyshakespeare
 # the recipes worth comparing at a budget (the others cannot start, or are far from their size)
 DEFAULT_RECIPES = {1.0: "auto,chat-quick,chat-1min,chat-20min",
                    5.0: "auto,chat-1min,chat-1min-dropout,chat-5min,chat-20min",
-                   20.0: "auto,chat-1min-dropout,chat-5min,chat-20min,chat-20min-ctx256"}
+                   20.0: "auto,chat-1min-dropout,chat-5min-dropout,chat-20min,chat-20min-ctx256"}
 
 
 def main() -> None:
@@ -96,7 +96,8 @@ def summarize(done: list[dict]) -> None:
     groups: dict[tuple, list[dict]] = {}
     for r in done:
         groups.setdefault((r["corpus"], r["minutes"], r["precision_asked"]), []).append(r)
-    names = ["chat-quick", "chat-1min", "chat-1min-dropout", "chat-5min", "chat-20min", "chat-20min-ctx256"]
+    names = ["chat-quick", "chat-1min", "chat-1min-dropout", "chat-5min", "chat-5min-dropout", "chat-20min",
+             "chat-20min-ctx256"]
     print("| corpus | minutes | --precision | auto chose (ran in) | auto | " + " | ".join(names) + " | auto - best |")
     print("|---|---|---|---|---|" + "---|" * len(names) + "---|")
     for (corpus, minutes, precision), rows in sorted(groups.items()):

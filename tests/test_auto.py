@@ -37,15 +37,15 @@ def fake_paces(monkeypatch, paces: dict) -> list:
     return timed
 
 
-# widths: chat-quick 128, chat-1min 192, chat-1min-dropout (192, 256), chat-5min (192, 128),
+# widths: chat-quick 128, chat-1min 192, chat-1min-dropout (192, 256), chat-5min and chat-5min-dropout (192, 128),
 # chat-20min 256 (chat-20min-ctx256: (256, 256)), chatgot-14m 384
 LAPTOP = {128: 0.03, 192: 0.12, (192, 256): 0.13, (192, 128): 0.25, 256: 0.4, (256, 256): 0.5, 384: 3.0}
 
 
 def test_the_budget_chooses_the_recipe_and_larger_ones_are_timed_only_when_in_reach(monkeypatch, corpus):
     names = [c.preset for c in auto.CANDIDATES["chat"]]
-    assert names == ["chat-quick", "chat-1min", "chat-1min-dropout", "chat-5min", "chat-20min", "chat-20min-ctx256",
-                     "chatgot-14m"]
+    assert names == ["chat-quick", "chat-1min", "chat-1min-dropout", "chat-5min", "chat-5min-dropout", "chat-20min",
+                     "chat-20min-ctx256", "chatgot-14m"]
     sizes = [auto.flops_per_char(runs.settings("chat", n, flags={"text": str(corpus)})) for n in names]
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1] / 50  # the list goes up in cost
 
@@ -62,12 +62,13 @@ def test_the_budget_chooses_the_recipe_and_larger_ones_are_timed_only_when_in_re
 
     timed.clear()
     name, record = auto.choose("chat", None, {**flags, "minutes": 20.0}, time.monotonic(), echo=lambda s: None)
-    # context 256 reads 0.85 x 1,200 s / 0.5 s x 4,096 = 8.4M >= 6M; the 14M model's bound is far short of 40M
-    assert name == "chat-20min-ctx256" and timed == [128, 192, (192, 256), (192, 128), 256, (256, 256)]
+    # context 256 reads 0.85 x 1,200 s / 0.5 s x 4,096 = 8.4M >= 6M; the 14M model's bound is far short of 40M.
+    # chat-5min would read this small text hundreds of times, so its dropout-0.1 form is timed too
+    assert name == "chat-20min-ctx256" and timed == [128, 192, (192, 256), (192, 128), (192, 128), 256, (256, 256)]
     slow = fake_paces(monkeypatch, {**LAPTOP, 256: 0.8, (256, 256): 1.0})  # fp32 on a CPU with bf16
     name, record = auto.choose("chat", None, {**flags, "minutes": 20.0}, time.monotonic(), echo=lambda s: None)
-    # chat-20min reads 5.2M, short of its 7M: chat-5min, and context 256 is never timed
-    assert name == "chat-5min" and slow == [128, 192, (192, 256), (192, 128), 256]
+    # chat-20min reads 5.2M, short of its 7M: chat-5min in its form for many passes, and context 256 is never timed
+    assert name == "chat-5min-dropout" and slow == [128, 192, (192, 256), (192, 128), (192, 128), 256]
     assert record["auto"]["probes"][-1]["preset"] == "chat-20min"
     timed = fake_paces(monkeypatch, LAPTOP)
     timed.clear()
@@ -96,7 +97,7 @@ def test_a_recipe_is_passed_over_until_the_one_before_it_has_run_out_of_text(mon
     assert re.search(r"chat-5min only once chat-1min would read its text 4 times \(2\.\d here\)", said[0])
     assert re.search(r"chat-20min would train on [\d.]+M of the 7M it needs \(bound, not timed\)", said[0])
     over = record["auto"]["passed_over"]
-    assert [o["preset"] for o in over] == ["chat-1min-dropout", "chat-5min"]
+    assert [o["preset"] for o in over] == ["chat-1min-dropout", "chat-5min", "chat-5min-dropout"]
     assert over[0]["after"] == "chat-1min" and 2.5 < over[0]["passes"] < 3
     assert 2e6 < record["auto"]["text_chars"] < 3e6  # 90% of the text
     timed.clear()
@@ -113,6 +114,21 @@ def test_a_recipe_is_passed_over_until_the_one_before_it_has_run_out_of_text(mon
                                echo=lambda s: None)
     assert name == "chat-1min-dropout" and avx2 == [128, 192, (192, 256), (192, 128)]
     assert record["auto"]["passed_over"] == []
+
+    # chat-5min's dropout by the passes it gets: about 6 at 5 minutes with native bf16 (0.05 ahead),
+    # about 12 at 20 in fp32 on the same CPU (0.1 ahead, chat-5min-dropout)
+    paces = {128: 0.02, 192: 0.06, (192, 256): 0.065, (192, 128): 0.17, 256: 0.3, (256, 256): 0.35, 384: 5.0}
+    bf16 = fake_paces(monkeypatch, paces)
+    said.clear()
+    name, record = auto.choose("chat", None, {"text": str(shakespeare), "minutes": 5.0}, time.monotonic(),
+                               echo=said.append)
+    assert name == "chat-5min" and bf16 == [128, 192, (192, 256), (192, 128), 256]
+    assert [o["preset"] for o in record["auto"]["passed_over"]] == ["chat-5min-dropout"]
+    assert re.search(r"chat-5min-dropout only once chat-5min would read its text 10 times \(6(\.\d)? here\)", said[0])
+    fp32 = fake_paces(monkeypatch, {**paces, (192, 128): 0.35, 256: 0.8, (256, 256): 1.0})
+    name, record = auto.choose("chat", None, {"text": str(shakespeare), "minutes": 20.0}, time.monotonic(),
+                               echo=lambda s: None)
+    assert name == "chat-5min-dropout" and fp32 == [128, 192, (192, 256), (192, 128), (192, 128), 256]
 
 
 def test_once_bf16_wins_the_larger_recipes_are_timed_in_it_alone(monkeypatch, corpus):

@@ -77,7 +77,8 @@ CANDIDATES: dict[str, tuple[Candidate, ...]] = {
                                               "1.5512; behind chat-1min at 2 passes (bf16 steps: 1.5575 against "
                                               "1.5193-1.5220)",
                   after_passes=4.0),
-        Candidate("chat-5min", 5.0e6, "4 x 192, against chat-1min-dropout at context 128 (2026-12-05), at "
+        Candidate("chat-5min", 5.0e6, "4 x 192 (then with dropout 0.1, now chat-5min-dropout; 0.05 is ahead "
+                                      "at 6 passes), against chat-1min-dropout at context 128 (2026-12-05), at "
                                       "the steps each gets: behind at 2.5M characters (1.5560 against "
                                       "1.4835), ahead at 5.9M (1.4655 against 1.4868); the threshold "
                                       "interpolated between (it was 3.7M against the first chat-1min-dropout). "
@@ -86,9 +87,14 @@ CANDIDATES: dict[str, tuple[Candidate, ...]] = {
                                       "Behind chat-1min on the Bible at 5 minutes, where chat-1min read the "
                                       "text 3.2 times (1.2390 against 1.2053)",
                   after_passes=4.0),
+        Candidate("chat-5min-dropout", 5.0e6, "chat-5min with dropout 0.1 (not 0.05): at 12 passes of "
+                                              "tinyshakespeare (2,800 bf16 steps) 1.4357 against 1.4445, at 6 "
+                                              "(1,327-1,438 steps) 1.4655-1.4730 against 1.4463-1.4478; the "
+                                              "passes interpolated between (results/auto/)",
+                  after_passes=10.0),
         Candidate("chat-20min", 7.0e6, "4 x 256: behind chat-5min at 3.5M characters (5 minutes, bf16: 1.4950 "
                                        "against 1.4637) and at 4.7-7.2M (20 minutes, fp32: 1.4483-1.4725, where "
-                                       "chat-5min reached 1.4390 on 10.8M); taken where it reads more than "
+                                       "chat-5min-dropout reached 1.4390 on 10.8M); taken where it reads more than "
                                        "measured so far, for chat-20min-ctx256 after it (bf16 at 20 minutes: "
                                        "7.6-14M)"),
         Candidate("chat-20min-ctx256", 6.0e6, "ahead of chat-20min at 20 minutes in bf16 on tinyshakespeare "
