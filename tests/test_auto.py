@@ -116,7 +116,7 @@ def test_a_recipe_is_passed_over_until_the_one_before_it_has_run_out_of_text(mon
     assert record["auto"]["passed_over"] == []
 
     # chat-5min's dropout by the passes it gets: about 6 at 5 minutes with native bf16 (0.05 ahead),
-    # about 12 at 20 in fp32 on the same CPU (0.1 ahead, chat-5min-dropout)
+    # 8 or more (as estimated) at 20 in fp32 on the same CPU (0.1 ahead, chat-5min-dropout)
     paces = {128: 0.02, 192: 0.06, (192, 256): 0.065, (192, 128): 0.17, 256: 0.3, (256, 256): 0.35, 384: 5.0}
     bf16 = fake_paces(monkeypatch, paces)
     said.clear()
@@ -124,7 +124,7 @@ def test_a_recipe_is_passed_over_until_the_one_before_it_has_run_out_of_text(mon
                                echo=said.append)
     assert name == "chat-5min" and bf16 == [128, 192, (192, 256), (192, 128), 256]
     assert [o["preset"] for o in record["auto"]["passed_over"]] == ["chat-5min-dropout"]
-    assert re.search(r"chat-5min-dropout only once chat-5min would read its text 10 times \(6(\.\d)? here\)", said[0])
+    assert re.search(r"chat-5min-dropout only once chat-5min would read its text 8 times \(6(\.\d)? here\)", said[0])
     fp32 = fake_paces(monkeypatch, {**paces, (192, 128): 0.35, 256: 0.8, (256, 256): 1.0})
     name, record = auto.choose("chat", None, {"text": str(shakespeare), "minutes": 20.0}, time.monotonic(),
                                echo=lambda s: None)

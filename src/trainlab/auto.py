@@ -88,10 +88,12 @@ CANDIDATES: dict[str, tuple[Candidate, ...]] = {
                                       "text 3.2 times (1.2390 against 1.2053)",
                   after_passes=4.0),
         Candidate("chat-5min-dropout", 5.0e6, "chat-5min with dropout 0.1 (not 0.05): at 12 passes of "
-                                              "tinyshakespeare (2,800 bf16 steps) 1.4357 against 1.4445, at 6 "
-                                              "(1,327-1,438 steps) 1.4655-1.4730 against 1.4463-1.4478; the "
-                                              "passes interpolated between (results/auto/)",
-                  after_passes=10.0),
+                                              "tinyshakespeare (2,800 bf16 steps) 1.4357 against 1.4445, level at 11 "
+                                              "(20 fp32 minutes, the same day: 1.4523 against 1.4528), behind at 6 "
+                                              "(1,327-1,438 steps: 1.4655-1.4730 against 1.4463-1.4478). 8 as "
+                                              "estimated here is about 9 as read (TRAIN_SHARE's low end; runs "
+                                              "train 95-96% of their time). results/auto/",
+                  after_passes=8.0),
         Candidate("chat-20min", 7.0e6, "4 x 256: behind chat-5min at 3.5M characters (5 minutes, bf16: 1.4950 "
                                        "against 1.4637) and at 4.7-7.2M (20 minutes, fp32: 1.4483-1.4725, where "
                                        "chat-5min-dropout reached 1.4390 on 10.8M); taken where it reads more than "
