@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import print_machine  # noqa: E402
+from common import print_machine, scratch_dir  # noqa: E402
 from minutes_accuracy import one_run  # noqa: E402
 
 CORPORA = {"tinyshakespeare": ROOT.parent / "shared" / "data" / "tinyshakespeare.txt",
@@ -47,7 +46,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="JSON file of the results (resumable)")
     args = ap.parse_args()
     print_machine()
-    runs_dir = tempfile.mkdtemp(prefix="auto-recipe-")
+    runs_dir = scratch_dir("auto-recipe-")
     done: list[dict] = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else []
     for corpus in args.corpora.split(","):
         text = CORPORA.get(corpus, Path(corpus))

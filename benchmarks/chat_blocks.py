@@ -19,7 +19,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import print_machine, span_loss, train_for_minutes  # noqa: E402
+from common import print_machine, scratch_dir, span_loss, train_for_minutes  # noqa: E402
 
 from trainlab.engine.precision import cpu_summary  # noqa: E402
 
@@ -78,7 +77,7 @@ def main() -> None:
     path = args.out / "results.json"
     done = json.loads(path.read_text()) if path.exists() else {"runs": []}
     done.setdefault("machine", cpu_summary())
-    runs_dir = tempfile.mkdtemp(prefix="chat-blocks-")
+    runs_dir = scratch_dir("chat-blocks-")
     seeds = [int(s) for s in args.seeds.split(",")]
     for variant in args.variants.split(","):
         for seed in seeds:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
-from common import print_machine, span_loss  # noqa: E402
+from common import print_machine, scratch_dir, span_loss  # noqa: E402
 
 from trainlab import runs  # noqa: E402
 from trainlab.chat.config import SamplingConfig
@@ -58,7 +57,7 @@ def main() -> None:
     if "--text" not in rest:
         rest = ["--text", str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"), *rest]
     if "--runs-dir" not in rest:
-        rest = ["--runs-dir", tempfile.mkdtemp(prefix="chat-bench-"), *rest]
+        rest = ["--runs-dir", scratch_dir("chat-bench-"), *rest]
     args = build_parser().parse_args(["chat", "train", "--no-progress", "--tag", "benchmark", *rest])
     values = runs.settings("chat", args.preset, args.config, flags_of(args))  # default preset: chatgot-14m
     cfgs = {name: build(cls, values) for name, cls in runs.chat_sections()}

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import os
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,19 @@ from trainlab.engine.precision import cpu_summary
 if Path(sys.argv[0]).resolve().parent == Path(__file__).resolve().parent:
     use_tcmalloc()
 
+
+
+def scratch_dir(prefix: str) -> str:
+    """A fresh folder for a benchmark's runs, removed when the benchmark exits (a normal end, an
+    error or Ctrl+C): what a benchmark keeps is what it prints and writes to its ``--out``, while
+    its runs' checkpoints take up to hundreds of MB each and piled up in /tmp run after run (39 GB
+    on the development machine by 2026-12-05). ``TRAINLAB_KEEP_SCRATCH=1`` keeps them to look at."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    if os.environ.get("TRAINLAB_KEEP_SCRATCH", "") in ("", "0"):
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+    else:
+        print(f"scratch runs kept in {path} (TRAINLAB_KEEP_SCRATCH)", file=sys.stderr)
+    return path
 
 def print_machine() -> None:
     """The line every benchmark starts with: figures mean little without the machine they
@@ -157,9 +174,7 @@ def add_model_args(ap, checkpoint_help: str = "a chat run (default: a chatgot-14
 def model_run(args, prefix: str, preset: str = "chatgot-14m") -> tuple[str, str]:
     """(runs folder, checkpoint) from ``add_model_args``' flags: a ``preset`` model trained for
     one step in a fresh folder where none is given."""
-    import tempfile
-
-    runs = args.runs_dir or tempfile.mkdtemp(prefix=prefix)
+    runs = args.runs_dir or scratch_dir(prefix)
     return runs, args.checkpoint or untrained_14m(runs, args.text, preset)
 
 

@@ -22,11 +22,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import memory_bandwidth, print_machine
+from common import memory_bandwidth, print_machine, scratch_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +99,7 @@ def main() -> None:
     ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
     args = ap.parse_args()
     print_machine()
-    runs = tempfile.mkdtemp(prefix="decode-speed-")
+    runs = scratch_dir("decode-speed-")
     import torch
 
     from trainlab.chat.loading import load_chat_model

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
-from common import print_machine  # noqa: E402
+from common import print_machine, scratch_dir  # noqa: E402
 
 from trainlab import runs  # noqa: E402
 from trainlab.cli import build_parser  # noqa: E402
@@ -118,7 +117,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     print_machine()
-    runs_dir = tempfile.mkdtemp(prefix="overhead-")
+    runs_dir = scratch_dir("overhead-")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; {args.steps} steps per run, "
           f"{args.rounds} rounds each, alternating")
     for task_name in (("chat", "multiply") if args.task == "both" else (args.task,)):

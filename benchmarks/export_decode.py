@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-from common import add_model_args, decoding_floor, memory_bandwidth, model_run, print_machine
+from common import add_model_args, decoding_floor, memory_bandwidth, model_run, print_machine, scratch_dir
 
 PROMPT = "KING RICHARD III:\nNow is the winter of our discontent\n"
 
@@ -50,7 +49,7 @@ def main() -> None:
     print_machine()
     runs, args.checkpoint = model_run(args, "export-bench-")
     ckpt = resolve_checkpoint(runs, "chat", args.checkpoint)
-    folder = Path(tempfile.mkdtemp(prefix="export-bench-hf-")) / "model"
+    folder = Path(scratch_dir("export-bench-hf-")) / "model"
     export(ckpt, folder)
     cm = load_chat_model(ckpt, torch.device("cpu"))
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()

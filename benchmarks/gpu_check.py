@@ -47,7 +47,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -58,7 +57,7 @@ SRC = ROOT / "src"
 sys.path.insert(0, str(SRC))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import tb_scalars  # noqa: E402
+from common import scratch_dir, tb_scalars  # noqa: E402
 
 # seconds each part may take on a GPU (8 minutes in all); --tiny gives each a minute
 CAPS = {"nanogpt_settings": 150, "best_recipe": 150, "throughput": 60, "kill_resume": 30, "precisions": 30,
@@ -76,7 +75,7 @@ class Check:
         self.args, self.device, self.tiny = args, args.device, args.tiny
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.runs = Path(args.runs_dir) if args.runs_dir else Path(tempfile.mkdtemp(prefix="gpu-check-runs-"))
+        self.runs = Path(args.runs_dir) if args.runs_dir else Path(scratch_dir("gpu-check-runs-"))
         self.runs.mkdir(parents=True, exist_ok=True)
         self.log_file = open(self.out / "log.txt", "a", encoding="utf-8")
         self.result: dict[str, Any] = {"machine": machine(args.device), "parts": {}}
@@ -215,7 +214,7 @@ def nanogpt_train_py(c: Check, path: Path) -> dict[str, Any]:
 
     import numpy as np
 
-    work = Path(tempfile.mkdtemp(prefix="nanogpt-"))
+    work = Path(scratch_dir("nanogpt-"))
     for name in ("train.py", "model.py", "configurator.py"):
         shutil.copy(path / name, work / name)
     shutil.copytree(path / "config", work / "config")
@@ -394,7 +393,7 @@ def export(c: Check) -> dict[str, Any]:
     import torch
 
     model = "nanogpt" if (c.runs / "chat" / "nanogpt").is_dir() else "auto"
-    folder = Path(tempfile.mkdtemp(prefix="gpu-export-")) / "hf"
+    folder = Path(scratch_dir("gpu-export-")) / "hf"
     c.trainlab("chat", "export", "--checkpoint", model, "--runs-dir", str(c.runs), "--out", str(folder))
     # the corpus's first line (every character known to the model); within the context: transformers does not slide
     prompt, n = Path(c.args.text).read_text(encoding="utf-8").split("\n", 1)[0][:40] + "\n", 200 if not c.tiny else 20

@@ -26,7 +26,6 @@ import json
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import print_machine  # noqa: E402
+from common import print_machine, scratch_dir  # noqa: E402
 
 from trainlab.engine.precision import cpu_summary  # noqa: E402
 
@@ -91,7 +90,7 @@ def main() -> None:
     ap.add_argument("--runs-dir", help="default: a temporary folder")
     known, extra = ap.parse_known_args()
     print_machine()
-    runs_dir = known.runs_dir or tempfile.mkdtemp(prefix="minutes-")
+    runs_dir = known.runs_dir or scratch_dir("minutes-")
     done: list[dict] = []
     if known.out and Path(known.out).is_file():
         done = json.loads(Path(known.out).read_text())

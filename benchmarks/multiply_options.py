@@ -22,7 +22,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import print_machine, train_for_minutes  # noqa: E402
+from common import print_machine, scratch_dir, train_for_minutes  # noqa: E402
 
 from trainlab.engine.precision import cpu_summary  # noqa: E402
 from trainlab.multiply.evaluation import evaluate_members
@@ -82,7 +81,7 @@ def main() -> None:
     path = args.out / "results.json"
     done = json.loads(path.read_text()) if path.exists() else {"runs": []}
     done.setdefault("machine", cpu_summary())
-    runs_dir = tempfile.mkdtemp(prefix="multiply-options-")
+    runs_dir = scratch_dir("multiply-options-")
     for variant in args.variants.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             key = (variant, args.members, seed, args.minutes)

@@ -22,7 +22,6 @@ import json
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from auto_recipe import CORPORA, variant  # noqa: E402
-from common import print_machine  # noqa: E402
+from common import print_machine, scratch_dir  # noqa: E402
 
 from trainlab.engine.precision import cpu_summary  # noqa: E402
 
@@ -68,7 +67,7 @@ def main() -> None:
     if not Path(text).is_file():
         raise SystemExit(f"recipe_steps: no corpus at {text}")
     print_machine()
-    runs_dir = tempfile.mkdtemp(prefix="recipe-steps-")
+    runs_dir = scratch_dir("recipe-steps-")
     done: list[dict] = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else []
     for recipe in args.recipes.split(","):
         key = {"recipe": recipe, "steps": args.steps, "precision": args.precision, "seed": args.seed}

@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
-from common import print_machine
+from common import print_machine, scratch_dir
 
 BASE = ["--min-digits", "1", "--max-digits", "2", "--nhead", "4", "--num-latent", "4", "--eval-every", "100",
         "--eval-samples", "1000", "--save-every", "100000", "--no-progress", "--device", "cpu", "--precision", "fp32"]
@@ -44,7 +43,7 @@ def main() -> None:
     ap.add_argument("--runs-dir", help="keep the runs here (default: a temporary folder)")
     args = ap.parse_args()
     print_machine()
-    runs = Path(args.runs_dir or tempfile.mkdtemp(prefix="tune-demo-"))
+    runs = Path(args.runs_dir or scratch_dir("tune-demo-"))
     t0 = time.perf_counter()
     out = trainlab("tune", "multiply", "--space", "demo", "--trials", str(args.trials), "--budget-minutes",
                    str(args.trial_minutes), "--study", "demo", "--runs-dir", str(runs), "--seed", str(args.seed),

@@ -84,7 +84,8 @@ def pytest_runtest_logreport(report):
 
 def pytest_sessionfinish(session):
     path = session.config.getoption("--record-auto-tests")
-    if path and not hasattr(session.config, "workerinput"):  # the controller, or a run without workers  # NUL-separated: parametrised ids may hold any other character
+    # the controller, or a run without workers; NUL-separated: parametrised ids may hold any other character
+    if path and not hasattr(session.config, "workerinput"):
         Path(path).write_text("\0".join(sorted(AUTO_TESTS)), encoding="utf-8")
 
 
@@ -100,6 +101,28 @@ def register_runs_dir(path: Path) -> Path:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_inside_pytests_folder(tmp_path_factory):
+    """What the tests' processes put in the temporary folder (torchrun's folders, Chromium's
+    profiles, benchmarks' scratch runs) goes inside pytest's own, which pytest prunes after a few
+    sessions: in /tmp it stayed, about 40 folders a suite. Inductor's compile cache stays where it
+    was, so compiling tests find it warm."""
+    import getpass
+    import tempfile
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                          str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"))
+    inside = tmp_path_factory.mktemp("tmp", numbered=False)
+    before = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(inside), str(inside)
+    yield
+    if before[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before[0]
+    tempfile.tempdir = before[1]
 
 
 @pytest.fixture(scope="session", autouse=True)

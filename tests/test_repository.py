@@ -41,3 +41,35 @@ def test_the_license_is_mit_in_the_file_and_the_package_metadata():
     assert meta["license"] == "MIT" and meta["license-files"] == ["LICENSE"]
     text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert text.startswith("MIT License") and "the trainlab authors" in text
+
+
+def test_a_benchmarks_scratch_runs_are_removed_when_it_exits_even_on_an_error(tmp_path):
+    """Benchmarks train in scratch runs folders: left in /tmp, they had piled up to 39 GB on the
+    development machine. A benchmark's folder goes when it exits (here: by an error), unless
+    TRAINLAB_KEEP_SCRATCH asks to keep it."""
+    import os
+    import sys
+
+    script = ("import os, sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+              "from common import scratch_dir\n"
+              "a = scratch_dir('scratch-test-'); open(os.path.join(a, 'ckpt.pt'), 'wb').write(b'x' * 1000)\n"
+              "os.environ['TRAINLAB_KEEP_SCRATCH'] = '1'\n"
+              "b = scratch_dir('scratch-test-')\n"
+              "print(a); print(b, flush=True)\n"
+              "raise RuntimeError('the benchmark failed')\n")
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env.pop("TRAINLAB_KEEP_SCRATCH", None)
+    p = subprocess.run([sys.executable, "-c", script, str(ROOT / "benchmarks"), str(ROOT / "src")], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "the benchmark failed" in p.stderr
+    removed, kept = (Path(line) for line in p.stdout.split())
+    assert removed.parent == tmp_path and not removed.exists()
+    assert kept.is_dir() and "kept in" in p.stderr
+
+
+def test_no_benchmark_makes_a_temporary_folder_it_does_not_remove():
+    """Every scratch folder of the benchmarks comes from common.scratch_dir (removed at exit)."""
+    offenders = [p.name for p in sorted((ROOT / "benchmarks").glob("*.py"))
+                 if p.name != "common.py" and "mkdtemp(" in p.read_text(encoding="utf-8")
+                 and "rmtree" not in p.read_text(encoding="utf-8")]
+    assert not offenders, f"benchmarks that leave temporary folders behind: {offenders}"
