@@ -70,9 +70,11 @@ CANDIDATES: dict[str, tuple[Candidate, ...]] = {
         Candidate("chat-quick", 0.0, "the smallest: best of the chat-9s study (about 0.5M characters)"),
         Candidate("chat-1min", 0.6e6, "best at 1 minute in bf16 (1.9M characters) and in fp32 (0.97M; "
                                       "results/auto/); chat-quick best at 10 s (about 0.26M)"),
-        Candidate("chat-1min-dropout", 0.6e6, "chat-1min's model with dropout 0.05, context 256 at batch 16 and "
+        Candidate("chat-1min-dropout", 0.6e6, "chat-1min's model with dropout 0.05, context 256 at batch 8 and "
                                               "shuffled windows: at 5 minutes in fp32 on tinyshakespeare (4.6-4.8 "
-                                              "passes) 1.4725-1.4785, where context 128 reached 1.4844-1.4856, "
+                                              "passes) 1.4725-1.4785 at batch 16, where context 128 reached "
+                                              "1.4844-1.4856; batch 8 level there (1.4721) and ahead at the steps "
+                                              "of 20 AVX2 minutes (1.4737-1.4751 against 1.4803-1.4818); "
                                               "its first version (dropout 0.1, context 64) 1.5258 and chat-1min "
                                               "1.5512; behind chat-1min at 2 passes (bf16 steps: 1.5575 against "
                                               "1.5193-1.5220)",
