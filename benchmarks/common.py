@@ -25,7 +25,6 @@ if Path(sys.argv[0]).resolve().parent == Path(__file__).resolve().parent:
     use_tcmalloc()
 
 
-
 def scratch_dir(prefix: str) -> str:
     """A fresh folder for a benchmark's runs, removed when the benchmark exits (a normal end, an
     error or Ctrl+C): what a benchmark keeps is what it prints and writes to its ``--out``, while
@@ -37,6 +36,7 @@ def scratch_dir(prefix: str) -> str:
     else:
         print(f"scratch runs kept in {path} (TRAINLAB_KEEP_SCRATCH)", file=sys.stderr)
     return path
+
 
 def print_machine() -> None:
     """The line every benchmark starts with: figures mean little without the machine they
