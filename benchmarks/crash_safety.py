@@ -24,7 +24,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from trainlab.engine.checkpoint import latest_checkpoint  # noqa: E402
 from trainlab.engine.faults import DAMAGE_KINDS, damage_checkpoint  # noqa: E402
-from common import print_machine  # noqa: E402
+from common import print_machine, scratch_dir  # noqa: E402
 
 TASK = "parallel_comparison"
 FLAGS = ["--max-digits", "2", "--d-model", "64", "--num-layers", "2", "--num-latent", "4", "--batch-size", "32",
@@ -219,13 +218,9 @@ def main() -> int:
     ap.add_argument("--workdir", help="where runs go (default: a temporary folder, removed at the end)")
     args = ap.parse_args()
     print_machine()
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="trainlab-crash-"))
-    try:
-        ok = kill_trials(work, args.trials, args.steps, random.Random(args.seed))
-        ok &= corruption_trials(work)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+    work = Path(args.workdir) if args.workdir else Path(scratch_dir("trainlab-crash-"))
+    ok = kill_trials(work, args.trials, args.steps, random.Random(args.seed))
+    ok &= corruption_trials(work)
     print("\nALL PASSED" if ok else "\nFAILURES above")
     return 0 if ok else 1
 

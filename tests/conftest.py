@@ -112,17 +112,14 @@ def _temporary_files_inside_pytests_folder(tmp_path_factory):
     import getpass
     import tempfile
 
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
-                          str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"))
-    inside = tmp_path_factory.mktemp("tmp", numbered=False)
-    before = os.environ.get("TMPDIR"), tempfile.tempdir
-    os.environ["TMPDIR"], tempfile.tempdir = str(inside), str(inside)
-    yield
-    if before[0] is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = before[0]
-    tempfile.tempdir = before[1]
+    inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR",
+                              str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"))
+    inside = str(tmp_path_factory.mktemp("tmp", numbered=False))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", inductor)
+        mp.setenv("TMPDIR", inside)
+        mp.setattr(tempfile, "tempdir", inside)
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)
