@@ -74,8 +74,9 @@ def same_training(runs, a, b):
     for name in state_a:
         x, y = state_a[name], state_b[name]
         if name.endswith("train_state.pt"):
-            x = {k: v for k, v in x.items() if k in ("optimizer", "scheduler", "step", "examples", "losses")}
-            y = {k: v for k, v in y.items() if k in ("optimizer", "scheduler", "step", "examples", "losses")}
+            kept = ("optimizer", "scheduler", "step", "examples", "losses", "average")
+            x = {k: v for k, v in x.items() if k in kept}
+            y = {k: v for k, v in y.items() if k in kept}
         assert_same_tensors(x, y, name)
 
 

@@ -58,6 +58,8 @@ def one_line_error(capsys, argv):
     (["--optimizer", "sgd"], "--optimizer"),
     (["--muon-momentum", "1"], "--muon-momentum"),
     (["--class-power", "2"], "--class-power"),
+    (["--ema", "1"], "--ema"),
+    (["--ema", "-0.5"], "--ema"),
 ])
 def test_bad_flags_get_one_line_and_exit_2_and_write_nothing(tmp_path, capsys, flags, needle):
     runs = register_runs_dir(tmp_path / "runs")

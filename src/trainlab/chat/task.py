@@ -258,8 +258,9 @@ class ChatTask:
         from trainlab.chat.report import write_report
 
         m = summary.members[0]
-        was = m.model.training
-        m.model.eval()
-        span = self.span_loss(m.model) if summary.step > 0 and not summary.interrupted else None
-        m.model.train(was)
+        model = m.scored  # the moving average of the weights under --ema
+        was = model.training
+        model.eval()
+        span = self.span_loss(model) if summary.step > 0 and not summary.interrupted else None
+        model.train(was)
         print(f"report: {write_report(run, summary, span, len(self.span_starts('val')), self.model_cfg.context_len)}")

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from trainlab.engine.average import WeightAverage
 from trainlab.engine.memory import MicroBatches
 from trainlab.engine.monitor import LossTrend, Plateau
 from trainlab.engine.optim import make_optimizer
@@ -62,6 +63,7 @@ class Member:
     params: list[nn.Parameter] = field(default_factory=list)  # walking the modules for them costs ~1 ms a step
     pending: list[Any] = field(default_factory=list)  # steps the host has not read yet (engine/step.py, settle)
     ddp: nn.Module | None = None  # what the training forward goes through: DDP's wrapper, or the model
+    average: WeightAverage | None = None  # --ema: the moving average of the weights, which is what is scored
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -71,6 +73,13 @@ class Member:
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def scored(self) -> nn.Module:
+        """The weights a run shows and keeps: what evaluations, samples and the report score and
+        a checkpoint's ``model.pt`` holds. The moving average of the weights under ``--ema``,
+        else the weights the optimizer trains."""
+        return self.model if self.average is None else self.average.model
 
     @property
     def lr(self) -> float:
@@ -87,6 +96,9 @@ class Member:
                          "optimizer": copy.deepcopy(self.optimizer.state_dict()),
                          "scaler": self.precision.scaler.state_dict(),
                          "step": self.step}
+        if self.average is not None:
+            self.snapshot["average"] = {"model": copy.deepcopy(self.average.model.state_dict()),
+                                        **self.average.state_dict()}
 
     def rollback(self) -> None:
         snap = self.snapshot
@@ -97,6 +109,9 @@ class Member:
         if snap["scaler"]:
             self.precision.scaler.load_state_dict(snap["scaler"])
         self.step = snap["step"]
+        if self.average is not None and "average" in snap:
+            self.average.model.load_state_dict(snap["average"]["model"])
+            self.average.load_state_dict(snap["average"])
         self.set_lr()
 
     def state_dict(self) -> dict[str, Any]:
@@ -113,6 +128,7 @@ class Member:
             "trend": self.trend.state_dict(),
             "plateau": self.plateau.state_dict(),
             "health": self.health.state_dict(),
+            **({"average": self.average.state_dict()} if self.average is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -129,6 +145,8 @@ class Member:
                 getattr(self, name).load_state_dict(state[name])
         if "micro_batches" in state:
             self.micro.load_state_dict(state["micro_batches"])
+        if self.average is not None:
+            self.average.load_state_dict(state["average"])
 
 
 
@@ -158,4 +176,5 @@ def make_member(name: str, model: nn.Module, cfg: TrainConfig, device: torch.dev
     schedule = lr_lambda(cfg)
     return Member(name, model, opt, LambdaLR(opt, lambda step: schedule(step) * plateau.scale),
                   Precision(cfg.precision, device), MicroBatches(cfg.recover_after),
-                  LossTrend(cfg.loss_window, cfg.spike_sigma), plateau)
+                  LossTrend(cfg.loss_window, cfg.spike_sigma), plateau,
+                  average=WeightAverage(model, cfg.ema) if cfg.ema else None)

@@ -115,9 +115,9 @@ def evaluate_all(s: Session, track_best: bool = True) -> None:
     parts, scores = [], []
     for m in s.members:
         if s.d.main:
-            m.model.eval()
+            m.scored.eval()
             ev = evaluate_member(s.task, m, state.step, s.cfg.batch_size, s.device, s.say)
-            m.model.train()  # here, not every step: walking the modules costs ~1 ms
+            m.scored.train(m.scored is m.model)  # here, not every step: walking the modules costs ~1 ms
         # every rank needs the metrics: they drive the plateau cuts and the best checkpoint
         metrics = broadcast(ev.metrics if s.d.main else None, s.d)
         if not s.d.main:
@@ -152,10 +152,10 @@ def sample_all(s: Session) -> None:
         return
     rng = rng_state()  # like evaluation, sampling must not move the training RNG
     for m in s.members:
-        m.model.eval()
+        m.scored.eval()
         with m.precision.autocast():
-            sample = s.task.sample(m.name, m.model, s.state.step)
-        m.model.train()
+            sample = s.task.sample(m.name, m.scored, s.state.step)
+        m.scored.train(m.scored is m.model)
         for k, v in sample.metrics.items():
             if math.isfinite(v):  # a metric not defined for this sample (NaN) is left out, not drawn as 0
                 s.writers[m.name].add_scalar(f"samples/{k}", v, s.state.step)
@@ -199,16 +199,16 @@ def _probe(s: Session, kind: str) -> None:
     rng = rng_state()
     cost = 0.0
     for m in s.members:
-        m.model.eval()
+        m.scored.eval()
         t = time.perf_counter()
         if kind == "eval":
             share = evaluate_part(s.task, m, s.state.step, s.cfg.batch_size, s.device, PROBE_PART)
         else:
             with m.precision.autocast():
-                s.task.sample(m.name, m.model, s.state.step)
+                s.task.sample(m.name, m.scored, s.state.step)
             share = 1.0
         cost += (time.perf_counter() - t) / share
-        m.model.train()
+        m.scored.train(m.scored is m.model)
     s.eta.add_pause(kind, cost)
     set_rng_state(rng)
 
@@ -220,14 +220,14 @@ def _probe_report(s: Session) -> None:
     if not s.d.main:
         return
     rng = rng_state()
-    was = [m.model.training for m in s.members]
+    was = [m.scored.training for m in s.members]
     for m in s.members:
-        m.model.eval()
+        m.scored.eval()
     t = time.perf_counter()
-    share = float(s.task.report_part({m.name: m.model for m in s.members}, PROBE_PART))  # type: ignore[attr-defined]
+    share = float(s.task.report_part({m.name: m.scored for m in s.members}, PROBE_PART))  # type: ignore[attr-defined]
     s.eta.add_pause("report", (time.perf_counter() - t) / share)
     for m, training in zip(s.members, was):
-        m.model.train(training)
+        m.scored.train(training)
     set_rng_state(rng)
 
 

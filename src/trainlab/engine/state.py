@@ -24,6 +24,8 @@ from trainlab.engine.task import Task
 from trainlab.engine.tracking import Run
 from trainlab.engine.train_config import TrainConfig
 
+TRAINED = "trained.pt"  # under --ema, the trained weights beside model.pt's average
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -97,7 +99,9 @@ def save(run: Run, task: Task, members: list[Member], state: LoopState, cfg: Tra
     texts = {"config.json": json.dumps(config, indent=2)}
     texts.update(task.checkpoint_texts())
     for m in members:
-        tensors[f"{m.name}/model.pt"] = m.model.state_dict()
+        tensors[f"{m.name}/model.pt"] = m.scored.state_dict()  # what inference loads: the average under --ema
+        if m.average is not None:  # and the weights the optimizer trains, for a resume
+            tensors[f"{m.name}/{TRAINED}"] = m.model.state_dict()
         tensors[f"{m.name}/train_state.pt"] = m.state_dict()
         if m.snapshot is not None:  # --on-spike rollback: a resume must roll back to the same state
             tensors[f"{m.name}/snapshot.pt"] = m.snapshot
@@ -152,7 +156,12 @@ def restore(ckpt: Checkpoint, task: Task, members: list[Member], device: torch.d
     otherwise ranks past 0 keep the fresh seeding of their rank (only dropout differs)."""
     check_compatible(ckpt, task, [m.name for m in members])
     for m in members:
-        ckpt.load_weights(m.model, f"{m.name}/model.pt", map_location=device)
+        ckpt.load_weights(m.scored, f"{m.name}/model.pt", map_location=device)
+        if m.average is not None:
+            if f"{m.name}/{TRAINED}" not in ckpt.sums:
+                raise CheckpointError(f"{ckpt.path}: {m.name} keeps a moving average of its weights (--ema) but the "
+                                      f"checkpoint holds no {TRAINED} to go on training from")
+            ckpt.load_weights(m.model, f"{m.name}/{TRAINED}", map_location=device)
         m.load_state_dict(ckpt.tensors(f"{m.name}/train_state.pt", map_location=device))
         if f"{m.name}/snapshot.pt" in ckpt.sums:
             m.snapshot = ckpt.tensors(f"{m.name}/snapshot.pt", map_location=device)

@@ -221,6 +221,8 @@ def member_step(m: Member, task: Task, batch: dict[str, torch.Tensor], step: int
         g.masked_fill_(skip, 0.0)
     follow_precision(m.optimizer, m.precision.dtype)
     masked_step(m.optimizer, skip)
+    if m.average is not None:  # a skipped step left the weights as they were; the average moves towards them alike
+        m.average.update()
     m.scheduler.step()  # the schedule follows the batches, skipped or not: a run ends at its final LR
     scaler.update()  # lowers an fp16 loss scale after an overflow, raises it after a calm stretch (on the device)
     m.pending.append(record)
@@ -327,7 +329,7 @@ def _conclude(m: Member, p: Pending, loss_v: float, norm_v: float, skipped: bool
 def evaluate_member(task: Task, m: Member, step: int, batch_size: int, device: torch.device, echo) -> Evaluation:
     """``task.evaluate`` under the member's autocast; out of memory, it is run again in
     smaller batches: first the training micro-batch, then halves of it."""
-    return _evaluating(lambda limit: task.evaluate(m.name, m.model, step, limit), m, step, batch_size, device, echo)
+    return _evaluating(lambda limit: task.evaluate(m.name, m.scored, step, limit), m, step, batch_size, device, echo)
 
 
 def evaluate_part(task: Task, m: Member, step: int, batch_size: int, device: torch.device, part: float) -> float:
@@ -337,7 +339,7 @@ def evaluate_part(task: Task, m: Member, step: int, batch_size: int, device: tor
     if not hasattr(task, "evaluate_part"):
         evaluate_member(task, m, step, batch_size, device, lambda line: None)
         return 1.0
-    return float(_evaluating(lambda limit: task.evaluate_part(m.name, m.model, step, limit, part),  # type: ignore[attr-defined]
+    return float(_evaluating(lambda limit: task.evaluate_part(m.name, m.scored, step, limit, part),  # type: ignore[attr-defined]
                              m, step, batch_size, device, lambda line: None))
 
 

@@ -51,6 +51,10 @@ class TrainConfig:
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.98, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip gradient norm to this; 0 disables"})
+    ema: float = field(default=0.0, metadata={"help": "decay of a moving average of the weights, which evaluations, "
+                                                      "samples, the report and checkpoints' model.pt then hold "
+                                                      "(about the last 1/(1-decay) steps; engine/average.py); "
+                                                      "0: off, the last weights"})
     precision: str = field(default="auto", metadata={"help": "auto|fp32|bf16|fp16 (auto: bf16 on GPUs that have it, "
                                                              "fp16 with loss scaling on older ones; on CPUs with native "
                                                              "bf16, fp32 and bf16 are timed on the first batch and bf16 "
@@ -115,6 +119,7 @@ class TrainConfig:
                      "plateau_min_lr"):
             non_negative(name, getattr(self, name))
         in_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        in_range("ema", self.ema, 0, 1, high_open=True)
         if self.loss_window < 2:
             raise ConfigError("loss_window", f"must be at least 2, got {self.loss_window}")
         in_range("plateau_factor", self.plateau_factor, 0, 1, low_open=True, high_open=True)

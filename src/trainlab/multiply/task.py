@@ -247,7 +247,7 @@ class MultiplyTask:
 
         test = {}
         if self.dataset.split_counts()["test"]:  # the final figure: the held-out test set's, with its interval
-            test = evaluate_members({m.name: m.model for m in summary.members}, self.dataset, "test",
+            test = evaluate_members({m.name: m.scored for m in summary.members}, self.dataset, "test",
                                     self.task_cfg.test_n, seed=0)
         path = write_report(run, summary, test)
         print(f"report: {path}")
