@@ -258,9 +258,6 @@ class ChatTask:
         from trainlab.chat.report import write_report
 
         m = summary.members[0]
-        model = m.scored  # the moving average of the weights under --ema
-        was = model.training
-        model.eval()
-        span = self.span_loss(model) if summary.step > 0 and not summary.interrupted else None
-        model.train(was)
+        with m.scoring() as model:  # the moving average of the weights under --ema
+            span = self.span_loss(model) if summary.step > 0 and not summary.interrupted else None
         print(f"report: {write_report(run, summary, span, len(self.span_starts('val')), self.model_cfg.context_len)}")

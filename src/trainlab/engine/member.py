@@ -7,7 +7,9 @@ contract: one arrow each way would be a cycle."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +82,18 @@ class Member:
         a checkpoint's ``model.pt`` holds. The moving average of the weights under ``--ema``,
         else the weights the optimizer trains."""
         return self.model if self.average is None else self.average.model
+
+    @contextlib.contextmanager
+    def scoring(self) -> Iterator[nn.Module]:
+        """``scored`` in eval mode for the duration; after it, the trained model is in train mode
+        again (the average is never trained, and stays in eval mode)."""
+        model = self.scored
+        model.eval()
+        try:
+            yield model
+        finally:
+            if model is self.model:
+                model.train()
 
     @property
     def lr(self) -> float:

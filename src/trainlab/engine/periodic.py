@@ -5,6 +5,7 @@ every member (plateau cuts, the best checkpoint), show samples, save a checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -115,9 +116,8 @@ def evaluate_all(s: Session, track_best: bool = True) -> None:
     parts, scores = [], []
     for m in s.members:
         if s.d.main:
-            m.scored.eval()
-            ev = evaluate_member(s.task, m, state.step, s.cfg.batch_size, s.device, s.say)
-            m.scored.train(m.scored is m.model)  # here, not every step: walking the modules costs ~1 ms
+            with m.scoring():  # eval mode here, not every step: walking the modules costs ~1 ms
+                ev = evaluate_member(s.task, m, state.step, s.cfg.batch_size, s.device, s.say)
         # every rank needs the metrics: they drive the plateau cuts and the best checkpoint
         metrics = broadcast(ev.metrics if s.d.main else None, s.d)
         if not s.d.main:
@@ -152,10 +152,8 @@ def sample_all(s: Session) -> None:
         return
     rng = rng_state()  # like evaluation, sampling must not move the training RNG
     for m in s.members:
-        m.scored.eval()
-        with m.precision.autocast():
-            sample = s.task.sample(m.name, m.scored, s.state.step)
-        m.scored.train(m.scored is m.model)
+        with m.scoring() as model, m.precision.autocast():
+            sample = s.task.sample(m.name, model, s.state.step)
         for k, v in sample.metrics.items():
             if math.isfinite(v):  # a metric not defined for this sample (NaN) is left out, not drawn as 0
                 s.writers[m.name].add_scalar(f"samples/{k}", v, s.state.step)
@@ -199,16 +197,15 @@ def _probe(s: Session, kind: str) -> None:
     rng = rng_state()
     cost = 0.0
     for m in s.members:
-        m.scored.eval()
-        t = time.perf_counter()
-        if kind == "eval":
-            share = evaluate_part(s.task, m, s.state.step, s.cfg.batch_size, s.device, PROBE_PART)
-        else:
-            with m.precision.autocast():
-                s.task.sample(m.name, m.scored, s.state.step)
-            share = 1.0
-        cost += (time.perf_counter() - t) / share
-        m.scored.train(m.scored is m.model)
+        with m.scoring() as model:
+            t = time.perf_counter()
+            if kind == "eval":
+                share = evaluate_part(s.task, m, s.state.step, s.cfg.batch_size, s.device, PROBE_PART)
+            else:
+                with m.precision.autocast():
+                    s.task.sample(m.name, model, s.state.step)
+                share = 1.0
+            cost += (time.perf_counter() - t) / share
     s.eta.add_pause(kind, cost)
     set_rng_state(rng)
 
@@ -220,14 +217,11 @@ def _probe_report(s: Session) -> None:
     if not s.d.main:
         return
     rng = rng_state()
-    was = [m.scored.training for m in s.members]
-    for m in s.members:
-        m.scored.eval()
-    t = time.perf_counter()
-    share = float(s.task.report_part({m.name: m.scored for m in s.members}, PROBE_PART))  # type: ignore[attr-defined]
-    s.eta.add_pause("report", (time.perf_counter() - t) / share)
-    for m, training in zip(s.members, was):
-        m.scored.train(training)
+    with contextlib.ExitStack() as scoring:
+        models = {m.name: scoring.enter_context(m.scoring()) for m in s.members}
+        t = time.perf_counter()
+        share = float(s.task.report_part(models, PROBE_PART))  # type: ignore[attr-defined]
+        s.eta.add_pause("report", (time.perf_counter() - t) / share)
     set_rng_state(rng)
 
 
