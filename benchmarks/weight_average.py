@@ -36,7 +36,7 @@ from common import print_machine, scratch_dir  # noqa: E402
 
 from trainlab.chat.task import ChatTask  # noqa: E402
 from trainlab.engine import loop  # noqa: E402
-from trainlab.engine.average import WARM  # noqa: E402
+from trainlab.engine.average import ramped_decay  # noqa: E402
 from trainlab.engine.precision import cpu_summary  # noqa: E402
 
 
@@ -59,7 +59,7 @@ class Averages:
                 self.kept[name] = [w.clone() for w in weights]
             return
         for d in self.decays:
-            decay = min(d, (1 + self.count) / (WARM + self.count)) if self.ramp else d
+            decay = ramped_decay(d, self.count) if self.ramp else d
             torch._foreach_lerp_(self.kept[f"ema{d}"], weights, 1 - decay)
         torch._foreach_lerp_(self.kept["uniform"], weights, 1 / self.count)
 

@@ -32,6 +32,11 @@ import torch.nn as nn
 WARM = 10  # the decay's ramp: (1 + n) / (WARM + n), as timm's ModelEmaV3 and others ramp theirs
 
 
+def ramped_decay(decay: float, n: int) -> float:
+    """The decay of an average's ``n``-th update (from 1): ``decay``, lowered while the average is young."""
+    return min(decay, (1 + n) / (WARM + n))
+
+
 class WeightAverage:
     """The moving average of ``model``'s weights, held in a copy of the model (``self.model``),
     always in eval mode and never trained."""
@@ -52,8 +57,7 @@ class WeightAverage:
 
     def current_decay(self) -> float:
         """The decay the next update uses."""
-        n = self.updates + 1
-        return min(self.decay, (1 + n) / (WARM + n))
+        return ramped_decay(self.decay, self.updates + 1)
 
     @torch.no_grad()
     def update(self) -> None:
